@@ -1,0 +1,1 @@
+"""The Discord bot (slash commands, reactions, admin); talks to engine/ through its typed API."""

@@ -1,0 +1,146 @@
+"""The engine's typed API: what callers send (GenerationRequest) and get back (GenerationResult)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from PIL.Image import Image
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_PROMPT_CHARS = 2000
+MAX_SEED = 2**32 - 1  # A1111/Forge seeds are 32-bit; keeping to that makes recipes portable.
+
+
+class LoraChoice(BaseModel):
+    """A whitelisted LoRA by name, with an optional weight (default: the whitelist's)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(min_length=1, max_length=64)
+    weight: float | None = Field(None, ge=-4.0, le=4.0)
+
+
+class GenerationRequest(BaseModel):
+    """What a user asked for. Shape is checked here; preset bounds when the engine resolves it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    preset: str = "dev"
+    size: str | None = Field(None, description="'WxH' or an aspect 'W:H'; default: the preset's size")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    steps: int | None = Field(None, ge=1, le=200)
+    guidance: float | None = Field(None, ge=0.0, le=30.0)
+    loras: tuple[LoraChoice, ...] = ()
+    batch_size: int = Field(1, ge=1, le=16)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("the prompt is empty")
+        return value
+
+
+class ResolvedLora(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    name: str
+    sha256: str
+    weight: float
+
+
+class ResolvedRequest(BaseModel):
+    """A request with every default filled in and every bound checked: safe to run."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt: str  # as typed
+    final_prompt: str  # with LoRA trigger words prepended
+    preset: str
+    width: int
+    height: int
+    steps: int
+    guidance: float | None
+    true_cfg: float
+    sampler: str
+    seeds: tuple[int, ...]
+    loras: tuple[ResolvedLora, ...]
+    max_sequence_length: int
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def batch_key(self) -> tuple[Any, ...]:
+        """Requests with equal keys can share one pipeline call."""
+        return (self.preset, self.width, self.height, self.steps, self.guidance, self.true_cfg,
+                self.max_sequence_length, self.loras)
+
+
+class Recipe(BaseModel):
+    """Everything needed to make the same image again, and to say how it was made."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str
+    family: str
+    variant: str
+    model_files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256")
+    quant: str
+    text_encoder_quant: str
+    device: str
+    dtype: str
+    preset: str
+    prompt: str
+    final_prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance: float | None
+    true_cfg: float
+    sampler: str
+    seed: int
+    loras: tuple[ResolvedLora, ...] = ()
+    versions: dict[str, str] = Field(default_factory=dict)
+
+    def to_request(self, seed: int | None = None) -> GenerationRequest:
+        """The request that repeats this image (or rerolls it with another seed)."""
+        return GenerationRequest(
+            prompt=self.prompt,
+            preset=self.preset,
+            size=f"{self.width}x{self.height}",
+            seed=self.seed if seed is None else seed,
+            steps=self.steps,
+            guidance=self.guidance,
+            loras=tuple(LoraChoice(name=lo.name, weight=lo.weight) for lo in self.loras),
+        )
+
+
+class Timings(BaseModel):
+    encode_s: float
+    denoise_s: float
+    decode_s: float
+    total_s: float
+    steps: int
+    embeds_cached: bool
+
+    @property
+    def s_per_step(self) -> float:
+        return self.denoise_s / max(1, self.steps)
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    """Reported after each denoising step."""
+
+    step: int  # 1-based: steps done so far
+    total: int
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    images: list[Image]
+    seeds: list[int]
+    recipes: list[Recipe]
+    timings: Timings
+    warnings: tuple[str, ...] = ()

@@ -1,0 +1,241 @@
+"""FluxEngine: one resident FLUX pipeline that turns GenerationRequests into images and recipes."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.api import GenerationRequest, GenerationResult, Recipe, ResolvedRequest, StepProgress, Timings
+from engine.embed_cache import PromptEmbedCache
+from engine.errors import GenerationCancelled, RequestError
+from engine.families import Embeds, FamilyAdapter, adapter_for, concat_embeds, repeat_embeds
+from engine.hashing import FileHasher
+from engine.loading import LoadedModel, load_pipeline
+from engine.loras import LoraWhitelist, ResidentLoras, default_lora_dir
+from engine.presets import load_presets
+from engine.quant import DeviceInfo, QuantPlan, plan_quant, probe_device
+from engine.resolve import RequestResolver
+from engine.settings import EngineSettings
+from engine.sources import ModelSource, locate_model
+
+log = logging.getLogger(__name__)
+
+StepCallback = Callable[[StepProgress], None]
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the engine holds, for logs, `doctor` and the bot's /stats."""
+
+    model_id: str
+    family: str
+    variant: str
+    device: DeviceInfo
+    plan: QuantPlan
+    model_files: dict[str, str]
+
+
+def library_versions() -> dict[str, str]:
+    names = ("fluxbot", "torch", "diffusers", "transformers", "peft")
+    out = {}
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "unknown"
+    return out
+
+
+class FluxEngine:
+    """Holds the pipeline resident. `generate` is blocking and serialized: call it off the event loop."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        resolver: RequestResolver,
+        info: EngineInfo,
+        loras: ResidentLoras,
+        embed_cache: PromptEmbedCache,
+    ) -> None:
+        self.pipe = loaded.pipe
+        self.resolver = resolver
+        self.info = info
+        self.loras = loras
+        self.embed_cache = embed_cache
+        self._family: FamilyAdapter = adapter_for(loaded.family)
+        self._lock = threading.Lock()
+        self._versions = library_versions()
+
+    @classmethod
+    def load(cls, settings: EngineSettings, data_dir: Path) -> FluxEngine:
+        """Load presets, whitelist and the model once; raises an EngineError the operator can act on."""
+        presets = load_presets(settings.presets_file)
+        device = probe_device(settings.device)
+        source = locate_model(settings, data_dir)
+        plan = plan_quant(settings, device, source.is_gguf)
+        hasher = FileHasher(data_dir / "hashes.json")
+        lora_dir = settings.lora_dir or default_lora_dir(source.models_dir, data_dir)
+        whitelist = LoraWhitelist.load(settings.loras_file, lora_dir, hasher)
+        started = time.perf_counter()
+        loaded = load_pipeline(source, plan, settings, device)
+        log.info("model %s loaded in %.1fs on %s", loaded.model_id, time.perf_counter() - started, device.device)
+        info = EngineInfo(
+            loaded.model_id, loaded.family, loaded.variant, device, plan, _model_hashes(source, hasher)
+        )
+        resolver = RequestResolver(
+            presets, whitelist, loaded.family, settings.max_loras_per_job, settings.max_batch_size
+        )
+        loras = ResidentLoras(loaded.pipe, whitelist, settings.max_resident_loras)
+        return cls(loaded, resolver, info, loras, PromptEmbedCache(settings.embed_cache_size))
+
+    def resolve(self, request: GenerationRequest) -> ResolvedRequest:
+        return self.resolver.resolve(request)
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        on_step: StepCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> GenerationResult:
+        """One request (batch_size images) -> images, seeds and recipes. Raises GenerationCancelled."""
+        return self.generate_batch([request], on_step, cancel)[0]
+
+    def generate_batch(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_step: StepCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> list[GenerationResult]:
+        """Several requests of one preset/size/LoRA set in a single pipeline call."""
+        resolved = [self.resolve(r) for r in requests]
+        if len({r.batch_key for r in resolved}) != 1:
+            raise RequestError("only requests with the same preset, size, steps, guidance and LoRAs batch together")
+        first = resolved[0]
+        with self._lock:
+            started = time.perf_counter()
+            # 1. LoRAs: resident adapters, switched not reloaded.
+            lora_choices = self.resolver.lora_entries(first)
+            self.loras.activate(lora_choices)
+            lora_key = self.loras.text_encoder_signature(lora_choices)
+            # 2. Prompts -> embeddings, from the cache when this prompt was seen before.
+            parts, all_cached = [], True
+            for r in resolved:
+                embeds, cached = self._embeds(r.final_prompt, r.max_sequence_length, lora_key)
+                parts.append(repeat_embeds(embeds, len(r.seeds)))
+                all_cached &= cached
+            negative = None
+            if first.true_cfg > 1.0:
+                empty, _ = self._embeds("", first.max_sequence_length, lora_key)
+                negative = repeat_embeds(empty, sum(len(r.seeds) for r in resolved))
+            encoded = time.perf_counter()
+            # 3. Denoise and decode: the pipeline's own loop, one generator per image for reproducibility.
+            seeds = [s for r in resolved for s in r.seeds]
+            images, denoised = self._run(first, concat_embeds(parts), negative, seeds, on_step, cancel)
+            finished = time.perf_counter()
+        timings = Timings(
+            encode_s=encoded - started,
+            denoise_s=denoised - encoded,
+            decode_s=finished - denoised,
+            total_s=finished - started,
+            steps=first.steps,
+            embeds_cached=all_cached,
+        )
+        results, offset = [], 0
+        for r in resolved:
+            n = len(r.seeds)
+            results.append(
+                GenerationResult(
+                    images=images[offset : offset + n],
+                    seeds=list(r.seeds),
+                    recipes=[self._recipe(r, seed) for seed in r.seeds],
+                    timings=timings,
+                    warnings=r.warnings,
+                )
+            )
+            offset += n
+        return results
+
+    def _embeds(self, prompt: str, max_len: int, lora_key: tuple[Any, ...]) -> tuple[Embeds, bool]:
+        def encode() -> Embeds:
+            with torch.inference_mode():
+                return self._family.encode(self.pipe, prompt, max_len)
+
+        return self.embed_cache.get_or_encode((prompt, max_len, lora_key), encode)
+
+    def _run(
+        self,
+        params: ResolvedRequest,
+        embeds: Embeds,
+        negative: Embeds | None,
+        seeds: list[int],
+        on_step: StepCallback | None,
+        cancel: threading.Event | None,
+    ) -> tuple[list[Any], float]:
+        start = time.perf_counter()
+        last_step = [start]
+
+        def step_end(pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            last_step[0] = time.perf_counter()
+            if on_step is not None:
+                on_step(StepProgress(index + 1, params.steps, last_step[0] - start))
+            if cancel is not None and cancel.is_set():
+                # Raising stops the loop now; the pipeline's interrupt flag would still decode.
+                raise GenerationCancelled(index + 1, params.steps)
+            return tensors
+
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        with torch.inference_mode():
+            out = self.pipe(
+                **embeds,
+                **self._family.call_kwargs(params, negative),
+                height=params.height,
+                width=params.width,
+                num_inference_steps=params.steps,
+                num_images_per_prompt=1,
+                generator=generators,
+                callback_on_step_end=step_end,
+            )
+        return list(out.images), last_step[0]
+
+    def _recipe(self, r: ResolvedRequest, seed: int) -> Recipe:
+        info = self.info
+        return Recipe(
+            model=info.model_id,
+            family=info.family,
+            variant=info.variant,
+            model_files=info.model_files,
+            quant=info.plan.transformer,
+            text_encoder_quant=info.plan.text_encoder,
+            device=info.device.device,
+            dtype=str(info.plan.dtype).removeprefix("torch."),
+            preset=r.preset,
+            prompt=r.prompt,
+            final_prompt=r.final_prompt,
+            width=r.width,
+            height=r.height,
+            steps=r.steps,
+            guidance=r.guidance,
+            true_cfg=r.true_cfg,
+            sampler=r.sampler,
+            seed=seed,
+            loras=r.loras,
+            versions=self._versions,
+        )
+
+
+def _model_hashes(source: ModelSource, hasher: FileHasher) -> dict[str, str]:
+    if source.kind == "single_file":
+        return {path.name: hasher.sha256(path) for path in source.files().values()}
+    if source.kind in ("tiny", "diffusers"):
+        root = Path(source.location)
+        weights = sorted((root / "transformer").glob("*.safetensors"))
+        return {f"transformer/{p.name}": hasher.sha256(p) for p in weights}
+    return {}  # hub ids: the id (and the hub's own revision pinning) identify the weights

@@ -1,0 +1,36 @@
+"""Typed errors whose message is what the user (or operator) reads."""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base of every error the engine raises on purpose; the message is user-facing."""
+
+
+class RequestError(EngineError):
+    """The request is outside what the preset, the whitelist or the model allows."""
+
+
+class ConfigError(EngineError):
+    """A config file (presets, LoRA whitelist, settings) is malformed; names file, key and problem."""
+
+
+class ModelLoadError(EngineError):
+    """The model files cannot be found or loaded; says which setting to change."""
+
+
+class QuantizationError(EngineError):
+    """The requested quantization cannot run on this host (e.g. nf4 without CUDA)."""
+
+
+class LoraError(RequestError):
+    """A LoRA is unknown, unsafe, missing on disk, or its hash does not match the whitelist."""
+
+
+class GenerationCancelled(EngineError):
+    """The caller cancelled the job between two denoising steps."""
+
+    def __init__(self, step: int, total: int) -> None:
+        super().__init__(f"cancelled after step {step} of {total}")
+        self.step = step
+        self.total = total

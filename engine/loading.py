@@ -1,0 +1,250 @@
+"""Build the resident pipeline from a ModelSource and a QuantPlan, using diffusers' own loaders."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.errors import ModelLoadError, QuantizationError
+from engine.quant import DeviceInfo, QuantPlan, text_encoder_quant_config, transformer_quant_config
+from engine.settings import EngineSettings
+from engine.sources import NO_TEXT_ENCODERS, ModelSource
+
+log = logging.getLogger(__name__)
+
+FLUX1_PIPELINES = {"FluxPipeline"}
+FLUX2_PIPELINES = {"Flux2Pipeline", "Flux2KleinPipeline"}
+DEFAULT_TOKENIZERS = "black-forest-labs/FLUX.1-dev"
+# Comfy/Forge all-in-one checkpoints carry these prefixes beside the transformer.
+EMBEDDED_PREFIXES = {
+    "clip_l": ("text_encoders.clip_l.transformer.", "text_encoders.clip_l."),
+    "t5xxl": ("text_encoders.t5xxl.transformer.", "text_encoders.t5xxl."),
+    "vae": ("vae.", "first_stage_model."),
+}
+
+
+@dataclass
+class LoadedModel:
+    pipe: Any
+    family: str  # flux1 | flux2
+    variant: str  # dev | schnell | klein | ...
+    model_id: str
+
+
+def shipped_configs(variant: str) -> Path:
+    """The bundled diffusers-layout config folder for a FLUX.1 variant (no hub look-up needed)."""
+    return Path(str(resources.files("engine") / "model_configs" / f"flux1-{variant}"))
+
+
+def load_pipeline(source: ModelSource, plan: QuantPlan, settings: EngineSettings, device: DeviceInfo) -> LoadedModel:
+    if source.kind == "single_file":
+        loaded = _load_single_file(source, plan, settings)
+    else:
+        loaded = _load_diffusers(source, plan)
+    _place(loaded.pipe, plan, device)
+    return loaded
+
+
+def _load_diffusers(source: ModelSource, plan: QuantPlan) -> LoadedModel:
+    from diffusers import DiffusionPipeline, PipelineQuantizationConfig
+
+    local = source.kind != "hub"
+    try:
+        class_name = DiffusionPipeline.load_config(source.location, local_files_only=local)["_class_name"]
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read model_index.json of {source.location}: {exc}") from exc
+    if class_name in FLUX1_PIPELINES:
+        family, te_key = "flux1", "text_encoder_2"
+    elif class_name in FLUX2_PIPELINES:
+        family, te_key = "flux2", "text_encoder"
+    else:
+        raise ModelLoadError(f"{source.location} is a {class_name}, not a FLUX.1 or FLUX.2 pipeline")
+    mapping = {}
+    if (tq := transformer_quant_config(plan.transformer, plan.dtype)) is not None:
+        mapping["transformer"] = tq
+    if (eq := text_encoder_quant_config(plan.text_encoder, plan.dtype)) is not None:
+        mapping[te_key] = eq
+    quant = PipelineQuantizationConfig(quant_mapping=mapping) if mapping else None
+    try:
+        pipe = DiffusionPipeline.from_pretrained(
+            source.location, torch_dtype=plan.dtype, quantization_config=quant, local_files_only=local
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"cannot load {source.location}: {exc}") from exc
+    variant = _variant_of(pipe, family, class_name)
+    return LoadedModel(pipe, family, variant, "tiny-flux1" if source.kind == "tiny" else source.location)
+
+
+def _variant_of(pipe: Any, family: str, class_name: str) -> str:
+    if family == "flux2":
+        return "klein" if class_name == "Flux2KleinPipeline" else "dev"
+    return "dev" if pipe.transformer.config.guidance_embeds else "schnell"
+
+
+def checkpoint_keys(path: Path) -> list[str]:
+    """Tensor names of a .safetensors or .gguf file, without loading the tensors."""
+    try:
+        if path.suffix == ".gguf":
+            from gguf import GGUFReader
+
+            return [t.name for t in GGUFReader(str(path)).tensors]
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            return list(fh.keys())
+    except Exception as exc:  # any parser error means the same thing to the operator
+        raise ModelLoadError(f"{path.name} is not a readable {path.suffix} checkpoint: {exc}") from exc
+
+
+def _load_single_file(source: ModelSource, plan: QuantPlan, settings: EngineSettings) -> LoadedModel:
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    assert source.transformer is not None
+    keys = checkpoint_keys(source.transformer)
+    if any(k.endswith("single_stream_modulation.lin.weight") for k in keys):
+        raise ModelLoadError("FLUX.2 single-file checkpoints are not supported: use a FLUX.2 diffusers folder")
+    embedded = {role: any(k.startswith(p) for k in keys for p in prefixes) for role, prefixes in EMBEDDED_PREFIXES.items()}
+    if (source.clip_l is None and not embedded["clip_l"]) or (source.t5xxl is None and not embedded["t5xxl"]):
+        raise ModelLoadError(f"{source.transformer.name}: {NO_TEXT_ENCODERS}")
+    if source.vae is None and not embedded["vae"]:
+        raise ModelLoadError(f"{source.transformer.name}: no VAE found: set engine.vae to ae.safetensors")
+    variant = settings.variant
+    if variant == "auto":
+        variant = "dev" if any("guidance_in" in k or "guidance_embedder" in k for k in keys) else "schnell"
+    configs = Path(settings.configs) if settings.configs else shipped_configs(variant)
+    common_configs = Path(settings.configs) if settings.configs else shipped_configs("dev")
+    log.info("loading %s (FLUX.1 %s, %s)", source.transformer.name, variant, plan.transformer)
+    try:
+        transformer = FluxTransformer2DModel.from_single_file(
+            str(source.transformer),
+            config=str(configs),
+            subfolder="transformer",
+            torch_dtype=plan.dtype,
+            quantization_config=transformer_quant_config(plan.transformer, plan.dtype),
+            local_files_only=True,
+        )
+        vae_checkpoint: Any = str(source.vae) if source.vae else _read_prefixed(source.transformer, "vae")
+        vae = AutoencoderKL.from_single_file(
+            vae_checkpoint, config=str(common_configs), subfolder="vae", torch_dtype=plan.dtype, local_files_only=True
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelLoadError(f"cannot load {source.transformer.name}: {exc}") from exc
+    clip = _load_text_encoder("clip_l", source.clip_l, source.transformer, common_configs / "text_encoder", plan.dtype)
+    t5 = _load_text_encoder("t5xxl", source.t5xxl, source.transformer, common_configs / "text_encoder_2", plan.dtype)
+    if plan.text_encoder in ("fp8", "int8"):
+        from torchao.quantization import quantize_
+
+        quantize_(t5, text_encoder_quant_config(plan.text_encoder, plan.dtype).quant_type)
+    elif plan.text_encoder == "nf4":
+        raise QuantizationError("nf4 text encoders need a diffusers folder; with single files use int8 or fp8")
+    tokenizer, tokenizer_2 = _load_tokenizers(settings, source)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(configs), subfolder="scheduler")
+    pipe = FluxPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tokenizer,
+        text_encoder_2=t5, tokenizer_2=tokenizer_2, transformer=transformer,
+    )
+    return LoadedModel(pipe, "flux1", variant, source.transformer.name)
+
+
+def _read_prefixed(path: Path, role: str) -> dict[str, torch.Tensor]:
+    """The tensors of one embedded component of an all-in-one checkpoint, prefix stripped."""
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt") as fh:
+        for key in fh.keys():
+            for prefix in EMBEDDED_PREFIXES[role]:
+                if key.startswith(prefix):
+                    out[key[len(prefix):]] = fh.get_tensor(key)
+                    break
+    return out
+
+
+def _load_text_encoder(role: str, file: Path | None, checkpoint: Path, config_dir: Path, dtype: torch.dtype) -> Any:
+    """CLIP-L or T5-XXL from a Forge/ComfyUI file (fp16, bf16 or fp8 e4m3fn; fp8 is upcast on load)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, CLIPTextModel, T5EncoderModel
+
+    cls = CLIPTextModel if role == "clip_l" else T5EncoderModel
+    config = AutoConfig.from_pretrained(str(config_dir), local_files_only=True)
+    try:
+        raw = load_file(str(file)) if file is not None else _read_prefixed(checkpoint, role)
+    except Exception as exc:
+        raise ModelLoadError(f"engine.{role}: {file} is not a readable .safetensors file: {exc}") from exc
+    state = _upcast({k.removeprefix("transformer."): v for k, v in raw.items()}, dtype)
+    with torch.device("meta"):
+        model = cls(config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not k.endswith(("position_ids", "embed_tokens.weight"))]
+    if missing:
+        raise ModelLoadError(
+            f"engine.{role}: {file or checkpoint} does not look like a {role} text encoder "
+            f"({len(missing)} weights missing, e.g. {missing[0]})"
+        )
+    if role == "t5xxl" and "encoder.embed_tokens.weight" not in state:
+        model.encoder.embed_tokens = model.shared  # tied in T5; files often store it once
+    if role == "clip_l" and getattr(model.text_model.embeddings, "position_ids", None) is not None:
+        ids = model.text_model.embeddings.position_ids
+        if ids.is_meta:
+            model.text_model.embeddings.register_buffer(
+                "position_ids", torch.arange(config.max_position_embeddings).unsqueeze(0), persistent=False
+            )
+    return model.eval()
+
+
+def _upcast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """fp8 files (e4m3fn, Comfy's 'scaled' variant too) become `dtype`; the rest is cast as usual."""
+    out = {}
+    for key, tensor in state.items():
+        if key.endswith((".scale_weight", ".scale_input")) or key == "scaled_fp8":
+            continue
+        tensor = tensor.to(dtype)
+        scale = state.get(key.removesuffix(".weight") + ".scale_weight") if key.endswith(".weight") else None
+        out[key] = tensor * scale.to(dtype) if scale is not None else tensor
+    return out
+
+
+def _load_tokenizers(settings: EngineSettings, source: ModelSource) -> tuple[Any, Any]:
+    from transformers import AutoTokenizer
+
+    candidates = [settings.tokenizers] if settings.tokenizers else []
+    if source.models_dir is not None:
+        candidates.append(str(source.models_dir / "tokenizers"))
+    candidates.append(DEFAULT_TOKENIZERS)
+    problems = []
+    for location in candidates:
+        local = Path(location).exists()
+        if not local and location != DEFAULT_TOKENIZERS:
+            continue
+        try:
+            return (
+                AutoTokenizer.from_pretrained(location, subfolder="tokenizer", local_files_only=local),
+                AutoTokenizer.from_pretrained(location, subfolder="tokenizer_2", local_files_only=local),
+            )
+        except (OSError, ValueError) as exc:
+            problems.append(f"{location}: {str(exc).splitlines()[0][:120]}")
+    raise ModelLoadError(
+        "tokenizers not found: set engine.tokenizers to a folder holding tokenizer/ and tokenizer_2/ "
+        "(any FLUX.1 diffusers download has them)" + (f" [{'; '.join(problems)}]" if problems else "")
+    )
+
+
+def _place(pipe: Any, plan: QuantPlan, device: DeviceInfo) -> None:
+    if plan.cpu_offload == "model":
+        pipe.enable_model_cpu_offload(device=device.device)
+    elif plan.cpu_offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device.device)
+    else:
+        pipe.to(device.device)
+    if plan.vae_tiling:
+        pipe.vae.enable_tiling()
+        pipe.vae.enable_slicing()
+    if plan.compile:
+        pipe.transformer.compile(mode="max-autotune-no-cudagraphs")
+    pipe.set_progress_bar_config(disable=True)
+

@@ -1,0 +1,171 @@
+"""Quantization as a setting: probe the device, pick a tier, build diffusers/transformers quant configs."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from engine.errors import QuantizationError
+from engine.settings import EngineSettings
+
+log = logging.getLogger(__name__)
+
+Offload = Literal["none", "model", "sequential"]
+GB = 1024**3
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    device: str  # "cpu" or "cuda:N"
+    name: str
+    total_gb: float | None = None
+    free_gb: float | None = None
+    compute_capability: tuple[int, int] | None = None
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+
+def probe_device(setting: str) -> DeviceInfo:
+    """What `device = auto|cpu|cuda[:N]` means on this host, with free memory when on CUDA."""
+    if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
+        return DeviceInfo("cpu", "CPU")
+    if not torch.cuda.is_available():
+        raise QuantizationError(f"device {setting!r} asked for, but torch sees no CUDA GPU (torch {torch.__version__})")
+    device = torch.device("cuda" if setting == "auto" else setting)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
+    return DeviceInfo(
+        f"cuda:{index}",
+        torch.cuda.get_device_name(index),
+        total / GB,
+        free / GB,
+        torch.cuda.get_device_capability(index),
+    )
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """How the model is held in memory, and why."""
+
+    transformer: str  # bf16 | fp8 | int8 | nf4 | gguf
+    text_encoder: str  # none | fp8 | int8 | nf4
+    dtype: torch.dtype
+    cpu_offload: Offload
+    vae_tiling: bool
+    compile: bool
+    reason: str
+
+    def describe(self) -> str:
+        extras = [f"offload={self.cpu_offload}"] if self.cpu_offload != "none" else []
+        extras += ["vae tiling"] if self.vae_tiling else []
+        extras += ["torch.compile"] if self.compile else []
+        te = f", text encoder {self.text_encoder}" if self.text_encoder != "none" else ""
+        dtype = str(self.dtype).removeprefix("torch.")
+        return f"transformer {self.transformer} ({dtype}){te}" + (f", {', '.join(extras)}" if extras else "")
+
+
+def _fp8_capable(info: DeviceInfo) -> bool:
+    # fp8 weight-only via torchao wants Ada/Hopper (sm_89+); older cards get int8 instead.
+    return info.compute_capability is not None and info.compute_capability >= (8, 9)
+
+
+def auto_tier(info: DeviceInfo) -> tuple[str, str, Offload, bool, str]:
+    """The tier people pick by hand for this much free VRAM: (transformer, text encoder, offload, tiling, why)."""
+    if not info.is_cuda:
+        return "bf16", "none", "none", False, "CPU: full-precision float32 weights (quantized kernels are no faster here)"
+    free = info.free_gb or 0.0
+    eight_bit = "fp8" if _fp8_capable(info) else "int8"
+    if free >= 24:
+        return "bf16", "none", "none", False, f"{free:.1f} GB free >= 24 GB: bf16 weights"
+    if free >= 12:
+        return eight_bit, eight_bit, "none", False, f"{free:.1f} GB free (12-24 GB): 8-bit {eight_bit} weights"
+    if free >= 8:
+        return "nf4", "nf4", "none", True, f"{free:.1f} GB free (8-12 GB): 4-bit nf4 + VAE tiling/slicing"
+    return "nf4", "nf4", "model", True, f"{free:.1f} GB free (< 8 GB): 4-bit nf4 + model CPU offload + VAE tiling"
+
+
+def plan_quant(settings: EngineSettings, info: DeviceInfo, model_is_gguf: bool) -> QuantPlan:
+    tier, te, offload, tiling, reason = auto_tier(info)
+    transformer = settings.quant
+    if model_is_gguf:
+        if transformer not in ("auto", "gguf"):
+            raise QuantizationError(
+                f"quant = {transformer!r} but the model is a GGUF file, whose quantization is in the file: "
+                "set quant = 'gguf' or 'auto'"
+            )
+        transformer, reason = "gguf", f"GGUF file (quantized in the file); {reason}"
+    elif transformer == "gguf":
+        raise QuantizationError("quant = 'gguf' needs a .gguf transformer file as the model")
+    elif transformer == "auto":
+        transformer = tier
+    else:
+        reason = f"quant = {transformer} set by the operator"
+    text_encoder = te if settings.text_encoder_quant == "auto" else settings.text_encoder_quant
+    for mode in {transformer, text_encoder}:
+        _check_available(mode, info)
+    if settings.cpu_offload != "auto":
+        offload = settings.cpu_offload
+    if settings.vae_tiling != "auto":
+        tiling = settings.vae_tiling == "on"
+    dtype = _dtype(settings, info)
+    plan = QuantPlan(transformer, text_encoder, dtype, offload, tiling, settings.compile and info.is_cuda, reason)
+    log.info("quantization: %s (%s)", plan.describe(), plan.reason)
+    return plan
+
+
+def _dtype(settings: EngineSettings, info: DeviceInfo) -> torch.dtype:
+    if settings.dtype != "auto":
+        return getattr(torch, settings.dtype)  # type: ignore[no-any-return]
+    return torch.bfloat16 if info.is_cuda else torch.float32
+
+
+def _check_available(mode: str, info: DeviceInfo) -> None:
+    if mode == "nf4":
+        if not info.is_cuda:
+            raise QuantizationError("nf4 needs bitsandbytes on a CUDA GPU; on CPU use quant = 'int8' or 'bf16'")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise QuantizationError("nf4 needs bitsandbytes: pip install 'fluxbot[cuda]'")
+    if mode in ("fp8", "int8") and importlib.util.find_spec("torchao") is None:
+        raise QuantizationError(f"{mode} needs torchao: pip install 'fluxbot[quant]'")
+    if mode == "gguf" and importlib.util.find_spec("gguf") is None:
+        raise QuantizationError("GGUF files need the gguf package: pip install gguf")
+
+
+def transformer_quant_config(mode: str, dtype: torch.dtype) -> Any:
+    """A diffusers quantization config for the transformer (None: plain weights in `dtype`)."""
+    import diffusers
+
+    if mode == "bf16":
+        return None
+    if mode == "gguf":
+        return diffusers.GGUFQuantizationConfig(compute_dtype=dtype)
+    if mode == "nf4":
+        return diffusers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+        )
+    return diffusers.TorchAoConfig(_torchao_config(mode))
+
+
+def text_encoder_quant_config(mode: str, dtype: torch.dtype) -> Any:
+    """A transformers quantization config for the T5 encoder (None: plain weights)."""
+    import transformers
+
+    if mode == "none":
+        return None
+    if mode == "nf4":
+        return transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+        )
+    return transformers.TorchAoConfig(_torchao_config(mode))
+
+
+def _torchao_config(mode: str) -> Any:
+    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
+
+    return Float8WeightOnlyConfig() if mode == "fp8" else Int8WeightOnlyConfig()

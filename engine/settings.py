@@ -1,0 +1,56 @@
+"""The engine's subtree of fluxbot's settings (the root lives in fluxbot.settings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+QuantSetting = Literal["auto", "bf16", "fp8", "int8", "nf4", "gguf"]
+TextEncoderQuantSetting = Literal["auto", "none", "fp8", "int8", "nf4"]
+
+
+class EngineSettings(BaseModel):
+    """Where the model is, how it is quantized, and the data files that bound what users may ask."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(
+        "tiny",
+        description="'tiny' (random-weight model built offline), a diffusers folder, a hub id, "
+        "a single .safetensors/.gguf transformer file, or a Forge/ComfyUI models/ folder.",
+    )
+    checkpoint: str | None = Field(
+        None, description="File name of the transformer inside a models/ folder when it holds several."
+    )
+    vae: Path | None = Field(None, description="ae.safetensors for single-file checkpoints.")
+    clip_l: Path | None = Field(None, description="clip_l.safetensors for single-file checkpoints.")
+    t5xxl: Path | None = Field(None, description="t5xxl_fp16/fp8 .safetensors for single-file checkpoints.")
+    tokenizers: str | None = Field(
+        None,
+        description="Folder (or hub id) holding tokenizer/ and tokenizer_2/ for single-file checkpoints; "
+        "default: looked for beside the model, then black-forest-labs/FLUX.1-dev.",
+    )
+    configs: Path | None = Field(
+        None,
+        description="Diffusers-layout config folder (transformer/, vae/, text_encoder*/, scheduler/) for "
+        "single-file checkpoints of a non-standard shape; default: the bundled FLUX.1 configs.",
+    )
+    variant: Literal["auto", "dev", "schnell"] = "auto"
+    quant: QuantSetting = "auto"
+    text_encoder_quant: TextEncoderQuantSetting = "auto"
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    compile: bool = Field(False, description="torch.compile the transformer (bf16 tier on >= 24 GB).")
+    cpu_offload: Literal["auto", "none", "model", "sequential"] = "auto"
+    vae_tiling: Literal["auto", "on", "off"] = "auto"
+    presets_file: Path = Path("config/presets.toml")
+    loras_file: Path = Path("config/loras.toml")
+    lora_dir: Path | None = Field(
+        None, description="Folder of the whitelisted LoRA files; default: models/Lora or <data_dir>/loras."
+    )
+    max_resident_loras: int = Field(4, ge=1, le=64)
+    max_loras_per_job: int = Field(3, ge=0, le=8)
+    embed_cache_size: int = Field(64, ge=0, le=10_000)
+    max_batch_size: int = Field(4, ge=1, le=16)

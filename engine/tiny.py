@@ -1,0 +1,102 @@
+"""The embedded default model: a tiny random-weight FLUX.1 pipeline built from config, offline, in seconds.
+
+Same component classes and latent layout as the real FLUX.1 (16-channel VAE with 8x downsampling,
+2x2 patch packing, CLIP pooled + T5 sequence embeddings), so every code path runs on it; only the
+widths are tiny. Weights are random with a fixed seed, so pictures are noise-like but reproducible.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+TINY_SEED = 20240801
+# A closed word list: the tokenizers are WordLevel models built in memory (no vocab download).
+_WORDS = (
+    "a an the of on in with and at by for from to under over near behind "
+    "cat dog fox owl bird horse robot person woman man child dragon castle tree forest mountain river "
+    "lake sea ocean beach city street house room garden field sky cloud sun moon star night day "
+    "red orange yellow green blue purple pink black white gold silver "
+    "photo painting portrait drawing sketch render illustration poster "
+    "cinematic detailed sharp soft bright dark neon vintage futuristic cozy misty sunny rainy snowy"
+).split()
+
+
+def _tokenizer(max_length: int, bos: str | None) -> Any:
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for word in _WORDS:
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token=bos,
+        eos_token="</s>",
+        model_max_length=max_length,
+    )
+
+
+def build_tiny_flux1(guidance_embeds: bool = True) -> Any:
+    """A FluxPipeline with random weights, a few MB, in eval mode (dropout off: runs are deterministic)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(TINY_SEED)
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=128, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+            projection_dim=32, bos_token_id=1, eos_token_id=2, pad_token_id=0, max_position_embeddings=77,
+        )
+    )
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=128, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+            relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=2, decoder_start_token_id=0,
+        )
+    )
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6),
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[8, 8, 8, 8], layers_per_block=1,
+        latent_channels=16, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
+        mid_block_add_attention=False, scaling_factor=0.3611, shift_factor=0.1159,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15, shift=3.0,
+        use_dynamic_shifting=guidance_embeds,
+    )
+    for module in (clip, t5, transformer, vae):
+        module.eval()
+    return FluxPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=_tokenizer(77, "<s>"),
+        text_encoder_2=t5, tokenizer_2=_tokenizer(512, None), transformer=transformer,
+    )
+
+
+def ensure_tiny_model(directory: Path) -> Path:
+    """The tiny model's diffusers folder, built and saved there on first use."""
+    if (directory / "model_index.json").is_file():
+        return directory
+    log.info("building the tiny random-weight FLUX.1 model in %s", directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_tiny_flux1().save_pretrained(tmp)
+    tmp.replace(directory)  # atomic: a half-written model is never mistaken for a whole one
+    return directory
