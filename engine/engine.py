@@ -77,23 +77,18 @@ class FluxEngine:
     @classmethod
     def load(cls, settings: EngineSettings, data_dir: Path) -> FluxEngine:
         """Load presets, whitelist and the model once; raises an EngineError the operator can act on."""
-        presets = load_presets(settings.presets_file)
         device = probe_device(settings.device)
         source = locate_model(settings, data_dir)
         plan = plan_quant(settings, device, source.is_gguf)
         hasher = FileHasher(data_dir / "hashes.json")
-        lora_dir = settings.lora_dir or default_lora_dir(source.models_dir, data_dir)
-        whitelist = LoraWhitelist.load(settings.loras_file, lora_dir, hasher)
         started = time.perf_counter()
         loaded = load_pipeline(source, plan, settings, device)
         log.info("model %s loaded in %.1fs on %s", loaded.model_id, time.perf_counter() - started, device.device)
         info = EngineInfo(
             loaded.model_id, loaded.family, loaded.variant, device, plan, _model_hashes(source, hasher)
         )
-        resolver = RequestResolver(
-            presets, whitelist, loaded.family, settings.max_loras_per_job, settings.max_batch_size
-        )
-        loras = ResidentLoras(loaded.pipe, whitelist, settings.max_resident_loras)
+        resolver = build_resolver(settings, data_dir, loaded.family, source.models_dir, hasher)
+        loras = ResidentLoras(loaded.pipe, resolver.whitelist, settings.max_resident_loras)
         return cls(loaded, resolver, info, loras, PromptEmbedCache(settings.embed_cache_size))
 
     def resolve(self, request: GenerationRequest) -> ResolvedRequest:
@@ -229,6 +224,21 @@ class FluxEngine:
             loras=r.loras,
             versions=self._versions,
         )
+
+
+def build_resolver(
+    settings: EngineSettings,
+    data_dir: Path,
+    family: str = "flux1",
+    models_dir: Path | None = None,
+    hasher: FileHasher | None = None,
+) -> RequestResolver:
+    """Presets + whitelist, without a model: checks requests before (or without) loading one."""
+    presets = load_presets(settings.presets_file)
+    hasher = hasher or FileHasher(data_dir / "hashes.json")
+    lora_dir = settings.lora_dir or default_lora_dir(models_dir, data_dir)
+    whitelist = LoraWhitelist.load(settings.loras_file, lora_dir, hasher)
+    return RequestResolver(presets, whitelist, family, settings.max_loras_per_job, settings.max_batch_size)
 
 
 def _model_hashes(source: ModelSource, hasher: FileHasher) -> dict[str, str]:

@@ -72,7 +72,7 @@ def _load_diffusers(source: ModelSource, plan: QuantPlan) -> LoadedModel:
     quant = PipelineQuantizationConfig(quant_mapping=mapping) if mapping else None
     try:
         pipe = DiffusionPipeline.from_pretrained(
-            source.location, torch_dtype=plan.dtype, quantization_config=quant, local_files_only=local
+            source.location, dtype=plan.dtype, quantization_config=quant, local_files_only=local
         )
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"cannot load {source.location}: {exc}") from exc
@@ -101,13 +101,20 @@ def checkpoint_keys(path: Path) -> list[str]:
         raise ModelLoadError(f"{path.name} is not a readable {path.suffix} checkpoint: {exc}") from exc
 
 
-def _load_single_file(source: ModelSource, plan: QuantPlan, settings: EngineSettings) -> LoadedModel:
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+@dataclass(frozen=True)
+class CheckpointFacts:
+    variant: str  # dev | schnell
+    embedded: dict[str, bool]  # role -> carried inside the checkpoint
 
+
+def inspect_checkpoint(source: ModelSource, settings: EngineSettings) -> CheckpointFacts:
+    """Read a single-file checkpoint's tensor names and refuse what cannot load, before loading anything."""
     assert source.transformer is not None
     keys = checkpoint_keys(source.transformer)
     if any(k.endswith("single_stream_modulation.lin.weight") for k in keys):
         raise ModelLoadError("FLUX.2 single-file checkpoints are not supported: use a FLUX.2 diffusers folder")
+    if not any("double_blocks." in k or "transformer_blocks." in k for k in keys):
+        raise ModelLoadError(f"{source.transformer.name} does not look like a FLUX transformer checkpoint")
     embedded = {role: any(k.startswith(p) for k in keys for p in prefixes) for role, prefixes in EMBEDDED_PREFIXES.items()}
     if (source.clip_l is None and not embedded["clip_l"]) or (source.t5xxl is None and not embedded["t5xxl"]):
         raise ModelLoadError(f"{source.transformer.name}: {NO_TEXT_ENCODERS}")
@@ -116,6 +123,14 @@ def _load_single_file(source: ModelSource, plan: QuantPlan, settings: EngineSett
     variant = settings.variant
     if variant == "auto":
         variant = "dev" if any("guidance_in" in k or "guidance_embedder" in k for k in keys) else "schnell"
+    return CheckpointFacts(variant, embedded)
+
+
+def _load_single_file(source: ModelSource, plan: QuantPlan, settings: EngineSettings) -> LoadedModel:
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    assert source.transformer is not None
+    variant = inspect_checkpoint(source, settings).variant
     configs = Path(settings.configs) if settings.configs else shipped_configs(variant)
     common_configs = Path(settings.configs) if settings.configs else shipped_configs("dev")
     log.info("loading %s (FLUX.1 %s, %s)", source.transformer.name, variant, plan.transformer)
@@ -124,13 +139,13 @@ def _load_single_file(source: ModelSource, plan: QuantPlan, settings: EngineSett
             str(source.transformer),
             config=str(configs),
             subfolder="transformer",
-            torch_dtype=plan.dtype,
+            dtype=plan.dtype,
             quantization_config=transformer_quant_config(plan.transformer, plan.dtype),
             local_files_only=True,
         )
         vae_checkpoint: Any = str(source.vae) if source.vae else _read_prefixed(source.transformer, "vae")
         vae = AutoencoderKL.from_single_file(
-            vae_checkpoint, config=str(common_configs), subfolder="vae", torch_dtype=plan.dtype, local_files_only=True
+            vae_checkpoint, config=str(common_configs), subfolder="vae", dtype=plan.dtype, local_files_only=True
         )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelLoadError(f"cannot load {source.transformer.name}: {exc}") from exc

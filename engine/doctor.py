@@ -1,0 +1,150 @@
+"""`fluxbot doctor`: what this host has, what `auto` would pick, and what is wrong with the model files."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from engine.errors import EngineError
+from engine.hashing import FileHasher
+from engine.loading import inspect_checkpoint
+from engine.loras import LoraWhitelist, default_lora_dir
+from engine.presets import Preset, load_presets
+from engine.quant import DeviceInfo, auto_tier, plan_quant, probe_device
+from engine.settings import EngineSettings
+from engine.sources import ModelSource, locate_model
+
+Status = Literal["ok", "warn", "fail"]
+
+
+@dataclass(frozen=True)
+class Check:
+    status: Status
+    label: str
+    detail: str
+
+
+@dataclass
+class DoctorReport:
+    checks: list[Check] = field(default_factory=list)
+
+    def add(self, status: Status, label: str, detail: str) -> None:
+        self.checks.append(Check(status, label, detail))
+
+    @property
+    def ok(self) -> bool:
+        return all(c.status != "fail" for c in self.checks)
+
+    def render(self) -> str:
+        marks = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
+        width = max(len(c.label) for c in self.checks)
+        return "\n".join(f"[{marks[c.status]}] {c.label:<{width}}  {c.detail}" for c in self.checks)
+
+
+def run_doctor(settings: EngineSettings, data_dir: Path) -> DoctorReport:
+    """Every check runs even when an earlier one fails, so one run shows every problem."""
+    report = DoctorReport()
+    cuda = torch.version.cuda or "none (CPU build)"
+    report.add("ok", "torch", f"{torch.__version__}, CUDA {cuda}, GPU visible: {torch.cuda.is_available()}")
+    device = _device(report, settings)
+    source = _model(report, settings, data_dir)
+    if device is not None:
+        _quant(report, settings, device, source)
+    presets = _presets(report, settings)
+    _loras(report, settings, data_dir, source, presets)
+    _packages(report)
+    return report
+
+
+def _device(report: DoctorReport, settings: EngineSettings) -> DeviceInfo | None:
+    try:
+        info = probe_device(settings.device)
+    except EngineError as exc:
+        report.add("fail", "device", str(exc))
+        return None
+    if info.is_cuda:
+        report.add("ok", "gpu", f"{info.name} (sm_{''.join(map(str, info.compute_capability or ()))}), "
+                   f"{info.free_gb:.1f} GB free of {info.total_gb:.1f} GB")
+    else:
+        report.add("warn" if torch.cuda.is_available() else "ok", "gpu", "none in use: running on CPU")
+    *_, reason = auto_tier(info)
+    report.add("ok", "auto tier", reason)
+    return info
+
+
+def _model(report: DoctorReport, settings: EngineSettings, data_dir: Path) -> ModelSource | None:
+    try:
+        source = locate_model(settings, data_dir)
+    except EngineError as exc:
+        report.add("fail", "model", str(exc))
+        return None
+    report.add("ok", "model", f"{source.kind}: {source.location}")
+    for note in source.notes:
+        report.add("ok", "model file", note)
+    if source.kind == "single_file":
+        try:
+            facts = inspect_checkpoint(source, settings)
+            inside = [role for role, yes in facts.embedded.items() if yes]
+            detail = f"FLUX.1 {facts.variant}" + (f", carries {', '.join(inside)}" if inside else "")
+            report.add("ok", "checkpoint", detail)
+        except EngineError as exc:
+            report.add("fail", "checkpoint", str(exc))
+    return source
+
+
+def _quant(report: DoctorReport, settings: EngineSettings, device: DeviceInfo, source: ModelSource | None) -> None:
+    try:
+        plan = plan_quant(settings, device, source is not None and source.is_gguf)
+    except EngineError as exc:
+        report.add("fail", "quant", str(exc))
+        return
+    report.add("ok", "quant", f"{plan.describe()}: {plan.reason}")
+
+
+def _presets(report: DoctorReport, settings: EngineSettings) -> dict[str, Preset]:
+    try:
+        presets = load_presets(settings.presets_file)
+    except EngineError as exc:
+        report.add("fail", "presets", str(exc))
+        return {}
+    report.add("ok", "presets", f"{settings.presets_file}: {', '.join(presets)}")
+    return presets
+
+
+def _loras(
+    report: DoctorReport, settings: EngineSettings, data_dir: Path, source: ModelSource | None,
+    presets: dict[str, Preset],
+) -> None:
+    lora_dir = settings.lora_dir or default_lora_dir(source.models_dir if source else None, data_dir)
+    try:
+        whitelist = LoraWhitelist.load(settings.loras_file, lora_dir, FileHasher(data_dir / "hashes.json"))
+    except EngineError as exc:
+        report.add("fail", "loras", str(exc))
+        return
+    report.add("ok", "loras", f"{len(whitelist.entries)} whitelisted in {settings.loras_file}, folder {lora_dir}")
+    for check in whitelist.check_all():
+        if check.ok:
+            report.add("ok", f"lora {check.name}", f"{check.path.name} sha256 {check.sha256}")
+        else:
+            report.add("fail", f"lora {check.name}", check.problem or "unusable")
+    for preset in presets.values():
+        for pl in preset.loras:
+            if pl.name not in whitelist.entries:
+                report.add("warn", f"preset {preset.name}", f"needs LoRA {pl.name!r}, not whitelisted: preset unusable")
+
+
+def _packages(report: DoctorReport) -> None:
+    for name, purpose in (("torchao", "fp8/int8"), ("optimum-quanto", "int8 (alt)"), ("bitsandbytes", "nf4"),
+                          ("gguf", "GGUF files")):
+        module = name.replace("optimum-quanto", "optimum.quanto")
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        version = importlib.metadata.version(name) if found else None
+        report.add("ok" if found else "warn", f"pkg {name}", f"{version} ({purpose})" if found else f"missing ({purpose})")

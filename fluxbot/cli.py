@@ -1,0 +1,139 @@
+"""The `fluxbot` command: imagine (offline generation) and doctor; bad input is one line and exit 1."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from engine.api import GenerationRequest, LoraChoice, StepProgress
+from engine.errors import EngineError
+from fluxbot.settings import Settings
+
+log = logging.getLogger("fluxbot")
+
+
+def _lora_arg(text: str) -> LoraChoice:
+    name, _, weight = text.partition(":")
+    try:
+        return LoraChoice(name=name, weight=float(weight) if weight else None)
+    except (ValueError, ValidationError) as exc:
+        raise argparse.ArgumentTypeError(f"--lora takes NAME or NAME:WEIGHT, got {text!r}") from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fluxbot", description="A Discord image studio on one FLUX engine.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    imagine = sub.add_parser("imagine", help="generate an image offline, no Discord needed")
+    imagine.add_argument("prompt")
+    imagine.add_argument("--preset", default="dev")
+    imagine.add_argument("--seed", type=int)
+    imagine.add_argument("--steps", type=int)
+    imagine.add_argument("--guidance", type=float)
+    imagine.add_argument("--size", help="WxH (e.g. 1024x768) or an aspect such as 16:9")
+    imagine.add_argument("--lora", action="append", type=_lora_arg, default=[], metavar="NAME[:WEIGHT]")
+    imagine.add_argument("--batch", type=int, default=1, help="images from consecutive seeds")
+    imagine.add_argument("--out", type=Path, help="PNG path (default fluxbot-<seed>.png)")
+
+    sub.add_parser("doctor", help="check torch/CUDA, VRAM, quant tier, model files and LoRAs")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not args.verbose:
+        # torchao, imported by diffusers, warns about CUDA-only kernels it cannot load on this host.
+        for noisy in ("torchao", "torch.utils._pytree"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+    _quiet_libraries(args.verbose)
+    try:
+        settings = Settings()
+        if args.command == "imagine":
+            return _imagine(args, settings)
+        return _doctor(settings)
+    except ValidationError as exc:
+        print(f"fluxbot: {_first_problem(exc)}", file=sys.stderr)
+    except EngineError as exc:
+        print(f"fluxbot: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("fluxbot: interrupted", file=sys.stderr)
+    return 1
+
+
+def _imagine(args: argparse.Namespace, settings: Settings) -> int:
+    from tqdm import tqdm
+
+    from engine.engine import FluxEngine, build_resolver
+    from engine.png import save_png
+
+    request = GenerationRequest(
+        prompt=args.prompt, preset=args.preset, size=args.size, seed=args.seed, steps=args.steps,
+        guidance=args.guidance, loras=tuple(args.lora), batch_size=args.batch,
+    )
+    if args.out is not None and args.out.suffix.lower() != ".png":
+        raise EngineError(f"--out must name a .png file, got {args.out}")
+    build_resolver(settings.engine, settings.data_dir).resolve(request)  # refuse bad input before loading
+    print("loading the model (once per process)...", file=sys.stderr)
+    engine = FluxEngine.load(settings.engine, settings.data_dir)
+    resolved = engine.resolve(request)
+    for warning in resolved.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    with tqdm(total=resolved.steps, desc="denoising", unit="step", file=sys.stderr) as bar:
+
+        def on_step(progress: StepProgress) -> None:
+            bar.update(progress.step - bar.n)
+
+        result = engine.generate(request, on_step=on_step)
+    for index, (image, recipe) in enumerate(zip(result.images, result.recipes, strict=True)):
+        path = _out_path(args.out, recipe.seed, index, len(result.images))
+        save_png(image, recipe, path)
+        print(f"{path}  seed {recipe.seed}  {recipe.width}x{recipe.height}  {recipe.steps} steps  "
+              f"{result.timings.total_s:.1f}s")
+    return 0
+
+
+def _out_path(out: Path | None, seed: int, index: int, count: int) -> Path:
+    if out is None:
+        return Path(f"fluxbot-{seed}.png")
+    return out if count == 1 else out.with_name(f"{out.stem}-{index + 1}{out.suffix}")
+
+
+def _doctor(settings: Settings) -> int:
+    from engine.doctor import run_doctor
+
+    report = run_doctor(settings.engine, settings.data_dir)
+    print(report.render())
+    return 0 if report.ok else 1
+
+
+def _first_problem(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where}: {msg}" if where else msg
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    # diffusers/transformers print load progress bars and advisory warnings; the CLI shows its own bar.
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    if not verbose:
+        diffusers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
