@@ -191,10 +191,11 @@ def _load_text_encoder(role: str, file: Path | None, checkpoint: Path, config_di
         raw = load_file(str(file)) if file is not None else _read_prefixed(checkpoint, role)
     except Exception as exc:
         raise ModelLoadError(f"engine.{role}: {file} is not a readable .safetensors file: {exc}") from exc
-    state = _upcast({k.removeprefix("transformer."): v for k, v in raw.items()}, dtype)
+    state = _upcast(raw, dtype)
     with torch.device("meta"):
         model = cls(config)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    state = _match_keys(state, set(model.state_dict()))
+    missing, _ = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not k.endswith(("position_ids", "embed_tokens.weight"))]
     if missing:
         raise ModelLoadError(
@@ -203,13 +204,25 @@ def _load_text_encoder(role: str, file: Path | None, checkpoint: Path, config_di
         )
     if role == "t5xxl" and "encoder.embed_tokens.weight" not in state:
         model.encoder.embed_tokens = model.shared  # tied in T5; files often store it once
-    if role == "clip_l" and getattr(model.text_model.embeddings, "position_ids", None) is not None:
-        ids = model.text_model.embeddings.position_ids
-        if ids.is_meta:
-            model.text_model.embeddings.register_buffer(
-                "position_ids", torch.arange(config.max_position_embeddings).unsqueeze(0), persistent=False
-            )
+    for module in model.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer.is_meta and name == "position_ids":  # not stored in files: rebuilt, as at init
+                module.register_buffer(name, torch.arange(buffer.shape[-1]).expand(buffer.shape), persistent=False)
     return model.eval()
+
+
+def _match_keys(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """File keys in the layout the model expects: transformers 4 and 5, Comfy's `transformer.` prefix."""
+    out = {}
+    for key, tensor in state.items():
+        bare = key.removeprefix("transformer.")
+        for candidate in (bare, bare.removeprefix("text_model."), "text_model." + bare):
+            if candidate in expected:
+                out[candidate] = tensor
+                break
+        else:
+            out[bare] = tensor
+    return out
 
 
 def _upcast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:

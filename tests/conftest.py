@@ -1,0 +1,95 @@
+"""Shared fixtures: the tiny model, built once per session, and a fast presets file for it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL.Image import Image
+
+from engine.engine import FluxEngine
+from engine.settings import EngineSettings
+from engine.tiny import ensure_tiny_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+for noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(noisy).setLevel(logging.ERROR)
+
+# The shipped presets with bounds widened to tiny sizes, so generation tests take milliseconds.
+FAST_PRESETS = """
+[dev]
+family = "flux1"
+steps = 4
+steps_range = [1, 50]
+guidance = 3.5
+guidance_range = [1.0, 10.0]
+true_cfg = 1.0
+width = 64
+height = 64
+megapixels_range = [0.001, 2.1]
+warn_below_megapixels = 0.002
+aspects = ["1:1", "3:2", "2:3", "16:9", "9:16"]
+
+[cfg]
+family = "flux1"
+steps = 3
+steps_range = [1, 10]
+guidance = 3.5
+guidance_range = [1.0, 10.0]
+true_cfg = 2.0
+width = 64
+height = 64
+megapixels_range = [0.001, 2.1]
+
+[schnell]
+family = "flux1"
+steps = 2
+steps_range = [1, 8]
+width = 64
+height = 64
+megapixels_range = [0.001, 2.1]
+max_sequence_length = 256
+"""
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(data_dir: Path) -> Path:
+    return ensure_tiny_model(data_dir / "models" / "tiny-flux1")
+
+
+@pytest.fixture(scope="session")
+def presets_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("config") / "presets.toml"
+    path.write_text(FAST_PRESETS)
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_settings(presets_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., EngineSettings]:
+    empty_whitelist = tmp_path_factory.mktemp("nolora") / "loras.toml"
+    empty_whitelist.write_text("")
+
+    def make(**overrides: object) -> EngineSettings:
+        values: dict[str, object] = {"model": "tiny", "presets_file": presets_file, "loras_file": empty_whitelist}
+        values.update(overrides)
+        return EngineSettings.model_validate(values)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def engine(make_settings: Callable[..., EngineSettings], data_dir: Path, tiny_dir: Path) -> FluxEngine:
+    return FluxEngine.load(make_settings(), data_dir)
+
+
+def pixels(image: Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)

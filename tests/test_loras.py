@@ -1,0 +1,190 @@
+"""LoRA whitelist: only listed, hash-pinned files load; adapters stay resident and switch per job."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.api import GenerationRequest, LoraChoice
+from engine.engine import FluxEngine
+from engine.errors import ConfigError, LoraError
+from engine.hashing import FileHasher
+from engine.loras import LoraWhitelist
+from engine.settings import EngineSettings
+from tests.conftest import pixels
+
+
+def make_lora(tiny_dir: Path, folder: Path, name: str, seed: int) -> Path:
+    """A random LoRA for the tiny transformer, made with peft and saved the way diffusers saves LoRAs."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel.from_pretrained(tiny_dir, subfolder="transformer")
+    transformer.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    FluxPipeline.save_lora_weights(
+        folder, transformer_lora_layers=get_peft_model_state_dict(transformer), weight_name=f"{name}.safetensors"
+    )
+    return folder / f"{name}.safetensors"
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def whitelist_toml(entries: dict[str, dict[str, object]]) -> str:
+    lines = []
+    for name, fields in entries.items():
+        lines.append(f"[{name}]")
+        for key, value in fields.items():
+            rendered = repr(value).replace("'", '"') if not isinstance(value, float) else str(value)
+            lines.append(f"{key} = {rendered}")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def lora_setup(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("lorasetup")
+    lora_dir = root / "Lora"
+    files = {name: make_lora(tiny_dir, lora_dir, name, seed) for name, seed in (("inky", 1), ("glow", 2), ("film", 3))}
+    whitelist = root / "loras.toml"
+    whitelist.write_text(
+        whitelist_toml(
+            {
+                "inky": {"file": "inky.safetensors", "sha256": sha(files["inky"]), "trigger_words": ["inkstyle"],
+                         "default_weight": 1.0, "max_weight": 2.0},
+                "glow": {"file": "glow.safetensors", "sha256": sha(files["glow"]), "default_weight": 0.8},
+                "film": {"file": "film.safetensors", "sha256": sha(files["film"])},
+                "tampered": {"file": "glow.safetensors", "sha256": "0" * 64},
+                "missing": {"file": "gone.safetensors", "sha256": "1" * 64},
+            }
+        )
+    )
+    return whitelist, lora_dir
+
+
+@pytest.fixture(scope="module")
+def lora_engine(
+    make_settings: Callable[..., EngineSettings], data_dir: Path, lora_setup: tuple[Path, Path]
+) -> FluxEngine:
+    whitelist, lora_dir = lora_setup
+    return FluxEngine.load(make_settings(loras_file=whitelist, lora_dir=lora_dir, max_resident_loras=2), data_dir)
+
+
+def test_resident_lora_changes_pixels_and_disabling_restores_them(lora_engine: FluxEngine) -> None:
+    base = GenerationRequest(prompt="a cat", seed=21)
+    before = lora_engine.generate(base).images[0]
+
+    styled = lora_engine.generate(base.model_copy(update={"loras": (LoraChoice(name="glow"),)})).images[0]
+    after = lora_engine.generate(base).images[0]
+
+    assert not np.array_equal(pixels(before), pixels(styled))
+    assert np.array_equal(pixels(before), pixels(after))
+
+
+def test_switching_back_to_a_resident_lora_is_not_a_reload(lora_engine: FluxEngine) -> None:
+    inky = GenerationRequest(prompt="a cat", seed=3, loras=(LoraChoice(name="inky", weight=0.5),))
+    first = lora_engine.generate(inky).images[0]
+    lora_engine.generate(inky.model_copy(update={"loras": (LoraChoice(name="glow"),)}))
+    loads_before = lora_engine.loras.loads
+
+    again = lora_engine.generate(inky).images[0]
+
+    assert lora_engine.loras.loads == loads_before, "inky was resident: set_adapters, not load_lora_weights"
+    assert np.array_equal(pixels(first), pixels(again))
+
+
+def test_least_recently_used_lora_is_unloaded_past_the_limit(lora_engine: FluxEngine) -> None:
+    for name in ("inky", "glow", "film"):
+        lora_engine.generate(GenerationRequest(prompt="a cat", seed=1, loras=(LoraChoice(name=name),)))
+
+    assert lora_engine.loras.resident == ["glow", "film"]
+
+
+def test_stacked_loras_apply_together_and_weights_matter(lora_engine: FluxEngine) -> None:
+    stack = (LoraChoice(name="inky", weight=1.0), LoraChoice(name="glow", weight=0.5))
+    both = lora_engine.generate(GenerationRequest(prompt="a cat", seed=4, loras=stack))
+    lighter = lora_engine.generate(
+        GenerationRequest(prompt="a cat", seed=4, loras=(stack[0], LoraChoice(name="glow", weight=0.1)))
+    )
+
+    assert [lo.name for lo in both.recipes[0].loras] == ["inky", "glow"]
+    assert not np.array_equal(pixels(both.images[0]), pixels(lighter.images[0]))
+
+
+def test_trigger_words_are_prepended_and_recorded(lora_engine: FluxEngine) -> None:
+    result = lora_engine.generate(GenerationRequest(prompt="a cat", seed=5, loras=(LoraChoice(name="inky"),)))
+
+    assert result.recipes[0].final_prompt == "inkstyle, a cat"
+    assert result.recipes[0].prompt == "a cat"
+    assert result.recipes[0].loras[0].sha256 == lora_engine.resolver.whitelist.get("inky").sha256
+
+
+def test_hash_mismatch_is_refused(lora_engine: FluxEngine) -> None:
+    with pytest.raises(LoraError, match="sha256 .* refusing to load it"):
+        lora_engine.generate(GenerationRequest(prompt="a cat", loras=(LoraChoice(name="tampered"),)))
+
+
+def test_missing_file_is_refused(lora_engine: FluxEngine) -> None:
+    with pytest.raises(LoraError, match="missing"):
+        lora_engine.generate(GenerationRequest(prompt="a cat", loras=(LoraChoice(name="missing"),)))
+
+
+@pytest.mark.parametrize("name", ["../Lora/glow", "/etc/passwd", "glow.safetensors", "nope"])
+def test_names_that_are_not_whitelisted_never_reach_the_filesystem(lora_engine: FluxEngine, name: str) -> None:
+    with pytest.raises(LoraError, match="not on the whitelist"):
+        lora_engine.resolve(GenerationRequest(prompt="a cat", loras=(LoraChoice(name=name),)))
+
+
+def test_weight_above_max_and_too_many_loras_are_refused(lora_engine: FluxEngine) -> None:
+    with pytest.raises(LoraError, match="weight must be within"):
+        lora_engine.resolve(GenerationRequest(prompt="a", loras=(LoraChoice(name="glow", weight=3.0),)))
+    many = tuple(LoraChoice(name=n) for n in ("inky", "glow", "film", "tampered"))
+    with pytest.raises(LoraError, match="at most 3 LoRAs"):
+        lora_engine.resolve(GenerationRequest(prompt="a", loras=many))
+
+
+@pytest.mark.parametrize("file", ["../outside.safetensors", "/abs/x.safetensors", "C:\\\\x.safetensors", "x.ckpt"])
+def test_whitelist_file_paths_must_stay_inside_the_lora_folder(tmp_path: Path, file: str) -> None:
+    path = tmp_path / "loras.toml"
+    path.write_text(f'[bad]\nfile = "{file}"\nsha256 = "{"a" * 64}"\n')
+
+    with pytest.raises(ConfigError, match=r"\[bad\]\.file"):
+        LoraWhitelist.load(path, tmp_path, FileHasher(None))
+
+
+def test_symlink_out_of_the_lora_folder_is_refused(tmp_path: Path) -> None:
+    outside = tmp_path / "secret.safetensors"
+    outside.write_bytes(b"x")
+    lora_dir = tmp_path / "Lora"
+    lora_dir.mkdir()
+    os.symlink(outside, lora_dir / "link.safetensors")
+    whitelist = LoraWhitelist.load(_one_entry(tmp_path, "link.safetensors", sha(outside)), lora_dir, FileHasher(None))
+
+    with pytest.raises(LoraError, match="outside the LoRA folder"):
+        whitelist.verify(whitelist.get("x"))
+
+
+def _one_entry(tmp_path: Path, file: str, digest: str) -> Path:
+    path = tmp_path / "one.toml"
+    path.write_text(f'[x]\nfile = "{file}"\nsha256 = "{digest}"\n')
+    return path
+
+
+def test_sha256_is_computed_once_and_cached_across_processes(tmp_path: Path) -> None:
+    file = tmp_path / "a.safetensors"
+    file.write_bytes(b"weights")
+    cache = tmp_path / "hashes.json"
+
+    first = FileHasher(cache).sha256(file)
+    assert cache.is_file()
+    assert FileHasher(cache).sha256(file) == first == sha(file)
