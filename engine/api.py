@@ -72,8 +72,16 @@ class ResolvedRequest(BaseModel):
     @property
     def batch_key(self) -> tuple[Any, ...]:
         """Requests with equal keys can share one pipeline call."""
-        return (self.preset, self.width, self.height, self.steps, self.guidance, self.true_cfg,
-                self.max_sequence_length, self.loras)
+        return (
+            self.preset,
+            self.width,
+            self.height,
+            self.steps,
+            self.guidance,
+            self.true_cfg,
+            self.max_sequence_length,
+            self.loras,
+        )
 
 
 class Recipe(BaseModel):

@@ -68,8 +68,12 @@ def _device(report: DoctorReport, settings: EngineSettings) -> DeviceInfo | None
         report.add("fail", "device", str(exc))
         return None
     if info.is_cuda:
-        report.add("ok", "gpu", f"{info.name} (sm_{''.join(map(str, info.compute_capability or ()))}), "
-                   f"{info.free_gb:.1f} GB free of {info.total_gb:.1f} GB")
+        report.add(
+            "ok",
+            "gpu",
+            f"{info.name} (sm_{''.join(map(str, info.compute_capability or ()))}), "
+            f"{info.free_gb:.1f} GB free of {info.total_gb:.1f} GB",
+        )
     else:
         report.add("warn" if torch.cuda.is_available() else "ok", "gpu", "none in use: running on CPU")
     *_, reason = auto_tier(info)
@@ -97,7 +101,9 @@ def _model(report: DoctorReport, settings: EngineSettings, data_dir: Path) -> Mo
     return source
 
 
-def _quant(report: DoctorReport, settings: EngineSettings, device: DeviceInfo, source: ModelSource | None) -> None:
+def _quant(
+    report: DoctorReport, settings: EngineSettings, device: DeviceInfo, source: ModelSource | None
+) -> None:
     try:
         plan = plan_quant(settings, device, source is not None and source.is_gguf)
     except EngineError as exc:
@@ -117,7 +123,10 @@ def _presets(report: DoctorReport, settings: EngineSettings) -> dict[str, Preset
 
 
 def _loras(
-    report: DoctorReport, settings: EngineSettings, data_dir: Path, source: ModelSource | None,
+    report: DoctorReport,
+    settings: EngineSettings,
+    data_dir: Path,
+    source: ModelSource | None,
     presets: dict[str, Preset],
 ) -> None:
     lora_dir = settings.lora_dir or default_lora_dir(source.models_dir if source else None, data_dir)
@@ -126,7 +135,9 @@ def _loras(
     except EngineError as exc:
         report.add("fail", "loras", str(exc))
         return
-    report.add("ok", "loras", f"{len(whitelist.entries)} whitelisted in {settings.loras_file}, folder {lora_dir}")
+    report.add(
+        "ok", "loras", f"{len(whitelist.entries)} whitelisted in {settings.loras_file}, folder {lora_dir}"
+    )
     for check in whitelist.check_all():
         if check.ok:
             report.add("ok", f"lora {check.name}", f"{check.path.name} sha256 {check.sha256}")
@@ -135,16 +146,28 @@ def _loras(
     for preset in presets.values():
         for pl in preset.loras:
             if pl.name not in whitelist.entries:
-                report.add("warn", f"preset {preset.name}", f"needs LoRA {pl.name!r}, not whitelisted: preset unusable")
+                report.add(
+                    "warn",
+                    f"preset {preset.name}",
+                    f"needs LoRA {pl.name!r}, not whitelisted: preset unusable",
+                )
 
 
 def _packages(report: DoctorReport) -> None:
-    for name, purpose in (("torchao", "fp8/int8"), ("optimum-quanto", "int8 (alt)"), ("bitsandbytes", "nf4"),
-                          ("gguf", "GGUF files")):
+    for name, purpose in (
+        ("torchao", "fp8/int8"),
+        ("optimum-quanto", "int8 (alt)"),
+        ("bitsandbytes", "nf4"),
+        ("gguf", "GGUF files"),
+    ):
         module = name.replace("optimum-quanto", "optimum.quanto")
         try:
             found = importlib.util.find_spec(module) is not None
         except ModuleNotFoundError:
             found = False
         version = importlib.metadata.version(name) if found else None
-        report.add("ok" if found else "warn", f"pkg {name}", f"{version} ({purpose})" if found else f"missing ({purpose})")
+        report.add(
+            "ok" if found else "warn",
+            f"pkg {name}",
+            f"{version} ({purpose})" if found else f"missing ({purpose})",
+        )

@@ -83,7 +83,9 @@ class FluxEngine:
         hasher = FileHasher(data_dir / "hashes.json")
         started = time.perf_counter()
         loaded = load_pipeline(source, plan, settings, device)
-        log.info("model %s loaded in %.1fs on %s", loaded.model_id, time.perf_counter() - started, device.device)
+        log.info(
+            "model %s loaded in %.1fs on %s", loaded.model_id, time.perf_counter() - started, device.device
+        )
         info = EngineInfo(
             loaded.model_id, loaded.family, loaded.variant, device, plan, _model_hashes(source, hasher)
         )
@@ -112,7 +114,9 @@ class FluxEngine:
         """Several requests of one preset/size/LoRA set in a single pipeline call."""
         resolved = [self.resolve(r) for r in requests]
         if len({r.batch_key for r in resolved}) != 1:
-            raise RequestError("only requests with the same preset, size, steps, guidance and LoRAs batch together")
+            raise RequestError(
+                "only requests with the same preset, size, steps, guidance and LoRAs batch together"
+            )
         first = resolved[0]
         with self._lock:
             started = time.perf_counter()

@@ -13,8 +13,6 @@ Embeds = dict[str, torch.Tensor]  # keyword -> tensor with batch dimension 1
 
 
 class FamilyAdapter(Protocol):
-    name: str
-
     def encode(self, pipe: Any, prompt: str, max_sequence_length: int) -> Embeds: ...
 
     def call_kwargs(self, resolved: ResolvedRequest, negative: Embeds | None) -> dict[str, Any]: ...

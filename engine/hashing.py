@@ -42,7 +42,9 @@ class FileHasher:
             if hit and hit["size"] == stat.st_size and hit["mtime"] == stat.st_mtime:
                 return str(hit["sha256"])
         if stat.st_size > 1 << 30:
-            log.info("hashing %s (%.1f GB) once; later starts reuse the result", path.name, stat.st_size / 1e9)
+            log.info(
+                "hashing %s (%.1f GB) once; later starts reuse the result", path.name, stat.st_size / 1e9
+            )
         digest = sha256_file(path)
         with self._lock:
             self._cache[key] = {"size": stat.st_size, "mtime": stat.st_mtime, "sha256": digest}

@@ -41,7 +41,9 @@ def shipped_configs(variant: str) -> Path:
     return Path(str(resources.files("engine") / "model_configs" / f"flux1-{variant}"))
 
 
-def load_pipeline(source: ModelSource, plan: QuantPlan, settings: EngineSettings, device: DeviceInfo) -> LoadedModel:
+def load_pipeline(
+    source: ModelSource, plan: QuantPlan, settings: EngineSettings, device: DeviceInfo
+) -> LoadedModel:
     if source.kind == "single_file":
         loaded = _load_single_file(source, plan, settings)
     else:
@@ -112,10 +114,15 @@ def inspect_checkpoint(source: ModelSource, settings: EngineSettings) -> Checkpo
     assert source.transformer is not None
     keys = checkpoint_keys(source.transformer)
     if any(k.endswith("single_stream_modulation.lin.weight") for k in keys):
-        raise ModelLoadError("FLUX.2 single-file checkpoints are not supported: use a FLUX.2 diffusers folder")
+        raise ModelLoadError(
+            "FLUX.2 single-file checkpoints are not supported: use a FLUX.2 diffusers folder"
+        )
     if not any("double_blocks." in k or "transformer_blocks." in k for k in keys):
         raise ModelLoadError(f"{source.transformer.name} does not look like a FLUX transformer checkpoint")
-    embedded = {role: any(k.startswith(p) for k in keys for p in prefixes) for role, prefixes in EMBEDDED_PREFIXES.items()}
+    embedded = {
+        role: any(k.startswith(p) for k in keys for p in prefixes)
+        for role, prefixes in EMBEDDED_PREFIXES.items()
+    }
     if (source.clip_l is None and not embedded["clip_l"]) or (source.t5xxl is None and not embedded["t5xxl"]):
         raise ModelLoadError(f"{source.transformer.name}: {NO_TEXT_ENCODERS}")
     if source.vae is None and not embedded["vae"]:
@@ -145,23 +152,38 @@ def _load_single_file(source: ModelSource, plan: QuantPlan, settings: EngineSett
         )
         vae_checkpoint: Any = str(source.vae) if source.vae else _read_prefixed(source.transformer, "vae")
         vae = AutoencoderKL.from_single_file(
-            vae_checkpoint, config=str(common_configs), subfolder="vae", dtype=plan.dtype, local_files_only=True
+            vae_checkpoint,
+            config=str(common_configs),
+            subfolder="vae",
+            dtype=plan.dtype,
+            local_files_only=True,
         )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelLoadError(f"cannot load {source.transformer.name}: {exc}") from exc
-    clip = _load_text_encoder("clip_l", source.clip_l, source.transformer, common_configs / "text_encoder", plan.dtype)
-    t5 = _load_text_encoder("t5xxl", source.t5xxl, source.transformer, common_configs / "text_encoder_2", plan.dtype)
+    clip = _load_text_encoder(
+        "clip_l", source.clip_l, source.transformer, common_configs / "text_encoder", plan.dtype
+    )
+    t5 = _load_text_encoder(
+        "t5xxl", source.t5xxl, source.transformer, common_configs / "text_encoder_2", plan.dtype
+    )
     if plan.text_encoder in ("fp8", "int8"):
         from torchao.quantization import quantize_
 
         quantize_(t5, text_encoder_quant_config(plan.text_encoder, plan.dtype).quant_type)
     elif plan.text_encoder == "nf4":
-        raise QuantizationError("nf4 text encoders need a diffusers folder; with single files use int8 or fp8")
+        raise QuantizationError(
+            "nf4 text encoders need a diffusers folder; with single files use int8 or fp8"
+        )
     tokenizer, tokenizer_2 = _load_tokenizers(settings, source)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(configs), subfolder="scheduler")
     pipe = FluxPipeline(
-        scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tokenizer,
-        text_encoder_2=t5, tokenizer_2=tokenizer_2, transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=tokenizer,
+        text_encoder_2=t5,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
     )
     return LoadedModel(pipe, "flux1", variant, source.transformer.name)
 
@@ -172,15 +194,17 @@ def _read_prefixed(path: Path, role: str) -> dict[str, torch.Tensor]:
 
     out: dict[str, torch.Tensor] = {}
     with safe_open(str(path), framework="pt") as fh:
-        for key in fh.keys():
+        for key in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
             for prefix in EMBEDDED_PREFIXES[role]:
                 if key.startswith(prefix):
-                    out[key[len(prefix):]] = fh.get_tensor(key)
+                    out[key[len(prefix) :]] = fh.get_tensor(key)
                     break
     return out
 
 
-def _load_text_encoder(role: str, file: Path | None, checkpoint: Path, config_dir: Path, dtype: torch.dtype) -> Any:
+def _load_text_encoder(
+    role: str, file: Path | None, checkpoint: Path, config_dir: Path, dtype: torch.dtype
+) -> Any:
     """CLIP-L or T5-XXL from a Forge/ComfyUI file (fp16, bf16 or fp8 e4m3fn; fp8 is upcast on load)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, CLIPTextModel, T5EncoderModel
@@ -207,7 +231,9 @@ def _load_text_encoder(role: str, file: Path | None, checkpoint: Path, config_di
     for module in model.modules():
         for name, buffer in list(module.named_buffers(recurse=False)):
             if buffer.is_meta and name == "position_ids":  # not stored in files: rebuilt, as at init
-                module.register_buffer(name, torch.arange(buffer.shape[-1]).expand(buffer.shape), persistent=False)
+                module.register_buffer(
+                    name, torch.arange(buffer.shape[-1]).expand(buffer.shape), persistent=False
+                )
     return model.eval()
 
 
@@ -275,4 +301,3 @@ def _place(pipe: Any, plan: QuantPlan, device: DeviceInfo) -> None:
     if plan.compile:
         pipe.transformer.compile(mode="max-autotune-no-cudagraphs")
     pipe.set_progress_bar_config(disable=True)
-

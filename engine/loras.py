@@ -32,7 +32,7 @@ class LoraEntry(BaseModel):
     trigger_words: list[str] = Field(default_factory=list)
     default_weight: float = 1.0
     max_weight: float = Field(1.5, gt=0, le=4.0)
-    families: list[Family] = Field(default_factory=lambda: ["flux1"])
+    families: list[Family] = Field(default_factory=lambda: list[Family](["flux1"]))
     description: str = ""
 
     @field_validator("name")
@@ -46,7 +46,12 @@ class LoraEntry(BaseModel):
     @classmethod
     def _file_stays_inside(cls, value: str) -> str:
         posix, windows = PurePosixPath(value), PureWindowsPath(value)
-        if posix.is_absolute() or windows.is_absolute() or windows.drive or ".." in posix.parts + windows.parts:
+        if (
+            posix.is_absolute()
+            or windows.is_absolute()
+            or windows.drive
+            or ".." in posix.parts + windows.parts
+        ):
             raise ValueError("must be a path inside the LoRA folder (no absolute paths, no '..')")
         if not value.endswith(".safetensors"):
             raise ValueError("must be a .safetensors file")
@@ -168,7 +173,8 @@ class ResidentLoras:
     def text_encoder_signature(self, choices: Sequence[tuple[LoraEntry, float]]) -> tuple[Any, ...]:
         """Part of the embed-cache key: non-empty only when active LoRAs touch the text encoders."""
         touched = any(
-            getattr(getattr(self._pipe, attr, None), "peft_config", None) for attr in ("text_encoder", "text_encoder_2")
+            getattr(getattr(self._pipe, attr, None), "peft_config", None)
+            for attr in ("text_encoder", "text_encoder_2")
         )
         return tuple((e.name, e.sha256, w) for e, w in choices) if touched else ()
 

@@ -1,4 +1,4 @@
-"""The recipe inside the PNG: a JSON chunk for fluxbot, an A1111/Forge `parameters` chunk for everyone else."""
+"""The recipe inside the PNG: a JSON chunk for fluxbot, an A1111/Forge `parameters` chunk for other tools."""
 
 from __future__ import annotations
 

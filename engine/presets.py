@@ -61,7 +61,9 @@ class Preset(BaseModel):
         if self.guidance is not None and self.guidance_range is not None:
             glo, ghi = self.guidance_range
             if not 0 <= glo <= self.guidance <= ghi:
-                raise ValueError(f"guidance {self.guidance} must lie in guidance_range {list(self.guidance_range)}")
+                raise ValueError(
+                    f"guidance {self.guidance} must lie in guidance_range {list(self.guidance_range)}"
+                )
         for aspect in self.aspects:
             if not _ASPECT.match(aspect):
                 raise ValueError(f"aspect {aspect!r} is not of the form W:H")

@@ -36,7 +36,9 @@ def probe_device(setting: str) -> DeviceInfo:
     if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
         return DeviceInfo("cpu", "CPU")
     if not torch.cuda.is_available():
-        raise QuantizationError(f"device {setting!r} asked for, but torch sees no CUDA GPU (torch {torch.__version__})")
+        raise QuantizationError(
+            f"device {setting!r} asked for, but torch sees no CUDA GPU (torch {torch.__version__})"
+        )
     device = torch.device("cuda" if setting == "auto" else setting)
     index = device.index if device.index is not None else torch.cuda.current_device()
     free, total = torch.cuda.mem_get_info(index)
@@ -76,23 +78,44 @@ def _fp8_capable(info: DeviceInfo) -> bool:
 
 
 def auto_tier(info: DeviceInfo) -> tuple[str, str, Offload, bool, str]:
-    """The tier people pick by hand for this much free VRAM: (transformer, text encoder, offload, tiling, why)."""
+    """The tier people pick by hand for this much free VRAM.
+
+    Returns (transformer quant, text encoder quant, offload, VAE tiling, why).
+    """
     if not info.is_cuda:
-        return "bf16", "none", "none", False, "CPU: full-precision float32 weights (quantized kernels are no faster here)"
+        return (
+            "bf16",
+            "none",
+            "none",
+            False,
+            "CPU: full-precision float32 weights (quantized kernels are no faster here)",
+        )
     free = info.free_gb or 0.0
     eight_bit = "fp8" if _fp8_capable(info) else "int8"
     if free >= 24:
         return "bf16", "none", "none", False, f"{free:.1f} GB free >= 24 GB: bf16 weights"
     if free >= 12:
-        return eight_bit, eight_bit, "none", False, f"{free:.1f} GB free (12-24 GB): 8-bit {eight_bit} weights"
+        return (
+            eight_bit,
+            eight_bit,
+            "none",
+            False,
+            f"{free:.1f} GB free (12-24 GB): 8-bit {eight_bit} weights",
+        )
     if free >= 8:
         return "nf4", "nf4", "none", True, f"{free:.1f} GB free (8-12 GB): 4-bit nf4 + VAE tiling/slicing"
-    return "nf4", "nf4", "model", True, f"{free:.1f} GB free (< 8 GB): 4-bit nf4 + model CPU offload + VAE tiling"
+    return (
+        "nf4",
+        "nf4",
+        "model",
+        True,
+        f"{free:.1f} GB free (< 8 GB): 4-bit nf4 + model CPU offload + VAE tiling",
+    )
 
 
 def plan_quant(settings: EngineSettings, info: DeviceInfo, model_is_gguf: bool) -> QuantPlan:
     tier, te, offload, tiling, reason = auto_tier(info)
-    transformer = settings.quant
+    transformer: str = settings.quant
     if model_is_gguf:
         if transformer not in ("auto", "gguf"):
             raise QuantizationError(
@@ -114,7 +137,9 @@ def plan_quant(settings: EngineSettings, info: DeviceInfo, model_is_gguf: bool) 
     if settings.vae_tiling != "auto":
         tiling = settings.vae_tiling == "on"
     dtype = _dtype(settings, info)
-    plan = QuantPlan(transformer, text_encoder, dtype, offload, tiling, settings.compile and info.is_cuda, reason)
+    plan = QuantPlan(
+        transformer, text_encoder, dtype, offload, tiling, settings.compile and info.is_cuda, reason
+    )
     log.info("quantization: %s (%s)", plan.describe(), plan.reason)
     return plan
 
@@ -128,7 +153,9 @@ def _dtype(settings: EngineSettings, info: DeviceInfo) -> torch.dtype:
 def _check_available(mode: str, info: DeviceInfo) -> None:
     if mode == "nf4":
         if not info.is_cuda:
-            raise QuantizationError("nf4 needs bitsandbytes on a CUDA GPU; on CPU use quant = 'int8' or 'bf16'")
+            raise QuantizationError(
+                "nf4 needs bitsandbytes on a CUDA GPU; on CPU use quant = 'int8' or 'bf16'"
+            )
         if importlib.util.find_spec("bitsandbytes") is None:
             raise QuantizationError("nf4 needs bitsandbytes: pip install 'fluxbot[cuda]'")
     if mode in ("fp8", "int8") and importlib.util.find_spec("torchao") is None:

@@ -24,14 +24,18 @@ class RequestResolver:
     def preset(self, name: str) -> Preset:
         preset = self.presets.get(name)
         if preset is None:
-            raise RequestError(f"unknown preset {name[:40]!r}; choose one of: {', '.join(sorted(self.presets))}")
+            raise RequestError(
+                f"unknown preset {name[:40]!r}; choose one of: {', '.join(sorted(self.presets))}"
+            )
         if preset.family != self.family:
             raise RequestError(f"preset {name} is for {preset.family}, but the loaded model is {self.family}")
         return preset
 
     def resolve(self, request: GenerationRequest) -> ResolvedRequest:
         preset = self.preset(request.preset)
-        width, height = (preset.width, preset.height) if request.size is None else preset.parse_size(request.size)
+        width, height = (
+            (preset.width, preset.height) if request.size is None else preset.parse_size(request.size)
+        )
         warnings = []
         if preset.warn_below_megapixels and width * height / 1e6 < preset.warn_below_megapixels:
             warnings.append(
@@ -41,11 +45,15 @@ class RequestResolver:
         steps = self._steps(preset, request.steps)
         guidance = self._guidance(preset, request.guidance)
         if request.batch_size > self.max_batch_size:
-            raise RequestError(f"batch size {request.batch_size} is above the maximum of {self.max_batch_size}")
+            raise RequestError(
+                f"batch size {request.batch_size} is above the maximum of {self.max_batch_size}"
+            )
         loras = self._loras(preset, request)
         seed = secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed
         seeds = tuple((seed + i) % (MAX_SEED + 1) for i in range(request.batch_size))
-        triggers = [w for entry, _ in loras for w in entry.trigger_words if w.lower() not in request.prompt.lower()]
+        triggers = [
+            w for entry, _ in loras for w in entry.trigger_words if w.lower() not in request.prompt.lower()
+        ]
         final_prompt = ", ".join([*triggers, request.prompt])
         return ResolvedRequest(
             prompt=request.prompt,
@@ -85,7 +93,9 @@ class RequestResolver:
             return preset.guidance
         lo, hi = preset.guidance_range
         if not lo <= guidance <= hi:
-            raise RequestError(f"guidance must be between {lo} and {hi} for preset {preset.name} (got {guidance})")
+            raise RequestError(
+                f"guidance must be between {lo} and {hi} for preset {preset.name} (got {guidance})"
+            )
         return guidance
 
     def _loras(self, preset: Preset, request: GenerationRequest) -> list[tuple[LoraEntry, float]]:
@@ -109,6 +119,8 @@ class RequestResolver:
                 raise LoraError(f"LoRA {entry.name} is for {', '.join(entry.families)}, not {self.family}")
             weight = entry.default_weight if choice.weight is None else choice.weight
             if abs(weight) > entry.max_weight:
-                raise LoraError(f"LoRA {entry.name}: weight must be within ±{entry.max_weight} (got {weight})")
+                raise LoraError(
+                    f"LoRA {entry.name}: weight must be within ±{entry.max_weight} (got {weight})"
+                )
             chosen.append((entry, weight))
         return chosen

@@ -1,4 +1,4 @@
-"""Find the model the operator pointed at: tiny, a diffusers folder, a hub id, single files, a models/ folder."""
+"""Find the model the operator named: tiny, a diffusers folder, a hub id, single files, a models/ folder."""
 
 from __future__ import annotations
 
@@ -61,7 +61,9 @@ def locate_model(settings: EngineSettings, data_dir: Path) -> ModelSource:
         return _single_file(path, settings, models_dir=None)
     if _HUB_ID.match(model) and not path.exists() and not model.startswith((".", "/")):
         return ModelSource("hub", model)
-    raise ModelLoadError(f"model {model!r} not found: set FLUXBOT_MODEL to 'tiny', a folder, a file or a hub id")
+    raise ModelLoadError(
+        f"model {model!r} not found: set FLUXBOT_MODEL to 'tiny', a folder, a file or a hub id"
+    )
 
 
 def _from_models_dir(root: Path, settings: EngineSettings) -> ModelSource:
@@ -75,7 +77,9 @@ def _from_models_dir(root: Path, settings: EngineSettings) -> ModelSource:
     if settings.checkpoint:
         chosen = [p for p in candidates if p.name == settings.checkpoint]
         if not chosen:
-            raise ModelLoadError(f"engine.checkpoint {settings.checkpoint!r} is not in {_names(checkpoint_dirs)}")
+            raise ModelLoadError(
+                f"engine.checkpoint {settings.checkpoint!r} is not in {_names(checkpoint_dirs)}"
+            )
     else:
         chosen = candidates
     if not chosen:

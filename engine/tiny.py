@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 TINY_SEED = 20240801
 # A closed word list: the tokenizers are WordLevel models built in memory (no vocab download).
-_WORDS = (
+_WORDS = (  # noqa: SIM905
     "a an the of on in with and at by for from to under over near behind "
     "cat dog fox owl bird horse robot person woman man child dragon castle tree forest mountain river "
     "lake sea ocean beach city street house room garden field sky cloud sun moon star night day "
@@ -56,36 +56,77 @@ def build_tiny_flux1(guidance_embeds: bool = True) -> Any:
     torch.manual_seed(TINY_SEED)
     clip = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=128, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-            projection_dim=32, bos_token_id=1, eos_token_id=2, pad_token_id=0, max_position_embeddings=77,
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            projection_dim=32,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            max_position_embeddings=77,
         )
     )
     t5 = T5EncoderModel(
         T5Config(
-            vocab_size=128, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-            relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=2, decoder_start_token_id=0,
+            vocab_size=128,
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=0,
         )
     )
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-        guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6),
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),
     )
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[8, 8, 8, 8], layers_per_block=1,
-        latent_channels=16, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
-        mid_block_add_attention=False, scaling_factor=0.3611, shift_factor=0.1159,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[8, 8, 8, 8],
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=4,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        mid_block_add_attention=False,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
     )
     scheduler = FlowMatchEulerDiscreteScheduler(
-        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15, shift=3.0,
+        base_image_seq_len=256,
+        base_shift=0.5,
+        max_image_seq_len=4096,
+        max_shift=1.15,
+        shift=3.0,
         use_dynamic_shifting=guidance_embeds,
     )
     for module in (clip, t5, transformer, vae):
         module.eval()
     return FluxPipeline(
-        scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=_tokenizer(77, "<s>"),
-        text_encoder_2=t5, tokenizer_2=_tokenizer(512, None), transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=_tokenizer(77, "<s>"),
+        text_encoder_2=t5,
+        tokenizer_2=_tokenizer(512, None),
+        transformer=transformer,
     )
 
 

@@ -31,6 +31,7 @@ def validate_entry(path: Path, key: str, model: type[ModelT], data: Any, **extra
         return model.model_validate({**data, **extra})
     except ValidationError as exc:
         problems = "; ".join(
-            f"[{key}].{'.'.join(str(p) for p in err['loc']) or '(table)'}: {err['msg']}" for err in exc.errors()
+            f"[{key}].{'.'.join(str(p) for p in err['loc']) or '(table)'}: {err['msg']}"
+            for err in exc.errors()
         )
         raise ConfigError(f"{path}: {problems}") from exc

@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     imagine.add_argument("--out", type=Path, help="PNG path (default fluxbot-<seed>.png)")
 
     sub.add_parser("doctor", help="check torch/CUDA, VRAM, quant tier, model files and LoRAs")
+    sub.add_parser("run", help="start the Discord bot (without a token: how to get one, and an offline demo)")
     return parser
 
 
@@ -60,6 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings()
         if args.command == "imagine":
             return _imagine(args, settings)
+        if args.command == "run":
+            return _run(settings)
         return _doctor(settings)
     except ValidationError as exc:
         print(f"fluxbot: {_first_problem(exc)}", file=sys.stderr)
@@ -77,8 +80,14 @@ def _imagine(args: argparse.Namespace, settings: Settings) -> int:
     from engine.png import save_png
 
     request = GenerationRequest(
-        prompt=args.prompt, preset=args.preset, size=args.size, seed=args.seed, steps=args.steps,
-        guidance=args.guidance, loras=tuple(args.lora), batch_size=args.batch,
+        prompt=args.prompt,
+        preset=args.preset,
+        size=args.size,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        loras=tuple(args.lora),
+        batch_size=args.batch,
     )
     if args.out is not None and args.out.suffix.lower() != ".png":
         raise EngineError(f"--out must name a .png file, got {args.out}")
@@ -97,9 +106,33 @@ def _imagine(args: argparse.Namespace, settings: Settings) -> int:
     for index, (image, recipe) in enumerate(zip(result.images, result.recipes, strict=True)):
         path = _out_path(args.out, recipe.seed, index, len(result.images))
         save_png(image, recipe, path)
-        print(f"{path}  seed {recipe.seed}  {recipe.width}x{recipe.height}  {recipe.steps} steps  "
-              f"{result.timings.total_s:.1f}s")
+        print(
+            f"{path}  seed {recipe.seed}  {recipe.width}x{recipe.height}  {recipe.steps} steps  "
+            f"{result.timings.total_s:.1f}s"
+        )
     return 0
+
+
+NO_TOKEN = (
+    "no Discord token: create an application at https://discord.com/developers/applications, "
+    "copy its bot token (Bot > Reset Token) and set FLUXBOT_DISCORD_TOKEN=... (or discord_token in "
+    "config/fluxbot.toml)"
+)
+DEMO_PROMPT = "a red fox in a snowy forest, cinematic"
+
+
+def _run(settings: Settings) -> int:
+    if settings.discord_token is None:
+        print(f"fluxbot: {NO_TOKEN}", file=sys.stderr)
+        print(f'meanwhile, offline: fluxbot imagine "{DEMO_PROMPT}"', file=sys.stderr)
+        demo = build_parser().parse_args(["imagine", DEMO_PROMPT, "--seed", "1", "--out", "fluxbot-demo.png"])
+        _imagine(demo, settings)
+        return 2
+    print(
+        "fluxbot: this build has the engine and the CLI; the Discord bot is not part of it yet",
+        file=sys.stderr,
+    )
+    return 2
 
 
 def _out_path(out: Path | None, seed: int, index: int, count: int) -> Path:

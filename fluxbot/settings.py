@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from pydantic import Field, model_validator
+
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -34,6 +35,7 @@ class Settings(BaseSettings):
 
     data_dir: Path = Path("data")
     log_level: str = "INFO"
+    discord_token: SecretStr | None = Field(None, description="The bot's token; never logged.")
     engine: EngineSettings = EngineSettings()
 
     model: str | None = Field(

@@ -74,12 +74,18 @@ def presets_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def make_settings(presets_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., EngineSettings]:
+def make_settings(
+    presets_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[..., EngineSettings]:
     empty_whitelist = tmp_path_factory.mktemp("nolora") / "loras.toml"
     empty_whitelist.write_text("")
 
     def make(**overrides: object) -> EngineSettings:
-        values: dict[str, object] = {"model": "tiny", "presets_file": presets_file, "loras_file": empty_whitelist}
+        values: dict[str, object] = {
+            "model": "tiny",
+            "presets_file": presets_file,
+            "loras_file": empty_whitelist,
+        }
         values.update(overrides)
         return EngineSettings.model_validate(values)
 

@@ -106,7 +106,10 @@ def test_batch_size_gives_consecutive_seeds_each_reproducible(engine: FluxEngine
 
 
 def test_batched_requests_equal_unbatched_within_tolerance(engine: FluxEngine) -> None:
-    requests = [GenerationRequest(prompt="a cat", seed=5), GenerationRequest(prompt="a dog on the beach", seed=6)]
+    requests = [
+        GenerationRequest(prompt="a cat", seed=5),
+        GenerationRequest(prompt="a dog on the beach", seed=6),
+    ]
 
     batched = engine.generate_batch(requests)
     alone = [engine.generate(r) for r in requests]
@@ -118,7 +121,9 @@ def test_batched_requests_equal_unbatched_within_tolerance(engine: FluxEngine) -
 
 def test_requests_with_different_settings_do_not_batch(engine: FluxEngine) -> None:
     with pytest.raises(RequestError, match="same preset"):
-        engine.generate_batch([GenerationRequest(prompt="a", steps=3), GenerationRequest(prompt="b", steps=4)])
+        engine.generate_batch(
+            [GenerationRequest(prompt="a", steps=3), GenerationRequest(prompt="b", steps=4)]
+        )
 
 
 def test_true_cfg_preset_runs_with_a_negative_pass(engine: FluxEngine) -> None:

@@ -28,11 +28,15 @@ def make_lora(tiny_dir: Path, folder: Path, name: str, seed: int) -> Path:
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel.from_pretrained(tiny_dir, subfolder="transformer")
     transformer.add_adapter(
-        LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+        LoraConfig(
+            r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"]
+        )
     )
     folder.mkdir(parents=True, exist_ok=True)
     FluxPipeline.save_lora_weights(
-        folder, transformer_lora_layers=get_peft_model_state_dict(transformer), weight_name=f"{name}.safetensors"
+        folder,
+        transformer_lora_layers=get_peft_model_state_dict(transformer),
+        weight_name=f"{name}.safetensors",
     )
     return folder / f"{name}.safetensors"
 
@@ -55,13 +59,21 @@ def whitelist_toml(entries: dict[str, dict[str, object]]) -> str:
 def lora_setup(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("lorasetup")
     lora_dir = root / "Lora"
-    files = {name: make_lora(tiny_dir, lora_dir, name, seed) for name, seed in (("inky", 1), ("glow", 2), ("film", 3))}
+    files = {
+        name: make_lora(tiny_dir, lora_dir, name, seed)
+        for name, seed in (("inky", 1), ("glow", 2), ("film", 3))
+    }
     whitelist = root / "loras.toml"
     whitelist.write_text(
         whitelist_toml(
             {
-                "inky": {"file": "inky.safetensors", "sha256": sha(files["inky"]), "trigger_words": ["inkstyle"],
-                         "default_weight": 1.0, "max_weight": 2.0},
+                "inky": {
+                    "file": "inky.safetensors",
+                    "sha256": sha(files["inky"]),
+                    "trigger_words": ["inkstyle"],
+                    "default_weight": 1.0,
+                    "max_weight": 2.0,
+                },
                 "glow": {"file": "glow.safetensors", "sha256": sha(files["glow"]), "default_weight": 0.8},
                 "film": {"file": "film.safetensors", "sha256": sha(files["film"])},
                 "tampered": {"file": "glow.safetensors", "sha256": "0" * 64},
@@ -77,7 +89,9 @@ def lora_engine(
     make_settings: Callable[..., EngineSettings], data_dir: Path, lora_setup: tuple[Path, Path]
 ) -> FluxEngine:
     whitelist, lora_dir = lora_setup
-    return FluxEngine.load(make_settings(loras_file=whitelist, lora_dir=lora_dir, max_resident_loras=2), data_dir)
+    return FluxEngine.load(
+        make_settings(loras_file=whitelist, lora_dir=lora_dir, max_resident_loras=2), data_dir
+    )
 
 
 def test_resident_lora_changes_pixels_and_disabling_restores_them(lora_engine: FluxEngine) -> None:
@@ -140,7 +154,9 @@ def test_missing_file_is_refused(lora_engine: FluxEngine) -> None:
 
 
 @pytest.mark.parametrize("name", ["../Lora/glow", "/etc/passwd", "glow.safetensors", "nope"])
-def test_names_that_are_not_whitelisted_never_reach_the_filesystem(lora_engine: FluxEngine, name: str) -> None:
+def test_names_that_are_not_whitelisted_never_reach_the_filesystem(
+    lora_engine: FluxEngine, name: str
+) -> None:
     with pytest.raises(LoraError, match="not on the whitelist"):
         lora_engine.resolve(GenerationRequest(prompt="a cat", loras=(LoraChoice(name=name),)))
 
@@ -153,7 +169,9 @@ def test_weight_above_max_and_too_many_loras_are_refused(lora_engine: FluxEngine
         lora_engine.resolve(GenerationRequest(prompt="a", loras=many))
 
 
-@pytest.mark.parametrize("file", ["../outside.safetensors", "/abs/x.safetensors", "C:\\\\x.safetensors", "x.ckpt"])
+@pytest.mark.parametrize(
+    "file", ["../outside.safetensors", "/abs/x.safetensors", "C:\\\\x.safetensors", "x.ckpt"]
+)
 def test_whitelist_file_paths_must_stay_inside_the_lora_folder(tmp_path: Path, file: str) -> None:
     path = tmp_path / "loras.toml"
     path.write_text(f'[bad]\nfile = "{file}"\nsha256 = "{"a" * 64}"\n')
@@ -168,7 +186,9 @@ def test_symlink_out_of_the_lora_folder_is_refused(tmp_path: Path) -> None:
     lora_dir = tmp_path / "Lora"
     lora_dir.mkdir()
     os.symlink(outside, lora_dir / "link.safetensors")
-    whitelist = LoraWhitelist.load(_one_entry(tmp_path, "link.safetensors", sha(outside)), lora_dir, FileHasher(None))
+    whitelist = LoraWhitelist.load(
+        _one_entry(tmp_path, "link.safetensors", sha(outside)), lora_dir, FileHasher(None)
+    )
 
     with pytest.raises(LoraError, match="outside the LoRA folder"):
         whitelist.verify(whitelist.get("x"))

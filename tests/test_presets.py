@@ -94,7 +94,7 @@ def test_empty_prompt_and_negative_seed_are_invalid_requests() -> None:
 
 def test_malformed_presets_file_names_file_key_and_problem(tmp_path: Path) -> None:
     bad = tmp_path / "presets.toml"
-    bad.write_text('[dev]\nsteps = 80\nsteps_range = [10, 50]\nwidth = 1024\nheight = 1024\n')
+    bad.write_text("[dev]\nsteps = 80\nsteps_range = [10, 50]\nwidth = 1024\nheight = 1024\n")
 
     with pytest.raises(ConfigError, match=r"presets.toml: \[dev\].*steps 80 must lie in steps_range"):
         load_presets(bad)
@@ -102,7 +102,7 @@ def test_malformed_presets_file_names_file_key_and_problem(tmp_path: Path) -> No
 
 def test_unknown_key_in_presets_file_is_refused(tmp_path: Path) -> None:
     bad = tmp_path / "presets.toml"
-    bad.write_text('[dev]\nstepz = 8\nsteps = 8\nsteps_range = [1, 50]\nwidth = 1024\nheight = 1024\n')
+    bad.write_text("[dev]\nstepz = 8\nsteps = 8\nsteps_range = [1, 50]\nwidth = 1024\nheight = 1024\n")
 
     with pytest.raises(ConfigError, match=r"\[dev\]\.stepz: Extra inputs are not permitted"):
         load_presets(bad)

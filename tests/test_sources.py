@@ -61,7 +61,9 @@ def single_file_settings(
 
 
 def test_single_safetensors_with_separate_vae_and_text_encoders_generates_like_the_folder(
-    single_file_settings: Callable[..., EngineSettings], split_files: dict[str, Path], data_dir: Path,
+    single_file_settings: Callable[..., EngineSettings],
+    split_files: dict[str, Path],
+    data_dir: Path,
     engine: FluxEngine,
 ) -> None:
     files = split_files
@@ -100,7 +102,9 @@ def test_gguf_q8_transformer_loads_quantized_and_generates(
 
 
 def test_checkpoint_without_text_encoders_says_which_settings_to_set(
-    single_file_settings: Callable[..., EngineSettings], split_files: dict[str, Path], data_dir: Path,
+    single_file_settings: Callable[..., EngineSettings],
+    split_files: dict[str, Path],
+    data_dir: Path,
     tmp_path: Path,
 ) -> None:
     lonely = tmp_path / "flux1-dev.safetensors"
@@ -115,11 +119,18 @@ def test_checkpoint_without_text_encoders_says_which_settings_to_set(
 
 
 def test_forge_models_folder_is_searched_by_role(
-    single_file_settings: Callable[..., EngineSettings], split_files: dict[str, Path], data_dir: Path,
+    single_file_settings: Callable[..., EngineSettings],
+    split_files: dict[str, Path],
+    data_dir: Path,
     tmp_path: Path,
 ) -> None:
     models = tmp_path / "models"
-    for sub, key in (("Stable-diffusion", "gguf"), ("VAE", "vae"), ("text_encoder", "clip_l"), ("text_encoder", "t5xxl")):
+    for sub, key in (
+        ("Stable-diffusion", "gguf"),
+        ("VAE", "vae"),
+        ("text_encoder", "clip_l"),
+        ("text_encoder", "t5xxl"),
+    ):
         (models / sub).mkdir(parents=True, exist_ok=True)
         (models / sub / split_files[key].name).write_bytes(split_files[key].read_bytes())
     (models / "Lora").mkdir()
@@ -150,7 +161,9 @@ def test_models_folder_with_several_checkpoints_asks_which_one(
         locate_model(make_settings(model=str(tmp_path / "models")), data_dir)
 
 
-def test_missing_model_path_is_a_clear_error(make_settings: Callable[..., EngineSettings], data_dir: Path) -> None:
+def test_missing_model_path_is_a_clear_error(
+    make_settings: Callable[..., EngineSettings], data_dir: Path
+) -> None:
     with pytest.raises(ModelLoadError, match="not found: set FLUXBOT_MODEL"):
         locate_model(make_settings(model="./no/such/model"), data_dir)
 

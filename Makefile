@@ -1,0 +1,28 @@
+# The two commands a newcomer needs: `make run` and `make test`. Both set up .venv first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup run test lint bench
+
+$(BIN)/fluxbot: pyproject.toml
+	$(PY) -m venv $(VENV)
+	# The CPU wheel of torch is on the dev machines; on a GPU host install the CUDA build first.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[quant,dev]"
+	touch $(BIN)/fluxbot
+
+setup: $(BIN)/fluxbot
+
+run: setup
+	# exit 2 = no token yet: fluxbot says how to get one and renders an offline demo instead
+	$(BIN)/fluxbot run || [ $$? -eq 2 ]
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
+
+bench: setup
+	$(BIN)/python bench/engine.py

@@ -1,0 +1,145 @@
+"""The `fluxbot` command as a user runs it: a PNG with its recipe, one-line errors, doctor."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.png import read_parameters, read_recipe
+from fluxbot.cli import main
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def cli_env(
+    data_dir: Path, tiny_dir: Path, presets_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, str]:
+    empty = tmp_path_factory.mktemp("cli") / "loras.toml"
+    empty.write_text("")
+    env = dict(os.environ)
+    env.update(
+        FLUXBOT_DATA_DIR=str(data_dir),
+        FLUXBOT_ENGINE__PRESETS_FILE=str(presets_file),
+        FLUXBOT_ENGINE__LORAS_FILE=str(empty),
+        FLUXBOT_CONFIG=str(tmp_path_factory.mktemp("noconfig") / "absent.toml"),
+        PYTHONPATH=str(REPO),
+    )
+    return env
+
+
+def fluxbot(env: dict[str, str], *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fluxbot.cli", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_imagine_writes_a_png_with_its_recipe(cli_env: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "cat.png"
+
+    run = fluxbot(
+        cli_env,
+        "imagine",
+        "a red cat",
+        "--seed",
+        "42",
+        "--steps",
+        "3",
+        "--size",
+        "96x64",
+        "--out",
+        str(out),
+        cwd=tmp_path,
+    )
+
+    assert run.returncode == 0, run.stderr
+    recipe = read_recipe(out)
+    assert (recipe.prompt, recipe.seed, recipe.steps, recipe.width, recipe.height) == (
+        "a red cat",
+        42,
+        3,
+        96,
+        64,
+    )
+    assert "Seed: 42" in (read_parameters(out) or "")
+    assert "denoising" in run.stderr and "3/3" in run.stderr, "a progress bar on the terminal"
+    assert str(out) in run.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["imagine", ""], "prompt: the prompt is empty"),
+        (["imagine", "a cat", "--size", "100x100"], "multiples of 16"),
+        (["imagine", "a cat", "--seed", "-1"], "seed: Input should be greater than or equal to 0"),
+        (["imagine", "a cat", "--lora", "nope"], "LoRA 'nope' is not on the whitelist"),
+        (["imagine", "a cat", "--preset", "ultra"], "unknown preset 'ultra'"),
+        (["imagine", "a cat", "--out", "x.jpg"], "--out must name a .png file"),
+    ],
+)
+def test_bad_input_is_one_line_and_a_nonzero_exit(
+    cli_env: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    message: str,
+) -> None:
+    # In-process (same entry function as the console script) to keep the suite fast.
+    for key, value in cli_env.items():
+        if key.startswith("FLUXBOT_"):
+            monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+
+    code = main(args)
+
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert len(lines) == 1 and lines[0].startswith("fluxbot: ") and message in lines[0], lines
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_doctor_reports_host_tier_model_and_loras(cli_env: dict[str, str], tmp_path: Path) -> None:
+    run = fluxbot(cli_env, "doctor", cwd=tmp_path)
+
+    assert run.returncode == 0, run.stdout + run.stderr
+    for label in ("torch", "gpu", "auto tier", "model", "quant", "presets", "loras"):
+        assert f"] {label}" in run.stdout
+    assert "CPU: full-precision float32" in run.stdout
+
+
+def test_doctor_fails_on_a_checkpoint_without_text_encoders(cli_env: dict[str, str], tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    checkpoint = tmp_path / "flux1-dev.safetensors"
+    save_file(
+        {
+            "transformer_blocks.0.attn.to_q.weight": torch.zeros(2, 2),
+            "time_text_embed.guidance_embedder.linear_1.weight": torch.zeros(2, 2),
+        },
+        checkpoint,
+    )
+    env = {**cli_env, "FLUXBOT_MODEL": str(checkpoint), "FLUXBOT_ENGINE__VAE": str(checkpoint)}
+
+    run = fluxbot(env, "doctor", cwd=tmp_path)
+
+    assert run.returncode == 1
+    assert "[FAIL] checkpoint" in run.stdout
+    assert "this checkpoint has no text encoders: set engine.clip_l / engine.t5xxl" in run.stdout
+
+
+def test_imagine_with_missing_model_is_one_line(cli_env: dict[str, str], tmp_path: Path) -> None:
+    run = fluxbot({**cli_env, "FLUXBOT_MODEL": str(tmp_path / "nothing")}, "imagine", "a cat", cwd=tmp_path)
+
+    assert run.returncode == 1
+    assert len(run.stderr.strip().splitlines()) <= 2  # the "loading" notice, then the one-line error
+    assert run.stderr.strip().splitlines()[-1].startswith("fluxbot: model ")
