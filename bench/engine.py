@@ -41,7 +41,9 @@ megapixels_range = [0.01, 2.1]
 
 
 def overhead(data_dir: Path, presets: Path, repeats: int) -> None:
-    settings = EngineSettings(model="tiny", presets_file=presets, loras_file=data_dir / "none.toml", embed_cache_size=0)
+    settings = EngineSettings(
+        model="tiny", presets_file=presets, loras_file=data_dir / "none.toml", embed_cache_size=0
+    )
     engine = FluxEngine.load(settings, data_dir)
     pipe = engine.pipe
     request = GenerationRequest(prompt="a red fox in a snowy forest", preset="bench", seed=7)
@@ -49,7 +51,11 @@ def overhead(data_dir: Path, presets: Path, repeats: int) -> None:
     def direct() -> None:
         with torch.inference_mode():
             pipe(
-                "a red fox in a snowy forest", height=768, width=768, num_inference_steps=8, guidance_scale=3.5,
+                "a red fox in a snowy forest",
+                height=768,
+                width=768,
+                num_inference_steps=8,
+                guidance_scale=3.5,
                 generator=torch.Generator("cpu").manual_seed(7),
             )
 
@@ -109,8 +115,15 @@ def memory(work: Path) -> None:
     from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
 
     config = dict(
-        patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=128,
-        num_attention_heads=8, joint_attention_dim=1024, pooled_projection_dim=768, guidance_embeds=True,
+        patch_size=1,
+        in_channels=64,
+        num_layers=2,
+        num_single_layers=4,
+        attention_head_dim=128,
+        num_attention_heads=8,
+        joint_attention_dim=1024,
+        pooled_projection_dim=768,
+        guidance_embeds=True,
         axes_dims_rope=(16, 56, 56),
     )
     torch.manual_seed(0)
@@ -120,7 +133,10 @@ def memory(work: Path) -> None:
     base = model_bytes(model)
     params = sum(p.numel() for p in model.parameters())
     rows = [("bf16", base)]
-    for name, quant in (("fp8 (torchao)", Float8WeightOnlyConfig()), ("int8 (torchao)", Int8WeightOnlyConfig())):
+    for name, quant in (
+        ("fp8 (torchao)", Float8WeightOnlyConfig()),
+        ("int8 (torchao)", Int8WeightOnlyConfig()),
+    ):
         q = FluxTransformer2DModel.from_pretrained(
             folder, subfolder="transformer", dtype=torch.bfloat16, quantization_config=TorchAoConfig(quant)
         )
@@ -129,7 +145,10 @@ def memory(work: Path) -> None:
     for qtype in ("Q8_0", "Q5_0", "Q4_0"):
         path = write_gguf(state, work / f"mid-{qtype}.gguf", qtype)
         q = FluxTransformer2DModel.from_single_file(
-            str(path), config=str(folder), subfolder="transformer", dtype=torch.bfloat16,
+            str(path),
+            config=str(folder),
+            subfolder="transformer",
+            dtype=torch.bfloat16,
             quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16),
         )
         rows.append((f"GGUF {qtype}", model_bytes(q)))

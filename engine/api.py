@@ -26,7 +26,9 @@ class GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     prompt: str = Field(max_length=MAX_PROMPT_CHARS)
-    preset: str = "dev"
+    preset: str | None = Field(
+        None, description="default: the presets file's first preset for the model's family"
+    )
     size: str | None = Field(None, description="'WxH' or an aspect 'W:H'; default: the preset's size")
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     steps: int | None = Field(None, ge=1, le=200)

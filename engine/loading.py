@@ -79,7 +79,9 @@ def _load_diffusers(source: ModelSource, plan: QuantPlan) -> LoadedModel:
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"cannot load {source.location}: {exc}") from exc
     variant = _variant_of(pipe, family, class_name)
-    return LoadedModel(pipe, family, variant, "tiny-flux1" if source.kind == "tiny" else source.location)
+    return LoadedModel(
+        pipe, family, variant, Path(source.location).name if source.kind == "tiny" else source.location
+    )
 
 
 def _variant_of(pipe: Any, family: str, class_name: str) -> str:

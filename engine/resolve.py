@@ -21,7 +21,17 @@ class RequestResolver:
     max_loras_per_job: int = 3
     max_batch_size: int = 4
 
-    def preset(self, name: str) -> Preset:
+    @property
+    def default_preset(self) -> str:
+        """The first preset of the presets file that fits the loaded family."""
+        for name, preset in self.presets.items():
+            if preset.family == self.family:
+                return name
+        raise RequestError(f"no preset in the presets file is for {self.family} models")
+
+    def preset(self, name: str | None) -> Preset:
+        if name is None:
+            name = self.default_preset
         preset = self.presets.get(name)
         if preset is None:
             raise RequestError(

@@ -48,8 +48,9 @@ class ModelSource:
 def locate_model(settings: EngineSettings, data_dir: Path) -> ModelSource:
     """Decide what `engine.model` names; raises ModelLoadError with the setting to fix."""
     model = settings.model.strip()
-    if model == "tiny":
-        return ModelSource("tiny", str(ensure_tiny_model(data_dir / "models" / "tiny-flux1")))
+    if model in ("tiny", "tiny-flux1", "tiny-flux2"):
+        family = "flux2" if model == "tiny-flux2" else "flux1"
+        return ModelSource("tiny", str(ensure_tiny_model(data_dir / "models" / f"tiny-{family}", family)))
     path = Path(model).expanduser()
     if path.is_dir() and (path / "model_index.json").is_file():
         return ModelSource("diffusers", str(path))

@@ -1,8 +1,9 @@
-"""The embedded default model: a tiny random-weight FLUX.1 pipeline built from config, offline, in seconds.
+"""The embedded default model: a tiny random-weight FLUX pipeline built from config, offline, in seconds.
 
 Same component classes and latent layout as the real FLUX.1 (16-channel VAE with 8x downsampling,
 2x2 patch packing, CLIP pooled + T5 sequence embeddings), so every code path runs on it; only the
 widths are tiny. Weights are random with a fixed seed, so pictures are noise-like but reproducible.
+`tiny-flux2` is the same for FLUX.2 klein (Qwen3 text encoder).
 """
 
 from __future__ import annotations
@@ -130,14 +131,83 @@ def build_tiny_flux1(guidance_embeds: bool = True) -> Any:
     )
 
 
-def ensure_tiny_model(directory: Path) -> Path:
+def build_tiny_flux2_klein() -> Any:
+    """A Flux2KleinPipeline (Qwen3 text encoder, 32-channel VAE) with random weights, step-distilled."""
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(TINY_SEED)
+    tokenizer = _tokenizer(512, None)
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+    )
+    # 28 layers, like Qwen3-4B, so the pipeline's default hidden-state taps (9, 18, 27) exist.
+    text_encoder = Qwen3ForCausalLM(
+        Qwen3Config(
+            intermediate_size=16,
+            hidden_size=16,
+            num_hidden_layers=28,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=8,
+            vocab_size=128,
+            max_position_embeddings=512,
+        )
+    )
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=128,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=48,
+        timestep_guidance_channels=256,
+        axes_dims_rope=[4, 4, 4, 4],
+        guidance_embeds=False,
+    )
+    vae = AutoencoderKLFlux2(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=32,
+        norm_num_groups=4,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        mid_block_add_attention=False,
+    )
+    for module in (text_encoder, transformer, vae):
+        module.eval()
+    return Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        is_distilled=True,
+    )
+
+
+TINY_BUILDERS = {"flux1": build_tiny_flux1, "flux2": build_tiny_flux2_klein}
+
+
+def ensure_tiny_model(directory: Path, family: str = "flux1") -> Path:
     """The tiny model's diffusers folder, built and saved there on first use."""
     if (directory / "model_index.json").is_file():
         return directory
-    log.info("building the tiny random-weight FLUX.1 model in %s", directory)
+    log.info("building the tiny random-weight %s model in %s", family, directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.with_name(directory.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    build_tiny_flux1().save_pretrained(tmp)
+    TINY_BUILDERS[family]().save_pretrained(tmp)
     tmp.replace(directory)  # atomic: a half-written model is never mistaken for a whole one
     return directory

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     imagine = sub.add_parser("imagine", help="generate an image offline, no Discord needed")
     imagine.add_argument("prompt")
-    imagine.add_argument("--preset", default="dev")
+    imagine.add_argument("--preset", help="default: the first preset for the model's family (dev)")
     imagine.add_argument("--seed", type=int)
     imagine.add_argument("--steps", type=int)
     imagine.add_argument("--guidance", type=float)

@@ -53,6 +53,14 @@ width = 64
 height = 64
 megapixels_range = [0.001, 2.1]
 max_sequence_length = 256
+
+[klein]
+family = "flux2"
+steps = 2
+steps_range = [1, 8]
+width = 64
+height = 64
+megapixels_range = [0.001, 4.2]
 """
 
 
