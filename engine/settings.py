@@ -19,7 +19,8 @@ class EngineSettings(BaseModel):
     model: str = Field(
         "tiny",
         description="'tiny' (random-weight FLUX.1 built offline; 'tiny-flux2' for FLUX.2 klein), "
-        "a diffusers folder, a hub id, a single .safetensors/.gguf transformer file, or a Forge/ComfyUI models/ folder.",
+        "a diffusers folder, a hub id, a single .safetensors/.gguf transformer file, "
+        "or a Forge/ComfyUI models/ folder.",
     )
     checkpoint: str | None = Field(
         None, description="File name of the transformer inside a models/ folder when it holds several."
