@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -23,6 +23,17 @@ def config_file_path() -> Path:
     return Path(os.environ.get("FLUXBOT_CONFIG", DEFAULT_CONFIG_FILE))
 
 
+class LimitSettings(BaseModel):
+    """Defaults for every user; admins change them from Discord (stored in the database)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    jobs_per_window: int = Field(5, ge=1, le=1000, description="jobs a user may start per window")
+    window_s: float = Field(60.0, gt=0, le=86400)
+    max_queued_per_user: int = Field(3, ge=1, le=100)
+    max_queue: int = Field(100, ge=1, le=100_000, description="jobs waiting across all users")
+
+
 class Settings(BaseSettings):
     """Root of all fluxbot settings. Sections are sub-models so each part sees only its own."""
 
@@ -36,6 +47,23 @@ class Settings(BaseSettings):
     data_dir: Path = Path("data")
     log_level: str = "INFO"
     discord_token: SecretStr | None = Field(None, description="The bot's token; never logged.")
+    discord_api_base: str = Field(
+        "https://discord.com/api/v10", description="REST base (a proxy, or a test server)"
+    )
+    discord_gateway_url: str = Field("wss://gateway.discord.gg/", description="Gateway websocket URL")
+    database_url: str | None = Field(None, description="default: sqlite+aiosqlite:///<data_dir>/fluxbot.db")
+    guild_ids: list[int] = Field(
+        default_factory=list, description="sync commands to these guilds; empty: global"
+    )
+    admin_role_ids: list[int] = Field(default_factory=list)
+    admin_user_ids: list[int] = Field(default_factory=list)
+    admin_permission: str = Field(
+        "manage_guild", description="Discord permission that shows /admin in the UI"
+    )
+    progress_interval_s: float = Field(
+        1.5, ge=0.2, le=60, description="at most one progress edit per interval"
+    )
+    limits: LimitSettings = LimitSettings()
     engine: EngineSettings = EngineSettings()
 
     model: str | None = Field(
@@ -49,6 +77,10 @@ class Settings(BaseSettings):
         if self.model is not None and self.model != self.engine.model:
             self.engine = self.engine.model_copy(update={"model": self.model})
         return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'fluxbot.db'}"
 
     @classmethod
     def settings_customise_sources(

@@ -1,0 +1,1 @@
+"""Plain async services the Discord handlers call; tests call them without Discord."""

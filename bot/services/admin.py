@@ -1,0 +1,157 @@
+"""AdminService: presets, LoRA whitelist, limits, bans and the queue, changed from Discord, audited."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from bot.services.errors import NotAllowed, NotFound, UserError
+from bot.services.queue import QueueEntry
+from bot.services.studio import Requester, Studio
+from bot.store.admin import AdminStore
+from engine.errors import EngineError
+from engine.loras import LoraEntry
+from engine.presets import Preset
+from fluxbot.settings import LimitSettings
+
+PRESET_KEY = "preset:"
+LORA_KEY = "lora:"
+LIMITS_KEY = "limits"
+
+
+@dataclass(frozen=True)
+class AdminPolicy:
+    """Who is an admin. Checked on the server for every admin action, whatever Discord's UI shows."""
+
+    user_ids: frozenset[int]
+    role_ids: frozenset[int]
+
+    def allows(self, user_id: int, role_ids: Iterable[int]) -> bool:
+        return user_id in self.user_ids or bool(self.role_ids.intersection(role_ids))
+
+
+class AdminService:
+    def __init__(self, studio: Studio, store: AdminStore, policy: AdminPolicy) -> None:
+        self.studio = studio
+        self.store = store
+        self.policy = policy
+
+    def require(self, who: Requester, role_ids: Iterable[int]) -> None:
+        if not self.policy.allows(who.user_id, role_ids):
+            raise NotAllowed("Only fluxbot admins can do that.")
+
+    async def load_overrides(self) -> None:
+        """Apply what admins changed earlier (presets, LoRAs, limits) on top of the config files."""
+        resolver = self.studio.resolver
+        for key, value in (await self.store.settings_with_prefix(PRESET_KEY)).items():
+            name = key.removeprefix(PRESET_KEY)
+            resolver.presets[name] = Preset.model_validate(value)
+        for key, value in (await self.store.settings_with_prefix(LORA_KEY)).items():
+            name = key.removeprefix(LORA_KEY)
+            if value.get("removed"):
+                resolver.whitelist.entries.pop(name, None)
+            else:
+                resolver.whitelist.entries[name] = LoraEntry.model_validate(value)
+        limits = await self.store.setting(LIMITS_KEY)
+        if limits:
+            self.studio.set_limits(LimitSettings.model_validate(limits))
+
+    # presets
+    def presets(self) -> dict[str, Preset]:
+        return dict(self.studio.resolver.presets)
+
+    async def set_preset(self, who: Requester, name: str, field: str, value: str) -> Preset:
+        current = self.studio.resolver.presets.get(name)
+        if current is None:
+            raise NotFound(f"There is no preset {name!r}.")
+        if field not in Preset.model_fields or field in ("name", "family", "loras"):
+            raise UserError(f"{field!r} is not a preset field admins can change")
+        data = current.model_dump()
+        data[field] = _parse_value(value)
+        try:
+            updated = Preset.model_validate(data)
+        except ValidationError as exc:
+            raise UserError(
+                f"{name}.{field}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}"
+            ) from exc
+        await self.store.put_setting(
+            PRESET_KEY + name, updated.model_dump(mode="json"), who.user_id, who.guild_id, "preset.set"
+        )
+        self.studio.resolver.presets[name] = updated
+        return updated
+
+    # LoRA whitelist
+    def loras(self) -> list[LoraEntry]:
+        return list(self.studio.resolver.whitelist.entries.values())
+
+    async def add_lora(self, who: Requester, fields: dict[str, Any]) -> LoraEntry:
+        try:
+            entry = LoraEntry.model_validate({k: v for k, v in fields.items() if v is not None})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise UserError(
+                f"{'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}"
+            ) from exc
+        try:
+            self.studio.resolver.whitelist.verify(entry)  # file present, hash matches: before it is listed
+        except EngineError as exc:
+            raise UserError(str(exc)) from exc
+        await self.store.put_setting(
+            LORA_KEY + entry.name, entry.model_dump(mode="json"), who.user_id, who.guild_id, "lora.add"
+        )
+        self.studio.resolver.whitelist.entries[entry.name] = entry
+        return entry
+
+    async def remove_lora(self, who: Requester, name: str) -> None:
+        if name not in self.studio.resolver.whitelist.entries:
+            raise NotFound(f"LoRA {name!r} is not on the whitelist.")
+        await self.store.put_setting(
+            LORA_KEY + name, {"removed": True}, who.user_id, who.guild_id, "lora.remove"
+        )
+        del self.studio.resolver.whitelist.entries[name]
+
+    # limits and users
+    async def set_limit(self, who: Requester, field: str, value: float) -> LimitSettings:
+        if field not in LimitSettings.model_fields:
+            raise UserError(f"{field!r} is not a limit; one of: {', '.join(LimitSettings.model_fields)}")
+        try:
+            limits = LimitSettings.model_validate({**self.studio.limits.model_dump(), field: value})
+        except ValidationError as exc:
+            raise UserError(f"{field}: {exc.errors()[0]['msg']}") from exc
+        await self.store.put_setting(LIMITS_KEY, limits.model_dump(), who.user_id, who.guild_id, "limits.set")
+        self.studio.set_limits(limits)
+        return limits
+
+    async def ban(self, who: Requester, user_id: int, reason: str | None) -> None:
+        if user_id == who.user_id:
+            raise UserError("You can't ban yourself.")
+        await self.store.set_ban(user_id, True, reason, who.user_id, who.guild_id)
+
+    async def unban(self, who: Requester, user_id: int) -> None:
+        await self.store.set_ban(user_id, False, None, who.user_id, who.guild_id)
+
+    # queue
+    def queue(self) -> list[QueueEntry]:
+        return self.studio.queue.snapshot()
+
+    async def cancel(self, who: Requester, job_id: int) -> None:
+        await self.studio.cancel(Requester(**{**who.__dict__, "is_admin": True}), job_id)
+        await self.store.record(who.user_id, who.guild_id, "job.cancel", {"job_id": job_id})
+
+    async def pause(self, who: Requester, paused: bool) -> None:
+        queue = self.studio.queue
+        queue.pause() if paused else queue.resume()
+        await self.store.record(who.user_id, who.guild_id, "queue.pause" if paused else "queue.resume", {})
+
+
+def _parse_value(text: str) -> Any:
+    """Admin input for a preset field: numbers, '[a, b]' ranges, true/false, or text."""
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text

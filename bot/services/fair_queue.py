@@ -1,0 +1,61 @@
+"""Round-robin order across users, so one user's ten jobs cannot starve everyone else."""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+
+
+class FairQueue:
+    """Job ids per user; `pop` serves users in turn. The database stays the record, this is the order."""
+
+    def __init__(self) -> None:
+        self._by_user: OrderedDict[int, deque[int]] = OrderedDict()  # rotation order: next user first
+
+    def push(self, user_id: int, job_id: int) -> None:
+        self._by_user.setdefault(user_id, deque()).append(job_id)
+
+    def pop(self) -> tuple[int, int] | None:
+        """The next (user, job); that user then goes to the back of the rotation."""
+        if not self._by_user:
+            return None
+        user_id, jobs = next(iter(self._by_user.items()))
+        job_id = jobs.popleft()
+        del self._by_user[user_id]
+        if jobs:
+            self._by_user[user_id] = jobs
+        return user_id, job_id
+
+    def remove(self, job_id: int) -> bool:
+        for user_id, jobs in self._by_user.items():
+            if job_id in jobs:
+                jobs.remove(job_id)
+                if not jobs:
+                    del self._by_user[user_id]
+                return True
+        return False
+
+    def order(self) -> list[int]:
+        """The order jobs will run in, simulating the rotation."""
+        lanes = [list(jobs) for jobs in self._by_user.values()]
+        out: list[int] = []
+        depth = 0
+        while any(depth < len(lane) for lane in lanes):
+            out.extend(lane[depth] for lane in lanes if depth < len(lane))
+            depth += 1
+        return out
+
+    def position(self, job_id: int) -> int | None:
+        """1 = next to run."""
+        try:
+            return self.order().index(job_id) + 1
+        except ValueError:
+            return None
+
+    def count(self, user_id: int) -> int:
+        return len(self._by_user.get(user_id, ()))
+
+    def __len__(self) -> int:
+        return sum(len(jobs) for jobs in self._by_user.values())
+
+    def __contains__(self, job_id: object) -> bool:
+        return any(job_id in jobs for jobs in self._by_user.values())

@@ -1,0 +1,1 @@
+"""Storage: SQLAlchemy models, the async database, and the repositories over them."""

@@ -1,0 +1,57 @@
+"""Helpers for the bot's service tests: a real app on a temporary SQLite file and the tiny engine."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bot.app import App, build_app
+from bot.store.models import Job
+from engine.engine import FluxEngine
+from engine.settings import EngineSettings
+from fluxbot.settings import LimitSettings, Settings
+
+
+class RecordingEvents:
+    """A real JobEvents implementation that keeps what it was told (the tests' stand-in for Discord)."""
+
+    def __init__(self) -> None:
+        self.started_ids: list[int] = []
+        self.progress_seen: list[tuple[int, int, int]] = []
+        self.finished_jobs: list[Job] = []
+        self.fail_delivery = False
+        self._next_message = 1000
+
+    async def started(self, job: Job) -> None:
+        self.started_ids.append(job.id)
+
+    async def progress(self, job: Job, step: int, total: int, eta_s: float) -> None:
+        self.progress_seen.append((job.id, step, total))
+
+    async def finished(self, job: Job) -> int | None:
+        if self.fail_delivery:
+            raise ConnectionError("discord unreachable")
+        self.finished_jobs.append(job)
+        self._next_message += 1
+        return self._next_message
+
+
+def make_settings(
+    tmp: Path, make_engine_settings: Callable[..., EngineSettings], **overrides: Any
+) -> Settings:
+    values: dict[str, Any] = {
+        "data_dir": tmp,
+        "database_url": f"sqlite+aiosqlite:///{tmp / 'fluxbot.db'}",
+        "engine": make_engine_settings(),
+        "limits": LimitSettings(jobs_per_window=100, window_s=60, max_queued_per_user=5, max_queue=50),
+        "admin_user_ids": [1],
+    }
+    values.update(overrides)
+    return Settings.model_validate(values)
+
+
+async def make_app(settings: Settings, events: RecordingEvents, data_dir: Path) -> App:
+    engine = await asyncio.to_thread(FluxEngine.load, settings.engine, data_dir)
+    return await build_app(settings, events, engine)

@@ -1,0 +1,275 @@
+"""The bot's services without Discord: admission, fairness, durability, reruns, history, admin."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bot.app import App
+from bot.services.admin import AdminPolicy
+from bot.services.errors import LimitReached, NotAllowed, NotFound, UserError
+from bot.services.studio import Requester
+from bot.store.models import JobStatus
+from engine.api import GenerationRequest
+from engine.png import read_recipe
+from engine.settings import EngineSettings
+from fluxbot.settings import LimitSettings, Settings
+from tests.bot_support import RecordingEvents, make_app, make_settings
+
+ALICE = Requester(user_id=11, user_name="alice", guild_id=500, channel_id=600)
+BOB = Requester(user_id=22, user_name="bob", guild_id=500, channel_id=600)
+ADMIN = Requester(user_id=1, user_name="admin", guild_id=500, channel_id=600)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, make_settings: Callable[..., EngineSettings]) -> Settings:
+    return make_settings_for(tmp_path, make_settings)
+
+
+def make_settings_for(tmp: Path, engine_settings: Callable[..., EngineSettings], **kw: object) -> Settings:
+    return make_settings(tmp, engine_settings, **kw)
+
+
+@pytest.fixture
+async def app(settings: Settings, data_dir: Path) -> AsyncIterator[tuple[App, RecordingEvents]]:
+    events = RecordingEvents()
+    built = await make_app(settings, events, data_dir)
+    yield built, events
+    await built.close()
+
+
+def pixels_of(app: App, path: str) -> np.ndarray:
+    return np.asarray(Image.open(app.settings.data_dir / path), dtype=np.int16)
+
+
+async def test_imagine_is_stored_before_queued_then_runs_to_a_png(app: tuple[App, RecordingEvents]) -> None:
+    studio, events = app[0].studio, app[1]
+
+    ticket = await studio.imagine(ALICE, GenerationRequest(prompt="a red cat", seed=5))
+    stored = await app[0].jobs.get(ticket.job_id)
+    assert stored is not None and stored.status == JobStatus.QUEUED and ticket.position == 1
+
+    await app[0].start()
+    await app[0].queue.wait_idle(60)
+
+    done = await app[0].jobs.get(ticket.job_id)
+    assert done is not None and done.status == JobStatus.DONE and done.delivered
+    assert events.started_ids == [ticket.job_id]
+    assert [p[1] for p in events.progress_seen if p[0] == ticket.job_id][-1] == 4
+    image = done.images[0]
+    assert read_recipe(app[0].settings.data_dir / image.path).seed == 5
+    assert image.path == f"images/0000/{ticket.job_id}-0.png"
+
+
+async def test_two_users_are_served_round_robin(app: tuple[App, RecordingEvents]) -> None:
+    studio = app[0].studio
+    alice = [await studio.imagine(ALICE, GenerationRequest(prompt=f"a cat {i}", seed=i)) for i in range(3)]
+    bob = [await studio.imagine(BOB, GenerationRequest(prompt=f"a dog {i}", seed=i)) for i in range(2)]
+
+    assert [t.position for t in bob] == [2, 4], "positions shown follow the fair order"
+    await app[0].start()
+    await app[0].queue.wait_idle(60)
+
+    order = app[1].started_ids
+    assert order == [alice[0].job_id, bob[0].job_id, alice[1].job_id, bob[1].job_id, alice[2].job_id]
+
+
+async def test_queue_caps_and_rate_limit_refuse_with_a_clear_message(
+    tmp_path: Path, make_settings: Callable[..., EngineSettings], data_dir: Path
+) -> None:
+    limits = LimitSettings(jobs_per_window=3, window_s=60, max_queued_per_user=2, max_queue=3)
+    app = await make_app(
+        make_settings_for(tmp_path, make_settings, limits=limits), RecordingEvents(), data_dir
+    )
+    try:
+        for _ in range(2):
+            await app.studio.imagine(ALICE, GenerationRequest(prompt="a cat"))
+        with pytest.raises(
+            LimitReached, match=r"You have 2 jobs queued \(max 2\)\. Try again when one finishes\."
+        ):
+            await app.studio.imagine(ALICE, GenerationRequest(prompt="a cat"))
+        await app.studio.imagine(BOB, GenerationRequest(prompt="a dog"))
+        with pytest.raises(LimitReached, match=r"The queue is full \(3 jobs\)"):
+            await app.studio.imagine(BOB, GenerationRequest(prompt="a dog"))
+
+        app.studio.set_limits(
+            LimitSettings(jobs_per_window=3, window_s=60, max_queued_per_user=9, max_queue=99)
+        )
+        for _ in range(3):
+            await app.studio.imagine(BOB, GenerationRequest(prompt="a dog"))
+        with pytest.raises(LimitReached, match="Slow down: at most 3 jobs per 60 s"):
+            await app.studio.imagine(BOB, GenerationRequest(prompt="a dog"))
+    finally:
+        await app.close()
+
+
+async def test_restart_runs_queued_and_interrupted_jobs_and_delivers_them(
+    settings: Settings, data_dir: Path
+) -> None:
+    first_events = RecordingEvents()
+    first = await make_app(settings, first_events, data_dir)
+    tickets = [
+        await first.studio.imagine(ALICE, GenerationRequest(prompt=f"a fox {i}", seed=i)) for i in range(3)
+    ]
+    await first.jobs.mark_running(tickets[0].job_id)  # the process dies while drawing the first
+    await first.close()
+
+    events = RecordingEvents()
+    second = await make_app(settings, events, data_dir)
+    await second.start()
+    await second.queue.wait_idle(60)
+    await second.close()
+
+    assert sorted(j.id for j in events.finished_jobs) == [t.job_id for t in tickets]
+    assert all(j.status == JobStatus.DONE for j in events.finished_jobs)
+
+
+async def test_finished_but_undelivered_jobs_are_delivered_after_restart(
+    settings: Settings, data_dir: Path
+) -> None:
+    broken = RecordingEvents()
+    broken.fail_delivery = True
+    first = await make_app(settings, broken, data_dir)
+    ticket = await first.studio.imagine(ALICE, GenerationRequest(prompt="a tree", seed=1))
+    await first.start()
+    await first.queue.wait_idle(60)
+    await first.close()
+
+    events = RecordingEvents()
+    second = await make_app(settings, events, data_dir)
+    await second.start()
+    await second.close()
+
+    assert [j.id for j in events.finished_jobs] == [ticket.job_id]
+
+
+async def test_rerun_gives_identical_pixels_and_reroll_a_new_seed(app: tuple[App, RecordingEvents]) -> None:
+    the_app = app[0]
+    await the_app.start()
+    original = await the_app.studio.imagine(ALICE, GenerationRequest(prompt="a castle"))
+    await the_app.queue.wait_idle(60)
+
+    rerun = await the_app.studio.rerun(BOB, original.job_id)
+    reroll = await the_app.studio.reroll(BOB, original.job_id)
+    await the_app.queue.wait_idle(60)
+
+    jobs = {t: await the_app.jobs.get(t.job_id) for t in (original, rerun, reroll)}
+    paths = {t: j.images[0].path for t, j in jobs.items() if j is not None}
+    assert np.array_equal(pixels_of(the_app, paths[original]), pixels_of(the_app, paths[rerun]))
+    assert rerun.seed == original.seed and reroll.seed != original.seed
+    assert jobs[reroll] is not None and jobs[reroll].user_id == BOB.user_id
+
+
+async def test_variations_use_the_next_seeds(app: tuple[App, RecordingEvents]) -> None:
+    original = await app[0].studio.imagine(ALICE, GenerationRequest(prompt="an owl", seed=40))
+    ticket = await app[0].studio.variations(BOB, original.job_id)
+    await app[0].start()
+    await app[0].queue.wait_idle(60)
+
+    job = await app[0].jobs.get(ticket.job_id)
+    assert job is not None and [img.seed for img in job.images] == [41, 42, 43, 44]
+
+
+async def test_history_is_paged_and_per_guild(app: tuple[App, RecordingEvents]) -> None:
+    studio = app[0].studio
+    app[0].studio.set_limits(LimitSettings(jobs_per_window=100, window_s=60, max_queued_per_user=20))
+    for i in range(12):
+        await studio.imagine(ALICE, GenerationRequest(prompt=f"cat {i}"))
+    await studio.imagine(
+        Requester(user_id=ALICE.user_id, guild_id=999), GenerationRequest(prompt="elsewhere")
+    )
+
+    first = await studio.history(ALICE.user_id, ALICE.guild_id, 1)
+    second = await studio.history(ALICE.user_id, ALICE.guild_id, 2)
+
+    assert (first.total, first.pages, len(first.jobs), len(second.jobs)) == (12, 2, 10, 2)
+    assert first.jobs[0].request["prompt"] == "cat 11"
+    assert all(j.guild_id == ALICE.guild_id for j in first.jobs + second.jobs)
+    with pytest.raises(UserError, match="only 2 pages"):
+        await studio.history(ALICE.user_id, ALICE.guild_id, 5)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"prompt": ""}, "prompt: the prompt is empty"),
+        ({"prompt": "x" * 3000}, "prompt: String should have at most 2000 characters"),
+        ({"prompt": "a cat", "size": "100x77"}, "multiples of 16"),
+        ({"prompt": "a cat", "seed": -4}, "seed: Input should be greater than or equal to 0"),
+        ({"prompt": "a cat", "loras": [{"name": "nope"}]}, "LoRA 'nope' is not on the whitelist"),
+    ],
+)
+async def test_bad_options_become_user_errors(
+    app: tuple[App, RecordingEvents], fields: dict[str, object], message: str
+) -> None:
+    with pytest.raises(UserError, match=message):
+        app[0].studio.validate(**fields)
+
+
+async def test_banned_user_is_refused_everywhere(app: tuple[App, RecordingEvents]) -> None:
+    the_app = app[0]
+    original = await the_app.studio.imagine(BOB, GenerationRequest(prompt="a dog"))
+    await the_app.admin.ban(ADMIN, ALICE.user_id, "spam")
+
+    for attempt in (
+        the_app.studio.imagine(ALICE, GenerationRequest(prompt="a cat")),
+        the_app.studio.reroll(ALICE, original.job_id),
+        the_app.studio.rerun(ALICE, original.job_id),
+    ):
+        with pytest.raises(NotAllowed, match="banned"):
+            await attempt
+    await the_app.admin.unban(ADMIN, ALICE.user_id)
+    assert await the_app.studio.imagine(ALICE, GenerationRequest(prompt="a cat"))
+
+
+async def test_admin_changes_are_persisted_audited_and_survive_a_restart(
+    settings: Settings, data_dir: Path
+) -> None:
+    first = await make_app(settings, RecordingEvents(), data_dir)
+    await first.admin.set_preset(ADMIN, "dev", "steps", "6")
+    await first.admin.set_limit(ADMIN, "max_queued_per_user", 1)
+    entries = await first.admin.store.audit()
+    await first.close()
+
+    second = await make_app(settings, RecordingEvents(), data_dir)
+    try:
+        assert second.studio.resolver.presets["dev"].steps == 6
+        assert second.studio.limits.max_queued_per_user == 1
+        assert [e.action for e in entries] == ["limits.set", "preset.set"]
+        assert entries[1].actor_id == ADMIN.user_id and entries[1].detail["after"]["steps"] == 6
+    finally:
+        await second.close()
+
+
+async def test_admin_refuses_invalid_preset_changes_and_non_admins(app: tuple[App, RecordingEvents]) -> None:
+    admin = app[0].admin
+    with pytest.raises(UserError, match="steps 99 must lie in steps_range"):
+        await admin.set_preset(ADMIN, "dev", "steps", "99")
+    with pytest.raises(NotAllowed, match="Only fluxbot admins"):
+        admin.require(ALICE, role_ids=[])
+    admin.require(ADMIN, role_ids=[])  # listed admin user id
+    assert AdminPolicy(frozenset(), frozenset({900})).allows(ALICE.user_id, [123, 900])
+    with pytest.raises(NotFound):
+        await admin.cancel(ADMIN, 424242)
+
+
+async def test_cancel_queued_job_and_pause_resume(app: tuple[App, RecordingEvents]) -> None:
+    the_app, events = app
+    await the_app.admin.pause(ADMIN, True)
+    await the_app.start()
+    keep = await the_app.studio.imagine(ALICE, GenerationRequest(prompt="a cat", seed=1))
+    drop = await the_app.studio.imagine(ALICE, GenerationRequest(prompt="a dog", seed=2))
+
+    await the_app.admin.cancel(ADMIN, drop.job_id)
+    await asyncio.sleep(0.2)
+    assert events.started_ids == [], "paused: nothing runs"
+    await the_app.admin.pause(ADMIN, False)
+    await the_app.queue.wait_idle(60)
+
+    statuses = {j.id: j.status for j in events.finished_jobs}
+    assert statuses == {drop.job_id: JobStatus.CANCELLED, keep.job_id: JobStatus.DONE}
