@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("doctor", help="check torch/CUDA, VRAM, quant tier, model files and LoRAs")
     sub.add_parser("run", help="start the Discord bot (without a token: how to get one, and an offline demo)")
+    db = sub.add_parser("db", help="database maintenance")
+    db.add_argument("action", choices=["upgrade"], help="apply migrations up to the newest")
     return parser
 
 
@@ -63,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _imagine(args, settings)
         if args.command == "run":
             return _run(settings)
+        if args.command == "db":
+            return _db(settings)
         return _doctor(settings)
     except ValidationError as exc:
         print(f"fluxbot: {_first_problem(exc)}", file=sys.stderr)
@@ -128,11 +132,29 @@ def _run(settings: Settings) -> int:
         demo = build_parser().parse_args(["imagine", DEMO_PROMPT, "--seed", "1", "--out", "fluxbot-demo.png"])
         _imagine(demo, settings)
         return 2
-    print(
-        "fluxbot: this build has the engine and the CLI; the Discord bot is not part of it yet",
-        file=sys.stderr,
-    )
-    return 2
+    import asyncio
+
+    import aiohttp
+    import discord
+
+    from bot.client import run_bot
+
+    logging.getLogger().setLevel(settings.log_level.upper())
+    try:
+        asyncio.run(run_bot(settings))
+    except discord.LoginFailure as exc:
+        raise EngineError(f"Discord refused the token in FLUXBOT_DISCORD_TOKEN ({exc})") from exc
+    except (aiohttp.ClientError, OSError) as exc:
+        raise EngineError(f"cannot reach Discord at {settings.discord_api_base}: {exc}") from exc
+    return 0
+
+
+def _db(settings: Settings) -> int:
+    from bot.store.database import upgrade_database
+
+    upgrade_database(settings.resolved_database_url)
+    print(f"database at the newest schema: {settings.resolved_database_url}")
+    return 0
 
 
 def _out_path(out: Path | None, seed: int, index: int, count: int) -> Path:

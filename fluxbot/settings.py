@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -77,6 +77,15 @@ class Settings(BaseSettings):
         if self.model is not None and self.model != self.engine.model:
             self.engine = self.engine.model_copy(update={"model": self.model})
         return self
+
+    @field_validator("admin_permission")
+    @classmethod
+    def _is_a_permission(cls, value: str) -> str:
+        import discord
+
+        if value not in discord.Permissions.VALID_FLAGS:
+            raise ValueError(f"{value!r} is not a Discord permission (e.g. manage_guild, administrator)")
+        return value
 
     @property
     def resolved_database_url(self) -> str:

@@ -32,6 +32,7 @@ class Requester:
     channel_id: int | None = None
     application_id: int | None = None
     interaction_token: str | None = None
+    message_id: int | None = None  # the message that will show progress and the result
     is_admin: bool = False
 
 
@@ -135,6 +136,7 @@ class Studio:
                 parent_id=parent_id,
                 application_id=who.application_id,
                 interaction_token=who.interaction_token,
+                result_message_id=who.message_id,
             )
         )
         entry = self.queue.push(job)

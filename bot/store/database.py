@@ -20,10 +20,8 @@ class Database:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        parsed = make_url(url)
-        self.is_sqlite = parsed.get_backend_name() == "sqlite"
-        if self.is_sqlite and parsed.database:
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        self.is_sqlite = make_url(url).get_backend_name() == "sqlite"
+        _ensure_sqlite_folder(url)
         self.engine: AsyncEngine = create_async_engine(url, pool_pre_ping=not self.is_sqlite)
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
@@ -38,6 +36,12 @@ class Database:
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+def _ensure_sqlite_folder(url: str) -> None:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -61,5 +65,6 @@ def alembic_config(url: str) -> Any:
 def upgrade_database(url: str, revision: str = "head") -> None:
     from alembic import command
 
+    _ensure_sqlite_folder(url)
     log.info("migrating the database to %s", revision)
     command.upgrade(alembic_config(url), revision)

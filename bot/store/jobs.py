@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.store.database import Database
 from bot.store.models import Image, Job, JobKind, JobStatus, User, utcnow
@@ -26,6 +27,7 @@ class NewJob:
     parent_id: int | None = None
     application_id: int | None = None
     interaction_token: str | None = None
+    result_message_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,17 @@ class StoredImage:
     recipe: dict[str, Any]
 
 
+def _insert_user_if_missing(session: AsyncSession, user_id: int, name: str) -> Any:
+    # Two first jobs of a new user can arrive together: "insert or ignore", in each backend's dialect.
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    assert session.bind is not None
+    dialect = postgresql if session.bind.dialect.name == "postgresql" else sqlite
+    return (
+        dialect.insert(User).values(id=user_id, name=name[:100]).on_conflict_do_nothing(index_elements=["id"])
+    )
+
+
 class JobStore:
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -46,9 +59,7 @@ class JobStore:
     async def create(self, new: NewJob) -> Job:
         """Written and committed before anyone is told the job is queued."""
         async with self.db.session() as session, session.begin():
-            user = await session.get(User, new.user_id)
-            if user is None:
-                session.add(User(id=new.user_id, name=new.user_name[:100]))
+            await session.execute(_insert_user_if_missing(session, new.user_id, new.user_name))
             job = Job(
                 user_id=new.user_id,
                 guild_id=new.guild_id,
@@ -61,6 +72,7 @@ class JobStore:
                 application_id=new.application_id,
                 interaction_token=new.interaction_token,
                 interaction_at=utcnow() if new.interaction_token else None,
+                result_message_id=new.result_message_id,
                 delivered=False,
             )
             session.add(job)
@@ -119,6 +131,10 @@ class JobStore:
     async def mark_cancelled(self, job_id: int, by: str) -> Job:
         await self._set(job_id, status=JobStatus.CANCELLED, error=f"cancelled by {by}", finished_at=utcnow())
         return await self._reload(job_id)
+
+    async def set_message(self, job_id: int, message_id: int) -> None:
+        """The message that shows this job (progress, then the result)."""
+        await self._set(job_id, result_message_id=message_id)
 
     async def mark_delivered(self, job_id: int, message_id: int | None) -> None:
         await self._set(job_id, delivered=True, result_message_id=message_id)

@@ -1,0 +1,84 @@
+"""FluxBot: the discord.py client. Wires the app in setup_hook, syncs commands, routes reactions."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import discord
+import yarl
+from discord import app_commands
+from discord.gateway import DiscordWebSocket
+from discord.http import Route
+
+from bot.app import App, build_app
+from bot.commands.admin import AdminCommands
+from bot.commands.buttons import JobButton
+from bot.commands.context import reply_error
+from bot.commands.imagine import COMMANDS, on_reaction
+from bot.delivery import DiscordDelivery
+from engine.engine import FluxEngine
+from fluxbot.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def point_at(api_base: str, gateway_url: str) -> None:
+    # discord.py keeps both URLs as class attributes (no per-client option); a process runs one bot.
+    Route.BASE = api_base.rstrip("/")
+    DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway_url)
+
+
+class FluxBot(discord.Client):
+    def __init__(self, settings: Settings, engine: FluxEngine | None = None, **options: Any) -> None:
+        intents = discord.Intents.default()  # guilds + reactions; no message content needed
+        super().__init__(intents=intents, **options)
+        self.settings = settings
+        self._engine = engine
+        self.tree = app_commands.CommandTree(self)
+        self.tree.on_error = self._on_tree_error  # type: ignore[method-assign]
+        for command in COMMANDS:
+            self.tree.add_command(command)
+        self.tree.add_command(AdminCommands(settings.admin_permission))
+        self.delivery = DiscordDelivery(settings.data_dir, settings.progress_interval_s)
+        self.app: App | None = None
+
+    async def setup_hook(self) -> None:
+        self.delivery.bind(self)
+        self.app = await build_app(self.settings, self.delivery, self._engine)
+        self.add_dynamic_items(JobButton)
+        await self.app.start()
+        await self._sync_commands()
+
+    async def _sync_commands(self) -> None:
+        if self.settings.guild_ids:
+            for guild_id in self.settings.guild_ids:
+                guild = discord.Object(guild_id)
+                self.tree.copy_global_to(guild=guild)
+                await self.tree.sync(guild=guild)
+        else:
+            await self.tree.sync()
+        log.info("slash commands synced (%s)", self.settings.guild_ids or "global")
+
+    async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
+        try:
+            await on_reaction(self, payload)
+        except Exception:
+            log.exception("reaction on message %s failed", payload.message_id)
+
+    async def _on_tree_error(
+        self, interaction: discord.Interaction, error: app_commands.AppCommandError
+    ) -> None:
+        await reply_error(interaction, getattr(error, "original", error))
+
+    async def close(self) -> None:
+        if self.app is not None:
+            await self.app.close()
+        await super().close()
+
+
+async def run_bot(settings: Settings) -> None:
+    assert settings.discord_token is not None
+    point_at(settings.discord_api_base, settings.discord_gateway_url)
+    async with FluxBot(settings) as bot:
+        await bot.start(settings.discord_token.get_secret_value())

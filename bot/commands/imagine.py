@@ -1,0 +1,141 @@
+"""/imagine, /history, /rerun and the 🔁 reaction."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import discord
+from discord import app_commands
+
+from bot import render
+from bot.commands.context import reply_error, requester
+from bot.commands.submit import submit
+from bot.delivery import REROLL_EMOJI
+from bot.services.errors import UserError
+from bot.services.studio import Requester, Studio
+from engine.api import LoraChoice
+
+log = logging.getLogger(__name__)
+SIZES = ["1024x1024", "1:1", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16", "1216x832", "832x1216"]
+
+
+def _studio(interaction: discord.Interaction) -> Studio:
+    return interaction.client.app.studio  # type: ignore[attr-defined,no-any-return]
+
+
+async def preset_autocomplete(
+    interaction: discord.Interaction, current: str
+) -> list[app_commands.Choice[str]]:
+    presets = _studio(interaction).resolver.presets
+    return [
+        app_commands.Choice(name=f"{name}: {p.description}"[:100], value=name)
+        for name, p in presets.items()
+        if current.lower() in name.lower()
+    ][:25]
+
+
+async def lora_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+    entries = _studio(interaction).resolver.whitelist.entries
+    return [
+        app_commands.Choice(name=name, value=name)
+        for name in sorted(entries)
+        if current.lower() in name.lower()
+    ][:25]
+
+
+async def size_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+    return [app_commands.Choice(name=s, value=s) for s in SIZES if current in s][:25]
+
+
+@app_commands.command(name="imagine", description="Draw a picture from a prompt")
+@app_commands.describe(
+    prompt="What to draw",
+    preset="dev, schnell, fast… (sets steps, guidance, size)",
+    size="WxH or an aspect like 16:9",
+    seed="Same seed + same settings = same picture",
+    steps="Denoising steps",
+    guidance="Distilled guidance (dev)",
+    lora="A whitelisted LoRA",
+    lora_weight="Its weight (default: the whitelist's)",
+)
+@app_commands.autocomplete(preset=preset_autocomplete, lora=lora_autocomplete, size=size_autocomplete)
+async def imagine(
+    interaction: discord.Interaction,
+    prompt: str,
+    preset: str | None = None,
+    size: str | None = None,
+    seed: int | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    lora: str | None = None,
+    lora_weight: float | None = None,
+) -> None:
+    studio = _studio(interaction)
+    loras = (LoraChoice(name=lora[:64], weight=lora_weight),) if lora else None
+    try:
+        request = studio.validate(
+            prompt=prompt, preset=preset, size=size, seed=seed, steps=steps, guidance=guidance, loras=loras
+        )
+    except UserError as exc:
+        await reply_error(interaction, exc)
+        return
+    await submit(interaction, lambda who: studio.imagine(who, request), prompt)
+
+
+@app_commands.command(name="rerun", description="Run one of the stored jobs again")
+@app_commands.describe(
+    job_id="The job's number (see /history)", seed="A new seed; without one: the same picture"
+)
+async def rerun(interaction: discord.Interaction, job_id: int, seed: int | None = None) -> None:
+    studio = _studio(interaction)
+    await submit(interaction, lambda who: studio.rerun(who, job_id, seed))
+
+
+@app_commands.command(name="history", description="Your recent jobs (or someone else's)")
+@app_commands.describe(user="Whose jobs (default: yours)", page="Page number")
+async def history(interaction: discord.Interaction, user: discord.User | None = None, page: int = 1) -> None:
+    target = user or interaction.user
+    try:
+        result = await _studio(interaction).history(target.id, interaction.guild_id, page)
+    except UserError as exc:
+        await reply_error(interaction, exc)
+        return
+    await interaction.response.send_message(render.history(result, target.display_name), ephemeral=True)
+
+
+async def on_reaction(client: discord.Client, payload: discord.RawReactionActionEvent) -> None:
+    """Anyone reacting 🔁 on a result rerolls it as their own job, delivered as a new message."""
+    if str(payload.emoji) != REROLL_EMOJI or client.user is None or payload.user_id == client.user.id:
+        return
+    studio: Studio = client.app.studio  # type: ignore[attr-defined]
+    job = await studio.jobs.by_message(payload.message_id)
+    if job is None:
+        return
+    member = payload.member
+    who = Requester(
+        user_id=payload.user_id,
+        user_name=member.name if member else "",
+        guild_id=payload.guild_id,
+        channel_id=payload.channel_id,
+    )
+    channel = client.get_partial_messageable(payload.channel_id)
+    try:
+        ticket = await studio.reroll(who, job.id)
+    except UserError as exc:
+        # No interaction to answer privately: a short mention in the channel.
+        await channel.send(f"<@{payload.user_id}> {exc}", allowed_mentions=_only(payload.user_id))
+        return
+    message = await channel.send(
+        f"<@{payload.user_id}> 🔁 {render.queued(job.request['prompt'], ticket)}",
+        allowed_mentions=_only(payload.user_id),
+    )
+    await studio.jobs.set_message(ticket.job_id, message.id)
+
+
+def _only(user_id: int) -> discord.AllowedMentions:
+    return discord.AllowedMentions(users=[discord.Object(user_id)], roles=False, everyone=False)
+
+
+COMMANDS: list[app_commands.Command[Any, Any, None]] = [imagine, rerun, history]
+__all__ = ["COMMANDS", "on_reaction", "requester"]

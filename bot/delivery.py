@@ -1,0 +1,140 @@
+"""DiscordDelivery: puts job progress and results into Discord, by interaction webhook or channel message."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import discord
+
+from bot import render
+from bot.store.models import Job, JobStatus
+
+log = logging.getLogger(__name__)
+REROLL_EMOJI = "🔁"
+# Interaction tokens live 15 minutes; leave a margin for the upload itself.
+TOKEN_LIFETIME = timedelta(minutes=14)
+
+
+class DiscordDelivery:
+    """Implements JobEvents. Progress edits are throttled; the final message carries PNGs and buttons."""
+
+    def __init__(self, data_dir: Path, min_interval_s: float) -> None:
+        self.client: discord.Client | None = None
+        self.data_dir = data_dir
+        self.min_interval_s = min_interval_s
+        self._last_edit: dict[int, float] = {}
+        self._finished: set[int] = set()
+        self._started: set[int] = set()
+        # One lock per job: edits of one message go out in order, so the "queued" text can never
+        # land on top of progress or the finished picture.
+        self._locks: dict[int, asyncio.Lock] = {}
+
+    def bind(self, client: discord.Client) -> None:
+        self.client = client
+
+    def _lock(self, job_id: int) -> asyncio.Lock:
+        return self._locks.setdefault(job_id, asyncio.Lock())
+
+    async def queued(self, job_id: int, edit: Callable[[], Awaitable[object]]) -> None:
+        """Show the queue position, unless the job already started (fast jobs overtake their ack)."""
+        async with self._lock(job_id):
+            if job_id not in self._started and job_id not in self._finished:
+                await edit()
+
+    async def started(self, job: Job) -> None:
+        async with self._lock(job.id):
+            self._started.add(job.id)
+            self._last_edit[job.id] = time.monotonic()
+            await self._edit_status(job, render.started(job))
+
+    async def progress(self, job: Job, step: int, total: int, eta_s: float) -> None:
+        now = time.monotonic()
+        if job.id in self._finished or now - self._last_edit.get(job.id, 0.0) < self.min_interval_s:
+            return  # Discord allows ~5 edits per 5 s per channel: one every interval is plenty
+        self._last_edit[job.id] = now
+        async with self._lock(job.id):
+            if job.id not in self._finished:
+                await self._edit_status(job, render.progress(job, step, total, eta_s))
+
+    async def finished(self, job: Job) -> int | None:
+        async with self._lock(job.id):
+            self._finished.add(job.id)
+            self._started.discard(job.id)
+            self._last_edit.pop(job.id, None)
+            message_id = await self._deliver(job)
+        self._locks.pop(job.id, None)
+        return message_id
+
+    async def _deliver(self, job: Job) -> int | None:
+        from bot.commands.buttons import result_view
+
+        files = (
+            [
+                discord.File(self.data_dir / image.path, filename=f"fluxbot-{job.id}-{image.seed}.png")
+                for image in job.images
+            ]
+            if job.status == JobStatus.DONE
+            else []
+        )
+        view = result_view(job.id) if job.status == JobStatus.DONE else None
+        text = render.final(job)
+        message_id = await self._edit_or_post(job, text, files, view)
+        if message_id is not None and job.status == JobStatus.DONE and job.channel_id:
+            await self._client.http.add_reaction(job.channel_id, message_id, REROLL_EMOJI)
+        return message_id
+
+    @property
+    def _client(self) -> discord.Client:
+        assert self.client is not None, "DiscordDelivery.bind(client) first"
+        return self.client
+
+    def _token_valid(self, job: Job) -> bool:
+        if not job.interaction_token or job.application_id is None or job.interaction_at is None:
+            return False
+        issued = job.interaction_at if job.interaction_at.tzinfo else job.interaction_at.replace(tzinfo=UTC)
+        return datetime.now(UTC) - issued < TOKEN_LIFETIME
+
+    async def _edit_status(self, job: Job, text: str) -> None:
+        try:
+            if self._token_valid(job) and job.result_message_id:
+                await self._webhook(job).edit_message(job.result_message_id, content=text)
+            elif job.result_message_id and job.channel_id:
+                channel = self._client.get_partial_messageable(job.channel_id)
+                await channel.get_partial_message(job.result_message_id).edit(content=text)
+        except discord.HTTPException as exc:  # progress is best effort; the result is not
+            log.info("job %d: progress edit failed (%s)", job.id, exc.status)
+
+    async def _edit_or_post(self, job: Job, text: str, files: list[discord.File], view: Any) -> int | None:
+        if self._token_valid(job) and job.result_message_id:
+            try:
+                kwargs: dict[str, Any] = {"content": text, "attachments": files}
+                if view is not None:
+                    kwargs["view"] = view
+                message = await self._webhook(job).edit_message(job.result_message_id, **kwargs)
+                return message.id
+            except discord.NotFound:
+                log.info("job %d: interaction expired; posting in the channel instead", job.id)
+                for file in files:
+                    file.reset()
+        if job.channel_id is None:
+            raise RuntimeError(f"job {job.id} has neither a live interaction nor a channel")
+        channel = self._client.get_partial_messageable(job.channel_id)
+        kwargs = {
+            "content": text,
+            "files": files,
+            "allowed_mentions": discord.AllowedMentions(users=[discord.Object(job.user_id)]),
+        }
+        if view is not None:
+            kwargs["view"] = view
+        posted = await channel.send(**kwargs)
+        return posted.id
+
+    def _webhook(self, job: Job) -> discord.Webhook:
+        assert job.application_id is not None and job.interaction_token is not None
+        return discord.Webhook.partial(job.application_id, job.interaction_token, client=self._client)

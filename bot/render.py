@@ -1,0 +1,87 @@
+"""How jobs look in Discord: short texts, progress bars and footers. Pure functions, no I/O."""
+
+from __future__ import annotations
+
+from bot.services.queue import QueueEntry
+from bot.services.studio import HistoryPage, Ticket
+from bot.store.models import Job, JobStatus
+
+BAR_CELLS = 12
+
+
+def short(prompt: str, limit: int = 80) -> str:
+    prompt = " ".join(prompt.split())
+    return prompt if len(prompt) <= limit else prompt[: limit - 1] + "…"
+
+
+def duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds} s" if seconds < 90 else f"{seconds // 60} min {seconds % 60:02d} s"
+
+
+def queued(prompt: str, ticket: Ticket) -> str:
+    where = "next in line" if ticket.position <= 1 else f"#{ticket.position} in the queue"
+    lines = [f"**{short(prompt)}**", f"⏳ {where} · ETA ~{duration(ticket.eta_s)} · job {ticket.job_id}"]
+    lines += [f"⚠️ {w}" for w in ticket.warnings]
+    return "\n".join(lines)
+
+
+def progress(job: Job, step: int, total: int, eta_s: float) -> str:
+    filled = round(BAR_CELLS * step / max(total, 1))
+    bar = "█" * filled + "░" * (BAR_CELLS - filled)
+    return (
+        f"**{short(job.request['prompt'])}**\n🎨 `{bar}` {step}/{total} steps · "
+        f"~{duration(eta_s)} left · job {job.id}"
+    )
+
+
+def started(job: Job) -> str:
+    return f"**{short(job.request['prompt'])}**\n🎨 starting… · job {job.id}"
+
+
+def footer(job: Job) -> str:
+    request = job.request
+    seeds = ", ".join(str(image.seed) for image in job.images) or str(request.get("seed"))
+    took = (job.timings or {}).get("total_s", 0.0)
+    loras = ", ".join(
+        f"{lo['name']}:{lo['weight']:g}" for lo in request.get("loras") or [] if lo.get("weight")
+    )
+    parts = [
+        f"seed {seeds}",
+        str(request.get("preset")),
+        str(request.get("size")),
+        f"job {job.id}",
+        f"{took:.1f} s",
+    ]
+    if loras:
+        parts.insert(3, loras)
+    return f"**{short(request['prompt'], 200)}** — <@{job.user_id}>\n-# " + " · ".join(parts)
+
+
+def final(job: Job) -> str:
+    if job.status == JobStatus.DONE:
+        return footer(job)
+    if job.status == JobStatus.CANCELLED:
+        return f"**{short(job.request['prompt'])}**\n🚫 job {job.id} {job.error or 'cancelled'}."
+    return f"**{short(job.request['prompt'])}** — <@{job.user_id}>\n❌ job {job.id} failed: {job.error}"
+
+
+def history(page: HistoryPage, whose: str) -> str:
+    if not page.jobs:
+        return f"No jobs yet for {whose}."
+    lines = [f"**Jobs of {whose}** (page {page.page}/{page.pages}, {page.total} in all)"]
+    for job in page.jobs:
+        seed = job.request.get("seed")
+        lines.append(f"`{job.id:>6}` {job.status.value:<9} seed {seed} · {short(job.request['prompt'], 60)}")
+    return "\n".join(lines)
+
+
+def queue(entries: list[QueueEntry], paused: bool) -> str:
+    head = "⏸️ queue paused" if paused else "▶️ queue running"
+    if not entries:
+        return f"{head}: empty."
+    lines = [f"{head}: {sum(1 for e in entries if e.position)} waiting"]
+    for entry in entries[:20]:
+        where = "running" if entry.position == 0 else f"#{entry.position}"
+        lines.append(f"{where:>8} · job {entry.job_id} · <@{entry.user_id}> · ETA ~{duration(entry.eta_s)}")
+    return "\n".join(lines)

@@ -1,0 +1,522 @@
+"""A small fake Discord on 127.0.0.1: the REST routes and the gateway that discord.py uses.
+
+The real discord.py client talks to it through FLUXBOT_DISCORD_API_BASE / _GATEWAY_URL. It records
+every REST call so tests can assert on what a user would see (messages, edits, files, reactions),
+and it can push gateway events (slash commands, button clicks, reactions) and drop the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import MultipartReader, WSMsgType, web
+
+BOT_ID = 900000000000000001
+APP_ID = 900000000000000002
+GUILD_ID = 800000000000000001
+CHANNEL_ID = 800000000000000002
+EVERYONE = GUILD_ID
+ADMIN_ROLE = 777000000000000001  # a role that exists in the fake guild, for admin tests
+_ids = itertools.count(1_100_000_000_000_000_000)
+
+
+def snowflake() -> str:
+    return str(next(_ids))
+
+
+def user_payload(user_id: int, name: str, bot: bool = False) -> dict[str, Any]:
+    return {
+        "id": str(user_id),
+        "username": name,
+        "discriminator": "0",
+        "global_name": name,
+        "avatar": None,
+        "bot": bot,
+        "public_flags": 0,
+    }
+
+
+@dataclass
+class Call:
+    method: str
+    path: str
+    query: dict[str, str]
+    json: Any
+    files: list[tuple[str, bytes]]
+    at: float = field(default_factory=time.monotonic)
+
+
+class FakeDiscord:
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+        self.messages: dict[str, dict[str, Any]] = {}
+        self.originals: dict[str, str] = {}  # interaction token -> message id
+        self.commands: list[dict[str, Any]] = []
+        self.sockets: list[web.WebSocketResponse] = []
+        self.identified = asyncio.Event()
+        self.interaction_sent_at: dict[str, float] = {}
+        self.attachment_bytes: dict[str, bytes] = {}
+        self._seq = 0
+        self._changed = asyncio.Condition()
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+        self.fail_next: list[tuple[str, int]] = []  # (path fragment, status) to answer once
+
+    # --- server life -------------------------------------------------------------------------
+    async def start(self) -> None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_get("/gateway-ws", self._gateway)
+        app.router.add_route("*", "/api/v10/{tail:.*}", self._rest)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        for ws in list(self.sockets):
+            await ws.close()
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    @property
+    def api_base(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/v10"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/gateway-ws"
+
+    # --- gateway -----------------------------------------------------------------------------
+    async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        self.sockets.append(ws)
+        await ws.send_str(json.dumps({"op": 10, "d": {"heartbeat_interval": 30000}}))
+        try:
+            async for msg in ws:
+                if msg.type != WSMsgType.TEXT:
+                    continue
+                payload = json.loads(msg.data)
+                op = payload.get("op")
+                if op == 1:
+                    await ws.send_str(json.dumps({"op": 11}))
+                elif op == 2:
+                    await self._dispatch_to(ws, "READY", self._ready())
+                    await self._dispatch_to(ws, "GUILD_CREATE", self._guild())
+                    self.identified.set()
+                elif op == 6:
+                    await self._dispatch_to(ws, "RESUMED", {})
+                    self.identified.set()
+        finally:
+            if ws in self.sockets:
+                self.sockets.remove(ws)
+        return ws
+
+    async def _dispatch_to(self, ws: web.WebSocketResponse, event: str, data: dict[str, Any]) -> None:
+        self._seq += 1
+        await ws.send_str(json.dumps({"op": 0, "t": event, "s": self._seq, "d": data}))
+
+    async def dispatch(self, event: str, data: dict[str, Any]) -> None:
+        await asyncio.wait_for(self.identified.wait(), 30)
+        await self._dispatch_to(self.sockets[-1], event, data)
+
+    async def drop_gateway(self) -> None:
+        """Close the websocket the way a network blip does; discord.py reconnects."""
+        self.identified.clear()
+        for ws in list(self.sockets):
+            await ws.close(code=4000)
+
+    def _ready(self) -> dict[str, Any]:
+        return {
+            "v": 10,
+            "user": user_payload(BOT_ID, "fluxbot", bot=True),
+            "guilds": [{"id": str(GUILD_ID), "unavailable": True}],
+            "session_id": "session-1",
+            "resume_gateway_url": self.gateway_url,
+            "shard": [0, 1],
+            "application": {"id": str(APP_ID), "flags": 0},
+        }
+
+    def _guild(self) -> dict[str, Any]:
+        return {
+            "id": str(GUILD_ID),
+            "name": "Test Guild",
+            "icon": None,
+            "owner_id": "1",
+            "afk_timeout": 300,
+            "verification_level": 0,
+            "default_message_notifications": 0,
+            "explicit_content_filter": 0,
+            "mfa_level": 0,
+            "system_channel_flags": 0,
+            "premium_tier": 0,
+            "preferred_locale": "en-US",
+            "nsfw_level": 0,
+            "features": [],
+            "emojis": [],
+            "stickers": [],
+            "large": False,
+            "member_count": 3,
+            "unavailable": False,
+            "joined_at": _now(),
+            "threads": [],
+            "stage_instances": [],
+            "guild_scheduled_events": [],
+            "voice_states": [],
+            "presences": [],
+            "members": [],
+            "roles": [_role(EVERYONE, "@everyone", 0), _role(ADMIN_ROLE, "fluxbot-admins", 1)],
+            "channels": [self._channel()],
+        }
+
+    def _channel(self) -> dict[str, Any]:
+        return {
+            "id": str(CHANNEL_ID),
+            "type": 0,
+            "name": "images",
+            "position": 0,
+            "guild_id": str(GUILD_ID),
+            "permission_overwrites": [],
+            "nsfw": False,
+            "parent_id": None,
+        }
+
+    # --- events a user causes -----------------------------------------------------------------
+    def member(
+        self, user_id: int, name: str, roles: list[int] | None = None, admin: bool = False
+    ) -> dict[str, Any]:
+        return {
+            "user": user_payload(user_id, name),
+            "roles": [str(r) for r in roles or []],
+            "joined_at": _now(),
+            "deaf": False,
+            "mute": False,
+            "flags": 0,
+            "permissions": "8" if admin else "0",
+        }
+
+    def _interaction(
+        self, kind: int, data: dict[str, Any], member: dict[str, Any], **extra: Any
+    ) -> dict[str, Any]:
+        interaction_id = snowflake()
+        return {
+            "id": interaction_id,
+            "application_id": str(APP_ID),
+            "type": kind,
+            "data": data,
+            "guild_id": str(GUILD_ID),
+            "channel_id": str(CHANNEL_ID),
+            "channel": self._channel(),
+            "member": member,
+            "token": f"token-{interaction_id}",
+            "version": 1,
+            "app_permissions": "2147483647",
+            "locale": "en-US",
+            "guild_locale": "en-US",
+            "entitlements": [],
+            "authorizing_integration_owners": {"0": str(GUILD_ID)},
+            "context": 0,
+            "attachment_size_limit": 25 * 1024 * 1024,
+            **extra,
+        }
+
+    async def slash(self, name: str, options: list[dict[str, Any]], member: dict[str, Any]) -> str:
+        """Send a slash command; returns the interaction token."""
+        command = next((c for c in self.commands if c["name"] == name), None)
+        data = {
+            "id": command["id"] if command else snowflake(),
+            "name": name,
+            "type": 1,
+            "options": options,
+            "guild_id": str(GUILD_ID),
+        }
+        payload = self._interaction(2, data, member)
+        self.interaction_sent_at[payload["token"]] = time.monotonic()
+        await self.dispatch("INTERACTION_CREATE", payload)
+        return str(payload["token"])
+
+    async def click(self, message_id: str, custom_id: str, member: dict[str, Any]) -> str:
+        data = {"custom_id": custom_id, "component_type": 2}
+        payload = self._interaction(3, data, member, message=self.messages[message_id])
+        self.interaction_sent_at[payload["token"]] = time.monotonic()
+        await self.dispatch("INTERACTION_CREATE", payload)
+        return str(payload["token"])
+
+    async def react(self, message_id: str, emoji: str, member: dict[str, Any]) -> None:
+        await self.dispatch(
+            "MESSAGE_REACTION_ADD",
+            {
+                "user_id": member["user"]["id"],
+                "channel_id": str(CHANNEL_ID),
+                "message_id": message_id,
+                "guild_id": str(GUILD_ID),
+                "emoji": {"id": None, "name": emoji},
+                "member": member,
+                "burst": False,
+                "type": 0,
+                "message_author_id": str(BOT_ID),
+            },
+        )
+
+    # --- REST ----------------------------------------------------------------------------------
+    async def _rest(self, request: web.Request) -> web.Response:
+        path = "/" + request.match_info["tail"]
+        body, files = await _read_body(request)
+        self.calls.append(Call(request.method, path, dict(request.query), body, files))
+        async with self._changed:
+            self._changed.notify_all()
+        for i, (fragment, status) in enumerate(self.fail_next):
+            if fragment in path:
+                del self.fail_next[i]
+                return _json(
+                    {"message": "fake failure", "code": 0, "retry_after": 0.05},
+                    status,
+                    {"Retry-After": "0.05", "X-RateLimit-Scope": "user"} if status == 429 else None,
+                )
+        handler = self._route(request.method, path)
+        if handler is None:
+            return _json({"message": f"404: not in the fake ({request.method} {path})", "code": 0}, 404)
+        return handler(path, body, files)
+
+    def _route(
+        self, method: str, path: str
+    ) -> Callable[[str, Any, list[tuple[str, bytes]]], web.Response] | None:
+        parts = path.strip("/").split("/")
+        if method == "GET" and path == "/users/@me":
+            return lambda *_: _json(user_payload(BOT_ID, "fluxbot", bot=True))
+        if method == "GET" and path == "/oauth2/applications/@me":
+            return lambda *_: _json(
+                {
+                    "id": str(APP_ID),
+                    "name": "fluxbot",
+                    "icon": None,
+                    "description": "",
+                    "summary": "",
+                    "bot_public": True,
+                    "bot_require_code_grant": False,
+                    "verify_key": "0" * 64,
+                    "flags": 0,
+                    "owner": user_payload(1, "owner"),
+                    "team": None,
+                    "rpc_origins": [],
+                    "tags": [],
+                    "approximate_guild_count": 1,
+                    "interactions_endpoint_url": None,
+                    "redirect_uris": [],
+                }
+            )
+        if method == "GET" and path.startswith("/gateway"):
+            return lambda *_: _json(
+                {
+                    "url": self.gateway_url,
+                    "shards": 1,
+                    "session_start_limit": {
+                        "total": 1000,
+                        "remaining": 1000,
+                        "reset_after": 0,
+                        "max_concurrency": 1,
+                    },
+                }
+            )
+        if method == "PUT" and parts[0] == "applications" and parts[-1] == "commands":
+            return self._sync_commands
+        if method == "POST" and parts[0] == "interactions":
+            return self._callback
+        if parts[0] == "webhooks" and parts[-1] == "@original":
+            return {
+                "PATCH": self._edit_original,
+                "GET": self._get_original,
+                "DELETE": self._delete_original,
+            }.get(method)
+        if method == "PATCH" and parts[0] in ("webhooks", "channels") and parts[-2] == "messages":
+            return self._edit_by_id
+        if method == "POST" and parts[0] == "webhooks":
+            return self._followup
+        if method == "POST" and parts[0] == "channels" and parts[-1] == "messages":
+            return self._channel_message
+        if method == "PUT" and "reactions" in parts:
+            return lambda *_: web.Response(status=204)
+        return None
+
+    def _sync_commands(self, path: str, body: Any, files: list[tuple[str, bytes]]) -> web.Response:
+        self.commands = [
+            {**c, "id": snowflake(), "application_id": str(APP_ID), "version": snowflake()} for c in body
+        ]
+        return _json(self.commands)
+
+    def _callback(self, path: str, body: Any, files: list[tuple[str, bytes]]) -> web.Response:
+        interaction_id, token = path.strip("/").split("/")[1:3]
+        kind = body.get("type")
+        data = body.get("data") or {}
+        resource: dict[str, Any] = {"type": kind}
+        if kind in (4, 5, 7):
+            message = self._new_message(data, files, ephemeral=bool(data.get("flags", 0) & 64))
+            self.originals[token] = message["id"]
+            resource["message"] = message
+        return _json(
+            {
+                "interaction": {
+                    "id": interaction_id,
+                    "type": 2,
+                    "response_message_id": self.originals.get(token),
+                    "response_message_loading": kind == 5,
+                    "response_message_ephemeral": bool(data.get("flags", 0) & 64),
+                },
+                "resource": resource,
+            }
+        )
+
+    def _edit_original(self, path: str, body: Any, files: list[tuple[str, bytes]]) -> web.Response:
+        token = path.strip("/").split("/")[2]
+        message_id = self.originals.get(token)
+        if message_id is None:
+            return _json({"message": "Unknown interaction", "code": 10062}, 404)
+        message = self.messages[message_id]
+        self._apply(message, body, files)
+        return _json(message)
+
+    def _edit_by_id(self, path: str, body: Any, files: list[tuple[str, bytes]]) -> web.Response:
+        parts = path.strip("/").split("/")
+        if parts[0] == "webhooks" and parts[2] not in self.originals:
+            return _json({"message": "Unknown Webhook", "code": 10015}, 404)
+        message = self.messages.get(parts[-1])
+        if message is None:
+            return _json({"message": "Unknown Message", "code": 10008}, 404)
+        self._apply(message, body or {}, files)
+        return _json(message)
+
+    def _get_original(self, path: str, body: Any, files: list[tuple[str, bytes]]) -> web.Response:
+        token = path.strip("/").split("/")[2]
+        return _json(self.messages[self.originals[token]])
+
+    def _delete_original(self, path: str, body: Any, files: list[tuple[str, bytes]]) -> web.Response:
+        token = path.strip("/").split("/")[2]
+        self.messages.pop(self.originals.pop(token, ""), None)
+        return web.Response(status=204)
+
+    def _followup(self, path: str, body: Any, files: list[tuple[str, bytes]]) -> web.Response:
+        return _json(self._new_message(body or {}, files, ephemeral=bool((body or {}).get("flags", 0) & 64)))
+
+    def _channel_message(self, path: str, body: Any, files: list[tuple[str, bytes]]) -> web.Response:
+        return _json(self._new_message(body or {}, files, ephemeral=False))
+
+    def _new_message(
+        self, data: dict[str, Any], files: list[tuple[str, bytes]], ephemeral: bool
+    ) -> dict[str, Any]:
+        message = {
+            "id": snowflake(),
+            "channel_id": str(CHANNEL_ID),
+            "guild_id": str(GUILD_ID),
+            "author": user_payload(BOT_ID, "fluxbot", bot=True),
+            "content": "",
+            "timestamp": _now(),
+            "edited_timestamp": None,
+            "tts": False,
+            "mention_everyone": False,
+            "mentions": [],
+            "mention_roles": [],
+            "attachments": [],
+            "embeds": [],
+            "pinned": False,
+            "type": 0,
+            "flags": 64 if ephemeral else 0,
+            "components": [],
+        }
+        self._apply(message, data, files)
+        self.messages[message["id"]] = message
+        return message
+
+    def _apply(self, message: dict[str, Any], data: dict[str, Any], files: list[tuple[str, bytes]]) -> None:
+        for key in ("content", "embeds", "components"):
+            if key in data and data[key] is not None:
+                message[key] = data[key]
+        if files:
+            message["attachments"] = []
+            for name, blob in files:
+                attachment_id = snowflake()
+                self.attachment_bytes[attachment_id] = blob
+                message["attachments"].append(
+                    {
+                        "id": attachment_id,
+                        "filename": name,
+                        "size": len(blob),
+                        "url": f"http://cdn.invalid/{name}",
+                        "proxy_url": f"http://cdn.invalid/{name}",
+                        "content_type": "image/png",
+                    }
+                )
+        elif data.get("attachments") == []:
+            message["attachments"] = []
+        message["edited_timestamp"] = _now()
+
+    # --- what tests wait for ------------------------------------------------------------------
+    async def wait_for(self, predicate: Callable[[], Any], timeout: float = 30) -> Any:
+        async def until() -> Any:
+            async with self._changed:
+                while not (result := predicate()):
+                    await self._changed.wait()
+                return result
+
+        return await asyncio.wait_for(until(), timeout)
+
+    def calls_to(self, method: str, fragment: str) -> list[Call]:
+        return [c for c in self.calls if c.method == method and fragment in c.path]
+
+    def original(self, token: str) -> dict[str, Any] | None:
+        message_id = self.originals.get(token)
+        return self.messages.get(message_id) if message_id else None
+
+    def response_to(self, token: str) -> dict[str, Any] | None:
+        """The first callback body the bot sent for this interaction (its ack)."""
+        calls = [c for c in self.calls if c.method == "POST" and f"/{token}/callback" in c.path]
+        return calls[0].json if calls else None
+
+
+async def _read_body(request: web.Request) -> tuple[Any, list[tuple[str, bytes]]]:
+    if request.content_type.startswith("multipart/"):
+        reader: MultipartReader = await request.multipart()
+        body: Any = None
+        files: list[tuple[str, bytes]] = []
+        while (part := await reader.next()) is not None:
+            if part.name == "payload_json":
+                body = json.loads(await part.text())  # type: ignore[union-attr]
+            else:
+                files.append((part.filename or "file", bytes(await part.read())))  # type: ignore[union-attr]
+        return body, files
+    raw = await request.read()
+    return (json.loads(raw) if raw else None), []
+
+
+def _role(role_id: int, name: str, position: int) -> dict[str, Any]:
+    return {
+        "id": str(role_id),
+        "name": name,
+        "permissions": "0",
+        "position": position,
+        "color": 0,
+        "hoist": False,
+        "managed": False,
+        "mentionable": False,
+        "flags": 0,
+    }
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    # discord.py parses a body as JSON only when Content-Type is exactly application/json.
+    return web.Response(
+        body=json.dumps(data).encode(),
+        status=status,
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()

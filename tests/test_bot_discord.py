@@ -1,0 +1,356 @@
+"""The real discord.py client against the fake Discord server, on the tiny model, end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bot.client import FluxBot, point_at
+from bot.store.models import JobStatus
+from engine.engine import FluxEngine
+from engine.png import read_recipe
+from engine.settings import EngineSettings
+from fluxbot.settings import LimitSettings, Settings
+from tests.bot_support import make_settings
+from tests.fake_discord import ADMIN_ROLE, CHANNEL_ID, FakeDiscord
+
+ALICE = 111000000000000001
+BOB = 111000000000000002
+ADMIN = 111000000000000003
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeDiscord]:
+    server = FakeDiscord()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+class Harness:
+    """Starts and stops the real bot against the fake server."""
+
+    def __init__(self, fake: FakeDiscord, settings: Settings, engine: FluxEngine) -> None:
+        self.fake, self.settings, self.engine = fake, settings, engine
+        self.bot: FluxBot | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> FluxBot:
+        point_at(self.fake.api_base, self.fake.gateway_url)
+        self.fake.identified.clear()
+        self.bot = FluxBot(self.settings, engine=self.engine)
+        self.task = asyncio.create_task(self.bot.start("fake-token"))
+        await asyncio.wait_for(self.bot.wait_until_ready(), 60)
+        return self.bot
+
+    async def stop(self) -> None:
+        if self.bot is not None:
+            await self.bot.close()
+        if self.task is not None:
+            await asyncio.wait_for(self.task, 30)
+        self.bot = self.task = None
+
+    @property
+    def app(self) -> Any:
+        assert self.bot is not None and self.bot.app is not None
+        return self.bot.app
+
+
+@pytest.fixture
+async def harness(
+    fake: FakeDiscord, tmp_path: Path, make_settings: Callable[..., EngineSettings], data_dir: Path
+) -> AsyncIterator[Harness]:
+    settings = make_bot_settings(tmp_path, make_settings, fake)
+    engine = await asyncio.to_thread(FluxEngine.load, settings.engine, data_dir)
+    h = Harness(fake, settings, engine)
+    await h.start()
+    yield h
+    await h.stop()
+
+
+def make_bot_settings(
+    tmp: Path, engine_settings: Callable[..., EngineSettings], fake: FakeDiscord, **kw: Any
+) -> Settings:
+    values: dict[str, Any] = {
+        "discord_api_base": fake.api_base,
+        "discord_gateway_url": fake.gateway_url,
+        "guild_ids": [],
+        "admin_user_ids": [ADMIN],
+        "admin_role_ids": [ADMIN_ROLE],
+        "progress_interval_s": 0.2,
+        "limits": LimitSettings(jobs_per_window=50, window_s=60, max_queued_per_user=5, max_queue=50),
+    }
+    values.update(kw)
+    return make_settings(tmp, engine_settings, **values)
+
+
+def opt(name: str, value: Any, kind: int = 3) -> dict[str, Any]:
+    return {"name": name, "type": kind, "value": value}
+
+
+def png_of(fake: FakeDiscord, message: dict[str, Any]) -> bytes:
+    return fake.attachment_bytes[message["attachments"][0]["id"]]
+
+
+async def finished_message(fake: FakeDiscord, token: str) -> dict[str, Any]:
+    return await fake.wait_for(lambda: (m := fake.original(token)) and m["attachments"] and m)
+
+
+def is_ephemeral_error(fake: FakeDiscord, token: str, text: str) -> bool:
+    for call in fake.calls:
+        body = call.json or {}
+        data = body.get("data", body) if isinstance(body, dict) else {}
+        if (
+            token in call.path
+            and isinstance(data, dict)
+            and data.get("flags", 0) & 64
+            and text in data.get("content", "")
+        ):
+            return True
+    return False
+
+
+async def test_commands_are_synced_on_start(harness: Harness) -> None:
+    names = {c["name"] for c in harness.fake.commands}
+
+    assert {"imagine", "history", "rerun", "admin"} <= names
+    imagine = next(c for c in harness.fake.commands if c["name"] == "imagine")
+    assert imagine["options"][0]["name"] == "prompt" and imagine["options"][0]["required"]
+    admin = next(c for c in harness.fake.commands if c["name"] == "admin")
+    assert int(admin["default_member_permissions"]) == 1 << 5  # manage_guild
+
+
+async def test_imagine_goes_from_interaction_to_png_with_progress(harness: Harness) -> None:
+    fake = harness.fake
+    token = await fake.slash(
+        "imagine",
+        [opt("prompt", "a red cat"), opt("seed", 7, 4), opt("steps", 24, 4), opt("size", "512x512")],
+        fake.member(ALICE, "alice"),
+    )
+
+    message = await finished_message(fake, token)
+
+    assert fake.response_to(token) == {"type": 5}, "deferred at once"
+    edits = [
+        c.json.get("content", "") for c in fake.calls if c.method == "PATCH" and token in c.path and c.json
+    ]
+    assert any("in the queue" in e or "next in line" in e for e in edits)
+    assert any("steps" in e and "█" in e for e in edits), "a progress bar while it runs"
+    recipe = read_recipe(png_of(fake, message))
+    assert (recipe.prompt, recipe.seed, recipe.steps) == ("a red cat", 7, 24)
+    assert "seed 7" in message["content"] and f"<@{ALICE}>" in message["content"]
+    custom_ids = [c["custom_id"] for row in message["components"] for c in row["components"]]
+    assert any(cid.startswith("fluxbot:reroll:") for cid in custom_ids)
+    await fake.wait_for(lambda: fake.calls_to("PUT", f"/messages/{message['id']}/reactions/"))
+
+
+async def test_reroll_reaction_makes_a_new_job_for_the_reacting_user(harness: Harness) -> None:
+    fake = harness.fake
+    token = await fake.slash(
+        "imagine", [opt("prompt", "a blue owl"), opt("seed", 3, 4)], fake.member(ALICE, "alice")
+    )
+    original = await finished_message(fake, token)
+    before = len(fake.calls_to("POST", f"/channels/{CHANNEL_ID}/messages"))
+
+    await fake.react(original["id"], "🔁", fake.member(BOB, "bob"))
+
+    posted = await fake.wait_for(
+        lambda: [m for m in fake.messages.values() if m["attachments"] and m["id"] != original["id"]]
+    )
+    assert len(fake.calls_to("POST", f"/channels/{CHANNEL_ID}/messages")) > before
+    recipe = read_recipe(png_of(fake, posted[0]))
+    assert recipe.prompt == "a blue owl" and recipe.seed != 3
+    assert f"<@{BOB}>" in posted[0]["content"]
+    jobs, _ = await harness.app.jobs.history(BOB, fake_guild(), 1, 10)
+    assert jobs and jobs[0].kind.value == "reroll"
+
+
+def fake_guild() -> int:
+    from tests.fake_discord import GUILD_ID
+
+    return GUILD_ID
+
+
+async def test_buttons_work_after_a_bot_restart(harness: Harness) -> None:
+    fake = harness.fake
+    token = await fake.slash(
+        "imagine", [opt("prompt", "a castle"), opt("seed", 10, 4)], fake.member(ALICE, "alice")
+    )
+    original = await finished_message(fake, token)
+    job_id = original["components"][0]["components"][0]["custom_id"].split(":")[-1]
+
+    await harness.stop()
+    await harness.start()
+    click = await fake.click(original["id"], f"fluxbot:vary:{job_id}", fake.member(BOB, "bob"))
+
+    message = await finished_message(fake, click)
+    seeds = sorted(read_recipe(fake.attachment_bytes[a["id"]]).seed for a in message["attachments"])
+    assert seeds == [11, 12, 13, 14]
+
+
+async def test_history_lists_the_callers_jobs_ephemerally(harness: Harness) -> None:
+    fake = harness.fake
+    token = await fake.slash("imagine", [opt("prompt", "a snowy forest")], fake.member(ALICE, "alice"))
+    await finished_message(fake, token)
+
+    history = await fake.slash("history", [], fake.member(ALICE, "alice"))
+
+    reply = await fake.wait_for(lambda: fake.response_to(history))
+    assert reply["type"] == 4 and reply["data"]["flags"] & 64
+    assert "a snowy forest" in reply["data"]["content"] and "done" in reply["data"]["content"]
+
+
+async def test_rerun_without_seed_gives_identical_pixels(harness: Harness) -> None:
+    fake = harness.fake
+    token = await fake.slash("imagine", [opt("prompt", "a neon city at night")], fake.member(ALICE, "alice"))
+    first = await finished_message(fake, token)
+    job_id = int(first["components"][0]["components"][0]["custom_id"].split(":")[-1])
+
+    again = await fake.slash("rerun", [opt("job_id", job_id, 4)], fake.member(BOB, "bob"))
+    second = await finished_message(fake, again)
+
+    a = np.asarray(Image.open(io.BytesIO(png_of(fake, first))))
+    b = np.asarray(Image.open(io.BytesIO(png_of(fake, second))))
+    assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ([opt("prompt", "   ")], "the prompt is empty"),
+        ([opt("prompt", "x" * 5000)], "at most 2000 characters"),
+        ([opt("prompt", "a cat"), opt("size", "123x77")], "multiples of 16"),
+        ([opt("prompt", "a cat"), opt("lora", "../../etc/passwd")], "not on the whitelist"),
+        ([opt("prompt", "a cat"), opt("seed", -5, 4)], "greater than or equal to 0"),
+    ],
+)
+async def test_bad_input_gets_an_ephemeral_error_and_the_bot_keeps_serving(
+    harness: Harness, options: list[dict[str, Any]], message: str
+) -> None:
+    fake = harness.fake
+    token = await fake.slash("imagine", options, fake.member(ALICE, "alice"))
+
+    await fake.wait_for(lambda: is_ephemeral_error(fake, token, message))
+    good = await fake.slash("imagine", [opt("prompt", "a cat")], fake.member(ALICE, "alice"))
+    assert await finished_message(fake, good)
+
+
+async def test_queue_cap_is_an_ephemeral_refusal(
+    fake: FakeDiscord, tmp_path: Path, make_settings: Callable[..., EngineSettings], data_dir: Path
+) -> None:
+    limits = LimitSettings(jobs_per_window=50, window_s=60, max_queued_per_user=1, max_queue=50)
+    settings = make_bot_settings(tmp_path, make_settings, fake, limits=limits)
+    engine = await asyncio.to_thread(FluxEngine.load, settings.engine, data_dir)
+    h = Harness(fake, settings, engine)
+    await h.start()
+    try:
+        await h.app.admin.pause(_admin_requester(), True)
+        await fake.slash("imagine", [opt("prompt", "a cat")], fake.member(ALICE, "alice"))
+        await fake.wait_for(lambda: len(h.app.queue) == 1)
+        token = await fake.slash("imagine", [opt("prompt", "a dog")], fake.member(ALICE, "alice"))
+
+        await fake.wait_for(lambda: is_ephemeral_error(fake, token, "You have 1 jobs queued (max 1)"))
+        assert fake.calls_to("DELETE", f"/{token}/messages/@original"), (
+            "the public 'thinking' message is removed"
+        )
+    finally:
+        await h.stop()
+
+
+def _admin_requester() -> Any:
+    from bot.services.studio import Requester
+
+    return Requester(user_id=ADMIN)
+
+
+async def test_fair_order_with_two_users(harness: Harness) -> None:
+    fake, app = harness.fake, harness.app
+    await app.admin.pause(_admin_requester(), True)
+    alice = [
+        await fake.slash("imagine", [opt("prompt", f"cat {i}")], fake.member(ALICE, "alice"))
+        for i in range(3)
+    ]
+    bob = [
+        await fake.slash("imagine", [opt("prompt", f"dog {i}")], fake.member(BOB, "bob")) for i in range(2)
+    ]
+    await fake.wait_for(lambda: len(app.queue) == 5)
+
+    bob_queued = await fake.wait_for(
+        lambda: (m := fake.original(bob[0])) and "#2 in the queue" in m["content"] and m
+    )
+    await app.admin.pause(_admin_requester(), False)
+    messages = [await finished_message(fake, t) for t in alice + bob]
+
+    finished_order = sorted(range(5), key=lambda i: messages[i]["edited_timestamp"])
+    assert [(["a"] * 3 + ["b"] * 2)[i] for i in finished_order] == ["a", "b", "a", "b", "a"]
+    assert bob_queued
+
+
+async def test_admin_commands_refuse_non_admins_even_if_discord_shows_them(harness: Harness) -> None:
+    fake = harness.fake
+    sub = {"name": "pause", "type": 1, "options": []}
+
+    token = await fake.slash("admin", [sub], fake.member(ALICE, "alice", admin=True))
+
+    await fake.wait_for(lambda: is_ephemeral_error(fake, token, "Only fluxbot admins"))
+    assert not harness.app.queue.paused
+
+
+async def test_admin_change_by_role_is_persisted_and_audited(harness: Harness) -> None:
+    fake = harness.fake
+    sub = {
+        "name": "preset-set",
+        "type": 1,
+        "options": [opt("name", "dev"), opt("field", "steps"), opt("value", "7")],
+    }
+
+    token = await fake.slash("admin", [sub], fake.member(BOB, "bob", roles=[ADMIN_ROLE]))
+
+    reply = await fake.wait_for(lambda: fake.response_to(token))
+    assert "steps = 7" in reply["data"]["content"]
+    assert (await harness.app.admin.store.setting("preset:dev"))["steps"] == 7
+    audit = await harness.app.admin.store.audit()
+    assert audit[0].action == "preset.set" and audit[0].actor_id == BOB
+
+
+async def test_restart_with_queued_jobs_delivers_them_all(harness: Harness) -> None:
+    fake, app = harness.fake, harness.app
+    await app.admin.pause(_admin_requester(), True)
+    tokens = [
+        await fake.slash("imagine", [opt("prompt", f"fox {i}")], fake.member(ALICE if i % 2 else BOB, "u"))
+        for i in range(4)
+    ]
+    await fake.wait_for(lambda: len(app.queue) == 4)
+
+    await harness.stop()  # the queue was paused in memory only: a fresh start serves again
+    await harness.start()
+
+    for token in tokens:
+        assert await finished_message(fake, token)
+    jobs = [await harness.app.jobs.get(i) for i in range(1, 5)]
+    assert all(j is not None and j.status == JobStatus.DONE and j.delivered for j in jobs)
+
+
+async def test_ack_is_fast_while_the_engine_is_busy(harness: Harness) -> None:
+    fake = harness.fake
+    busy = await fake.slash(
+        "imagine",
+        [opt("prompt", "a big one"), opt("steps", 40, 4), opt("size", "512x512")],
+        fake.member(ALICE, "alice"),
+    )
+    await fake.wait_for(lambda: (m := fake.original(busy)) and "steps" in m["content"])
+
+    token = await fake.slash("history", [], fake.member(BOB, "bob"))
+    await fake.wait_for(lambda: fake.response_to(token))
+    ack = next(c for c in fake.calls if f"/{token}/callback" in c.path)
+
+    assert ack.at - fake.interaction_sent_at[token] < 1.0
+    assert time.monotonic() > 0
