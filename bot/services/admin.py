@@ -20,6 +20,7 @@ from fluxbot.settings import LimitSettings
 PRESET_KEY = "preset:"
 LORA_KEY = "lora:"
 LIMITS_KEY = "limits"
+QUEUE_KEY = "queue"
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,9 @@ class AdminService:
         limits = await self.store.setting(LIMITS_KEY)
         if limits:
             self.studio.set_limits(LimitSettings.model_validate(limits))
+        queue = await self.store.setting(QUEUE_KEY)
+        if queue and queue.get("paused"):
+            self.studio.queue.pause()
 
     # presets
     def presets(self) -> dict[str, Preset]:
@@ -142,9 +146,11 @@ class AdminService:
         await self.store.record(who.user_id, who.guild_id, "job.cancel", {"job_id": job_id})
 
     async def pause(self, who: Requester, paused: bool) -> None:
+        """Paused stays paused across restarts, like every admin change."""
+        action = "queue.pause" if paused else "queue.resume"
+        await self.store.put_setting(QUEUE_KEY, {"paused": paused}, who.user_id, who.guild_id, action)
         queue = self.studio.queue
         queue.pause() if paused else queue.resume()
-        await self.store.record(who.user_id, who.guild_id, "queue.pause" if paused else "queue.resume", {})
 
 
 def _parse_value(text: str) -> Any:

@@ -1,0 +1,143 @@
+"""Bot benchmark against the fake Discord server on the tiny model: prints figures, asserts nothing.
+
+1. Ack latency: with the engine saturated by running jobs, the time from INTERACTION_CREATE (sent by
+   the fake server) to the bot's ack request, over >= 200 /imagine interactions from >= 20 users
+   (goal p99 < 250 ms; Discord's hard limit is 3 s).
+2. Per-job overhead: interaction to delivered PNG, minus the engine's own time for that job.
+
+Run: python bench/bot.py [--interactions 200] [--users 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+for noisy in ("torchao", "torch.utils._pytree", "discord", "alembic", "aiohttp.access"):
+    logging.getLogger(noisy).setLevel(logging.ERROR)
+
+from bot.client import FluxBot, point_at  # noqa: E402
+from engine.engine import FluxEngine  # noqa: E402
+from engine.settings import EngineSettings  # noqa: E402
+from fluxbot.settings import LimitSettings, Settings  # noqa: E402
+from tests.fake_discord import FakeDiscord  # noqa: E402
+
+PRESETS = """
+[dev]
+steps = 20
+steps_range = [1, 60]
+guidance = 3.5
+guidance_range = [1.0, 10.0]
+width = 512
+height = 512
+megapixels_range = [0.001, 2.1]
+"""
+
+
+def opt(name: str, value: Any, kind: int = 3) -> dict[str, Any]:
+    return {"name": name, "type": kind, "value": value}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def main(interactions: int, users: int) -> None:
+    work = Path(tempfile.mkdtemp())
+    (work / "presets.toml").write_text(PRESETS)
+    (work / "loras.toml").write_text("")
+    fake = FakeDiscord()
+    await fake.start()
+    settings = Settings(
+        data_dir=work,
+        discord_api_base=fake.api_base,
+        discord_gateway_url=fake.gateway_url,
+        engine=EngineSettings(
+            model="tiny", presets_file=work / "presets.toml", loras_file=work / "loras.toml"
+        ),
+        limits=LimitSettings(jobs_per_window=1000, window_s=60, max_queued_per_user=100, max_queue=10_000),
+    )
+    engine = await asyncio.to_thread(FluxEngine.load, settings.engine, work)
+    point_at(fake.api_base, fake.gateway_url)
+    bot = FluxBot(settings, engine=engine)
+    task = asyncio.create_task(bot.start("bench-token"))
+    await asyncio.wait_for(bot.wait_until_ready(), 120)
+    assert bot.app is not None
+
+    # 2. per-job overhead first, on an idle engine.
+    overheads, engine_times = [], []
+    for i in range(5):
+        sent = time.monotonic()
+        token = await fake.slash("imagine", [opt("prompt", f"a lighthouse {i}")], fake.member(1, "solo"))
+        await fake.wait_for(lambda t=token: (m := fake.original(t)) and m["attachments"], timeout=120)
+        total = time.monotonic() - sent
+        job = (await bot.app.jobs.history(1, fake_guild(), 1, 1))[0][0]
+        engine_s = (job.timings or {})["total_s"]
+        overheads.append(total - engine_s)
+        engine_times.append(engine_s)
+
+    # 1. ack latency with the engine busy: a long job runs, then a burst from many users.
+    busy = await fake.slash(
+        "imagine",
+        [opt("prompt", "keep the engine busy"), opt("steps", 60, 4), opt("size", "1024x1024")],
+        fake.member(2, "busy"),
+    )
+    await fake.wait_for(lambda: (m := fake.original(busy)) and "steps" in m["content"], timeout=120)
+    tokens = []
+    for i in range(interactions):
+        member = fake.member(1000 + i % users, f"user{i % users}")
+        tokens.append(await fake.slash("imagine", [opt("prompt", f"a cat number {i}")], member))
+        await asyncio.sleep(0.01)
+    await fake.wait_for(lambda: all(fake.response_to(t) for t in tokens), timeout=300)
+    engine_busy = bot.app.queue.running is not None
+    acks = []
+    for token in tokens:
+        call = next(c for c in fake.calls if f"/{token}/callback" in c.path)
+        acks.append((call.at - fake.interaction_sent_at[token]) * 1000)
+
+    print(f"1. ack latency, {interactions} /imagine from {users} users, engine busy: {engine_busy}")
+    print(
+        f"   p50 {percentile(acks, 0.5):7.1f} ms   p99 {percentile(acks, 0.99):7.1f} ms   "
+        f"max {max(acks):7.1f} ms   (goal p99 < 250 ms)"
+    )
+    print(
+        f"2. per-job overhead (interaction -> PNG delivered, minus engine time), {len(overheads)} jobs 512x512x20"
+    )
+    print(
+        f"   engine {statistics.median(engine_times) * 1000:7.1f} ms   bot overhead "
+        f"{statistics.median(overheads) * 1000:7.1f} ms (median)"
+    )
+
+    await bot.app.admin.pause(_admin(), True)
+    await bot.close()
+    await task
+    await fake.stop()
+
+
+def fake_guild() -> int:
+    from tests.fake_discord import GUILD_ID
+
+    return GUILD_ID
+
+
+def _admin() -> Any:
+    from bot.services.studio import Requester
+
+    return Requester(user_id=0)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--interactions", type=int, default=200)
+    parser.add_argument("--users", type=int, default=20)
+    args = parser.parse_args()
+    asyncio.run(main(args.interactions, args.users))
