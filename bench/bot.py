@@ -110,7 +110,7 @@ async def main(interactions: int, users: int) -> None:
         f"max {max(acks):7.1f} ms   (goal p99 < 250 ms)"
     )
     print(
-        f"2. per-job overhead (interaction -> PNG delivered, minus engine time), {len(overheads)} jobs 512x512"
+        f"2. per-job overhead (interaction to PNG delivered, less engine time), {len(overheads)} jobs 512x512"
     )
     print(
         f"   engine {statistics.median(engine_times) * 1000:7.1f} ms   bot overhead "
