@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 
 class EngineError(Exception):
     """Base of every error the engine raises on purpose; the message is user-facing."""
@@ -34,3 +36,11 @@ class GenerationCancelled(EngineError):
         super().__init__(f"cancelled after step {step} of {total}")
         self.step = step
         self.total = total
+
+
+def first_problem(exc: ValidationError, prefix: str = "") -> str:
+    """pydantic's first error as one line a user can act on: `field: problem`."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where}: {msg}" if where else msg

@@ -11,7 +11,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from engine.api import GenerationRequest, LoraChoice, StepProgress
-from engine.errors import EngineError
+from engine.errors import EngineError, first_problem
 from fluxbot.settings import Settings
 
 log = logging.getLogger("fluxbot")
@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _db(settings)
         return _doctor(settings)
     except ValidationError as exc:
-        print(f"fluxbot: {_first_problem(exc)}", file=sys.stderr)
+        print(f"fluxbot: {first_problem(exc)}", file=sys.stderr)
     except EngineError as exc:
         print(f"fluxbot: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
@@ -169,13 +169,6 @@ def _doctor(settings: Settings) -> int:
     report = run_doctor(settings.engine, settings.data_dir)
     print(report.render())
     return 0 if report.ok else 1
-
-
-def _first_problem(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"])
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"{where}: {msg}" if where else msg
 
 
 def _quiet_libraries(verbose: bool) -> None:

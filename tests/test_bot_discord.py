@@ -273,14 +273,17 @@ def _admin_requester() -> Any:
 async def test_fair_order_with_two_users(harness: Harness) -> None:
     fake, app = harness.fake, harness.app
     await app.admin.pause(_admin_requester(), True)
-    alice = [
-        await fake.slash("imagine", [opt("prompt", f"cat {i}")], fake.member(ALICE, "alice"))
-        for i in range(3)
-    ]
-    bob = [
-        await fake.slash("imagine", [opt("prompt", f"dog {i}")], fake.member(BOB, "bob")) for i in range(2)
-    ]
-    await fake.wait_for(lambda: len(app.queue) == 5)
+
+    async def queue_one(user: int, name: str, prompt: str) -> str:
+        # One after another, as people type: each is admitted before the next arrives.
+        token = await fake.slash("imagine", [opt("prompt", prompt)], fake.member(user, name))
+        await fake.wait_for(
+            lambda: (m := fake.original(token)) and ("queue" in m["content"] or "line" in m["content"])
+        )
+        return token
+
+    alice = [await queue_one(ALICE, "alice", f"cat {i}") for i in range(3)]
+    bob = [await queue_one(BOB, "bob", f"dog {i}") for i in range(2)]
 
     bob_queued = await fake.wait_for(
         lambda: (m := fake.original(bob[0])) and "#2 in the queue" in m["content"] and m
@@ -339,3 +342,27 @@ async def test_restart_with_queued_jobs_delivers_them_all(harness: Harness) -> N
         assert await finished_message(fake, token)
     jobs = [await harness.app.jobs.get(i) for i in range(1, 5)]
     assert all(j is not None and j.status == JobStatus.DONE and j.delivered for j in jobs)
+
+
+async def test_result_after_the_token_expired_is_posted_in_the_channel_with_a_mention(
+    harness: Harness,
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import update
+
+    from bot.store.models import Job
+
+    fake, app = harness.fake, harness.app
+    await app.admin.pause(_admin_requester(), True)
+    token = await fake.slash("imagine", [opt("prompt", "a late owl")], fake.member(ALICE, "alice"))
+    await fake.wait_for(lambda: len(app.queue) == 1)
+    async with app.db.session() as session, session.begin():  # 20 minutes pass: the token is dead
+        stale = datetime.now(UTC) - timedelta(minutes=20)
+        await session.execute(update(Job).values(interaction_at=stale))
+
+    await app.admin.pause(_admin_requester(), False)
+
+    posted = await fake.wait_for(lambda: [m for m in fake.messages.values() if m["attachments"]])
+    assert f"<@{ALICE}>" in posted[0]["content"] and "a late owl" in posted[0]["content"]
+    assert not (fake.original(token) or {}).get("attachments")

@@ -12,7 +12,7 @@ from bot.services.errors import NotAllowed, NotFound, UserError
 from bot.services.queue import QueueEntry
 from bot.services.studio import Requester, Studio
 from bot.store.admin import AdminStore
-from engine.errors import EngineError
+from engine.errors import EngineError, first_problem
 from engine.loras import LoraEntry
 from engine.presets import Preset
 from fluxbot.settings import LimitSettings
@@ -78,9 +78,7 @@ class AdminService:
         try:
             updated = Preset.model_validate(data)
         except ValidationError as exc:
-            raise UserError(
-                f"{name}.{field}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}"
-            ) from exc
+            raise UserError(first_problem(exc, name)) from exc
         await self.store.put_setting(
             PRESET_KEY + name, updated.model_dump(mode="json"), who.user_id, who.guild_id, "preset.set"
         )
@@ -95,10 +93,7 @@ class AdminService:
         try:
             entry = LoraEntry.model_validate({k: v for k, v in fields.items() if v is not None})
         except ValidationError as exc:
-            err = exc.errors()[0]
-            raise UserError(
-                f"{'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}"
-            ) from exc
+            raise UserError(first_problem(exc)) from exc
         try:
             self.studio.resolver.whitelist.verify(entry)  # file present, hash matches: before it is listed
         except EngineError as exc:
@@ -124,7 +119,7 @@ class AdminService:
         try:
             limits = LimitSettings.model_validate({**self.studio.limits.model_dump(), field: value})
         except ValidationError as exc:
-            raise UserError(f"{field}: {exc.errors()[0]['msg']}") from exc
+            raise UserError(first_problem(exc)) from exc
         await self.store.put_setting(LIMITS_KEY, limits.model_dump(), who.user_id, who.guild_id, "limits.set")
         self.studio.set_limits(limits)
         return limits

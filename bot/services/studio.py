@@ -14,7 +14,7 @@ from bot.store.admin import AdminStore
 from bot.store.jobs import JobStore, NewJob
 from bot.store.models import Job, JobKind
 from engine.api import MAX_SEED, GenerationRequest, LoraChoice
-from engine.errors import RequestError
+from engine.errors import RequestError, first_problem
 from engine.resolve import RequestResolver
 from fluxbot.settings import LimitSettings
 
@@ -78,9 +78,7 @@ class Studio:
         try:
             request = GenerationRequest.model_validate({k: v for k, v in fields.items() if v is not None})
         except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(str(p) for p in err["loc"])
-            raise UserError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from exc
+            raise UserError(first_problem(exc)) from exc
         try:
             self.resolver.resolve(request)
         except RequestError as exc:
