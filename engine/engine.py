@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.metadata
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -15,7 +17,7 @@ import torch
 
 from engine.api import GenerationRequest, GenerationResult, Recipe, ResolvedRequest, StepProgress, Timings
 from engine.embed_cache import PromptEmbedCache
-from engine.errors import GenerationCancelled, RequestError
+from engine.errors import GenerationCancelled, OutOfMemory, RequestError
 from engine.families import Embeds, FamilyAdapter, adapter_for, concat_embeds, repeat_embeds
 from engine.hashing import FileHasher
 from engine.loading import LoadedModel, load_pipeline
@@ -73,6 +75,7 @@ class FluxEngine:
         self._family: FamilyAdapter = adapter_for(loaded.family)
         self._lock = threading.Lock()
         self._versions = library_versions()
+        self.memory_cap_bytes: int | None = None
 
     @classmethod
     def load(cls, settings: EngineSettings, data_dir: Path) -> FluxEngine:
@@ -91,7 +94,13 @@ class FluxEngine:
         )
         resolver = build_resolver(settings, data_dir, loaded.family, source.models_dir, hasher)
         loras = ResidentLoras(loaded.pipe, resolver.whitelist, settings.max_resident_loras)
-        return cls(loaded, resolver, info, loras, PromptEmbedCache(settings.embed_cache_size))
+        engine = cls(loaded, resolver, info, loras, PromptEmbedCache(settings.embed_cache_size))
+        engine.set_memory_cap(settings.memory_cap_gb)
+        return engine
+
+    def set_memory_cap(self, gigabytes: float | None) -> None:
+        """On CPU there is no OOM error before the kernel kills us: fail the job past this RSS instead."""
+        self.memory_cap_bytes = None if gigabytes is None else int(gigabytes * 1024**3)
 
     def resolve(self, request: GenerationRequest) -> ResolvedRequest:
         return self.resolver.resolve(request)
@@ -188,21 +197,37 @@ class FluxEngine:
             if cancel is not None and cancel.is_set():
                 # Raising stops the loop now; the pipeline's interrupt flag would still decode.
                 raise GenerationCancelled(index + 1, params.steps)
+            if self.memory_cap_bytes is not None and process_rss() > self.memory_cap_bytes:
+                raise torch.OutOfMemoryError(f"process memory above engine.memory_cap_gb at step {index + 1}")
             return tensors
 
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        with torch.inference_mode():
-            out = self.pipe(
-                **embeds,
-                **self._family.call_kwargs(params, negative),
-                height=params.height,
-                width=params.width,
-                num_inference_steps=params.steps,
-                num_images_per_prompt=1,
-                generator=generators,
-                callback_on_step_end=step_end,
-            )
+        try:
+            with torch.inference_mode():
+                out = self.pipe(
+                    **embeds,
+                    **self._family.call_kwargs(params, negative),
+                    height=params.height,
+                    width=params.width,
+                    num_inference_steps=params.steps,
+                    num_images_per_prompt=1,
+                    generator=generators,
+                    callback_on_step_end=step_end,
+                )
+        except torch.OutOfMemoryError as exc:
+            self._free_memory()
+            log.warning("out of memory at %dx%d x%d (%s)", params.width, params.height, len(seeds), exc)
+            raise OutOfMemory(
+                f"Out of memory drawing {params.width}x{params.height}"
+                + (f" x{len(seeds)}" if len(seeds) > 1 else "")
+                + f" with preset {params.preset}: try a smaller size, fewer images or a lighter preset."
+            ) from exc
         return list(out.images), last_step[0]
+
+    def _free_memory(self) -> None:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _recipe(self, r: ResolvedRequest, seed: int) -> Recipe:
         info = self.info
@@ -228,6 +253,15 @@ class FluxEngine:
             loras=r.loras,
             versions=self._versions,
         )
+
+
+def process_rss() -> int:
+    """Resident memory of this process in bytes (Linux /proc; 0 where unknown)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 def build_resolver(

@@ -29,6 +29,10 @@ class LoraError(RequestError):
     """A LoRA is unknown, unsafe, missing on disk, or its hash does not match the whitelist."""
 
 
+class OutOfMemory(EngineError):
+    """The job did not fit in (GPU or capped CPU) memory; the message suggests a lighter request."""
+
+
 class GenerationCancelled(EngineError):
     """The caller cancelled the job between two denoising steps."""
 

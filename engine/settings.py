@@ -55,3 +55,6 @@ class EngineSettings(BaseModel):
     max_loras_per_job: int = Field(3, ge=0, le=8)
     embed_cache_size: int = Field(64, ge=0, le=10_000)
     max_batch_size: int = Field(4, ge=1, le=16)
+    memory_cap_gb: float | None = Field(
+        None, gt=0, description="CPU: fail a job (not the process) when RSS passes this many GB"
+    )

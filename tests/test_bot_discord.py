@@ -366,3 +366,56 @@ async def test_result_after_the_token_expired_is_posted_in_the_channel_with_a_me
     posted = await fake.wait_for(lambda: [m for m in fake.messages.values() if m["attachments"]])
     assert f"<@{ALICE}>" in posted[0]["content"] and "a late owl" in posted[0]["content"]
     assert not (fake.original(token) or {}).get("attachments")
+
+
+async def test_result_arrives_after_the_gateway_drops_mid_job(harness: Harness) -> None:
+    fake = harness.fake
+    token = await fake.slash(
+        "imagine",
+        [opt("prompt", "a stormy sea"), opt("steps", 30, 4), opt("size", "512x512")],
+        fake.member(ALICE, "alice"),
+    )
+    await fake.wait_for(lambda: (m := fake.original(token)) and "steps" in m["content"])
+
+    await fake.drop_gateway()
+
+    assert await finished_message(fake, token)
+    await asyncio.wait_for(fake.identified.wait(), 30)  # discord.py reconnected (resumed or identified)
+
+
+async def test_rate_limited_and_failing_rest_calls_are_retried(harness: Harness) -> None:
+    fake = harness.fake
+    fake.fail_next = [("/messages/", 429), ("/messages/", 502)]
+    token = await fake.slash("imagine", [opt("prompt", "a patient fox")], fake.member(ALICE, "alice"))
+
+    message = await finished_message(fake, token)
+
+    assert message["attachments"] and fake.fail_next == []
+
+
+async def test_the_token_never_reaches_the_logs(
+    fake: FakeDiscord,
+    tmp_path: Path,
+    make_settings: Callable[..., EngineSettings],
+    data_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    secret = "MTIzNDU2Nzg5.secret-token-value.xyz"
+    settings = make_bot_settings(tmp_path, make_settings, fake, discord_token=secret)
+    engine = await asyncio.to_thread(FluxEngine.load, settings.engine, data_dir)
+    caplog.set_level(logging.DEBUG)
+    h = Harness(fake, settings, engine)
+    point_at(fake.api_base, fake.gateway_url)
+    h.bot = FluxBot(settings, engine=engine)
+    h.task = asyncio.create_task(h.bot.start(secret))
+    try:
+        await asyncio.wait_for(h.bot.wait_until_ready(), 60)
+        token = await fake.slash("imagine", [opt("prompt", "a secret garden")], fake.member(ALICE, "alice"))
+        await finished_message(fake, token)
+    finally:
+        await h.stop()
+
+    assert secret not in caplog.text
+    assert secret not in repr(settings) and secret not in str(settings.model_dump())

@@ -153,3 +153,16 @@ def test_engine_package_never_imports_bot_or_discord() -> None:
                 names = [node.module]
             for name in names:
                 assert name.split(".")[0] not in {"bot", "discord", "fluxbot"}, f"{path.name} imports {name}"
+
+
+def test_out_of_memory_fails_one_job_with_a_hint_and_the_next_runs(
+    make_settings: Callable[..., EngineSettings], data_dir: Path
+) -> None:
+    from engine.errors import OutOfMemory
+
+    engine = FluxEngine.load(make_settings(memory_cap_gb=0.001), data_dir)  # any real run exceeds 1 MB
+
+    with pytest.raises(OutOfMemory, match="try a smaller size, fewer images or a lighter preset"):
+        engine.generate(GenerationRequest(prompt="a huge cat", seed=1))
+    engine.set_memory_cap(None)
+    assert engine.generate(GenerationRequest(prompt="a small cat", seed=1)).images
