@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 from typing import Any
 
 import discord
@@ -71,6 +73,13 @@ class FluxBot(discord.Client):
     ) -> None:
         await reply_error(interaction, getattr(error, "original", error))
 
+    async def shutdown(self, grace_s: float) -> None:
+        """SIGTERM: refuse new jobs, finish or re-queue the running one, close the DB, disconnect."""
+        if self.app is not None:
+            self.app.studio.accepting = False
+            await self.app.queue.drain(grace_s)
+        await self.close()
+
     async def close(self) -> None:
         if self.app is not None:
             await self.app.close()
@@ -78,7 +87,19 @@ class FluxBot(discord.Client):
 
 
 async def run_bot(settings: Settings) -> None:
+    """Run until Discord closes the session or SIGTERM/SIGINT asks for a clean stop."""
     assert settings.discord_token is not None
     point_at(settings.discord_api_base, settings.discord_gateway_url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     async with FluxBot(settings) as bot:
-        await bot.start(settings.discord_token.get_secret_value())
+        running = asyncio.create_task(bot.start(settings.discord_token.get_secret_value()))
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            log.info("stopping: finishing the running job (up to %.0fs)", settings.shutdown_grace_s)
+            await bot.shutdown(settings.shutdown_grace_s)
+        stopping.cancel()
+        await running  # re-raises login/connection errors

@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     progress_interval_s: float = Field(
         1.5, ge=0.2, le=60, description="at most one progress edit per interval"
     )
+    shutdown_grace_s: float = Field(30.0, ge=0, le=3600, description="SIGTERM: time the running job gets")
     limits: LimitSettings = LimitSettings()
     engine: EngineSettings = EngineSettings()
 

@@ -29,6 +29,7 @@ class RunningJob:
     started: float = field(default_factory=time.monotonic)
     cancel: threading.Event = field(default_factory=threading.Event)
     cancelled_by: str = "its owner"
+    requeue: bool = False  # stopped by a shutdown, not by a person: run it again after the restart
 
     def remaining_s(self) -> float:
         return max(0.0, self.estimate_s - (time.monotonic() - self.started))
@@ -136,6 +137,26 @@ class LocalJobQueue:
         self.paused = False
         self._wake.set()
 
+    async def drain(self, grace_s: float) -> None:
+        """Shutdown: start nothing new, let the running job finish within `grace_s`, else put it back."""
+        self.pause()
+        running = self.running
+        if running is not None:
+            deadline = time.monotonic() + grace_s
+            while self.running is running and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if self.running is running:
+                log.info(
+                    "job %d did not finish within %.0fs: re-queued for the next start",
+                    running.job_id,
+                    grace_s,
+                )
+                running.requeue = True
+                running.cancel.set()
+                while self.running is running:
+                    await asyncio.sleep(0.05)
+        await self.stop()
+
     async def wait_idle(self, timeout: float) -> None:
         """For tests and shutdown: until nothing is queued or running."""
         await asyncio.wait_for(self._idle.wait(), timeout)
@@ -183,6 +204,10 @@ class LocalJobQueue:
             job = await self.store.mark_done(job_id, images, timings)
             log.info("job %d done for user %d in %.1fs", job_id, job.user_id, timings["total_s"])
         except GenerationCancelled:
+            if running.requeue:
+                await self.store.requeue(job_id)
+                self.running = None
+                return
             job = await self.store.mark_cancelled(job_id, running.cancelled_by)
         except EngineError as exc:
             job = await self.store.mark_failed(job_id, str(exc))

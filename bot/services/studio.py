@@ -68,6 +68,7 @@ class Studio:
         self.queue = queue
         self.limits = limits
         self.limiter = RateLimiter(limits.jobs_per_window, limits.window_s)
+        self.accepting = True  # False while shutting down
 
     def set_limits(self, limits: LimitSettings) -> None:
         self.limits = limits
@@ -191,6 +192,8 @@ class Studio:
 
     async def _check_allowed(self, who: Requester) -> int | None:
         """Refuse banned users; returns the user's own queue cap, if an admin set one."""
+        if not self.accepting:
+            raise LimitReached("fluxbot is restarting; try again in a minute.")
         user = await self.admin.user(who.user_id)
         if user is not None and user.banned:
             raise NotAllowed("You can't use fluxbot: an admin has banned you.")

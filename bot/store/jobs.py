@@ -105,6 +105,9 @@ class JobStore:
     async def mark_running(self, job_id: int) -> None:
         await self._set(job_id, status=JobStatus.RUNNING, started_at=utcnow(), attempts=Job.attempts + 1)
 
+    async def requeue(self, job_id: int) -> None:
+        await self._set(job_id, status=JobStatus.QUEUED, started_at=None)
+
     async def requeue_interrupted(self) -> int:
         async with self.db.session() as session, session.begin():
             result = await session.execute(

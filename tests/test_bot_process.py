@@ -1,0 +1,113 @@
+"""The bot as a real process (`fluxbot run`) against the fake Discord: SIGTERM and kill -9 lose no job."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO
+from tests.fake_discord import FakeDiscord
+
+ALICE, BOB = 111000000000000001, 111000000000000002
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeDiscord]:
+    server = FakeDiscord()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+class BotProcess:
+    def __init__(self, fake: FakeDiscord, data_dir: Path, presets: Path, tiny_data: Path) -> None:
+        loras = data_dir / "loras.toml"
+        loras.parent.mkdir(parents=True, exist_ok=True)
+        loras.write_text("")
+        (data_dir / "models").mkdir(exist_ok=True)
+        if not (data_dir / "models" / "tiny-flux1").exists():  # reuse the session's tiny model
+            os.symlink(tiny_data, data_dir / "models" / "tiny-flux1")
+        self.fake = fake
+        self.env = {
+            **os.environ, "PYTHONPATH": str(REPO), "FLUXBOT_DISCORD_TOKEN": "process-token",
+            "FLUXBOT_DISCORD_API_BASE": fake.api_base, "FLUXBOT_DISCORD_GATEWAY_URL": fake.gateway_url,
+            "FLUXBOT_DATA_DIR": str(data_dir), "FLUXBOT_ENGINE__PRESETS_FILE": str(presets),
+            "FLUXBOT_ENGINE__LORAS_FILE": str(loras), "FLUXBOT_CONFIG": str(data_dir / "absent.toml"),
+            "FLUXBOT_LIMITS__MAX_QUEUED_PER_USER": "10", "FLUXBOT_SHUTDOWN_GRACE_S": "20",
+            "FLUXBOT_PROGRESS_INTERVAL_S": "0.2",
+        }
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        self.fake.identified.clear()
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "fluxbot.cli", "run", env=self.env, cwd=REPO,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )
+        await asyncio.wait_for(self.fake.identified.wait(), 120)
+
+    async def signal(self, sig: int) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        code = await asyncio.wait_for(self.proc.wait(), 60)
+        self.proc = None
+        return code
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+def opt(name: str, value: Any, kind: int = 3) -> dict[str, Any]:
+    return {"name": name, "type": kind, "value": value}
+
+
+async def delivered(fake: FakeDiscord, tokens: list[str]) -> bool:
+    await fake.wait_for(lambda: all((m := fake.original(t)) and m["attachments"] for t in tokens), timeout=120)
+    return True
+
+
+@pytest.fixture
+async def bot_process(
+    fake: FakeDiscord, tmp_path: Path, presets_file: Path, tiny_dir: Path
+) -> AsyncIterator[BotProcess]:
+    process = BotProcess(fake, tmp_path / "data", presets_file, tiny_dir)
+    yield process
+    await process.stop()
+
+
+async def test_kill_9_at_any_moment_loses_no_accepted_job(bot_process: BotProcess, fake: FakeDiscord) -> None:
+    await bot_process.start()
+    slow = [opt("steps", 40, 4), opt("size", "512x512")]
+    tokens = [await fake.slash("imagine", [opt("prompt", f"a fox {i}"), *slow], fake.member(ALICE if i % 2 else BOB, "u"))
+              for i in range(4)]
+    await fake.wait_for(lambda: all(fake.response_to(t) for t in tokens))
+    await fake.wait_for(lambda: any((m := fake.original(t)) and "steps" in m["content"] for t in tokens))
+
+    assert await bot_process.signal(signal.SIGKILL) == -signal.SIGKILL
+    await bot_process.start()
+
+    assert await delivered(fake, tokens)
+
+
+async def test_sigterm_finishes_or_requeues_the_running_job_and_exits_0(
+    bot_process: BotProcess, fake: FakeDiscord
+) -> None:
+    await bot_process.start()
+    tokens = [await fake.slash("imagine", [opt("prompt", f"an owl {i}"), opt("steps", 30, 4), opt("size", "512x512")],
+                               fake.member(ALICE, "alice")) for i in range(3)]
+    await fake.wait_for(lambda: all(fake.response_to(t) for t in tokens))
+    await fake.wait_for(lambda: (m := fake.original(tokens[0])) and "steps" in m["content"])
+
+    assert await bot_process.signal(signal.SIGTERM) == 0
+    await bot_process.start()
+
+    assert await delivered(fake, tokens)
