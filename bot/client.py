@@ -9,6 +9,7 @@ from typing import Any
 
 import discord
 import yarl
+from aiohttp import web
 from discord import app_commands
 from discord.gateway import DiscordWebSocket
 from discord.http import Route
@@ -19,6 +20,7 @@ from bot.commands.buttons import JobButton
 from bot.commands.context import reply_error
 from bot.commands.imagine import COMMANDS, on_reaction
 from bot.delivery import DiscordDelivery
+from bot.observability import serve
 from engine.engine import FluxEngine
 from fluxbot.settings import Settings
 
@@ -44,13 +46,27 @@ class FluxBot(discord.Client):
         self.tree.add_command(AdminCommands(settings.admin_permission))
         self.delivery = DiscordDelivery(settings.data_dir, settings.progress_interval_s)
         self.app: App | None = None
+        self.metrics_server: web.AppRunner | None = None
 
     async def setup_hook(self) -> None:
         self.delivery.bind(self)
         self.app = await build_app(self.settings, self.delivery, self._engine)
         self.add_dynamic_items(JobButton)
         await self.app.start()
+        if self.settings.metrics_port is not None:
+            self.metrics_server = await serve(
+                self.app.metrics, self.health, self.settings.metrics_host, self.settings.metrics_port
+            )
         await self._sync_commands()
+
+    async def health(self) -> dict[str, bool]:
+        app = self.app
+        return {
+            "process": True,
+            "database": app is not None and await app.database_ok(),
+            "engine": app is not None and app.engine is not None,
+            "gateway": self.is_ready() and not self.is_closed() and self.ws is not None and self.ws.open,
+        }
 
     async def _sync_commands(self) -> None:
         if self.settings.guild_ids:
@@ -81,8 +97,12 @@ class FluxBot(discord.Client):
         await self.close()
 
     async def close(self) -> None:
+        if self.metrics_server is not None:
+            await self.metrics_server.cleanup()
+            self.metrics_server = None
         if self.app is not None:
             await self.app.close()
+            self.app = None
         await super().close()
 
 

@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     progress_interval_s: float = Field(
         1.5, ge=0.2, le=60, description="at most one progress edit per interval"
     )
+    metrics_host: str = Field("127.0.0.1", description="0.0.0.0 to let Prometheus scrape from outside")
+    metrics_port: int | None = Field(9100, ge=0, le=65535, description="/metrics and /healthz; unset: off")
     shutdown_grace_s: float = Field(30.0, ge=0, le=3600, description="SIGTERM: time the running job gets")
     limits: LimitSettings = LimitSettings()
     engine: EngineSettings = EngineSettings()

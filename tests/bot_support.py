@@ -47,6 +47,7 @@ def make_settings(
         "engine": make_engine_settings(),
         "limits": LimitSettings(jobs_per_window=100, window_s=60, max_queued_per_user=5, max_queue=50),
         "admin_user_ids": [1],
+        "metrics_port": None,
     }
     values.update(overrides)
     return Settings.model_validate(values)

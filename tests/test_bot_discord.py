@@ -419,3 +419,35 @@ async def test_the_token_never_reaches_the_logs(
 
     assert secret not in caplog.text
     assert secret not in repr(settings) and secret not in str(settings.model_dump())
+
+
+async def test_metrics_and_healthz_report_jobs_queue_and_connections(
+    fake: FakeDiscord, tmp_path: Path, make_settings: Callable[..., EngineSettings], data_dir: Path
+) -> None:
+    import aiohttp
+
+    settings = make_bot_settings(tmp_path, make_settings, fake, metrics_port=0)
+    engine = await asyncio.to_thread(FluxEngine.load, settings.engine, data_dir)
+    h = Harness(fake, settings, engine)
+    bot = await h.start()
+    try:
+        token = await fake.slash("imagine", [opt("prompt", "a measured cat")], fake.member(ALICE, "alice"))
+        await finished_message(fake, token)
+        bad = await fake.slash("imagine", [opt("prompt", "a cat"), opt("size", "13x13")], fake.member(ALICE, "a"))
+        await fake.wait_for(lambda: fake.response_to(bad))
+        assert bot.metrics_server is not None
+        port = bot.metrics_server.addresses[0][1]
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
+                text = await response.text()
+            async with http.get(f"http://127.0.0.1:{port}/healthz") as response:
+                health = (response.status, await response.json())
+    finally:
+        await h.stop()
+
+    assert 'fluxbot_jobs_total{outcome="done"} 1.0' in text
+    assert 'fluxbot_rejections_total{reason="validation"} 1.0' in text
+    assert 'fluxbot_queue_jobs{state="queued"} 0.0' in text
+    assert "fluxbot_step_seconds_count" in text and 'fluxbot_engine_memory_bytes{kind="rss"}' in text
+    assert 'fluxbot_embed_cache_total{result="miss"}' in text
+    assert health == (200, {"process": True, "database": True, "engine": True, "gateway": True})

@@ -36,20 +36,32 @@ class BotProcess:
             os.symlink(tiny_data, data_dir / "models" / "tiny-flux1")
         self.fake = fake
         self.env = {
-            **os.environ, "PYTHONPATH": str(REPO), "FLUXBOT_DISCORD_TOKEN": "process-token",
-            "FLUXBOT_DISCORD_API_BASE": fake.api_base, "FLUXBOT_DISCORD_GATEWAY_URL": fake.gateway_url,
-            "FLUXBOT_DATA_DIR": str(data_dir), "FLUXBOT_ENGINE__PRESETS_FILE": str(presets),
-            "FLUXBOT_ENGINE__LORAS_FILE": str(loras), "FLUXBOT_CONFIG": str(data_dir / "absent.toml"),
-            "FLUXBOT_LIMITS__MAX_QUEUED_PER_USER": "10", "FLUXBOT_SHUTDOWN_GRACE_S": "20",
-            "FLUXBOT_PROGRESS_INTERVAL_S": "0.2",
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "FLUXBOT_DISCORD_TOKEN": "process-token",
+            "FLUXBOT_DISCORD_API_BASE": fake.api_base,
+            "FLUXBOT_DISCORD_GATEWAY_URL": fake.gateway_url,
+            "FLUXBOT_DATA_DIR": str(data_dir),
+            "FLUXBOT_ENGINE__PRESETS_FILE": str(presets),
+            "FLUXBOT_ENGINE__LORAS_FILE": str(loras),
+            "FLUXBOT_CONFIG": str(data_dir / "absent.toml"),
+            "FLUXBOT_LIMITS__MAX_QUEUED_PER_USER": "10",
+            "FLUXBOT_SHUTDOWN_GRACE_S": "20",
+            "FLUXBOT_PROGRESS_INTERVAL_S": "0.2", "FLUXBOT_METRICS_PORT": "0",
         }
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
         self.fake.identified.clear()
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "fluxbot.cli", "run", env=self.env, cwd=REPO,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "fluxbot.cli",
+            "run",
+            env=self.env,
+            cwd=REPO,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
         )
         await asyncio.wait_for(self.fake.identified.wait(), 120)
 
@@ -71,7 +83,9 @@ def opt(name: str, value: Any, kind: int = 3) -> dict[str, Any]:
 
 
 async def delivered(fake: FakeDiscord, tokens: list[str]) -> bool:
-    await fake.wait_for(lambda: all((m := fake.original(t)) and m["attachments"] for t in tokens), timeout=120)
+    await fake.wait_for(
+        lambda: all((m := fake.original(t)) and m["attachments"] for t in tokens), timeout=120
+    )
     return True
 
 
@@ -87,8 +101,12 @@ async def bot_process(
 async def test_kill_9_at_any_moment_loses_no_accepted_job(bot_process: BotProcess, fake: FakeDiscord) -> None:
     await bot_process.start()
     slow = [opt("steps", 40, 4), opt("size", "512x512")]
-    tokens = [await fake.slash("imagine", [opt("prompt", f"a fox {i}"), *slow], fake.member(ALICE if i % 2 else BOB, "u"))
-              for i in range(4)]
+    tokens = [
+        await fake.slash(
+            "imagine", [opt("prompt", f"a fox {i}"), *slow], fake.member(ALICE if i % 2 else BOB, "u")
+        )
+        for i in range(4)
+    ]
     await fake.wait_for(lambda: all(fake.response_to(t) for t in tokens))
     await fake.wait_for(lambda: any((m := fake.original(t)) and "steps" in m["content"] for t in tokens))
 
@@ -102,8 +120,14 @@ async def test_sigterm_finishes_or_requeues_the_running_job_and_exits_0(
     bot_process: BotProcess, fake: FakeDiscord
 ) -> None:
     await bot_process.start()
-    tokens = [await fake.slash("imagine", [opt("prompt", f"an owl {i}"), opt("steps", 30, 4), opt("size", "512x512")],
-                               fake.member(ALICE, "alice")) for i in range(3)]
+    tokens = [
+        await fake.slash(
+            "imagine",
+            [opt("prompt", f"an owl {i}"), opt("steps", 30, 4), opt("size", "512x512")],
+            fake.member(ALICE, "alice"),
+        )
+        for i in range(3)
+    ]
     await fake.wait_for(lambda: all(fake.response_to(t) for t in tokens))
     await fake.wait_for(lambda: (m := fake.original(tokens[0])) and "steps" in m["content"])
 

@@ -9,6 +9,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from bot.observability import Metrics
 from bot.services.events import JobEvents
 from bot.services.fair_queue import FairQueue
 from bot.services.runner import JobRunner
@@ -46,10 +47,11 @@ class QueueEntry:
 class LocalJobQueue:
     """The database is the record (every job is stored before it is queued); this holds the order."""
 
-    def __init__(self, store: JobStore, runner: JobRunner, events: JobEvents) -> None:
+    def __init__(self, store: JobStore, runner: JobRunner, events: JobEvents, metrics: Metrics) -> None:
         self.store = store
         self.runner = runner
         self.events = events
+        self.metrics = metrics
         self.fair = FairQueue()
         self.paused = False
         self.running: RunningJob | None = None
@@ -91,6 +93,11 @@ class LocalJobQueue:
         self._owner[job.id] = job.user_id
         self._cost[job.id] = _cost(job)
         self._idle.clear()
+        self._update_depth()
+
+    def _update_depth(self) -> None:
+        self.metrics.queue_depth.labels("queued").set(len(self.fair))
+        self.metrics.queue_depth.labels("running").set(0 if self.running is None else 1)
 
     def queued_for(self, user_id: int) -> int:
         running = 1 if self.running is not None and self.running.user_id == user_id else 0
@@ -121,6 +128,7 @@ class LocalJobQueue:
     async def cancel(self, job_id: int, by: str) -> bool:
         """Cancel a waiting job at once, or the running one between two steps."""
         if self.fair.remove(job_id):
+            self._update_depth()
             job = await self.store.mark_cancelled(job_id, by)
             await self._deliver(job)
             return True
@@ -170,6 +178,7 @@ class LocalJobQueue:
                 await self._wake.wait()
                 continue
             popped = self.fair.pop()
+            self._update_depth()
             if popped is None:
                 continue
             _, job_id = popped
@@ -185,14 +194,18 @@ class LocalJobQueue:
         steps, pixels = self._cost.pop(job_id, (28, 1024 * 1024))
         self._owner.pop(job_id, None)
         self.running = running = RunningJob(job_id, job.user_id, self.runner.clock.estimate(steps, pixels))
+        self._update_depth()
         await self.store.mark_running(job_id)
         job = await self.store.get(job_id)
         assert job is not None
         await self.events.started(job)
         loop = asyncio.get_running_loop()
         started_job = job
+        last = [0.0]
 
-        def on_step(progress: StepProgress) -> None:
+        def on_step(progress: StepProgress) -> None:  # runs in the engine's thread
+            self.metrics.step_seconds.observe(progress.elapsed_s - last[0])
+            last[0] = progress.elapsed_s
             remaining = running.remaining_s()
             asyncio.run_coroutine_threadsafe(
                 self.events.progress(started_job, progress.step, progress.total, remaining), loop
@@ -202,7 +215,7 @@ class LocalJobQueue:
             request = GenerationRequest.model_validate(job.request)
             images, timings = await self.runner.run(job_id, request, on_step, running.cancel)
             job = await self.store.mark_done(job_id, images, timings)
-            log.info("job %d done for user %d in %.1fs", job_id, job.user_id, timings["total_s"])
+            self.metrics.job_seconds.observe(timings["total_s"])
         except GenerationCancelled:
             if running.requeue:
                 await self.store.requeue(job_id)
@@ -216,6 +229,19 @@ class LocalJobQueue:
             job = await self.store.mark_failed(job_id, INTERNAL_ERROR)
         finally:
             self.running = None
+            self._update_depth()
+        self.metrics.jobs.labels(job.status.value).inc()
+        log.info(
+            "job %d user %d %s in %.2fs (encode %.2fs, denoise %.2fs, decode %.2fs)%s",
+            job.id,
+            job.user_id,
+            job.status.value,
+            *(
+                float((job.timings or {}).get(k, 0.0))
+                for k in ("total_s", "encode_s", "denoise_s", "decode_s")
+            ),
+            f": {job.error}" if job.error else "",
+        )
         await self._deliver(job)
 
     async def _deliver(self, job: Job) -> None:

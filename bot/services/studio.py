@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
+from bot.observability import Metrics
 from bot.services.errors import LimitReached, NotAllowed, NotFound, UserError
 from bot.services.limits import RateLimiter
 from bot.services.queue import LocalJobQueue
@@ -61,7 +62,9 @@ class Studio:
         admin: AdminStore,
         queue: LocalJobQueue,
         limits: LimitSettings,
+        metrics: Metrics,
     ) -> None:
+        self.metrics = metrics
         self.resolver = resolver
         self.jobs = jobs
         self.admin = admin
@@ -79,10 +82,12 @@ class Studio:
         try:
             request = GenerationRequest.model_validate({k: v for k, v in fields.items() if v is not None})
         except ValidationError as exc:
+            self.metrics.rejections.labels("validation").inc()
             raise UserError(first_problem(exc)) from exc
         try:
             self.resolver.resolve(request)
         except RequestError as exc:
+            self.metrics.rejections.labels("validation").inc()
             raise UserError(str(exc)) from exc
         return request
 
@@ -93,13 +98,23 @@ class Studio:
         kind: JobKind = JobKind.IMAGINE,
         parent_id: int | None = None,
     ) -> Ticket:
-        user_cap = await self._check_allowed(who)
+        try:
+            user_cap = await self._check_allowed(who)
+        except NotAllowed:
+            self.metrics.rejections.labels("banned").inc()
+            raise
         try:
             resolved = self.resolver.resolve(request)
         except RequestError as exc:
+            self.metrics.rejections.labels("validation").inc()
             raise UserError(str(exc)) from exc
-        self._check_caps(who, user_cap)
+        try:
+            self._check_caps(who, user_cap)
+        except LimitReached:
+            self.metrics.rejections.labels("queue_cap").inc()
+            raise
         if not await self.limiter.try_acquire(who.user_id):
+            self.metrics.rejections.labels("rate_limit").inc()
             window = (
                 f"{self.limits.window_s:g} s"
                 if self.limits.window_s < 120

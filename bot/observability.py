@@ -1,0 +1,95 @@
+"""Prometheus metrics and /healthz on one port. One registry per app: no global collectors."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import torch
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from engine.engine import FluxEngine, process_rss
+
+log = logging.getLogger(__name__)
+STEP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8)
+JOB_BUCKETS = (0.5, 1, 2, 5, 10, 20, 40, 60, 120, 300, 600)
+
+
+class Metrics:
+    """What the queue and the studio count. Tests read the same registry the endpoint serves."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.queue_depth = Gauge("fluxbot_queue_jobs", "Jobs by state", ["state"], registry=self.registry)
+        self.jobs = Counter("fluxbot_jobs", "Finished jobs by outcome", ["outcome"], registry=self.registry)
+        self.job_seconds = Histogram(
+            "fluxbot_job_seconds", "Engine time per job", buckets=JOB_BUCKETS, registry=self.registry
+        )
+        self.step_seconds = Histogram(
+            "fluxbot_step_seconds", "Seconds per denoising step", buckets=STEP_BUCKETS, registry=self.registry
+        )
+        self.rejections = Counter(
+            "fluxbot_rejections", "Requests refused, by reason", ["reason"], registry=self.registry
+        )
+
+    def watch_engine(self, engine: FluxEngine) -> None:
+        self.registry.register(_EngineCollector(engine))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _EngineCollector(Collector):
+    """Read at scrape time from the engine's own counters, so nothing is counted twice."""
+
+    def __init__(self, engine: FluxEngine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Any]:
+        memory = GaugeMetricFamily(
+            "fluxbot_engine_memory_bytes", "VRAM allocated on CUDA, else process RSS", labels=["kind"]
+        )
+        if self.engine.info.device.is_cuda:
+            memory.add_metric(["vram"], float(torch.cuda.memory_allocated()))
+        memory.add_metric(["rss"], float(process_rss()))
+        yield memory
+        cache = self.engine.embed_cache
+        embeds = CounterMetricFamily(
+            "fluxbot_embed_cache", "Prompt-embedding cache lookups", labels=["result"]
+        )
+        embeds.add_metric(["hit"], cache.hits)
+        embeds.add_metric(["miss"], cache.misses)
+        yield embeds
+        loras = CounterMetricFamily(
+            "fluxbot_lora_cache", "LoRA activations: resident hit or load", labels=["result"]
+        )
+        loras.add_metric(["hit"], self.engine.loras.hits)
+        loras.add_metric(["load"], self.engine.loras.loads)
+        yield loras
+
+
+HealthCheck = Callable[[], Awaitable[dict[str, bool]]]
+
+
+async def serve(metrics: Metrics, health: HealthCheck, host: str, port: int) -> web.AppRunner:
+    """GET /metrics (Prometheus text) and GET /healthz (200 when every check passes, else 503)."""
+
+    async def metrics_view(request: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
+
+    async def health_view(request: web.Request) -> web.Response:
+        checks = await health()
+        return web.json_response(checks, status=200 if all(checks.values()) else 503)
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_view)
+    app.router.add_get("/healthz", health_view)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    log.info("metrics and health on http://%s:%d/metrics, /healthz", host, port)
+    return runner
