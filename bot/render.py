@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bot.services.admin import Stats
 from bot.services.queue import QueueEntry
 from bot.services.studio import HistoryPage, Ticket
 from bot.store.models import Job, JobStatus
@@ -85,3 +86,13 @@ def queue(entries: list[QueueEntry], paused: bool) -> str:
         where = "running" if entry.position == 0 else f"#{entry.position}"
         lines.append(f"{where:>8} · job {entry.job_id} · <@{entry.user_id}> · ETA ~{duration(entry.eta_s)}")
     return "\n".join(lines)
+
+
+def stats(data: Stats) -> str:
+    statuses = ", ".join(f"{n} {status}" for status, n in sorted(data.by_status.items())) or "none"
+    speeds = ", ".join(f"{preset} {s:.1f} s" for preset, s in sorted(data.seconds_per_image.items())) or "n/a"
+    running = "1 running" if data.running else "idle"
+    return (
+        f"**fluxbot stats**\nqueue: {data.queued} waiting, {running}\njobs today: {data.jobs_today} "
+        f"({statuses})\naverage per image: {speeds}\nuptime: {duration(data.uptime_s)}"
+    )

@@ -433,7 +433,9 @@ async def test_metrics_and_healthz_report_jobs_queue_and_connections(
     try:
         token = await fake.slash("imagine", [opt("prompt", "a measured cat")], fake.member(ALICE, "alice"))
         await finished_message(fake, token)
-        bad = await fake.slash("imagine", [opt("prompt", "a cat"), opt("size", "13x13")], fake.member(ALICE, "a"))
+        bad = await fake.slash(
+            "imagine", [opt("prompt", "a cat"), opt("size", "13x13")], fake.member(ALICE, "a")
+        )
         await fake.wait_for(lambda: fake.response_to(bad))
         assert bot.metrics_server is not None
         port = bot.metrics_server.addresses[0][1]

@@ -47,7 +47,8 @@ class BotProcess:
             "FLUXBOT_CONFIG": str(data_dir / "absent.toml"),
             "FLUXBOT_LIMITS__MAX_QUEUED_PER_USER": "10",
             "FLUXBOT_SHUTDOWN_GRACE_S": "20",
-            "FLUXBOT_PROGRESS_INTERVAL_S": "0.2", "FLUXBOT_METRICS_PORT": "0",
+            "FLUXBOT_PROGRESS_INTERVAL_S": "0.2",
+            "FLUXBOT_METRICS_PORT": "0",
         }
         self.proc: asyncio.subprocess.Process | None = None
 

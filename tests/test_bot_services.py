@@ -273,3 +273,19 @@ async def test_cancel_queued_job_and_pause_resume(app: tuple[App, RecordingEvent
 
     statuses = {j.id: j.status for j in events.finished_jobs}
     assert statuses == {drop.job_id: JobStatus.CANCELLED, keep.job_id: JobStatus.DONE}
+
+
+async def test_stats_show_todays_jobs_speed_per_preset_and_uptime(app: tuple[App, RecordingEvents]) -> None:
+    from bot import render
+
+    the_app = app[0]
+    await the_app.start()
+    await the_app.studio.imagine(ALICE, GenerationRequest(prompt="a cat", seed=1))
+    await the_app.studio.imagine(ALICE, GenerationRequest(prompt="a dog", seed=2, batch_size=2))
+    await the_app.queue.wait_idle(60)
+
+    stats = await the_app.admin.stats(the_app.started_at)
+
+    assert (stats.jobs_today, stats.by_status, stats.queued, stats.running) == (2, {"done": 2}, 0, False)
+    assert set(stats.seconds_per_image) == {"dev"} and stats.seconds_per_image["dev"] > 0
+    assert "jobs today: 2 (2 done)" in render.stats(stats)

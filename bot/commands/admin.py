@@ -164,6 +164,15 @@ class AdminCommands(app_commands.Group):
 
         await _run(interaction, do)
 
+    @app_commands.command(name="stats", description="Queue, jobs today, seconds per image, uptime")
+    async def stats(self, interaction: discord.Interaction) -> None:
+        started_at = interaction.client.app.started_at  # type: ignore[attr-defined]
+
+        async def show(service: AdminService, who: Requester) -> str:
+            return render.stats(await service.stats(started_at))
+
+        await _run(interaction, show)
+
     @app_commands.command(name="queue", description="Show the queue")
     async def queue(self, interaction: discord.Interaction) -> None:
         async def show(service: AdminService, who: Requester) -> str:

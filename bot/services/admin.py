@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -21,6 +24,16 @@ PRESET_KEY = "preset:"
 LORA_KEY = "lora:"
 LIMITS_KEY = "limits"
 QUEUE_KEY = "queue"
+
+
+@dataclass(frozen=True)
+class Stats:
+    jobs_today: int
+    by_status: dict[str, int]
+    seconds_per_image: dict[str, float]  # preset -> average engine seconds per image, today
+    queued: int
+    running: bool
+    uptime_s: float
 
 
 @dataclass(frozen=True)
@@ -131,6 +144,28 @@ class AdminService:
 
     async def unban(self, who: Requester, user_id: int) -> None:
         await self.store.set_ban(user_id, False, None, who.user_id, who.guild_id)
+
+    async def stats(self, started_at: float) -> Stats:
+        """Today's jobs by status, average engine seconds per image by preset, uptime."""
+        midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        jobs = await self.studio.jobs.since(midnight)
+        by_status = Counter(job.status.value for job in jobs)
+        per_preset: dict[str, list[float]] = {}
+        for job in jobs:
+            if job.timings and job.images:
+                per_preset.setdefault(str(job.request.get("preset")), []).append(
+                    float(job.timings["total_s"]) / len(job.images)
+                )
+        averages = {preset: sum(v) / len(v) for preset, v in per_preset.items()}
+        queue = self.studio.queue
+        return Stats(
+            len(jobs),
+            dict(by_status),
+            averages,
+            len(queue),
+            queue.running is not None,
+            time.time() - started_at,
+        )
 
     # queue
     def queue(self) -> list[QueueEntry]:

@@ -158,10 +158,11 @@ class JobStore:
             )
             return list(result.scalars().all()), int(total or 0)
 
-    async def count_since(self, since: datetime) -> int:
+    async def since(self, since: datetime) -> Sequence[Job]:
+        """Jobs created since then (for /admin stats; a day of jobs is small)."""
         async with self.db.session() as session:
-            total = await session.scalar(select(func.count()).select_from(Job).where(Job.created_at >= since))
-            return int(total or 0)
+            result = await session.execute(select(Job).where(Job.created_at >= since))
+            return result.scalars().all()
 
     async def _set(self, job_id: int, **values: Any) -> None:
         async with self.db.session() as session, session.begin():

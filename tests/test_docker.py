@@ -1,0 +1,47 @@
+"""docker/: the Dockerfile passes hadolint and the compose file says what an operator needs (no engine here)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import REPO
+
+
+def hadolint() -> str:
+    found = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    return found
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    run = subprocess.run(
+        [hadolint(), "docker/Dockerfile"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_dockerfile_runs_fluxbot_as_non_root_with_a_healthcheck_and_volumes() -> None:
+    text = (REPO / "docker" / "Dockerfile").read_text()
+
+    assert 'CMD ["fluxbot", "run"]' in text
+    assert "USER 10001" in text and "HEALTHCHECK" in text and "/healthz" in text
+    assert 'VOLUME ["/models", "/data", "/config"]' in text
+
+
+def test_compose_reserves_a_gpu_and_mounts_models_data_and_config() -> None:
+    compose = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())
+    gpu = compose["services"]["fluxbot"]
+
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]
+    assert gpu["restart"] == "unless-stopped" and gpu["env_file"] == ["fluxbot.env"]
+    targets = {volume.split(":")[1] for volume in gpu["volumes"]}
+    assert targets == {"/models", "/data", "/config"}
+    cpu = compose["services"]["fluxbot-cpu"]
+    assert cpu["profiles"] == ["cpu"] and cpu["environment"]["FLUXBOT_MODEL"] == "tiny"
+    assert "deploy" not in cpu
