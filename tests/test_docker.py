@@ -1,4 +1,4 @@
-"""docker/: the Dockerfile passes hadolint and the compose file says what an operator needs (no engine here)."""
+"""docker/: the Dockerfile passes hadolint; the compose file says what an operator needs (no engine here)."""
 
 from __future__ import annotations
 
