@@ -29,7 +29,9 @@ class GenerationRequest(BaseModel):
     preset: str | None = Field(
         None, description="default: the presets file's first preset for the model's family"
     )
-    size: str | None = Field(None, description="'WxH' or an aspect 'W:H'; default: the preset's size")
+    size: str | None = Field(
+        None, max_length=32, description="'WxH' or an aspect 'W:H'; default: the preset's size"
+    )
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     steps: int | None = Field(None, ge=1, le=200)
     guidance: float | None = Field(None, ge=0.0, le=30.0)

@@ -101,10 +101,10 @@ class Preset(BaseModel):
         elif m := _ASPECT.match(text):
             aw, ah = int(m[1]), int(m[2])
             if aw == 0 or ah == 0:
-                raise RequestError(f"aspect {text!r} must have two positive numbers")
+                raise RequestError(f"aspect {text[:32]!r} must have two positive numbers")
             width, height = self.size_for_aspect(aw, ah)
         else:
-            raise RequestError(f"size {text!r} must look like 1024x768 or an aspect like 16:9")
+            raise RequestError(f"size {text[:32]!r} must look like 1024x768 or an aspect like 16:9")
         problem = self.size_problem(width, height)
         if problem:
             raise RequestError(f"size {width}x{height} for preset {self.name}: {problem}")
