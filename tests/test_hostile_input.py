@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import tomllib
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +142,7 @@ def to_toml(data: dict[str, dict[str, Any]]) -> str:
         if isinstance(value, bool):
             return "true" if value else "false"
         if isinstance(value, int | float):
-            return repr(value).replace("inf", "inf")
+            return repr(value)
         if isinstance(value, list):
             return "[" + ", ".join(render(v) for v in value if v is not None) + "]"
         return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
@@ -167,10 +167,6 @@ def test_any_presets_or_whitelist_file_loads_or_names_the_problem(
 ) -> None:
     path = tmp_path / "data.toml"
     path.write_text(to_toml(data), encoding="utf-8")
-    try:
-        tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError:
-        pass
     for load in (lambda: load_presets(path), lambda: LoraWhitelist.load(path, tmp_path, FileHasher(None))):
         try:
             load()
@@ -195,10 +191,8 @@ def test_any_settings_from_the_environment_load_or_fail_as_validation_errors(
             continue  # the OS refuses NUL in environment variables before we ever see it
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("FLUXBOT_CONFIG", str(tmp_path / "absent.toml"))
-    try:
+    with contextlib.suppress(ValidationError):  # the other outcome: settings that loaded
         Settings()
-    except ValidationError:
-        pass
 
 
 @given(name=text)
