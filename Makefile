@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run test lint bench
+.PHONY: setup run test lint bench soak
 
 $(BIN)/fluxbot: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,3 +26,7 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/engine.py
+	$(BIN)/python bench/bot.py
+
+soak: setup
+	$(BIN)/python bench/soak.py

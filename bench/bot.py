@@ -12,23 +12,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-for noisy in ("torchao", "torch.utils._pytree", "discord", "alembic", "aiohttp.access"):
-    logging.getLogger(noisy).setLevel(logging.ERROR)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import GUILD_ID, start_bot
 
-from bot.client import FluxBot, point_at  # noqa: E402
-from engine.engine import FluxEngine  # noqa: E402
-from engine.settings import EngineSettings  # noqa: E402
-from fluxbot.settings import LimitSettings, Settings  # noqa: E402
-from tests.fake_discord import FakeDiscord  # noqa: E402
+from bot.services.studio import Requester
+from fluxbot.settings import LimitSettings
 
 PRESETS = """
 [dev]
@@ -52,25 +46,10 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def main(interactions: int, users: int) -> None:
-    work = Path(tempfile.mkdtemp())
-    (work / "presets.toml").write_text(PRESETS)
-    (work / "loras.toml").write_text("")
-    fake = FakeDiscord()
-    await fake.start()
-    settings = Settings(
-        data_dir=work,
-        discord_api_base=fake.api_base,
-        discord_gateway_url=fake.gateway_url,
-        engine=EngineSettings(
-            model="tiny", presets_file=work / "presets.toml", loras_file=work / "loras.toml"
-        ),
-        limits=LimitSettings(jobs_per_window=1000, window_s=60, max_queued_per_user=100, max_queue=10_000),
+    bench = await start_bot(
+        PRESETS, LimitSettings(jobs_per_window=1000, window_s=60, max_queued_per_user=100, max_queue=10_000)
     )
-    engine = await asyncio.to_thread(FluxEngine.load, settings.engine, work)
-    point_at(fake.api_base, fake.gateway_url)
-    bot = FluxBot(settings, engine=engine)
-    task = asyncio.create_task(bot.start("bench-token"))
-    await asyncio.wait_for(bot.wait_until_ready(), 120)
+    fake, bot = bench.fake, bench.bot
     assert bot.app is not None
 
     # 2. per-job overhead first, on an idle engine.
@@ -80,7 +59,7 @@ async def main(interactions: int, users: int) -> None:
         token = await fake.slash("imagine", [opt("prompt", f"a lighthouse {i}")], fake.member(1, "solo"))
         await fake.wait_for(lambda t=token: (m := fake.original(t)) and m["attachments"], timeout=120)
         total = time.monotonic() - sent
-        job = (await bot.app.jobs.history(1, fake_guild(), 1, 1))[0][0]
+        job = (await bot.app.jobs.history(1, GUILD_ID, 1, 1))[0][0]
         engine_s = (job.timings or {})["total_s"]
         overheads.append(total - engine_s)
         engine_times.append(engine_s)
@@ -101,8 +80,7 @@ async def main(interactions: int, users: int) -> None:
     engine_busy = bot.app.queue.running is not None
     acks = []
     for token in tokens:
-        call = next(c for c in fake.calls if f"/{token}/callback" in c.path)
-        acks.append((call.at - fake.interaction_sent_at[token]) * 1000)
+        acks.append((fake.callbacks[token].at - fake.interaction_sent_at[token]) * 1000)
 
     print(f"1. ack latency, {interactions} /imagine from {users} users, engine busy: {engine_busy}")
     print(
@@ -117,22 +95,8 @@ async def main(interactions: int, users: int) -> None:
         f"{statistics.median(overheads) * 1000:7.1f} ms (median)"
     )
 
-    await bot.app.admin.pause(_admin(), True)
-    await bot.close()
-    await task
-    await fake.stop()
-
-
-def fake_guild() -> int:
-    from tests.fake_discord import GUILD_ID
-
-    return GUILD_ID
-
-
-def _admin() -> Any:
-    from bot.services.studio import Requester
-
-    return Requester(user_id=0)
+    await bot.app.admin.pause(Requester(user_id=0), True)
+    await bench.stop()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,7 +30,8 @@ class DiscordDelivery:
         self.data_dir = data_dir
         self.min_interval_s = min_interval_s
         self._last_edit: dict[int, float] = {}
-        self._finished: set[int] = set()
+        # Recently finished jobs, to drop progress events that arrive after the result (bounded).
+        self._finished: OrderedDict[int, None] = OrderedDict()
         self._started: set[int] = set()
         # One lock per job: edits of one message go out in order, so the "queued" text can never
         # land on top of progress or the finished picture.
@@ -64,7 +66,9 @@ class DiscordDelivery:
 
     async def finished(self, job: Job) -> int | None:
         async with self._lock(job.id):
-            self._finished.add(job.id)
+            self._finished[job.id] = None
+            while len(self._finished) > 10_000:
+                self._finished.popitem(last=False)
             self._started.discard(job.id)
             self._last_edit.pop(job.id, None)
             message_id = await self._deliver(job)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +13,7 @@ from PIL.Image import Image
 from engine.engine import FluxEngine
 from engine.settings import EngineSettings
 from engine.tiny import ensure_tiny_model
+from tests.fake_discord import FakeDiscord
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -62,6 +63,15 @@ width = 64
 height = 64
 megapixels_range = [0.001, 4.2]
 """
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeDiscord]:
+    """A fresh fake Discord server on 127.0.0.1 for one test."""
+    server = FakeDiscord()
+    await server.start()
+    yield server
+    await server.stop()
 
 
 @pytest.fixture(scope="session")

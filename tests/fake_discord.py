@@ -54,7 +54,11 @@ class Call:
 
 
 class FakeDiscord:
-    def __init__(self) -> None:
+    def __init__(self, keep_payloads: bool = True) -> None:
+        # keep_payloads=False (the soak bench): record calls without bodies or file bytes, so the fake's
+        # own memory does not grow in the same process whose RSS is being watched.
+        self.keep_payloads = keep_payloads
+        self.callbacks: dict[str, Call] = {}  # interaction token -> its ack
         self.calls: list[Call] = []
         self.messages: dict[str, dict[str, Any]] = {}
         self.originals: dict[str, str] = {}  # interaction token -> message id
@@ -270,7 +274,12 @@ class FakeDiscord:
     async def _rest(self, request: web.Request) -> web.Response:
         path = "/" + request.match_info["tail"]
         body, files = await _read_body(request)
-        self.calls.append(Call(request.method, path, dict(request.query), body, files))
+        call = Call(request.method, path, dict(request.query), body, files)
+        if path.endswith("/callback"):
+            self.callbacks.setdefault(path.strip("/").split("/")[2], call)
+        if not self.keep_payloads:
+            call = Call(request.method, path, {}, None, [])
+        self.calls.append(call)
         async with self._changed:
             self._changed.notify_all()
         for i, (fragment, status) in enumerate(self.fail_next):
@@ -442,7 +451,8 @@ class FakeDiscord:
             message["attachments"] = []
             for name, blob in files:
                 attachment_id = snowflake()
-                self.attachment_bytes[attachment_id] = blob
+                if self.keep_payloads:
+                    self.attachment_bytes[attachment_id] = blob
                 message["attachments"].append(
                     {
                         "id": attachment_id,
@@ -476,8 +486,8 @@ class FakeDiscord:
 
     def response_to(self, token: str) -> dict[str, Any] | None:
         """The first callback body the bot sent for this interaction (its ack)."""
-        calls = [c for c in self.calls if c.method == "POST" and f"/{token}/callback" in c.path]
-        return calls[0].json if calls else None
+        call = self.callbacks.get(token)
+        return call.json if call else None
 
 
 async def _read_body(request: web.Request) -> tuple[Any, list[tuple[str, bytes]]]:

@@ -26,14 +26,6 @@ BOB = 111000000000000002
 ADMIN = 111000000000000003
 
 
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeDiscord]:
-    server = FakeDiscord()
-    await server.start()
-    yield server
-    await server.stop()
-
-
 class Harness:
     """Starts and stops the real bot against the fake server."""
 

@@ -18,14 +18,6 @@ from tests.fake_discord import FakeDiscord
 ALICE, BOB = 111000000000000001, 111000000000000002
 
 
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeDiscord]:
-    server = FakeDiscord()
-    await server.start()
-    yield server
-    await server.stop()
-
-
 class BotProcess:
     def __init__(self, fake: FakeDiscord, data_dir: Path, presets: Path, tiny_data: Path) -> None:
         loras = data_dir / "loras.toml"
