@@ -101,10 +101,12 @@ async def main(users: int, seconds: float) -> None:
         f"max {max(acks, default=0):.1f} ms"
     )
     if warm:
-        print(
-            f"   RSS after warm-up {warm[0] / 2**20:.0f} MiB -> end {warm[-1] / 2**20:.0f} MiB "
-            f"(max {max(warm) / 2**20:.0f} MiB, {len(rss)} samples)"
-        )
+        marks = [
+            warm[min(len(warm) - 1, round(q * (len(warm) - 1)))] / 2**20 for q in (0, 0.25, 0.5, 0.75, 1)
+        ]
+        trend = " -> ".join(f"{m:.0f}" for m in marks)
+        top = max(warm) / 2**20
+        print(f"   RSS after warm-up, at each quarter: {trend} MiB (max {top:.0f} MiB, {len(rss)} samples)")
     await bench.stop()
 
 

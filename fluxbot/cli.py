@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from engine.api import GenerationRequest, LoraChoice, StepProgress
 from engine.errors import EngineError, first_problem
+from fluxbot.logs import configure as configure_logging
 from fluxbot.settings import Settings
 
 log = logging.getLogger("fluxbot")
@@ -50,10 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(logging.INFO if args.verbose else logging.WARNING, json_lines=False)
     if not args.verbose:
         # torchao, imported by diffusers, warns about CUDA-only kernels it cannot load on this host.
         for noisy in ("torchao", "torch.utils._pytree"):
@@ -139,7 +137,7 @@ def _run(settings: Settings) -> int:
 
     from bot.client import run_bot
 
-    logging.getLogger().setLevel(settings.log_level.upper())
+    configure_logging(settings.log_level.upper(), json_lines=settings.log_json)
     try:
         asyncio.run(run_bot(settings))
     except discord.LoginFailure as exc:

@@ -46,6 +46,7 @@ class Settings(BaseSettings):
 
     data_dir: Path = Path("data")
     log_level: str = "INFO"
+    log_json: bool = Field(False, description="one JSON object per log line (for log shippers)")
     discord_token: SecretStr | None = Field(None, description="The bot's token; never logged.")
     discord_api_base: str = Field(
         "https://discord.com/api/v10", description="REST base (a proxy, or a test server)"

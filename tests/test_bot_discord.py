@@ -332,6 +332,7 @@ async def test_restart_with_queued_jobs_delivers_them_all(harness: Harness) -> N
 
     for token in tokens:
         assert await finished_message(fake, token)
+    await harness.app.queue.wait_idle(30)  # the DB marks delivery just after the message lands
     jobs = [await harness.app.jobs.get(i) for i in range(1, 5)]
     assert all(j is not None and j.status == JobStatus.DONE and j.delivered for j in jobs)
 

@@ -289,3 +289,23 @@ async def test_stats_show_todays_jobs_speed_per_preset_and_uptime(app: tuple[App
     assert (stats.jobs_today, stats.by_status, stats.queued, stats.running) == (2, {"done": 2}, 0, False)
     assert set(stats.seconds_per_image) == {"dev"} and stats.seconds_per_image["dev"] > 0
     assert "jobs today: 2 (2 done)" in render.stats(stats)
+
+
+async def test_each_job_logs_one_structured_line(
+    app: tuple[App, RecordingEvents], caplog: pytest.LogCaptureFixture
+) -> None:
+    import json
+    import logging
+
+    from fluxbot.logs import JsonFormatter
+
+    caplog.set_level(logging.INFO, logger="bot.services.queue")
+    ticket = await app[0].studio.imagine(ALICE, GenerationRequest(prompt="a logged cat", seed=3))
+    await app[0].start()
+    await app[0].queue.wait_idle(60)
+
+    lines = [r for r in caplog.records if getattr(r, "job_id", None) == ticket.job_id]
+    assert len(lines) == 1
+    entry = json.loads(JsonFormatter().format(lines[0]))
+    assert (entry["job_id"], entry["user_id"], entry["outcome"]) == (ticket.job_id, ALICE.user_id, "done")
+    assert entry["timings"]["total_s"] > 0 and entry["msg"].startswith(f"job {ticket.job_id} user")

@@ -231,16 +231,15 @@ class LocalJobQueue:
             self.running = None
             self._update_depth()
         self.metrics.jobs.labels(job.status.value).inc()
+        timings = {k: round(float(v), 3) for k, v in (job.timings or {}).items() if isinstance(v, float)}
         log.info(
-            "job %d user %d %s in %.2fs (encode %.2fs, denoise %.2fs, decode %.2fs)%s",
+            "job %d user %d %s in %.2fs%s",
             job.id,
             job.user_id,
             job.status.value,
-            *(
-                float((job.timings or {}).get(k, 0.0))
-                for k in ("total_s", "encode_s", "denoise_s", "decode_s")
-            ),
+            timings.get("total_s", 0.0),
             f": {job.error}" if job.error else "",
+            extra={"job_id": job.id, "user_id": job.user_id, "outcome": job.status.value, "timings": timings},
         )
         await self._deliver(job)
 
