@@ -78,17 +78,9 @@ class DiscordDelivery:
     async def _deliver(self, job: Job) -> int | None:
         from bot.commands.buttons import result_view
 
-        files = (
-            [
-                discord.File(self.data_dir / image.path, filename=f"fluxbot-{job.id}-{image.seed}.png")
-                for image in job.images
-            ]
-            if job.status == JobStatus.DONE
-            else []
-        )
         view = result_view(job.id) if job.status == JobStatus.DONE else None
         text = render.final(job)
-        message_id = await self._edit_or_post(job, text, files, view)
+        message_id = await self._edit_or_post(job, text, view)
         if message_id is not None and job.status == JobStatus.DONE and job.channel_id:
             await self._client.http.add_reaction(job.channel_id, message_id, REROLL_EMOJI)
         return message_id
@@ -114,24 +106,31 @@ class DiscordDelivery:
         except discord.HTTPException as exc:  # progress is best effort; the result is not
             log.info("job %d: progress edit failed (%s)", job.id, exc.status)
 
-    async def _edit_or_post(self, job: Job, text: str, files: list[discord.File], view: Any) -> int | None:
+    def _files(self, job: Job) -> list[discord.File]:
+        """Fresh file objects for each attempt: discord.py closes them after a request, even a failed one."""
+        if job.status != JobStatus.DONE:
+            return []
+        return [
+            discord.File(self.data_dir / image.path, filename=f"fluxbot-{job.id}-{image.seed}.png")
+            for image in job.images
+        ]
+
+    async def _edit_or_post(self, job: Job, text: str, view: Any) -> int | None:
         if self._token_valid(job) and job.result_message_id:
             try:
-                kwargs: dict[str, Any] = {"content": text, "attachments": files}
+                kwargs: dict[str, Any] = {"content": text, "attachments": self._files(job)}
                 if view is not None:
                     kwargs["view"] = view
                 message = await self._webhook(job).edit_message(job.result_message_id, **kwargs)
                 return message.id
             except discord.NotFound:
                 log.info("job %d: interaction expired; posting in the channel instead", job.id)
-                for file in files:
-                    file.reset()
         if job.channel_id is None:
             raise RuntimeError(f"job {job.id} has neither a live interaction nor a channel")
         channel = self._client.get_partial_messageable(job.channel_id)
         kwargs = {
             "content": text,
-            "files": files,
+            "files": self._files(job),
             "allowed_mentions": discord.AllowedMentions(users=[discord.Object(job.user_id)]),
         }
         if view is not None:

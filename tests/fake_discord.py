@@ -72,6 +72,7 @@ class FakeDiscord:
         self.runner: web.AppRunner | None = None
         self.port = 0
         self.fail_next: list[tuple[str, int]] = []  # (path fragment, status) to answer once
+        self.expired: set[str] = set()  # interaction tokens Discord no longer knows (> 15 min)
 
     # --- server life -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -290,6 +291,9 @@ class FakeDiscord:
                     status,
                     {"Retry-After": "0.05", "X-RateLimit-Scope": "user"} if status == 429 else None,
                 )
+        parts = path.strip("/").split("/")
+        if parts[0] == "webhooks" and len(parts) > 2 and parts[2] in self.expired:
+            return _json({"message": "Unknown Webhook", "code": 10015}, 404)
         handler = self._route(request.method, path)
         if handler is None:
             return _json({"message": f"404: not in the fake ({request.method} {path})", "code": 0}, 404)

@@ -446,3 +446,16 @@ async def test_metrics_and_healthz_report_jobs_queue_and_connections(
     assert "fluxbot_step_seconds_count" in text and 'fluxbot_engine_memory_bytes{kind="rss"}' in text
     assert 'fluxbot_embed_cache_total{result="miss"}' in text
     assert health == (200, {"process": True, "database": True, "engine": True, "gateway": True})
+
+
+async def test_unknown_interaction_on_delivery_falls_back_to_a_channel_message(harness: Harness) -> None:
+    fake, app = harness.fake, harness.app
+    await app.admin.pause(_admin_requester(), True)
+    token = await fake.slash("imagine", [opt("prompt", "a forgotten fox")], fake.member(ALICE, "alice"))
+    await fake.wait_for(lambda: len(app.queue) == 1)
+    fake.expired.add(token)  # Discord dropped the token earlier than the bot expected
+
+    await app.admin.pause(_admin_requester(), False)
+
+    posted = await fake.wait_for(lambda: [m for m in fake.messages.values() if m["attachments"]])
+    assert "a forgotten fox" in posted[0]["content"] and f"<@{ALICE}>" in posted[0]["content"]
