@@ -12,7 +12,7 @@ from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from engine.errors import ConfigError, LoraError
+from engine.errors import LoraError
 from engine.hashing import FileHasher
 from engine.presets import Family
 from engine.tomlfile import read_toml, validate_entry
@@ -211,5 +211,3 @@ def default_lora_dir(models_dir: Path | None, data_dir: Path) -> Path:
                 return models_dir / sub
     return data_dir / "loras"
 
-
-__all__ = ["ConfigError", "LoraCheck", "LoraEntry", "LoraWhitelist", "ResidentLoras", "default_lora_dir"]

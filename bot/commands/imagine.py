@@ -9,7 +9,7 @@ import discord
 from discord import app_commands
 
 from bot import render
-from bot.commands.context import reply_error, requester
+from bot.commands.context import reply_error
 from bot.commands.submit import submit
 from bot.delivery import REROLL_EMOJI
 from bot.services.errors import UserError
@@ -138,4 +138,3 @@ def _only(user_id: int) -> discord.AllowedMentions:
 
 
 COMMANDS: list[app_commands.Command[Any, Any, None]] = [imagine, rerun, history]
-__all__ = ["COMMANDS", "on_reaction", "requester"]
