@@ -11,11 +11,13 @@ import asyncio
 import random
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import start_bot
 
+from bot.store.models import JobStatus
 from engine.engine import process_rss
 from fluxbot.settings import LimitSettings
 from tests.fake_discord import FakeDiscord
@@ -67,33 +69,31 @@ async def main(users: int, seconds: float) -> None:
     sampler = asyncio.create_task(sample())
     await asyncio.gather(*(user(fake, 5000 + i, start + seconds, tokens, rng) for i in range(users)))
     await fake.wait_for(lambda: all(fake.response_to(t) for t in tokens), timeout=120)
-    accepted = [
-        t
-        for t in tokens
-        if (fake.response_to(t) or {}).get("type") == 5
-        and not fake.calls_to("DELETE", f"/{t}/messages/@original")
-    ]
-    refused = len(tokens) - len(accepted)
+    app = bench.bot.app
+    assert app is not None
+    await asyncio.sleep(1)  # a refusal deletes its deferred message and follows up just after the ack
     drained = True
     try:
-        await fake.wait_for(
-            lambda: all((m := fake.original(t)) and m["attachments"] for t in accepted), timeout=300
-        )
+        await app.queue.wait_idle(300)
     except TimeoutError:
         drained = False
     sampler.cancel()
-    completed = sum(1 for t in accepted if (m := fake.original(t)) and m["attachments"])
-    acks = [
-        (next(c for c in fake.calls if f"/{t}/callback" in c.path).at - fake.interaction_sent_at[t]) * 1000
-        for t in tokens
-    ]
+    # Counted from the database (the record of what was accepted) and from what the fake received.
+    jobs = await app.jobs.since(datetime(2000, 1, 1, tzinfo=UTC))
+    accepted = len(jobs)
+    refused = len(tokens) - accepted
+    shown = {m["id"] for m in fake.messages.values() if m["attachments"]}
+    completed = sum(
+        1 for j in jobs if j.status == JobStatus.DONE and j.delivered and str(j.result_message_id) in shown
+    )
+    acks = [(fake.callbacks[t].at - fake.interaction_sent_at[t]) * 1000 for t in tokens]
     warm = [r for at, r in rss if at >= seconds * 0.2]
     print(
         f"soak: {users} users for {seconds:.0f} s on the tiny model (limits: 5 jobs/min, 3 queued per user)"
     )
-    lost = f"{len(accepted) - completed}" + ("" if drained else " (drain timed out)")
+    lost = f"{accepted - completed}" + ("" if drained else " (drain timed out)")
     print(
-        f"   interactions {len(tokens)}   accepted {len(accepted)}   completed {completed}   "
+        f"   interactions {len(tokens)}   accepted {accepted}   completed {completed}   "
         f"refused by limits {refused}   lost {lost}"
     )
     print(
