@@ -61,12 +61,9 @@ class FluxBot(discord.Client):
 
     async def health(self) -> dict[str, bool]:
         app = self.app
-        return {
-            "process": True,
-            "database": app is not None and await app.database_ok(),
-            "engine": app is not None and app.engine is not None,
-            "gateway": self.is_ready() and not self.is_closed() and self.ws is not None and self.ws.open,
-        }
+        checks = {"process": True, **(await app.health() if app is not None else {"database": False})}
+        checks["gateway"] = self.is_ready() and not self.is_closed() and self.ws is not None and self.ws.open
+        return checks
 
     async def _sync_commands(self) -> None:
         if self.settings.guild_ids:

@@ -91,7 +91,7 @@ def queue(entries: list[QueueEntry], paused: bool) -> str:
 def stats(data: Stats) -> str:
     statuses = ", ".join(f"{n} {status}" for status, n in sorted(data.by_status.items())) or "none"
     speeds = ", ".join(f"{preset} {s:.1f} s" for preset, s in sorted(data.seconds_per_image.items())) or "n/a"
-    running = "1 running" if data.running else "idle"
+    running = f"{data.running} running" if data.running else "idle"
     return (
         f"**fluxbot stats**\nqueue: {data.queued} waiting, {running}\njobs today: {data.jobs_today} "
         f"({statuses})\naverage per image: {speeds}\nuptime: {duration(data.uptime_s)}"

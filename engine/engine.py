@@ -102,6 +102,13 @@ class FluxEngine:
         """On CPU there is no OOM error before the kernel kills us: fail the job past this RSS instead."""
         self.memory_cap_bytes = None if gigabytes is None else int(gigabytes * 1024**3)
 
+    def free_vram_gb(self) -> float | None:
+        """Free memory on the engine's GPU now (None on CPU): what a scale-out worker advertises."""
+        if not self.info.device.is_cuda:
+            return None
+        free, _ = torch.cuda.mem_get_info(torch.device(self.info.device.device))
+        return free / 1024**3
+
     def resolve(self, request: GenerationRequest) -> ResolvedRequest:
         return self.resolver.resolve(request)
 

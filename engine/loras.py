@@ -210,4 +210,3 @@ def default_lora_dir(models_dir: Path | None, data_dir: Path) -> Path:
             if (models_dir / sub).is_dir():
                 return models_dir / sub
     return data_dir / "loras"
-

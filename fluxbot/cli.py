@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -44,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("doctor", help="check torch/CUDA, VRAM, quant tier, model files and LoRAs")
     sub.add_parser("run", help="start the Discord bot (without a token: how to get one, and an offline demo)")
+    worker = sub.add_parser(
+        "worker", help="start an engine worker for the bot (needs FLUXBOT_QUEUE=redis://...)"
+    )
+    worker.add_argument(
+        "--name", help="its name in /admin workers (default: workers.name, else <host>-<pid>)"
+    )
     db = sub.add_parser("db", help="database maintenance")
     db.add_argument("action", choices=["upgrade"], help="apply migrations up to the newest")
     return parser
@@ -63,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _imagine(args, settings)
         if args.command == "run":
             return _run(settings)
+        if args.command == "worker":
+            return _worker(settings, args.name)
         if args.command == "db":
             return _db(settings)
         return _doctor(settings)
@@ -139,12 +148,51 @@ def _run(settings: Settings) -> int:
 
     configure_logging(settings.log_level.upper(), json_lines=settings.log_json)
     try:
-        asyncio.run(run_bot(settings))
+        with _services_reachable(settings):
+            asyncio.run(run_bot(settings))
     except discord.LoginFailure as exc:
         raise EngineError(f"Discord refused the token in FLUXBOT_DISCORD_TOKEN ({exc})") from exc
     except (aiohttp.ClientError, OSError) as exc:
         raise EngineError(f"cannot reach Discord at {settings.discord_api_base}: {exc}") from exc
     return 0
+
+
+def _worker(settings: Settings, name: str | None) -> int:
+    import asyncio
+
+    from bot.worker import run_worker
+
+    if not settings.uses_redis:
+        raise EngineError("fluxbot worker serves a bot through Redis: set FLUXBOT_QUEUE=redis://host:6379/0")
+    configure_logging(settings.log_level.upper(), json_lines=settings.log_json)
+    with _services_reachable(settings):
+        asyncio.run(run_worker(settings, name))
+    return 0
+
+
+@contextlib.contextmanager
+def _services_reachable(settings: Settings) -> Iterator[None]:
+    """Redis or the database away at start: one line naming which, not a traceback."""
+    import redis.exceptions
+    import sqlalchemy.exc
+
+    try:
+        yield
+    except redis.exceptions.RedisError as exc:
+        raise EngineError(f"cannot reach Redis at {_without_password(settings.queue)}: {exc}") from exc
+    except sqlalchemy.exc.DBAPIError as exc:
+        url = _without_password(settings.resolved_database_url)
+        raise EngineError(f"cannot use the database at {url}: {exc.orig}") from exc
+
+
+def _without_password(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not an SQLAlchemy URL (redis://...): drop any user:password@
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://{rest.rpartition('@')[2]}"
 
 
 def _db(settings: Settings) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -32,6 +33,40 @@ class LimitSettings(BaseModel):
     window_s: float = Field(60.0, gt=0, le=86400)
     max_queued_per_user: int = Field(3, ge=1, le=100)
     max_queue: int = Field(100, ge=1, le=100_000, description="jobs waiting across all users")
+
+
+class WorkerSettings(BaseModel):
+    """Scale-out mode (queue = redis://...): how engine workers run and how the bot reaches them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="this worker's name in /admin workers; default: <host>-<pid>",
+    )
+    images: Literal["redis", "shared"] = Field(
+        "redis",
+        description="how PNGs reach the bot: inside the job result in Redis, or as files in a data_dir "
+        "that the bot and the workers share (one volume, mounted at the same path)",
+    )
+    heartbeat_s: float = Field(1.0, gt=0, le=60, description="how often a worker refreshes its entry")
+    dead_after_s: float = Field(
+        6.0, gt=0, le=600, description="a worker silent this long is dead: its job goes to another"
+    )
+    job_timeout_s: float = Field(900.0, gt=0, le=86400, description="arq cancels a job running this long")
+    max_tries: int = Field(2, ge=1, le=10, description="runs per job when workers die (2 = one retry)")
+    family: Literal["auto", "flux1", "flux2"] = Field(
+        "auto",
+        description="model family the bot checks requests against when it holds no engine; "
+        "auto: flux2 for 'tiny-flux2', else flux1",
+    )
+
+    @model_validator(mode="after")
+    def _dead_after_heartbeats(self) -> WorkerSettings:
+        if self.dead_after_s < 2 * self.heartbeat_s:
+            raise ValueError("workers.dead_after_s must be at least twice workers.heartbeat_s")
+        return self
 
 
 class Settings(BaseSettings):
@@ -67,8 +102,14 @@ class Settings(BaseSettings):
     metrics_host: str = Field("127.0.0.1", description="0.0.0.0 to let Prometheus scrape from outside")
     metrics_port: int | None = Field(9100, ge=0, le=65535, description="/metrics and /healthz; unset: off")
     shutdown_grace_s: float = Field(30.0, ge=0, le=3600, description="SIGTERM: time the running job gets")
+    queue: str = Field(
+        "local",
+        description="'local' (one process, in-process queue) or redis://host:6379/0: the bot admits "
+        "and orders jobs, `fluxbot worker` processes run them",
+    )
     limits: LimitSettings = LimitSettings()
     engine: EngineSettings = EngineSettings()
+    workers: WorkerSettings = WorkerSettings()
 
     model: str | None = Field(
         None, description="Shorthand for engine.model (FLUXBOT_MODEL); wins over engine.model when set."
@@ -81,6 +122,25 @@ class Settings(BaseSettings):
         if self.model is not None and self.model != self.engine.model:
             self.engine = self.engine.model_copy(update={"model": self.model})
         return self
+
+    @field_validator("queue")
+    @classmethod
+    def _is_a_queue(cls, value: str) -> str:
+        value = value.strip()
+        if value != "local" and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("queue must be 'local' or a Redis URL such as redis://127.0.0.1:6379/0")
+        return value
+
+    @property
+    def uses_redis(self) -> bool:
+        return self.queue != "local"
+
+    @property
+    def workers_family(self) -> str:
+        """The family the bot checks requests against when the engines live in workers."""
+        if self.workers.family != "auto":
+            return self.workers.family
+        return "flux2" if self.engine.model == "tiny-flux2" else "flux1"
 
     @field_validator("admin_permission")
     @classmethod

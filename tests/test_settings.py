@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from engine.settings import EngineSettings
-from fluxbot.settings import LimitSettings, Settings
+from fluxbot.settings import LimitSettings, Settings, WorkerSettings
 from tests.conftest import REPO
 
 
@@ -66,10 +66,8 @@ def test_unknown_key_in_toml_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_pat
 def test_example_config_documents_every_key_and_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     example = REPO / "config" / "fluxbot.example.toml"
     text = example.read_text()
-    keys = {*Settings.model_fields, *EngineSettings.model_fields, *LimitSettings.model_fields} - {
-        "engine",
-        "limits",
-    }
+    sections = (Settings, EngineSettings, LimitSettings, WorkerSettings)
+    keys = {key for section in sections for key in section.model_fields} - {"engine", "limits", "workers"}
 
     undocumented = [key for key in keys if not re.search(rf"^#?\s*{key} = ", text, re.MULTILINE)]
     monkeypatch.setenv("FLUXBOT_CONFIG", str(example))
@@ -77,3 +75,4 @@ def test_example_config_documents_every_key_and_loads(monkeypatch: pytest.Monkey
     assert undocumented == []
     assert Settings().engine == EngineSettings()
     assert Settings().limits == LimitSettings()
+    assert Settings().workers == WorkerSettings()

@@ -32,7 +32,7 @@ class Stats:
     by_status: dict[str, int]
     seconds_per_image: dict[str, float]  # preset -> average engine seconds per image, today
     queued: int
-    running: bool
+    running: int  # jobs running now (one per busy worker)
     uptime_s: float
 
 
@@ -163,7 +163,7 @@ class AdminService:
             dict(by_status),
             averages,
             len(queue),
-            queue.running is not None,
+            queue.busy,
             time.time() - started_at,
         )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Callable
 
 
 class FairQueue:
@@ -14,16 +15,22 @@ class FairQueue:
     def push(self, user_id: int, job_id: int) -> None:
         self._by_user.setdefault(user_id, deque()).append(job_id)
 
-    def pop(self) -> tuple[int, int] | None:
-        """The next (user, job); that user then goes to the back of the rotation."""
-        if not self._by_user:
-            return None
-        user_id, jobs = next(iter(self._by_user.items()))
-        job_id = jobs.popleft()
-        del self._by_user[user_id]
-        if jobs:
-            self._by_user[user_id] = jobs
-        return user_id, job_id
+    def pop(self, runnable: Callable[[int], bool] | None = None) -> tuple[int, int] | None:
+        """The next (user, job); that user then goes to the back of the rotation.
+
+        With `runnable`, the first user in turn whose oldest runnable job passes it (scale-out: a job
+        whose model family no free worker serves waits without blocking the others).
+        """
+        for user_id, jobs in self._by_user.items():
+            job_id = next((j for j in jobs if runnable is None or runnable(j)), None)
+            if job_id is None:
+                continue
+            jobs.remove(job_id)
+            del self._by_user[user_id]
+            if jobs:
+                self._by_user[user_id] = jobs
+            return user_id, job_id
+        return None
 
     def remove(self, job_id: int) -> bool:
         for user_id, jobs in self._by_user.items():

@@ -1,4 +1,8 @@
-"""LocalJobQueue: the durable, fair queue in front of the one resident engine (in-process backend)."""
+"""JobQueue: what Studio needs from a queue backend; LocalJobQueue, the in-process one (queue = "local").
+
+The scale-out backend (queue = "redis://...") is bot.services.redis_queue.RedisJobQueue: same order,
+same durability, the engine runs in `fluxbot worker` processes instead of this one.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,13 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from bot.observability import Metrics
 from bot.services.events import JobEvents
 from bot.services.fair_queue import FairQueue
 from bot.services.runner import JobRunner
+from bot.services.workers import Throughput, WorkerInfo, WorkerState, describe_engine
 from bot.store.jobs import JobStore
 from bot.store.models import Job, JobStatus
 from engine.api import GenerationRequest, StepProgress
@@ -44,6 +50,37 @@ class QueueEntry:
     eta_s: float
 
 
+class JobQueue(Protocol):
+    """The database is the record (every job is stored before it is queued); a queue holds the order."""
+
+    paused: bool
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    def push(self, job: Job) -> QueueEntry: ...
+    def queued_for(self, user_id: int) -> int:
+        """Waiting plus running jobs of this user (the per-user cap counts both)."""
+        ...
+
+    def __len__(self) -> int:
+        """Jobs waiting (not running)."""
+        ...
+
+    @property
+    def busy(self) -> int:
+        """Jobs running now."""
+        ...
+
+    def entry(self, job_id: int) -> QueueEntry | None: ...
+    def snapshot(self) -> list[QueueEntry]: ...
+    async def cancel(self, job_id: int, by: str) -> bool: ...
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+    async def drain(self, grace_s: float) -> None: ...
+    async def wait_idle(self, timeout: float) -> None: ...
+    async def workers(self) -> list[WorkerInfo]: ...
+
+
 class LocalJobQueue:
     """The database is the record (every job is stored before it is queued); this holds the order."""
 
@@ -61,6 +98,30 @@ class LocalJobQueue:
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        self.throughput = Throughput()
+        self._started_at = time.time()
+        self._resident: list[str] = runner.engine.loras.resident
+
+    @property
+    def busy(self) -> int:
+        return 0 if self.running is None else 1
+
+    async def workers(self) -> list[WorkerInfo]:
+        """The one in-process engine, described like a scale-out worker."""
+        state: WorkerState = "idle" if self.running is None else "busy"
+        job_id = None if self.running is None else self.running.job_id
+        return [
+            describe_engine(
+                self.runner.engine,
+                "local",
+                "local",
+                state,
+                job_id,
+                self.throughput,
+                self._started_at,
+                self._resident,
+            )
+        ]
 
     async def start(self) -> None:
         """Re-queue what a crash interrupted, deliver what was finished but not delivered, then serve."""
@@ -91,7 +152,7 @@ class LocalJobQueue:
     def _push(self, job: Job) -> None:
         self.fair.push(job.user_id, job.id)
         self._owner[job.id] = job.user_id
-        self._cost[job.id] = _cost(job)
+        self._cost[job.id] = job_cost(job.request)
         self._idle.clear()
         self._update_depth()
 
@@ -229,8 +290,10 @@ class LocalJobQueue:
             job = await self.store.mark_failed(job_id, INTERNAL_ERROR)
         finally:
             self.running = None
+            self._resident = self.runner.engine.loras.resident
             self._update_depth()
         self.metrics.jobs.labels(job.status.value).inc()
+        self.throughput.record(job.status == JobStatus.DONE)
         timings = {k: round(float(v), 3) for k, v in (job.timings or {}).items() if isinstance(v, float)}
         log.info(
             "job %d user %d %s in %.2fs%s",
@@ -251,8 +314,8 @@ class LocalJobQueue:
             log.exception("job %d: delivery failed", job.id)
 
 
-def _cost(job: Job) -> tuple[int, int]:
-    request = job.request
+def job_cost(request: dict[str, Any]) -> tuple[int, int]:
+    """(steps, pixels) of a stored request, for ETAs."""
     steps = int(request.get("steps") or 28)
     size = str(request.get("size") or "1024x1024")
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bot.store.jobs import StoredImage
-from engine.api import GenerationRequest, StepProgress
+from engine.api import GenerationRequest, Recipe, StepProgress
 from engine.engine import FluxEngine
 from engine.png import png_bytes
 
@@ -31,6 +31,31 @@ class StepClock:
         sample = denoise_s / max(steps, 1) / (max(pixels, 1) / 1e6)
         self.s_per_step_mp += self._alpha * (sample - self.s_per_step_mp)
         self.overhead_s += self._alpha * (other_s - self.overhead_s)
+
+
+def png_path(job_id: int, index: int) -> Path:
+    """Relative to the data dir. Generated name only: no user text ever reaches the filesystem."""
+    return Path("images") / f"{job_id // 1000:04d}" / f"{job_id}-{index}.png"
+
+
+def save_png(data_dir: Path, job_id: int, index: int, data: bytes, recipe: Recipe) -> StoredImage:
+    relative = png_path(job_id, index)
+    path = data_dir / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return stored_image(index, relative.as_posix(), data, recipe)
+
+
+def stored_image(index: int, relative: str, data: bytes, recipe: Recipe) -> StoredImage:
+    return StoredImage(
+        index=index,
+        path=relative,
+        sha256=hashlib.sha256(data).hexdigest(),
+        width=recipe.width,
+        height=recipe.height,
+        seed=recipe.seed,
+        recipe=recipe.model_dump(mode="json"),
+    )
 
 
 class JobRunner:
@@ -58,25 +83,10 @@ class JobRunner:
         cancel: threading.Event,
     ) -> tuple[list[StoredImage], dict[str, Any]]:
         result = self.engine.generate(request, on_step=on_step, cancel=cancel)
-        stored = []
-        for index, (image, recipe) in enumerate(zip(result.images, result.recipes, strict=True)):
-            data = png_bytes(image, recipe)
-            # Generated name only: no user text ever reaches the filesystem.
-            relative = Path("images") / f"{job_id // 1000:04d}" / f"{job_id}-{index}.png"
-            path = self.images_dir.parent / relative
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-            stored.append(
-                StoredImage(
-                    index=index,
-                    path=relative.as_posix(),
-                    sha256=hashlib.sha256(data).hexdigest(),
-                    width=image.width,
-                    height=image.height,
-                    seed=recipe.seed,
-                    recipe=recipe.model_dump(mode="json"),
-                )
-            )
+        stored = [
+            save_png(self.images_dir.parent, job_id, index, png_bytes(image, recipe), recipe)
+            for index, (image, recipe) in enumerate(zip(result.images, result.recipes, strict=True))
+        ]
         timings = result.timings.model_dump()
         pixels = stored[0].width * stored[0].height if stored else 0
         self.clock.record(

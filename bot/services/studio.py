@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from bot.observability import Metrics
 from bot.services.errors import LimitReached, NotAllowed, NotFound, UserError
 from bot.services.limits import RateLimiter
-from bot.services.queue import LocalJobQueue
+from bot.services.queue import JobQueue
 from bot.store.admin import AdminStore
 from bot.store.jobs import JobStore, NewJob
 from bot.store.models import Job, JobKind
@@ -60,7 +60,7 @@ class Studio:
         resolver: RequestResolver,
         jobs: JobStore,
         admin: AdminStore,
-        queue: LocalJobQueue,
+        queue: JobQueue,
         limits: LimitSettings,
         metrics: Metrics,
     ) -> None:

@@ -102,8 +102,16 @@ class JobStore:
             )
             return result.scalars().all()
 
-    async def mark_running(self, job_id: int) -> None:
-        await self._set(job_id, status=JobStatus.RUNNING, started_at=utcnow(), attempts=Job.attempts + 1)
+    async def mark_running(self, job_id: int, worker: str | None = None) -> None:
+        # Only an unfinished job starts: a worker's late "started" must not reopen a finished one.
+        async with self.db.session() as session, session.begin():
+            await session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status.in_(UNFINISHED))
+                .values(
+                    status=JobStatus.RUNNING, started_at=utcnow(), attempts=Job.attempts + 1, worker=worker
+                )
+            )
 
     async def requeue(self, job_id: int) -> None:
         await self._set(job_id, status=JobStatus.QUEUED, started_at=None)
@@ -115,10 +123,18 @@ class JobStore:
             )
             return int(result.rowcount)  # type: ignore[attr-defined]
 
-    async def mark_done(self, job_id: int, images: Sequence[StoredImage], timings: dict[str, Any]) -> Job:
+    async def mark_done(
+        self,
+        job_id: int,
+        images: Sequence[StoredImage],
+        timings: dict[str, Any],
+        worker: str | None = None,
+    ) -> Job:
         async with self.db.session() as session, session.begin():
             job = await session.get(Job, job_id)
             assert job is not None
+            if worker is not None:
+                job.worker = worker
             for image in images:
                 session.add(Image(job_id=job_id, **image.__dict__))
             job.status = JobStatus.DONE

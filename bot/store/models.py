@@ -65,7 +65,8 @@ class Job(Base):
         Enum(JobStatus, native_enum=False, length=16), default=JobStatus.QUEUED, index=True
     )
     error: Mapped[str | None] = mapped_column(Text)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # runs started (a dead worker's job runs again)
+    worker: Mapped[str | None] = mapped_column(String(64))  # the engine worker that ran it; None: in-process
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

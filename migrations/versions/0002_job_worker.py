@@ -1,0 +1,26 @@
+"""jobs.worker: which engine worker ran a job (scale-out mode)
+
+Revision ID: 0002
+Revises: 0001
+Create Date: 2026-11-22 20:40:00
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0002"
+down_revision = "0001"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("jobs") as batch:
+        batch.add_column(sa.Column("worker", sa.String(length=64), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("worker")
