@@ -12,6 +12,7 @@ from bot.store.models import Job
 from engine.engine import FluxEngine
 from engine.settings import EngineSettings
 from fluxbot.settings import LimitSettings, Settings
+from tests.services import database_url_for_test
 
 
 class RecordingEvents:
@@ -43,7 +44,7 @@ def make_settings(
 ) -> Settings:
     values: dict[str, Any] = {
         "data_dir": tmp,
-        "database_url": f"sqlite+aiosqlite:///{tmp / 'fluxbot.db'}",
+        "database_url": database_url_for_test(tmp),
         "engine": make_engine_settings(),
         "limits": LimitSettings(jobs_per_window=100, window_s=60, max_queued_per_user=5, max_queue=50),
         "admin_user_ids": [1],

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from PIL.Image import Image
 from engine.engine import FluxEngine
 from engine.settings import EngineSettings
 from engine.tiny import ensure_tiny_model
+from tests import services
 from tests.fake_discord import FakeDiscord
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,6 +65,23 @@ width = 64
 height = 64
 megapixels_range = [0.001, 4.2]
 """
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test once on SQLite and once on a fresh PostgreSQL database (via make_settings)."""
+    backend = str(request.param)
+    if backend == "postgres":
+        services.require_postgres()
+    monkeypatch.setenv(services.DATABASE_BACKEND, backend)
+    return backend
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_test_databases() -> Iterator[None]:
+    yield
+    with contextlib.suppress(Exception):  # no Postgres here: nothing was created
+        services.drop_test_databases()
 
 
 @pytest.fixture

@@ -21,6 +21,8 @@ from fluxbot.settings import LimitSettings, Settings
 from tests.bot_support import make_settings
 from tests.fake_discord import ADMIN_ROLE, CHANNEL_ID, FakeDiscord
 
+pytestmark = pytest.mark.usefixtures("database_backend")  # on SQLite and on PostgreSQL
+
 ALICE = 111000000000000001
 BOB = 111000000000000002
 ADMIN = 111000000000000003

@@ -14,6 +14,9 @@ import pytest
 
 from tests.conftest import REPO
 from tests.fake_discord import FakeDiscord
+from tests.services import database_url_for_test
+
+pytestmark = pytest.mark.usefixtures("database_backend")  # on SQLite and on PostgreSQL
 
 ALICE, BOB = 111000000000000001, 111000000000000002
 
@@ -41,6 +44,7 @@ class BotProcess:
             "FLUXBOT_SHUTDOWN_GRACE_S": "20",
             "FLUXBOT_PROGRESS_INTERVAL_S": "0.2",
             "FLUXBOT_METRICS_PORT": "0",
+            "FLUXBOT_DATABASE_URL": database_url_for_test(data_dir),
         }
         self.proc: asyncio.subprocess.Process | None = None
 

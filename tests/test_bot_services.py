@@ -21,6 +21,8 @@ from engine.settings import EngineSettings
 from fluxbot.settings import LimitSettings, Settings
 from tests.bot_support import RecordingEvents, make_app, make_settings
 
+pytestmark = pytest.mark.usefixtures("database_backend")  # on SQLite and on PostgreSQL
+
 ALICE = Requester(user_id=11, user_name="alice", guild_id=500, channel_id=600)
 BOB = Requester(user_id=22, user_name="bob", guild_id=500, channel_id=600)
 ADMIN = Requester(user_id=1, user_name="admin", guild_id=500, channel_id=600)
