@@ -5,6 +5,7 @@ from __future__ import annotations
 from bot.services.admin import Stats
 from bot.services.queue import QueueEntry
 from bot.services.studio import HistoryPage, Ticket
+from bot.services.workers import WorkerInfo
 from bot.store.models import Job, JobStatus
 
 BAR_CELLS = 12
@@ -96,3 +97,19 @@ def stats(data: Stats) -> str:
         f"**fluxbot stats**\nqueue: {data.queued} waiting, {running}\njobs today: {data.jobs_today} "
         f"({statuses})\naverage per image: {speeds}\nuptime: {duration(data.uptime_s)}"
     )
+
+
+def workers(infos: list[WorkerInfo]) -> str:
+    if not infos:
+        return "No engine worker is up: start one with `fluxbot worker` (same FLUXBOT_QUEUE as the bot)."
+    busy = sum(1 for w in infos if w.state == "busy")
+    lines = [f"**{len(infos)} worker{'s' if len(infos) != 1 else ''}** ({busy} busy)"]
+    for w in infos[:20]:
+        state = f"busy with job {w.job_id}" if w.state == "busy" and w.job_id else w.state
+        vram = f" · {w.free_vram_gb:.1f} GB VRAM free" if w.free_vram_gb is not None else ""
+        loras = f" · LoRAs: {', '.join(w.resident_loras)}" if w.resident_loras else ""
+        lines.append(
+            f"`{w.name}` {state} · {w.model} ({w.family}, {w.quant}) on {w.device}{vram} · "
+            f"{w.jobs_done} done, {w.jobs_failed} failed · {w.jobs_per_min:.1f} jobs/min{loras}"
+        )
+    return "\n".join(lines)

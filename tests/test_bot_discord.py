@@ -31,7 +31,7 @@ ADMIN = 111000000000000003
 class Harness:
     """Starts and stops the real bot against the fake server."""
 
-    def __init__(self, fake: FakeDiscord, settings: Settings, engine: FluxEngine) -> None:
+    def __init__(self, fake: FakeDiscord, settings: Settings, engine: FluxEngine | None) -> None:
         self.fake, self.settings, self.engine = fake, settings, engine
         self.bot: FluxBot | None = None
         self.task: asyncio.Task[None] | None = None

@@ -180,6 +180,13 @@ class AdminCommands(app_commands.Group):
 
         await _run(interaction, show)
 
+    @app_commands.command(name="workers", description="Engine workers: what they serve, state, throughput")
+    async def workers(self, interaction: discord.Interaction) -> None:
+        async def show(service: AdminService, who: Requester) -> str:
+            return render.workers(await service.workers())
+
+        await _run(interaction, show)
+
     @app_commands.command(name="cancel", description="Cancel a queued or running job")
     async def cancel(self, interaction: discord.Interaction, job_id: int) -> None:
         async def do(service: AdminService, who: Requester) -> str:

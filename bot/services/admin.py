@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from bot.services.errors import NotAllowed, NotFound, UserError
 from bot.services.queue import QueueEntry
 from bot.services.studio import Requester, Studio
+from bot.services.workers import WorkerInfo
 from bot.store.admin import AdminStore
 from engine.errors import EngineError, first_problem
 from engine.loras import LoraEntry
@@ -170,6 +171,10 @@ class AdminService:
     # queue
     def queue(self) -> list[QueueEntry]:
         return self.studio.queue.snapshot()
+
+    async def workers(self) -> list[WorkerInfo]:
+        """The engines serving the queue: the in-process one, or each `fluxbot worker` that is up."""
+        return await self.studio.queue.workers()
 
     async def cancel(self, who: Requester, job_id: int) -> None:
         await self.studio.cancel(Requester(**{**who.__dict__, "is_admin": True}), job_id)
