@@ -19,6 +19,8 @@ run: setup
 	$(BIN)/fluxbot run || [ $$? -eq 2 ]
 
 test: setup
+	# Redis and PostgreSQL on 127.0.0.1 for the scale-out and Postgres tests (started if installed)
+	tests/services.sh
 	$(BIN)/python -m pytest -q
 
 lint: setup

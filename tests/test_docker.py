@@ -45,3 +45,24 @@ def test_compose_reserves_a_gpu_and_mounts_models_data_and_config() -> None:
     cpu = compose["services"]["fluxbot-cpu"]
     assert cpu["profiles"] == ["cpu"] and cpu["environment"]["FLUXBOT_MODEL"] == "tiny"
     assert "deploy" not in cpu
+
+
+def test_compose_scale_profile_runs_a_bot_redis_postgres_and_a_worker_per_gpu() -> None:
+    services = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())["services"]
+    scale = {name: service for name, service in services.items() if "scale" in service.get("profiles", [])}
+    workers = {name: service for name, service in scale.items() if name.startswith("worker-")}
+
+    assert {"redis", "postgres", "scale-bot"} <= scale.keys() and len(workers) >= 2
+    bot = scale["scale-bot"]
+    assert "deploy" not in bot, "the bot holds no engine: no GPU for it"
+    assert bot["environment"]["FLUXBOT_QUEUE"] == "redis://redis:6379/0"
+    assert bot["environment"]["FLUXBOT_DATABASE_URL"].startswith("postgresql+asyncpg://")
+    gpus = [w["environment"]["CUDA_VISIBLE_DEVICES"] for w in workers.values()]
+    names = [w["environment"]["FLUXBOT_WORKERS__NAME"] for w in workers.values()]
+    assert len(set(gpus)) == len(gpus) and len(set(names)) == len(names), "one worker per GPU"
+    for worker in workers.values():
+        assert worker["command"] == ["fluxbot", "worker"]
+        assert worker["environment"]["FLUXBOT_QUEUE"] == bot["environment"]["FLUXBOT_QUEUE"]
+        assert worker["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+        assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert "FLUXBOT_WORKERS__NAME" in " ".join(worker["healthcheck"]["test"])
