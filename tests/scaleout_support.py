@@ -92,7 +92,13 @@ class WorkerProcess:
     async def terminate(self, timeout: float = 60) -> int:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
-        return await asyncio.wait_for(self.proc.wait(), timeout)
+        try:
+            return await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            self.proc.kill()
+            raise RuntimeError(
+                f"worker {self.name} ignored SIGTERM: {self.log_path.read_text()[-2000:]}"
+            ) from None
 
     async def reap(self) -> None:
         if self.proc is not None:

@@ -95,9 +95,10 @@ class _Loops:
     async def stop(self) -> None:
         for task in self.tasks:
             task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self.tasks:
+            _, stuck = await asyncio.wait(self.tasks, timeout=5)
+            for task in stuck:  # a Redis call that ignores cancellation must not hold up shutdown
+                log.warning("%s did not stop within 5 s", task.get_name())
         self.tasks.clear()
 
 
@@ -264,7 +265,7 @@ class RedisJobQueue:
     async def wait_idle(self, timeout: float) -> None:
         async def idle() -> None:
             while self.fair or self.retries or self.inflight:
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.01)
 
         await asyncio.wait_for(idle(), timeout)
 
@@ -428,6 +429,17 @@ class RedisJobQueue:
 
     async def _take_back(self, flight: Flight, ran: bool | None = None) -> None:
         """The worker holding this job is gone: give the job to another, or fail it past max_tries."""
+        flight.finishing = True  # it leaves `inflight` last, so wait_idle never sees a gap
+        try:
+            await self._move_or_fail(flight, ran)
+        except Exception:
+            flight.finishing = False  # Redis or the database was away: look again at the next poll
+            raise
+        del self.inflight[flight.dispatch.job_id]
+        self._update_depth()
+        self._wake.set()
+
+    async def _move_or_fail(self, flight: Flight, ran: bool | None) -> None:
         dispatch = flight.dispatch
         job_id = dispatch.job_id
         arq_id = dispatch.arq_id
@@ -438,7 +450,6 @@ class RedisJobQueue:
             pipe.delete(job_key_prefix + arq_id, in_progress_key_prefix + arq_id, retry_key_prefix + arq_id)
             pipe.zrem(queue_name(dispatch.worker), arq_id)
             await pipe.execute()
-        del self.inflight[job_id]
         next_try = dispatch.job_try + 1 if ran else dispatch.job_try
         max_tries = self.settings.workers.max_tries
         if flight.cancelled_by is not None:
@@ -464,21 +475,24 @@ class RedisJobQueue:
                 await self.store.requeue(job_id)
             self._note(flight.job)
             self.retries[job_id] = Retry(next_try, dispatch.dispatch_no + 1, flight.job.user_id)
-        self._update_depth()
-        self._wake.set()
 
     async def _finish(self, flight: Flight, info: JobResult) -> None:
         flight.finishing = True
         job_id = flight.dispatch.job_id
         try:
             job = await self._record(flight, info)
+        except Exception:
+            flight.finishing = False  # the database was away: look again at the next poll
+            raise
+        try:
+            await self.redis.hdel(DISPATCH_KEY, str(job_id))
+            self._count(job)
+            await self._deliver(job)
         finally:
+            # Last, after delivery: until then the job counts as running (caps, wait_idle, drain).
             self.inflight.pop(job_id, None)
             self._update_depth()
             self._wake.set()
-        await self.redis.hdel(DISPATCH_KEY, str(job_id))
-        self._count(job)
-        await self._deliver(job)
 
     async def _record(self, flight: Flight, info: JobResult) -> Job:
         """Store the outcome once: a job already finished in the DB (a restart, a late look) stays as is."""
@@ -534,20 +548,19 @@ class RedisJobQueue:
 
     async def _listen_loop(self) -> None:
         while True:
-            pubsub = self.redis.pubsub()
             try:
-                await pubsub.subscribe(EVENTS_CHANNEL)
-                async for message in pubsub.listen():
-                    if message.get("type") == "message":
-                        await self._on_event(WorkerEvent.model_validate_json(message["data"]))
+                async with self.redis.pubsub() as pubsub:
+                    await pubsub.subscribe(EVENTS_CHANNEL)
+                    while True:
+                        # A bounded wait rather than listen(): stopping never waits on a silent channel.
+                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                        if message is not None:
+                            await self._on_event(WorkerEvent.model_validate_json(message["data"]))
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("worker events: connection lost; resubscribing")
                 await asyncio.sleep(1.0)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
 
     async def _on_event(self, event: WorkerEvent) -> None:
         flight = self.inflight.get(event.job_id)
