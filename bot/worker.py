@@ -233,15 +233,14 @@ class EngineWorker:
 
 
 async def run_worker(settings: Settings, name: str | None = None) -> None:
-    """Load the engine once, then serve until SIGTERM/SIGINT."""
-    engine = await asyncio.to_thread(FluxEngine.load, settings.engine, settings.data_dir)
+    """Reach Redis (fail fast, before a long model load), load the engine once, serve until SIGTERM."""
     redis = await create_pool(RedisSettings.from_dsn(settings.queue))
-    worker = EngineWorker(engine, settings, redis, name)
+    engine = await asyncio.to_thread(FluxEngine.load, settings.engine, settings.data_dir)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await worker.serve(stop)
+        await EngineWorker(engine, settings, redis, name).serve(stop)
     finally:
         await redis.aclose()

@@ -61,7 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(logging.INFO if args.verbose else logging.WARNING, json_lines=False)
     if not args.verbose:
         # torchao, imported by diffusers, warns about CUDA-only kernels it cannot load on this host.
-        for noisy in ("torchao", "torch.utils._pytree"):
+        # arq logs each retry while Redis is unreachable; the one line below says it once.
+        for noisy in ("torchao", "torch.utils._pytree", "arq.connections"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
     _quiet_libraries(args.verbose)
     try:

@@ -143,3 +143,33 @@ def test_imagine_with_missing_model_is_one_line(cli_env: dict[str, str], tmp_pat
     assert run.returncode == 1
     assert len(run.stderr.strip().splitlines()) <= 2  # the "loading" notice, then the one-line error
     assert run.stderr.strip().splitlines()[-1].startswith("fluxbot: model ")
+
+
+@pytest.mark.parametrize(
+    ("queue", "message"),
+    [
+        ("local", "fluxbot worker serves a bot through Redis: set FLUXBOT_QUEUE=redis://"),
+        ("amqp://127.0.0.1", "queue must be 'local' or a Redis URL"),
+        ("redis://:hunter2@127.0.0.1:1/0", "cannot reach Redis at redis://:***@127.0.0.1:1/0"),
+    ],
+)
+def test_worker_without_a_usable_redis_is_one_line(
+    cli_env: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    queue: str,
+    message: str,
+) -> None:
+    for key, value in cli_env.items():
+        if key.startswith("FLUXBOT_"):
+            monkeypatch.setenv(key, value)
+    monkeypatch.setenv("FLUXBOT_QUEUE", queue)
+    monkeypatch.chdir(tmp_path)
+
+    code = main(["worker"])
+
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert len(lines) == 1 and message in lines[0], lines
+    assert "hunter2" not in lines[0]
