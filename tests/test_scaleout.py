@@ -7,6 +7,7 @@ Discord); the workers are real processes on the tiny model, so "kill a worker" i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -17,7 +18,7 @@ import pytest
 
 from bot.app import App, build_app
 from bot.render import workers as render_workers
-from bot.services.redis_queue import SHARED_IMAGE_MISSING, WORKERS_DIED
+from bot.services.redis_queue import SHARED_IMAGE_MISSING, TIMED_OUT, WORKERS_DIED
 from bot.services.studio import Requester
 from bot.store.models import Job, JobStatus
 from engine.api import GenerationRequest, LoraChoice
@@ -397,33 +398,56 @@ async def test_shared_images_reach_the_bot_through_the_shared_data_dir(
     make_settings: Callable[..., EngineSettings],
     lora_setup: tuple[Path, Path],
 ) -> None:
-    # One worker writing PNGs into the data_dir it shares with the bot; the others stopped meanwhile.
-    for worker in workers.values():
-        await worker.terminate()
     shared = tmp_path / "shared"
     env = worker_env(shared, presets_file, lora_setup[0], tiny_dir, FLUXBOT_WORKERS__IMAGES="shared")
-    sharer = WorkerProcess("sharer", env, tmp_path)
-    await sharer.start()
-    try:
-        await sharer.wait_ready()
+    async with solo_worker(workers, WorkerProcess("sharer", env, tmp_path)):
         job, png = await _one_job(scaleout_settings(shared, make_settings, lora_setup), "shared")
         # A bot that does not share the folder gets a clear failure, not a broken message later.
         failed, _ = await _one_job(
             scaleout_settings(tmp_path / "elsewhere", make_settings, lora_setup), "lost"
         )
-    finally:
-        await sharer.reap()
 
     assert job.status == JobStatus.DONE and job.worker == "sharer"
     assert png is not None and hashlib.sha256(png).hexdigest() == job.images[0].sha256
     assert failed.status == JobStatus.FAILED and failed.error == SHARED_IMAGE_MISSING
 
 
-async def _one_job(settings: Settings, prompt: str) -> tuple[Job, bytes | None]:
+async def test_a_job_past_the_workers_time_limit_fails_with_a_message(
+    workers: Workers,
+    tmp_path: Path,
+    presets_file: Path,
+    tiny_dir: Path,
+    make_settings: Callable[..., EngineSettings],
+    lora_setup: tuple[Path, Path],
+) -> None:
+    env = worker_env(
+        tmp_path / "w", presets_file, lora_setup[0], tiny_dir, FLUXBOT_WORKERS__JOB_TIMEOUT_S="0.5"
+    )
+    async with solo_worker(workers, WorkerProcess("hasty", env, tmp_path)):
+        job, _ = await _one_job(scaleout_settings(tmp_path, make_settings, lora_setup), "slow", **SLOW)
+
+    assert job.status == JobStatus.FAILED and job.error == TIMED_OUT and job.attempts == 1
+
+
+@contextlib.asynccontextmanager
+async def solo_worker(pool: Workers, worker: WorkerProcess) -> AsyncIterator[None]:
+    """Only `worker` serves for a while (the pool's workers stop; the next test starts them again)."""
+    for member in pool.values():
+        await member.terminate()
+    await worker.start()
+    try:
+        await worker.wait_ready()
+        yield
+    finally:
+        await worker.reap()
+
+
+async def _one_job(settings: Settings, prompt: str, **options: Any) -> tuple[Job, bytes | None]:
     app = await build_app(settings, RecordingEvents())
     await app.start()
     try:
-        ticket = await app.studio.imagine(who(ALICE), GenerationRequest(prompt=prompt, size="64x64"))
+        request = GenerationRequest.model_validate({"prompt": prompt, "size": "64x64", **options})
+        ticket = await app.studio.imagine(who(ALICE), request)
         await app.queue.wait_idle(60)
         job = await app.jobs.get(ticket.job_id)
         assert job is not None

@@ -23,7 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from arq.connections import ArqRedis
-from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
+from arq.constants import (
+    abort_jobs_ss,
+    in_progress_key_prefix,
+    job_key_prefix,
+    result_key_prefix,
+    retry_key_prefix,
+)
 from arq.jobs import Job as ArqJob
 from arq.jobs import JobResult
 from arq.utils import timestamp_ms
@@ -56,7 +62,10 @@ from fluxbot.settings import Settings
 
 log = logging.getLogger(__name__)
 WORKERS_DIED = "The worker drawing this stopped {tries} times, so fluxbot gave up on it. Try again."
-TIMED_OUT = "This took longer than the workers' time limit ({limit:g} s) and was stopped."
+TIMED_OUT = (
+    "This took longer than a worker may spend on one job, so it was stopped. "
+    "Try fewer steps or a smaller size."
+)
 SHARED_IMAGE_MISSING = (
     "The worker saved the image where the bot cannot read it: workers.images = 'shared' needs one "
     "data_dir shared by the bot and every worker."
@@ -128,6 +137,7 @@ class RedisJobQueue:
         self._cost: dict[int, tuple[int, int]] = {}
         self._owner: dict[int, int] = {}
         self._family_by_job: dict[int, str] = {}  # which workers can run it
+        self._handing_out: set[int] = set()
         self._last_assigned: dict[str, float] = {}
         self._wake = asyncio.Event()  # dispatcher: a job or a worker became available
         self._poke = asyncio.Event()  # watcher: a worker says a job finished
@@ -208,7 +218,7 @@ class RedisJobQueue:
         self._family_by_job.pop(job_id, None)
 
     def __len__(self) -> int:
-        return len(self.fair) + len(self.retries)
+        return len(self.fair) + len(self.retries) + len(self._handing_out)
 
     @property
     def busy(self) -> int:
@@ -264,7 +274,7 @@ class RedisJobQueue:
 
     async def wait_idle(self, timeout: float) -> None:
         async def idle() -> None:
-            while self.fair or self.retries or self.inflight:
+            while self.fair or self.retries or self._handing_out or self.inflight:
                 await asyncio.sleep(0.01)
 
         await asyncio.wait_for(idle(), timeout)
@@ -290,6 +300,16 @@ class RedisJobQueue:
         self.worker_table = table
         if appeared:
             log.info("workers up: %s", ", ".join(sorted(appeared)))
+            for name in sorted(appeared):
+                if table[name].family != self.resolver.family:
+                    log.warning(
+                        "worker %s serves %s models but this bot admits %s jobs: it gets none "
+                        "(set workers.family, or point the worker at a %s model)",
+                        name,
+                        table[name].family,
+                        self.resolver.family,
+                        self.resolver.family,
+                    )
             self._wake.set()
 
     # handing jobs to workers
@@ -316,12 +336,17 @@ class RedisJobQueue:
             if picked is None:
                 return
             job_id, retry = picked
-            job = await self.store.get(job_id)
-            if job is None or job.status.finished:
-                continue  # cancelled or recorded meanwhile
-            family = self._family(job)
-            worker = self._choose([w for w in free if w.family == family], job)
-            await self._send(job, worker, retry)
+            self._handing_out.add(job_id)  # neither waiting nor running for these few awaits
+            try:
+                job = await self.store.get(job_id)
+                if job is None or job.status.finished:
+                    self._forget(job_id)
+                    continue  # cancelled or recorded meanwhile
+                family = self._family(job)
+                worker = self._choose([w for w in free if w.family == family], job)
+                await self._send(job, worker, retry)
+            finally:
+                self._handing_out.discard(job_id)
 
     def _next_job(self, families: set[str]) -> tuple[int, Retry | None] | None:
         for job_id, retry in self.retries.items():
@@ -485,6 +510,8 @@ class RedisJobQueue:
             flight.finishing = False  # the database was away: look again at the next poll
             raise
         try:
+            # The database is the record now: drop the result (it may hold megabytes of PNG).
+            await self.redis.delete(result_key_prefix + flight.dispatch.arq_id)
             await self.redis.hdel(DISPATCH_KEY, str(job_id))
             self._count(job)
             await self._deliver(job)
@@ -526,9 +553,8 @@ class RedisJobQueue:
         job_id = flight.dispatch.job_id
         if isinstance(error, asyncio.CancelledError):
             return await self.store.mark_cancelled(job_id, flight.cancelled_by or "an admin")
-        if isinstance(error, TimeoutError):
-            limit = self.settings.workers.job_timeout_s
-            return await self.store.mark_failed(job_id, TIMED_OUT.format(limit=limit))
+        if isinstance(error, TimeoutError):  # arq's job_timeout, set on the worker (workers.job_timeout_s)
+            return await self.store.mark_failed(job_id, TIMED_OUT)
         if isinstance(error, JobExecutionFailed) and "retries" in str(error):
             return await self.store.mark_failed(
                 job_id, WORKERS_DIED.format(tries=flight.dispatch.job_try - 1)
