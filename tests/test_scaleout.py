@@ -107,7 +107,7 @@ def scaleout_settings(
     return make_settings(tmp, engine_settings, **scaleout_values(engine_settings, lora_setup))
 
 
-async def discord_bot(
+async def harness(
     fake: FakeDiscord,
     tmp: Path,
     engine_settings: Callable[..., EngineSettings],
@@ -162,31 +162,23 @@ def deliveries(fake: FakeDiscord) -> Counter[str]:
 
 
 async def test_two_workers_serve_a_burst_from_several_users_through_discord(
-    workers: Workers,
-    fake: FakeDiscord,
-    tmp_path: Path,
-    make_settings: Callable[..., EngineSettings],
-    lora_setup: tuple[Path, Path],
+    harness: Harness, fake: FakeDiscord, workers: Workers
 ) -> None:
-    harness = await discord_bot(fake, tmp_path, make_settings, lora_setup)
-    try:
-        users = [(ALICE, "alice"), (BOB, "bob"), (CAROL, "carol")]
-        tokens = [
-            await fake.slash(
-                "imagine",
-                [opt("prompt", f"{name}'s fox {i}"), opt("steps", 24, 4), opt("size", "384x384")],
-                fake.member(user, name),
-            )
-            for i in range(3)
-            for user, name in users
-        ]
-        await fake.wait_for(
-            lambda: all((m := fake.original(t)) and m["attachments"] for t in tokens), timeout=120
+    users = [(ALICE, "alice"), (BOB, "bob"), (CAROL, "carol")]
+    tokens = [
+        await fake.slash(
+            "imagine",
+            [opt("prompt", f"{name}'s fox {i}"), opt("steps", 24, 4), opt("size", "384x384")],
+            fake.member(user, name),
         )
-        await harness.app.queue.wait_idle(30)
-        jobs = [await harness.app.jobs.get(i) for i in range(1, len(tokens) + 1)]
-    finally:
-        await harness.stop()
+        for i in range(3)
+        for user, name in users
+    ]
+    await fake.wait_for(
+        lambda: all((m := fake.original(t)) and m["attachments"] for t in tokens), timeout=120
+    )
+    await harness.app.queue.wait_idle(30)
+    jobs = [await harness.app.jobs.get(i) for i in range(1, len(tokens) + 1)]
 
     assert all(job is not None and job.status == JobStatus.DONE for job in jobs)
     assert {job.worker for job in jobs if job is not None} == {"w1", "w2"}
@@ -223,33 +215,25 @@ async def test_fair_order_holds_across_workers(app: App, events: RecordingEvents
 
 
 async def test_killing_a_worker_mid_job_still_delivers_every_job_exactly_once(
-    workers: Workers,
-    fake: FakeDiscord,
-    tmp_path: Path,
-    make_settings: Callable[..., EngineSettings],
-    lora_setup: tuple[Path, Path],
+    harness: Harness, fake: FakeDiscord, workers: Workers
 ) -> None:
-    harness = await discord_bot(fake, tmp_path, make_settings, lora_setup)
-    try:
-        tokens = [
-            await fake.slash(
-                "imagine",
-                [opt("prompt", f"an owl {i}"), opt("steps", SLOW["steps"], 4), opt("size", SLOW["size"])],
-                fake.member(ALICE if i % 2 else BOB, "u"),
-            )
-            for i in range(4)
-        ]
-        victim = await running_on(harness.app, 1)
-        workers[str(victim.worker)].kill()
-
-        await fake.wait_for(
-            lambda: all((m := fake.original(t)) and m["attachments"] for t in tokens), timeout=120
+    tokens = [
+        await fake.slash(
+            "imagine",
+            [opt("prompt", f"an owl {i}"), opt("steps", SLOW["steps"], 4), opt("size", SLOW["size"])],
+            fake.member(ALICE if i % 2 else BOB, "u"),
         )
-        await harness.app.queue.wait_idle(30)
-        retried = await harness.app.jobs.get(1)
-        statuses = [(await harness.app.jobs.get(i)).status for i in range(1, 5)]  # type: ignore[union-attr]
-    finally:
-        await harness.stop()
+        for i in range(4)
+    ]
+    victim = await running_on(harness.app, 1)
+    workers[str(victim.worker)].kill()
+
+    await fake.wait_for(
+        lambda: all((m := fake.original(t)) and m["attachments"] for t in tokens), timeout=120
+    )
+    await harness.app.queue.wait_idle(30)
+    retried = await harness.app.jobs.get(1)
+    statuses = [(await harness.app.jobs.get(i)).status for i in range(1, 5)]  # type: ignore[union-attr]
 
     assert statuses == [JobStatus.DONE] * 4
     assert retried is not None and retried.attempts == 2
@@ -361,23 +345,15 @@ async def test_a_worker_stopped_with_sigterm_finishes_its_job_first(app: App, wo
 
 
 async def test_admin_workers_lists_each_worker_with_state_and_throughput(
-    workers: Workers,
-    fake: FakeDiscord,
-    tmp_path: Path,
-    make_settings: Callable[..., EngineSettings],
-    lora_setup: tuple[Path, Path],
+    harness: Harness, fake: FakeDiscord, workers: Workers
 ) -> None:
-    harness = await discord_bot(fake, tmp_path, make_settings, lora_setup)
-    try:
-        token = await fake.slash("imagine", [opt("prompt", "a fox")], fake.member(ALICE, "alice"))
-        await fake.wait_for(lambda: (m := fake.original(token)) and m["attachments"], timeout=60)
-        listing = await fake.slash("admin", [_sub("workers")], fake.member(ADMIN, "admin"))
-        reply = await fake.wait_for(lambda: fake.response_to(listing))
-        refused = await fake.slash("admin", [_sub("workers")], fake.member(BOB, "bob"))
-        refusal = await fake.wait_for(lambda: fake.response_to(refused))
-        listed = await harness.app.queue.workers()
-    finally:
-        await harness.stop()
+    token = await fake.slash("imagine", [opt("prompt", "a fox")], fake.member(ALICE, "alice"))
+    await fake.wait_for(lambda: (m := fake.original(token)) and m["attachments"], timeout=60)
+    listing = await fake.slash("admin", [_sub("workers")], fake.member(ADMIN, "admin"))
+    reply = await fake.wait_for(lambda: fake.response_to(listing))
+    refused = await fake.slash("admin", [_sub("workers")], fake.member(BOB, "bob"))
+    refusal = await fake.wait_for(lambda: fake.response_to(refused))
+    listed = await harness.app.queue.workers()
 
     text = reply["data"]["content"]
     assert "w1" in text and "w2" in text and "tiny-flux1" in text and "idle" in text
