@@ -107,17 +107,20 @@ def scaleout_settings(
     return make_settings(tmp, engine_settings, **scaleout_values(engine_settings, lora_setup))
 
 
+@pytest.fixture
 async def harness(
+    workers: Workers,
     fake: FakeDiscord,
-    tmp: Path,
-    engine_settings: Callable[..., EngineSettings],
+    tmp_path: Path,
+    make_settings: Callable[..., EngineSettings],
     lora_setup: tuple[Path, Path],
-) -> Harness:
-    """The real discord.py client in scale-out mode: no engine in this process."""
-    values = scaleout_values(engine_settings, lora_setup)
-    harness = Harness(fake, make_bot_settings(tmp, engine_settings, fake, **values), None)
-    await harness.start()
-    return harness
+) -> AsyncIterator[Harness]:
+    """The real discord.py client in scale-out mode (no engine in this process) and both workers."""
+    values = scaleout_values(make_settings, lora_setup)
+    bot = Harness(fake, make_bot_settings(tmp_path, make_settings, fake, **values), None)
+    await bot.start()
+    yield bot
+    await bot.stop()
 
 
 @pytest.fixture
