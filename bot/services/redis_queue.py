@@ -342,9 +342,14 @@ class RedisJobQueue:
                 if job is None or job.status.finished:
                     self._forget(job_id)
                     continue  # cancelled or recorded meanwhile
-                family = self._family(job)
-                worker = self._choose([w for w in free if w.family == family], job)
-                await self._send(job, worker, retry)
+                family = self._family_of(job_id)
+                await self._send(job, self._choose([w for w in free if w.family == family], job), retry)
+            except Exception:
+                # Database or Redis away: the job goes back to the head of the line, nothing is lost.
+                self.inflight.pop(job_id, None)
+                job_try, dispatch_no = (1, 1) if retry is None else (retry.job_try, retry.dispatch_no)
+                self.retries[job_id] = Retry(job_try, dispatch_no + 1, self._owner.get(job_id, 0))
+                raise
             finally:
                 self._handing_out.discard(job_id)
 
@@ -365,7 +370,9 @@ class RedisJobQueue:
         return preset.family if preset is not None else self.resolver.family
 
     def _choose(self, free: list[WorkerInfo], job: Job) -> WorkerInfo:
-        """Affinity: the worker holding most of the job's LoRAs; on a tie, the one idle longest."""
+        """Affinity: the worker holding most of the job's LoRAs; on a tie, the one idle longest.
+
+        `free` is never empty: the job was picked because a free worker serves its family."""
         wanted = {str(lora["name"]) for lora in job.request.get("loras") or ()}
         return max(
             free,
@@ -386,6 +393,7 @@ class RedisJobQueue:
     async def _send(self, job: Job, worker: WorkerInfo, retry: Retry | None) -> None:
         job_try, dispatch_no = (1, 1) if retry is None else (retry.job_try, retry.dispatch_no)
         if str(job.request.get("preset")) not in self.resolver.presets:
+            self._forget(job.id)
             failed = await self.store.mark_failed(job.id, "Its preset was removed before it could run.")
             await self._deliver(failed)
             return
@@ -398,23 +406,18 @@ class RedisJobQueue:
             dispatch_no=dispatch_no,
         )
         self.inflight[job.id] = Flight(dispatch, job, self._estimate(job))
-        self._forget(job.id)
         self._last_assigned[worker.name] = time.monotonic()
         self._update_depth()
-        try:
-            # The record first: a bot that dies right after the enqueue still finds the job on restart.
-            await self.redis.hset(DISPATCH_KEY, str(job.id), dispatch.model_dump_json())
-            await self.redis.enqueue_job(
-                GENERATE,
-                self._payload(job).model_dump(mode="json"),
-                _job_id=dispatch.arq_id,
-                _queue_name=queue_name(worker.name),
-                _job_try=job_try if job_try > 1 else None,
-            )
-        except Exception:
-            del self.inflight[job.id]
-            self.retries[job.id] = Retry(job_try, dispatch_no + 1, job.user_id)
-            raise
+        # The record first: a bot that dies right after the enqueue still finds the job on restart.
+        await self.redis.hset(DISPATCH_KEY, str(job.id), dispatch.model_dump_json())
+        await self.redis.enqueue_job(
+            GENERATE,
+            self._payload(job).model_dump(mode="json"),
+            _job_id=dispatch.arq_id,
+            _queue_name=queue_name(worker.name),
+            _job_try=job_try if job_try > 1 else None,
+        )
+        self._forget(job.id)
         log.debug("job %d -> worker %s (try %d)", job.id, worker.name, job_try)
 
     # watching jobs on workers
