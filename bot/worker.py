@@ -215,9 +215,10 @@ class EngineWorker:
             arq_worker.allow_pick_jobs = False
             await self.advertise()
             deadline = time.monotonic() + self.settings.shutdown_grace_s
-            while self.job_id is not None and time.monotonic() < deadline:
+            # arq's job_counter drops only after the result is stored: the job's own end is too early.
+            while arq_worker.job_counter and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            if self.job_id is not None:
+            if arq_worker.job_counter and self.job_id is not None:
                 log.info(
                     "worker %s: job %d did not finish in time; it goes to another worker",
                     self.name,
@@ -226,8 +227,8 @@ class EngineWorker:
         finally:
             stopping.cancel()
             heartbeat.cancel()
-            await arq_worker.close()  # cancels what still runs: arq keeps it queued for a retry
             with contextlib.suppress(asyncio.CancelledError):
+                await arq_worker.close()  # cancels what still runs: arq keeps it queued for a retry
                 await main
             await self.redis.delete(worker_key(self.name))  # the bot moves anything left at once
 
