@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run test lint bench soak
+.PHONY: setup run test lint bench bench-scale soak
 
 $(BIN)/fluxbot: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,10 @@ lint: setup
 bench: setup
 	$(BIN)/python bench/engine.py
 	$(BIN)/python bench/bot.py
+
+bench-scale: setup
+	tests/services.sh
+	$(BIN)/python bench/scale.py
 
 soak: setup
 	$(BIN)/python bench/soak.py
