@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import statistics
 import sys
 import tempfile
@@ -20,8 +19,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-for noisy in ("torchao", "torch.utils._pytree"):
-    logging.getLogger(noisy).setLevel(logging.ERROR)
+from fluxbot.logs import quiet
+
+quiet()
 
 from engine.api import GenerationRequest  # noqa: E402
 from engine.engine import FluxEngine  # noqa: E402

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-for noisy in ("torchao", "torch.utils._pytree", "discord", "alembic", "aiohttp.access", "bot", "engine"):
-    logging.getLogger(noisy).setLevel(logging.ERROR)
+from fluxbot.logs import quiet
+
+quiet("discord", "alembic", "aiohttp.access", "bot", "engine")
 
 from bot.client import FluxBot, point_at  # noqa: E402
 from engine.engine import FluxEngine  # noqa: E402

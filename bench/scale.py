@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import statistics
 import sys
 import tempfile
@@ -20,8 +19,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-for noisy in ("torchao", "torch.utils._pytree", "alembic", "bot", "engine", "arq"):
-    logging.getLogger(noisy).setLevel(logging.ERROR)
+from fluxbot.logs import quiet
+
+quiet("alembic", "bot", "engine", "arq")
 
 import torch  # noqa: E402
 

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from engine.api import GenerationRequest, LoraChoice, StepProgress
 from engine.errors import EngineError, first_problem
 from fluxbot.logs import configure as configure_logging
+from fluxbot.logs import quiet as quiet_loggers
 from fluxbot.settings import Settings
 
 log = logging.getLogger("fluxbot")
@@ -60,10 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(logging.INFO if args.verbose else logging.WARNING, json_lines=False)
     if not args.verbose:
-        # torchao, imported by diffusers, warns about CUDA-only kernels it cannot load on this host.
-        # arq logs each retry while Redis is unreachable; the one line below says it once.
-        for noisy in ("torchao", "torch.utils._pytree", "arq.connections"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
+        # arq logs each retry while Redis is unreachable; the one-line error below says it once.
+        quiet_loggers("arq.connections")
     _quiet_libraries(args.verbose)
     try:
         settings = Settings()

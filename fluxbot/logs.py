@@ -34,3 +34,14 @@ def configure(level: int | str, json_lines: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+# torchao, imported by diffusers, warns about CUDA-only kernels it cannot load on a CPU host; torch's
+# pytree warns about enum registration. Neither is anything an operator can act on.
+IMPORT_NOISE = ("torchao", "torch.utils._pytree")
+
+
+def quiet(*extra: str) -> None:
+    """Raise these loggers (and the import noise) to ERROR: the CLI, the tests and the benches use it."""
+    for name in (*IMPORT_NOISE, *extra):
+        logging.getLogger(name).setLevel(logging.ERROR)

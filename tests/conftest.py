@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -14,13 +13,13 @@ from PIL.Image import Image
 from engine.engine import FluxEngine
 from engine.settings import EngineSettings
 from engine.tiny import ensure_tiny_model
+from fluxbot.logs import quiet as quiet_loggers
 from tests import services
 from tests.fake_discord import FakeDiscord
 
 REPO = Path(__file__).resolve().parent.parent
 
-for noisy in ("torchao", "torch.utils._pytree"):
-    logging.getLogger(noisy).setLevel(logging.ERROR)
+quiet_loggers()
 
 # The shipped presets with bounds widened to tiny sizes, so generation tests take milliseconds.
 FAST_PRESETS = """
