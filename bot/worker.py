@@ -93,7 +93,10 @@ class EngineWorker:
 
     async def advertise(self) -> None:
         ttl_ms = int(self.settings.workers.dead_after_s * 1000)
-        await self.redis.set(worker_key(self.name), self.info().model_dump_json(), px=ttl_ms)
+        try:
+            await self.redis.set(worker_key(self.name), self.info().model_dump_json(), px=ttl_ms)
+        except Exception as exc:  # Redis away for a moment: the next heartbeat says it again
+            log.warning("worker %s: could not advertise itself: %s", self.name, exc)
 
     async def generate(self, ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
         """The arq job: render one stored job; an engine refusal is a result, not an arq failure."""
@@ -187,10 +190,7 @@ class EngineWorker:
 
     async def _heartbeat(self) -> None:
         while True:
-            try:
-                await self.advertise()
-            except Exception as exc:  # Redis away for a moment: arq reconnects, so do we
-                log.warning("worker %s: heartbeat failed: %s", self.name, exc)
+            await self.advertise()
             await asyncio.sleep(self.settings.workers.heartbeat_s)
 
     async def serve(self, stop: asyncio.Event) -> None:
