@@ -1,7 +1,7 @@
-"""Wiring: settings -> database, engine, queue, services. The Discord client and the tests both start here.
+"""Wiring: settings -> database, executor, dispatcher, services. The Discord client and the tests start here.
 
-queue = "local": the engine lives in this process behind a LocalJobQueue.
-queue = "redis://...": no engine here; a RedisJobQueue hands jobs to `fluxbot worker` processes.
+queue = "local": the engine lives in this process; a LocalExecutor runs the dispatcher's jobs on it.
+queue = "redis://...": no engine here; a RedisExecutor hands them to `fluxbot worker` processes.
 """
 
 from __future__ import annotations
@@ -15,13 +15,16 @@ from sqlalchemy import text
 
 from bot.observability import Metrics
 from bot.services.admin import AdminPolicy, AdminService
+from bot.services.dispatcher import JobDispatcher
 from bot.services.events import JobEvents
-from bot.services.queue import JobQueue, LocalJobQueue
-from bot.services.redis_queue import RedisJobQueue
-from bot.services.runner import JobRunner
+from bot.services.execution import Executor
+from bot.services.faults import Faults
+from bot.services.local_executor import LocalExecutor
+from bot.services.redis_executor import RedisExecutor
 from bot.services.studio import Studio
 from bot.store.admin import AdminStore
 from bot.store.database import Database
+from bot.store.files import ImageFiles
 from bot.store.jobs import JobStore
 from engine.engine import FluxEngine, build_resolver
 from fluxbot.settings import Settings
@@ -33,7 +36,8 @@ class App:
     db: Database
     engine: FluxEngine | None  # None in scale-out mode: the workers hold the engines
     jobs: JobStore
-    queue: JobQueue
+    files: ImageFiles
+    queue: JobDispatcher
     studio: Studio
     admin: AdminService
     metrics: Metrics
@@ -50,15 +54,11 @@ class App:
             await self.redis.aclose()
 
     async def health(self) -> dict[str, bool]:
-        """What /healthz reports besides the gateway: the database, and the engine or Redis."""
-        checks = {"database": await self.database_ok()}
-        if self.redis is None:
-            checks["engine"] = self.engine is not None
-        else:
-            try:
-                checks["redis"] = bool(await self.redis.ping())
-            except Exception:  # unreachable is what /healthz reports
-                checks["redis"] = False
+        """What /healthz reports besides the gateway: the database (reachable, and writes going
+        through), the images folder (writable), and the engine or Redis."""
+        checks = await self.queue.health()
+        checks["database"] = checks["database"] and await self.database_ok()
+        checks["images"] = checks["images"] and await asyncio.to_thread(self.files.writable)
         return checks
 
     async def database_ok(self) -> bool:
@@ -77,21 +77,32 @@ async def build_app(settings: Settings, events: JobEvents, engine: FluxEngine | 
     jobs, admin_store = JobStore(db), AdminStore(db)
     metrics = Metrics()
     redis: ArqRedis | None = None
-    queue: JobQueue
+    executor: Executor
     if settings.uses_redis:
         # Requests are checked here against the same presets and whitelist files the workers load.
         resolver = build_resolver(settings.engine, settings.data_dir, settings.workers_family)
         redis = await create_pool(RedisSettings.from_dsn(settings.queue))
-        queue = RedisJobQueue(jobs, events, metrics, settings, resolver, redis)
+        executor = RedisExecutor(redis, resolver, settings.workers)
         engine = None
     else:
         if engine is None:
             engine = await asyncio.to_thread(FluxEngine.load, settings.engine, settings.data_dir)
         metrics.watch_engine(engine)
         resolver = engine.resolver
-        queue = LocalJobQueue(jobs, JobRunner(engine, settings.data_dir), events, metrics)
-    studio = Studio(resolver, jobs, admin_store, queue, settings.limits, metrics)
+        executor = LocalExecutor(engine)
+    files = ImageFiles(settings.data_dir)
+    dispatcher = JobDispatcher(
+        jobs,
+        files,
+        executor,
+        events,
+        metrics,
+        Faults(),
+        lambda request: resolver.family_of(request.get("preset")),
+        settings.delivery,
+    )
+    studio = Studio(resolver, jobs, admin_store, dispatcher, settings.limits, metrics)
     policy = AdminPolicy(frozenset(settings.admin_user_ids), frozenset(settings.admin_role_ids))
     admin = AdminService(studio, admin_store, policy)
     await admin.load_overrides()
-    return App(settings, db, engine, jobs, queue, studio, admin, metrics, redis)
+    return App(settings, db, engine, jobs, files, dispatcher, studio, admin, metrics, redis)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 REROLL_EMOJI = "🔁"
 # Interaction tokens live 15 minutes; leave a margin for the upload itself.
 TOKEN_LIFETIME = timedelta(minutes=14)
+# The longest a job's messages wait for its first answer (the queued message) to go out.
+ANSWER_WAIT_S = 10.0
 
 
 class DiscordDelivery:
@@ -33,9 +35,12 @@ class DiscordDelivery:
         # Recently finished jobs, to drop progress events that arrive after the result (bounded).
         self._finished: OrderedDict[int, None] = OrderedDict()
         self._started: set[int] = set()
-        # One lock per job: edits of one message go out in order, so the "queued" text can never
-        # land on top of progress or the finished picture.
+        # One lock per job: edits of one message go out in order.
         self._locks: dict[int, asyncio.Lock] = {}
+        # Jobs whose first answer (the queued message) is still going out: their progress and result
+        # wait for it, so a fast job never lands before, or under, its own "queued" message.
+        self._holds: dict[int, asyncio.Event] = {}
+        self._message_ids: dict[int, int] = {}  # that answer's message, before the store has it
 
     def bind(self, client: discord.Client) -> None:
         self.client = client
@@ -43,14 +48,30 @@ class DiscordDelivery:
     def _lock(self, job_id: int) -> asyncio.Lock:
         return self._locks.setdefault(job_id, asyncio.Lock())
 
-    async def queued(self, job_id: int, edit: Callable[[], Awaitable[object]]) -> None:
-        """Show the queue position, unless the job already started (fast jobs overtake their ack)."""
-        async with self._lock(job_id):
-            if job_id not in self._started and job_id not in self._finished:
-                await edit()
+    def hold(self, job_id: int) -> None:
+        """Called as soon as the job is stored, before it can start (Studio's on_stored)."""
+        self._holds[job_id] = asyncio.Event()
+
+    def release(self, job_id: int, message_id: int | None) -> None:
+        """The first answer is out (or failed): the job's messages may follow."""
+        if message_id is not None:
+            self._message_ids[job_id] = message_id
+        hold = self._holds.pop(job_id, None)
+        if hold is not None:
+            hold.set()
+
+    async def _after_answer(self, job_id: int) -> None:
+        hold = self._holds.get(job_id)
+        if hold is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(hold.wait(), ANSWER_WAIT_S)
+
+    def _message_id(self, job: Job) -> int | None:
+        return job.result_message_id or self._message_ids.get(job.id)
 
     async def started(self, job: Job) -> None:
         async with self._lock(job.id):
+            await self._after_answer(job.id)
             self._started.add(job.id)
             self._last_edit[job.id] = time.monotonic()
             await self._edit_status(job, render.started(job))
@@ -61,11 +82,13 @@ class DiscordDelivery:
             return  # Discord allows ~5 edits per 5 s per channel: one every interval is plenty
         self._last_edit[job.id] = now
         async with self._lock(job.id):
+            await self._after_answer(job.id)
             if job.id not in self._finished:
                 await self._edit_status(job, render.progress(job, step, total, eta_s))
 
     async def finished(self, job: Job) -> int | None:
         async with self._lock(job.id):
+            await self._after_answer(job.id)
             self._finished[job.id] = None
             while len(self._finished) > 10_000:
                 self._finished.popitem(last=False)
@@ -73,6 +96,7 @@ class DiscordDelivery:
             self._last_edit.pop(job.id, None)
             message_id = await self._deliver(job)
         self._locks.pop(job.id, None)
+        self._message_ids.pop(job.id, None)
         return message_id
 
     async def _deliver(self, job: Job) -> int | None:
@@ -97,12 +121,13 @@ class DiscordDelivery:
         return datetime.now(UTC) - issued < TOKEN_LIFETIME
 
     async def _edit_status(self, job: Job, text: str) -> None:
+        message_id = self._message_id(job)
         try:
-            if self._token_valid(job) and job.result_message_id:
-                await self._webhook(job).edit_message(job.result_message_id, content=text)
-            elif job.result_message_id and job.channel_id:
+            if self._token_valid(job) and message_id:
+                await self._webhook(job).edit_message(message_id, content=text)
+            elif message_id and job.channel_id:
                 channel = self._client.get_partial_messageable(job.channel_id)
-                await channel.get_partial_message(job.result_message_id).edit(content=text)
+                await channel.get_partial_message(message_id).edit(content=text)
         except discord.HTTPException as exc:  # progress is best effort; the result is not
             log.info("job %d: progress edit failed (%s)", job.id, exc.status)
 
@@ -116,12 +141,13 @@ class DiscordDelivery:
         ]
 
     async def _edit_or_post(self, job: Job, text: str, view: Any) -> int | None:
-        if self._token_valid(job) and job.result_message_id:
+        message_id = self._message_id(job)
+        if self._token_valid(job) and message_id:
             try:
                 kwargs: dict[str, Any] = {"content": text, "attachments": self._files(job)}
                 if view is not None:
                     kwargs["view"] = view
-                message = await self._webhook(job).edit_message(job.result_message_id, **kwargs)
+                message = await self._webhook(job).edit_message(message_id, **kwargs)
                 return message.id
             except discord.NotFound:
                 log.info("job %d: interaction expired; posting in the channel instead", job.id)

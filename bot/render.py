@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bot.services.admin import Stats
-from bot.services.queue import QueueEntry
+from bot.services.dispatcher import QueueEntry
 from bot.services.studio import HistoryPage, Ticket
 from bot.services.workers import WorkerInfo
 from bot.store.models import Job, JobStatus
@@ -21,8 +21,15 @@ def duration(seconds: float) -> str:
     return f"{seconds} s" if seconds < 90 else f"{seconds // 60} min {seconds % 60:02d} s"
 
 
+def saving() -> str:
+    return "⏳ Saving your request… (fluxbot's database is slow right now)"
+
+
 def queued(prompt: str, ticket: Ticket) -> str:
-    where = "next in line" if ticket.position <= 1 else f"#{ticket.position} in the queue"
+    if ticket.position == 0:
+        where = "starting"
+    else:
+        where = "next in line" if ticket.position == 1 else f"#{ticket.position} in the queue"
     lines = [f"**{short(prompt)}**", f"⏳ {where} · ETA ~{duration(ticket.eta_s)} · job {ticket.job_id}"]
     lines += [f"⚠️ {w}" for w in ticket.warnings]
     return "\n".join(lines)
@@ -82,10 +89,11 @@ def queue(entries: list[QueueEntry], paused: bool) -> str:
     head = "⏸️ queue paused" if paused else "▶️ queue running"
     if not entries:
         return f"{head}: empty."
-    lines = [f"{head}: {sum(1 for e in entries if e.position)} waiting"]
+    lines = [f"{head}: {sum(1 for e in entries if e.state == 'waiting')} waiting"]
     for entry in entries[:20]:
-        where = "running" if entry.position == 0 else f"#{entry.position}"
-        lines.append(f"{where:>8} · job {entry.job_id} · <@{entry.user_id}> · ETA ~{duration(entry.eta_s)}")
+        where = entry.state if entry.state != "waiting" else f"#{entry.position}"
+        eta = f" · ETA ~{duration(entry.eta_s)}" if entry.state != "saving" else ""
+        lines.append(f"{where:>8} · job {entry.job_id} · <@{entry.user_id}>{eta}")
     return "\n".join(lines)
 
 

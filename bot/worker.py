@@ -21,7 +21,6 @@ from typing import Any
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.worker import Worker, func
 
-from bot.services.runner import save_png
 from bot.services.wire import (
     EVENTS_CHANNEL,
     GENERATE,
@@ -33,6 +32,7 @@ from bot.services.wire import (
     worker_key,
 )
 from bot.services.workers import Throughput, WorkerInfo, WorkerState, default_worker_name, describe_engine
+from bot.store.files import ImageFiles
 from engine.api import GenerationRequest, StepProgress
 from engine.engine import FluxEngine
 from engine.errors import EngineError
@@ -117,6 +117,7 @@ class EngineWorker:
                 worker=self.name,
                 step=progress.step,
                 total=progress.total,
+                elapsed_s=progress.elapsed_s,
             )
             loop.call_soon_threadsafe(self._publish_soon, event)
 
@@ -150,7 +151,7 @@ class EngineWorker:
         for index, (image, recipe) in enumerate(zip(result.images, result.recipes, strict=True)):
             data = png_bytes(image, recipe)
             if self.settings.workers.images == "shared":
-                stored = save_png(self.settings.data_dir, job.job_id, index, data, recipe)
+                stored = ImageFiles(self.settings.data_dir).save(job.job_id, index, data, recipe)
                 images.append(
                     RenderedImage(index=index, recipe=stored.recipe, sha256=stored.sha256, path=stored.path)
                 )

@@ -29,6 +29,11 @@ class RequestResolver:
                 return name
         raise RequestError(f"no preset in the presets file is for {self.family} models")
 
+    def family_of(self, preset_name: object) -> str:
+        """The model family a stored request needs: its preset's, or the resolver's own."""
+        preset = self.presets.get(str(preset_name))
+        return preset.family if preset is not None else self.family
+
     def preset(self, name: str | None) -> Preset:
         if name is None:
             name = self.default_preset

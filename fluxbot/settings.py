@@ -35,6 +35,18 @@ class LimitSettings(BaseModel):
     max_queue: int = Field(100, ge=1, le=100_000, description="jobs waiting across all users")
 
 
+class DeliverySettings(BaseModel):
+    """How results reach Discord when it is slow or failing (discord.py already retries each request)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    retry_first_s: float = Field(2.0, gt=0, le=600, description="pause before the first redelivery")
+    retry_max_s: float = Field(60.0, gt=0, le=3600, description="longest pause between redeliveries")
+    horizon_s: float = Field(
+        86400.0, gt=0, description="give up on delivering a result this long after it finished"
+    )
+
+
 class WorkerSettings(BaseModel):
     """Scale-out mode (queue = redis://...): how engine workers run and how the bot reaches them."""
 
@@ -108,6 +120,7 @@ class Settings(BaseSettings):
         "and orders jobs, `fluxbot worker` processes run them",
     )
     limits: LimitSettings = LimitSettings()
+    delivery: DeliverySettings = DeliverySettings()
     engine: EngineSettings = EngineSettings()
     workers: WorkerSettings = WorkerSettings()
 

@@ -22,7 +22,9 @@ class RecordingEvents:
         self.started_ids: list[int] = []
         self.progress_seen: list[tuple[int, int, int]] = []
         self.finished_jobs: list[Job] = []
-        self.fail_delivery = False
+        self.fail_delivery = False  # every delivery fails
+        self.fail_next = 0  # this many deliveries fail, then they work
+        self.failed_attempts = 0
         self._next_message = 1000
 
     async def started(self, job: Job) -> None:
@@ -32,7 +34,9 @@ class RecordingEvents:
         self.progress_seen.append((job.id, step, total))
 
     async def finished(self, job: Job) -> int | None:
-        if self.fail_delivery:
+        if self.fail_delivery or self.fail_next > 0:
+            self.fail_next -= 1
+            self.failed_attempts += 1
             raise ConnectionError("discord unreachable")
         self.finished_jobs.append(job)
         self._next_message += 1
@@ -57,3 +61,11 @@ def make_settings(
 async def make_app(settings: Settings, events: RecordingEvents, data_dir: Path) -> App:
     engine = await asyncio.to_thread(FluxEngine.load, settings.engine, data_dir)
     return await build_app(settings, events, engine)
+
+
+async def until(condition: Callable[[], Any], timeout: float = 30, every: float = 0.02) -> Any:
+    """Poll `condition` until it is truthy (for state that has no event to wait on), with a deadline."""
+    async with asyncio.timeout(timeout):
+        while not (result := condition()):
+            await asyncio.sleep(every)
+        return result

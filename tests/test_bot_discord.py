@@ -131,11 +131,12 @@ async def test_imagine_goes_from_interaction_to_png_with_progress(harness: Harne
 
     message = await finished_message(fake, token)
 
-    assert fake.response_to(token) == {"type": 5}, "deferred at once"
+    first = fake.response_to(token)
+    assert first is not None and first["type"] == 4, "the first answer is the queued message itself"
+    assert "job " in first["data"]["content"] and not first["data"].get("flags", 0) & 64
     edits = [
         c.json.get("content", "") for c in fake.calls if c.method == "PATCH" and token in c.path and c.json
     ]
-    assert any("in the queue" in e or "next in line" in e for e in edits)
     assert any("steps" in e and "█" in e for e in edits), "a progress bar while it runs"
     recipe = read_recipe(png_of(fake, message))
     assert (recipe.prompt, recipe.seed, recipe.steps) == ("a red cat", 7, 24)
@@ -251,9 +252,8 @@ async def test_queue_cap_is_an_ephemeral_refusal(
         token = await fake.slash("imagine", [opt("prompt", "a dog")], fake.member(ALICE, "alice"))
 
         await fake.wait_for(lambda: is_ephemeral_error(fake, token, "You have 1 jobs queued (max 1)"))
-        assert fake.calls_to("DELETE", f"/{token}/messages/@original"), (
-            "the public 'thinking' message is removed"
-        )
+        assert fake.response_to(token)["data"]["flags"] & 64, "refused before any public answer"
+        assert not fake.calls_to("DELETE", f"/{token}/messages/@original")
     finally:
         await h.stop()
 
@@ -447,7 +447,10 @@ async def test_metrics_and_healthz_report_jobs_queue_and_connections(
     assert 'fluxbot_queue_jobs{state="queued"} 0.0' in text
     assert "fluxbot_step_seconds_count" in text and 'fluxbot_engine_memory_bytes{kind="rss"}' in text
     assert 'fluxbot_embed_cache_total{result="miss"}' in text
-    assert health == (200, {"process": True, "database": True, "engine": True, "gateway": True})
+    assert health == (
+        200,
+        {"process": True, "database": True, "images": True, "engine": True, "gateway": True},
+    )
 
 
 async def test_unknown_interaction_on_delivery_falls_back_to_a_channel_message(harness: Harness) -> None:

@@ -14,12 +14,12 @@ from bot.app import App
 from bot.services.admin import AdminPolicy
 from bot.services.errors import LimitReached, NotAllowed, NotFound, UserError
 from bot.services.studio import Requester
-from bot.store.models import JobStatus
+from bot.store.models import Delivery, JobStatus
 from engine.api import GenerationRequest
 from engine.png import read_recipe
 from engine.settings import EngineSettings
-from fluxbot.settings import LimitSettings, Settings
-from tests.bot_support import RecordingEvents, make_app, make_settings
+from fluxbot.settings import DeliverySettings, LimitSettings, Settings
+from tests.bot_support import RecordingEvents, make_app, make_settings, until
 
 pytestmark = pytest.mark.usefixtures("database_backend")  # on SQLite and on PostgreSQL
 
@@ -102,7 +102,7 @@ async def test_queue_caps_and_rate_limit_refuse_with_a_clear_message(
         app.studio.set_limits(
             LimitSettings(jobs_per_window=3, window_s=60, max_queued_per_user=9, max_queue=99)
         )
-        for _ in range(3):
+        for _ in range(2):  # Bob's first job counts in this window too
             await app.studio.imagine(BOB, GenerationRequest(prompt="a dog"))
         with pytest.raises(LimitReached, match="Slow down: at most 3 jobs per 60 s"):
             await app.studio.imagine(BOB, GenerationRequest(prompt="a dog"))
@@ -118,7 +118,7 @@ async def test_restart_runs_queued_and_interrupted_jobs_and_delivers_them(
     tickets = [
         await first.studio.imagine(ALICE, GenerationRequest(prompt=f"a fox {i}", seed=i)) for i in range(3)
     ]
-    await first.jobs.mark_running(tickets[0].job_id)  # the process dies while drawing the first
+    await first.jobs.start(tickets[0].job_id)  # the process dies while drawing the first
     await first.close()
 
     events = RecordingEvents()
@@ -139,15 +139,61 @@ async def test_finished_but_undelivered_jobs_are_delivered_after_restart(
     first = await make_app(settings, broken, data_dir)
     ticket = await first.studio.imagine(ALICE, GenerationRequest(prompt="a tree", seed=1))
     await first.start()
-    await first.queue.wait_idle(60)
+    await until(lambda: broken.failed_attempts >= 1)
     await first.close()
 
     events = RecordingEvents()
     second = await make_app(settings, events, data_dir)
     await second.start()
+    await second.queue.wait_idle(30)
     await second.close()
 
     assert [j.id for j in events.finished_jobs] == [ticket.job_id]
+    job = await second.jobs.get(ticket.job_id)
+    assert job is not None and job.delivered and job.delivery_attempts >= 1
+
+
+async def test_a_failed_delivery_is_retried_in_the_background_without_a_restart(
+    tmp_path: Path, make_settings: Callable[..., EngineSettings], data_dir: Path
+) -> None:
+    delivery = DeliverySettings(retry_first_s=0.05, retry_max_s=0.2)
+    events = RecordingEvents()
+    events.fail_next = 3  # Discord refuses three times, then works again
+    app = await make_app(make_settings_for(tmp_path, make_settings, delivery=delivery), events, data_dir)
+    try:
+        await app.start()
+        ticket = await app.studio.imagine(ALICE, GenerationRequest(prompt="a stubborn cat", seed=2))
+        second = await app.studio.imagine(BOB, GenerationRequest(prompt="a patient dog", seed=3))
+        await app.queue.wait_idle(30)
+        jobs = [await app.jobs.get(t.job_id) for t in (ticket, second)]
+    finally:
+        await app.close()
+
+    assert all(job is not None and job.delivered for job in jobs)
+    assert sum(job.delivery_attempts for job in jobs if job is not None) == 3 == events.failed_attempts
+    assert sorted(j.id for j in events.finished_jobs) == [ticket.job_id, second.job_id]
+
+
+async def test_a_result_older_than_the_horizon_is_given_up_and_logged(
+    tmp_path: Path,
+    make_settings: Callable[..., EngineSettings],
+    data_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    delivery = DeliverySettings(retry_first_s=0.05, retry_max_s=0.1, horizon_s=0.5)
+    events = RecordingEvents()
+    events.fail_delivery = True
+    app = await make_app(make_settings_for(tmp_path, make_settings, delivery=delivery), events, data_dir)
+    try:
+        await app.start()
+        ticket = await app.studio.imagine(ALICE, GenerationRequest(prompt="a lost letter", seed=2))
+        await app.queue.wait_idle(30)
+        job = await app.jobs.get(ticket.job_id)
+    finally:
+        await app.close()
+
+    assert job is not None and job.status == JobStatus.DONE and job.delivery == Delivery.EXPIRED
+    assert "not delivered within 0 s after it finished; giving up" in caplog.text
 
 
 async def test_rerun_gives_identical_pixels_and_reroll_a_new_seed(app: tuple[App, RecordingEvents]) -> None:
@@ -301,7 +347,7 @@ async def test_each_job_logs_one_structured_line(
 
     from fluxbot.logs import JsonFormatter
 
-    caplog.set_level(logging.INFO, logger="bot.services.queue")
+    caplog.set_level(logging.INFO, logger="bot.services.dispatcher")
     ticket = await app[0].studio.imagine(ALICE, GenerationRequest(prompt="a logged cat", seed=3))
     await app[0].start()
     await app[0].queue.wait_idle(60)

@@ -18,7 +18,7 @@ import pytest
 
 from bot.app import App, build_app
 from bot.render import workers as render_workers
-from bot.services.redis_queue import SHARED_IMAGE_MISSING, TIMED_OUT, WORKERS_DIED
+from bot.services.redis_executor import SHARED_IMAGE_MISSING, TIMED_OUT, WORKERS_DIED
 from bot.services.studio import Requester
 from bot.store.models import Job, JobStatus
 from engine.api import GenerationRequest, LoraChoice
@@ -187,7 +187,8 @@ async def test_two_workers_serve_a_burst_from_several_users_through_discord(
     assert {job.worker for job in jobs if job is not None} == {"w1", "w2"}
     assert deliveries(fake) == Counter({token: 1 for token in tokens})
     edits = [c.json.get("content", "") for c in fake.calls if c.method == "PATCH" and c.json]
-    assert any("in the queue" in e for e in edits), "queue positions while waiting"
+    answers = [(fake.response_to(t) or {}).get("data", {}).get("content", "") for t in tokens]
+    assert any("in the queue" in a for a in answers), "queue positions while waiting"
     assert any("steps" in e and "█" in e for e in edits), "progress bars from the workers"
 
 

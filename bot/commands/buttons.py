@@ -7,9 +7,7 @@ from typing import Any
 
 import discord
 
-from bot import render
-from bot.commands.context import reply_error, requester
-from bot.services.errors import UserError
+from bot.commands.submit import submit
 
 
 class JobButton(
@@ -36,19 +34,10 @@ class JobButton(
 
     async def callback(self, interaction: discord.Interaction) -> None:
         studio = interaction.client.app.studio  # type: ignore[attr-defined]
-        who = requester(interaction)
-        try:
-            if self.action == "reroll":
-                ticket = await studio.reroll(who, self.job_id)
-            else:
-                ticket = await studio.variations(who, self.job_id)
-        except UserError as exc:
-            await reply_error(interaction, exc)
-            return
-        job = await studio.jobs.get(ticket.job_id)
-        await interaction.response.send_message(render.queued(job.request["prompt"], ticket))
-        message = await interaction.original_response()
-        await studio.jobs.set_message(ticket.job_id, message.id)
+        if self.action == "reroll":
+            await submit(interaction, lambda who, on_stored: studio.reroll(who, self.job_id, on_stored))
+        else:
+            await submit(interaction, lambda who, on_stored: studio.variations(who, self.job_id, on_stored))
 
 
 def result_view(job_id: int) -> discord.ui.View:

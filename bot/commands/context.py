@@ -21,6 +21,7 @@ def requester(interaction: discord.Interaction, with_token: bool = True) -> Requ
         guild_id=interaction.guild_id,
         channel_id=interaction.channel_id,
         application_id=interaction.application_id if with_token else None,
+        interaction_id=interaction.id if with_token else None,
         interaction_token=interaction.token if with_token else None,
     )
 

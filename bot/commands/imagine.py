@@ -80,7 +80,7 @@ async def imagine(
     except UserError as exc:
         await reply_error(interaction, exc)
         return
-    await submit(interaction, lambda who: studio.imagine(who, request), prompt)
+    await submit(interaction, lambda who, on_stored: studio.imagine(who, request, on_stored=on_stored))
 
 
 @app_commands.command(name="rerun", description="Run one of the stored jobs again")
@@ -89,7 +89,7 @@ async def imagine(
 )
 async def rerun(interaction: discord.Interaction, job_id: int, seed: int | None = None) -> None:
     studio = _studio(interaction)
-    await submit(interaction, lambda who: studio.rerun(who, job_id, seed))
+    await submit(interaction, lambda who, on_stored: studio.rerun(who, job_id, seed, on_stored))
 
 
 @app_commands.command(name="history", description="Your recent jobs (or someone else's)")
@@ -109,6 +109,7 @@ async def on_reaction(client: discord.Client, payload: discord.RawReactionAction
     if str(payload.emoji) != REROLL_EMOJI or client.user is None or payload.user_id == client.user.id:
         return
     studio: Studio = client.app.studio  # type: ignore[attr-defined]
+    delivery = client.delivery  # type: ignore[attr-defined]
     job = await studio.jobs.by_message(payload.message_id)
     if job is None:
         return
@@ -120,17 +121,29 @@ async def on_reaction(client: discord.Client, payload: discord.RawReactionAction
         channel_id=payload.channel_id,
     )
     channel = client.get_partial_messageable(payload.channel_id)
+    held: list[int] = []
+
+    def on_stored(job_id: int) -> None:
+        held.append(job_id)
+        delivery.hold(job_id)
+
+    message_id: int | None = None
     try:
-        ticket = await studio.reroll(who, job.id)
+        ticket = await studio.reroll(who, job.id, on_stored)
     except UserError as exc:
         # No interaction to answer privately: a short mention in the channel.
         await channel.send(f"<@{payload.user_id}> {exc}", allowed_mentions=_only(payload.user_id))
         return
-    message = await channel.send(
-        f"<@{payload.user_id}> 🔁 {render.queued(job.request['prompt'], ticket)}",
-        allowed_mentions=_only(payload.user_id),
-    )
-    await studio.jobs.set_message(ticket.job_id, message.id)
+    try:
+        message = await channel.send(
+            f"<@{payload.user_id}> 🔁 {render.queued(ticket.prompt, ticket)}",
+            allowed_mentions=_only(payload.user_id),
+        )
+        message_id = message.id
+        await studio.jobs.set_message(ticket.job_id, message.id)
+    finally:
+        for job_id in held:
+            delivery.release(job_id, message_id)
 
 
 def _only(user_id: int) -> discord.AllowedMentions:

@@ -11,8 +11,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from bot.services.dispatcher import QueueEntry
 from bot.services.errors import NotAllowed, NotFound, UserError
-from bot.services.queue import QueueEntry
 from bot.services.studio import Requester, Studio
 from bot.services.workers import WorkerInfo
 from bot.store.admin import AdminStore

@@ -17,3 +17,7 @@ class LimitReached(UserError):
 
 class NotFound(UserError):
     """No such job (or not one of yours)."""
+
+
+class StoreBusy(UserError):
+    """The database failed while storing the request: nothing was queued; try again."""

@@ -15,6 +15,11 @@ class FairQueue:
     def push(self, user_id: int, job_id: int) -> None:
         self._by_user.setdefault(user_id, deque()).append(job_id)
 
+    def push_front(self, user_id: int, job_id: int) -> None:
+        """Back to the head of the line (its engine stopped under it): first of its user, user first."""
+        self._by_user.setdefault(user_id, deque()).appendleft(job_id)
+        self._by_user.move_to_end(user_id, last=False)
+
     def pop(self, runnable: Callable[[int], bool] | None = None) -> tuple[int, int] | None:
         """The next (user, job); that user then goes to the back of the rotation.
 

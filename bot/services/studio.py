@@ -1,26 +1,33 @@
-"""Studio: admits jobs (bans, validation, rate limits, caps), stores them, queues them; history and reruns."""
+"""Studio: admits jobs (validation, bans, rate limit and caps, stored before anyone is told); history
+and reruns. Everything a user asks for that makes a job comes through `imagine`."""
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydantic import ValidationError
 
 from bot.observability import Metrics
-from bot.services.errors import LimitReached, NotAllowed, NotFound, UserError
-from bot.services.limits import RateLimiter
-from bot.services.queue import JobQueue
+from bot.services.dispatcher import JobDispatcher
+from bot.services.errors import LimitReached, NotAllowed, NotFound, StoreBusy, UserError
 from bot.store.admin import AdminStore
-from bot.store.jobs import JobStore, NewJob
+from bot.store.database import is_store_fault
+from bot.store.jobs import Admission, JobStore, NewJob, Quota
 from bot.store.models import Job, JobKind
 from engine.api import MAX_SEED, GenerationRequest, LoraChoice
 from engine.errors import RequestError, first_problem
 from engine.resolve import RequestResolver
 from fluxbot.settings import LimitSettings
 
+log = logging.getLogger(__name__)
 HISTORY_PAGE = 10
 VARIATIONS = 4
+# Called with the new job's id after it is stored and before it can start (the Discord layer holds
+# the job's progress and result until its first answer is out).
+OnStored = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,7 @@ class Requester:
     guild_id: int | None = None
     channel_id: int | None = None
     application_id: int | None = None
+    interaction_id: int | None = None
     interaction_token: str | None = None
     message_id: int | None = None  # the message that will show progress and the result
     is_admin: bool = False
@@ -40,9 +48,10 @@ class Requester:
 @dataclass(frozen=True)
 class Ticket:
     job_id: int
-    position: int
+    position: int  # 0: already on an engine
     eta_s: float
     seed: int
+    prompt: str
     warnings: tuple[str, ...] = ()
 
 
@@ -60,7 +69,7 @@ class Studio:
         resolver: RequestResolver,
         jobs: JobStore,
         admin: AdminStore,
-        queue: JobQueue,
+        queue: JobDispatcher,
         limits: LimitSettings,
         metrics: Metrics,
     ) -> None:
@@ -70,12 +79,10 @@ class Studio:
         self.admin = admin
         self.queue = queue
         self.limits = limits
-        self.limiter = RateLimiter(limits.jobs_per_window, limits.window_s)
         self.accepting = True  # False while shutting down
 
     def set_limits(self, limits: LimitSettings) -> None:
         self.limits = limits
-        self.limiter.configure(limits.jobs_per_window, limits.window_s)
 
     def validate(self, **fields: object) -> GenerationRequest:
         """Build a request from command options; a bad option becomes a UserError naming it."""
@@ -97,32 +104,17 @@ class Studio:
         request: GenerationRequest,
         kind: JobKind = JobKind.IMAGINE,
         parent_id: int | None = None,
+        on_stored: OnStored | None = None,
     ) -> Ticket:
-        try:
-            user_cap = await self._check_allowed(who)
-        except NotAllowed:
-            self.metrics.rejections.labels("banned").inc()
-            raise
+        """Check, store (with the limits taken in the same transaction), then queue. A job is never
+        queued, or answered as queued, before it is committed."""
+        if not self.accepting:
+            raise LimitReached("fluxbot is restarting; try again in a minute.")
         try:
             resolved = self.resolver.resolve(request)
         except RequestError as exc:
             self.metrics.rejections.labels("validation").inc()
             raise UserError(str(exc)) from exc
-        try:
-            self._check_caps(who, user_cap)
-        except LimitReached:
-            self.metrics.rejections.labels("queue_cap").inc()
-            raise
-        if not await self.limiter.try_acquire(who.user_id):
-            self.metrics.rejections.labels("rate_limit").inc()
-            window = (
-                f"{self.limits.window_s:g} s"
-                if self.limits.window_s < 120
-                else f"{self.limits.window_s / 60:g} min"
-            )
-            raise LimitReached(
-                f"Slow down: at most {self.limits.jobs_per_window} jobs per {window}. Try again shortly."
-            )
         # Everything that decides the pixels is pinned, so /rerun repeats the image even after
         # an admin changes a preset's defaults.
         pinned = request.model_copy(
@@ -139,30 +131,73 @@ class Studio:
                 ),
             }
         )
-        job = await self.jobs.create(
-            NewJob(
-                user_id=who.user_id,
-                user_name=who.user_name,
-                guild_id=who.guild_id,
-                channel_id=who.channel_id,
-                kind=kind,
-                request=pinned.model_dump(mode="json"),
-                parent_id=parent_id,
-                application_id=who.application_id,
-                interaction_token=who.interaction_token,
-                result_message_id=who.message_id,
-            )
+        new = NewJob(
+            user_id=who.user_id,
+            user_name=who.user_name,
+            guild_id=who.guild_id,
+            channel_id=who.channel_id,
+            kind=kind,
+            request=pinned.model_dump(mode="json"),
+            parent_id=parent_id,
+            application_id=who.application_id,
+            interaction_id=who.interaction_id,
+            interaction_token=who.interaction_token,
+            result_message_id=who.message_id,
         )
-        entry = self.queue.push(job)
-        return Ticket(job.id, entry.position, entry.eta_s, resolved.seeds[0], resolved.warnings)
+        try:
+            admission = await self.jobs.admit(new, self._quota())
+        except Exception as exc:
+            if not is_store_fault(exc):
+                raise
+            log.warning("admission: the database failed (%s); the request was not stored", exc)
+            self.metrics.rejections.labels("store").inc()
+            raise StoreBusy(
+                "fluxbot could not save your request (its database is busy). Nothing was queued; "
+                "try again in a moment."
+            ) from exc
+        job = self._admitted(admission)
+        if admission.replayed:
+            entry = self.queue.entry(job.id)
+        else:
+            if on_stored is not None:
+                on_stored(job.id)
+            entry = self.queue.push(job)
+        position, eta = (entry.position, entry.eta_s) if entry is not None else (0, 0.0)
+        return Ticket(
+            job.id, position, eta, int(job.request["seed"]), job.request["prompt"], resolved.warnings
+        )
 
-    async def reroll(self, who: Requester, job_id: int) -> Ticket:
+    def _quota(self) -> Quota:
+        limits = self.limits
+        return Quota(limits.max_queued_per_user, limits.max_queue, limits.jobs_per_window, limits.window_s)
+
+    def _admitted(self, admission: Admission) -> Job:
+        """The stored job, or the refusal in words the user reads."""
+        if admission.job is not None:
+            return admission.job
+        self.metrics.rejections.labels(_REJECTION_LABEL[admission.refused or "rate"]).inc()
+        if admission.refused == "banned":
+            raise NotAllowed("You can't use fluxbot: an admin has banned you.")
+        if admission.refused == "queue_full":
+            raise LimitReached(f"The queue is full ({admission.limit} jobs). Try again in a few minutes.")
+        if admission.refused == "user_cap":
+            raise LimitReached(
+                f"You have {admission.count} jobs queued (max {admission.limit}). "
+                "Try again when one finishes."
+            )
+        window = self.limits.window_s
+        per = f"{window:g} s" if window < 120 else f"{window / 60:g} min"
+        raise LimitReached(f"Slow down: at most {admission.limit} jobs per {per}. Try again shortly.")
+
+    async def reroll(self, who: Requester, job_id: int, on_stored: OnStored | None = None) -> Ticket:
         """Same recipe, new seed, as a new job of whoever asked."""
         parent = await self._job(job_id)
         request = GenerationRequest.model_validate(parent.request).model_copy(update={"seed": None})
-        return await self.imagine(who, request, JobKind.REROLL, parent.id)
+        return await self.imagine(who, request, JobKind.REROLL, parent.id, on_stored)
 
-    async def rerun(self, who: Requester, job_id: int, seed: int | None = None) -> Ticket:
+    async def rerun(
+        self, who: Requester, job_id: int, seed: int | None = None, on_stored: OnStored | None = None
+    ) -> Ticket:
         """The stored job again; without a seed it is the identical image."""
         parent = await self._job(job_id)
         if seed is not None and not 0 <= seed <= MAX_SEED:
@@ -170,17 +205,16 @@ class Studio:
         request = GenerationRequest.model_validate(parent.request)
         if seed is not None:
             request = request.model_copy(update={"seed": seed})
-        return await self.imagine(who, request, JobKind.RERUN, parent.id)
+        return await self.imagine(who, request, JobKind.RERUN, parent.id, on_stored)
 
-    async def variations(self, who: Requester, job_id: int) -> Ticket:
+    async def variations(self, who: Requester, job_id: int, on_stored: OnStored | None = None) -> Ticket:
         """A batch of images from the seeds right after the original's."""
         parent = await self._job(job_id)
         request = GenerationRequest.model_validate(parent.request)
         seed = ((request.seed or 0) + 1) % (MAX_SEED + 1)
         batch = min(VARIATIONS, self.resolver.max_batch_size)
-        return await self.imagine(
-            who, request.model_copy(update={"seed": seed, "batch_size": batch}), JobKind.VARIATION, parent.id
-        )
+        variation = request.model_copy(update={"seed": seed, "batch_size": batch})
+        return await self.imagine(who, variation, JobKind.VARIATION, parent.id, on_stored)
 
     async def history(self, user_id: int, guild_id: int | None, page: int = 1) -> HistoryPage:
         if page < 1:
@@ -205,21 +239,10 @@ class Studio:
             raise NotFound(f"There is no job {job_id}.")
         return job
 
-    async def _check_allowed(self, who: Requester) -> int | None:
-        """Refuse banned users; returns the user's own queue cap, if an admin set one."""
-        if not self.accepting:
-            raise LimitReached("fluxbot is restarting; try again in a minute.")
-        user = await self.admin.user(who.user_id)
-        if user is not None and user.banned:
-            raise NotAllowed("You can't use fluxbot: an admin has banned you.")
-        return user.max_queued if user is not None else None
 
-    def _check_caps(self, who: Requester, user_cap: int | None) -> None:
-        if len(self.queue) >= self.limits.max_queue:
-            raise LimitReached(
-                f"The queue is full ({self.limits.max_queue} jobs). Try again in a few minutes."
-            )
-        queued = self.queue.queued_for(who.user_id)
-        cap = user_cap or self.limits.max_queued_per_user
-        if queued >= cap:
-            raise LimitReached(f"You have {queued} jobs queued (max {cap}). Try again when one finishes.")
+_REJECTION_LABEL = {
+    "banned": "banned",
+    "queue_full": "queue_cap",
+    "user_cap": "queue_cap",
+    "rate": "rate_limit",
+}

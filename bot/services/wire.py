@@ -55,6 +55,7 @@ class WorkerEvent(BaseModel):
     worker: str
     step: int = 0
     total: int = 0
+    elapsed_s: float | None = None  # progress: seconds since the job's first step began
 
 
 class RenderedImage(BaseModel):

@@ -22,7 +22,7 @@ class AdminStore:
     async def set_ban(
         self, user_id: int, banned: bool, reason: str | None, actor_id: int, guild_id: int | None
     ) -> None:
-        async with self.db.session() as session, session.begin():
+        async with self.db.write() as session:
             user = await session.get(User, user_id)
             if user is None:
                 user = User(id=user_id, name="")
@@ -48,7 +48,7 @@ class AdminStore:
         self, key: str, value: dict[str, Any] | None, actor_id: int, guild_id: int | None, action: str
     ) -> None:
         """Change (or with None, delete) one setting and write the audit entry in the same transaction."""
-        async with self.db.session() as session, session.begin():
+        async with self.db.write() as session:
             row = await session.get(Setting, key)
             before = dict(row.value) if row else None
             if value is None:
@@ -66,7 +66,7 @@ class AdminStore:
             return result.scalars().all()
 
     async def record(self, actor_id: int, guild_id: int | None, action: str, detail: dict[str, Any]) -> None:
-        async with self.db.session() as session, session.begin():
+        async with self.db.write() as session:
             session.add(_audit(actor_id, guild_id, action, detail))
 
 

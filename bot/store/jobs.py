@@ -1,19 +1,22 @@
-"""JobStore: every read and write of jobs and their images, one short transaction each."""
+"""JobStore: every read and write of jobs and their images, one short transaction each.
+
+Status changes are conditional updates (JobStatus documents the lifecycle): a transition whose
+starting state no longer holds changes nothing and says so, so a late or repeated report (a restarted
+bot, a worker that was only cut off) can never reopen or rewrite a finished job.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal
 
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.store.database import Database
-from bot.store.models import Image, Job, JobKind, JobStatus, User, utcnow
-
-UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
+from bot.store.models import FINISHED, UNFINISHED, Delivery, Image, Job, JobKind, JobStatus, User, utcnow
 
 
 @dataclass(frozen=True)
@@ -26,8 +29,33 @@ class NewJob:
     request: dict[str, Any]
     parent_id: int | None = None
     application_id: int | None = None
+    interaction_id: int | None = None
     interaction_token: str | None = None
     result_message_id: int | None = None
+
+
+@dataclass(frozen=True)
+class Quota:
+    """What one admission may take; checked and taken in one serialized transaction."""
+
+    per_user: int  # a user's waiting + running jobs (an admin's per-user override wins)
+    waiting: int  # waiting jobs across all users
+    per_window: int  # jobs a user may start per window
+    window_s: float
+
+
+Refusal = Literal["banned", "queue_full", "user_cap", "rate"]
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A stored job, or why none was stored (with the figure that was over its limit)."""
+
+    job: Job | None
+    refused: Refusal | None = None
+    count: int = 0
+    limit: int = 0
+    replayed: bool = False  # this interaction's job was stored before (a replayed gateway event)
 
 
 @dataclass(frozen=True)
@@ -38,7 +66,7 @@ class StoredImage:
     width: int
     height: int
     seed: int
-    recipe: dict[str, Any]
+    recipe: dict[str, Any] = field(default_factory=dict)
 
 
 def _insert_user_if_missing(session: AsyncSession, user_id: int, name: str) -> Any:
@@ -56,10 +84,33 @@ class JobStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    async def create(self, new: NewJob) -> Job:
-        """Written and committed before anyone is told the job is queued."""
-        async with self.db.session() as session, session.begin():
+    # admission
+
+    async def admit(self, new: NewJob, quota: Quota) -> Admission:
+        """Check the user and every limit and store the job, all in one transaction that no other
+        admission (of this process or another) can interleave with: 20 requests at once take exactly
+        the slots there are. Committed before anyone is told the job is queued."""
+        async with self.db.serialized() as session:
+            if new.interaction_id is not None:
+                replayed = await session.scalar(select(Job).where(Job.interaction_id == new.interaction_id))
+                if replayed is not None:
+                    return Admission(replayed, replayed=True)
             await session.execute(_insert_user_if_missing(session, new.user_id, new.user_name))
+            user = await session.get(User, new.user_id)
+            assert user is not None
+            if user.banned:
+                return Admission(None, "banned")
+            waiting = await self._count(session, Job.status == JobStatus.QUEUED)
+            if waiting >= quota.waiting:
+                return Admission(None, "queue_full", waiting, quota.waiting)
+            cap = user.max_queued or quota.per_user
+            mine = await self._count(session, Job.user_id == new.user_id, Job.status.in_(UNFINISHED))
+            if mine >= cap:
+                return Admission(None, "user_cap", mine, cap)
+            since = utcnow() - timedelta(seconds=quota.window_s)
+            recent = await self._count(session, Job.user_id == new.user_id, Job.created_at >= since)
+            if recent >= quota.per_window:
+                return Admission(None, "rate", recent, quota.per_window)
             job = Job(
                 user_id=new.user_id,
                 guild_id=new.guild_id,
@@ -70,13 +121,22 @@ class JobStore:
                 status=JobStatus.QUEUED,
                 attempts=0,
                 application_id=new.application_id,
+                interaction_id=new.interaction_id,
                 interaction_token=new.interaction_token,
                 interaction_at=utcnow() if new.interaction_token else None,
                 result_message_id=new.result_message_id,
-                delivered=False,
+                delivery=Delivery.PENDING,
+                delivery_attempts=0,
+                images=[],
             )
             session.add(job)
-        return job
+        return Admission(job)
+
+    @staticmethod
+    async def _count(session: AsyncSession, *where: Any) -> int:
+        return int(await session.scalar(select(func.count()).select_from(Job).where(*where)) or 0)
+
+    # reads
 
     async def get(self, job_id: int) -> Job | None:
         async with self.db.session() as session:
@@ -94,69 +154,95 @@ class JobStore:
             return result.scalars().all()
 
     async def undelivered(self) -> Sequence[Job]:
+        """Finished jobs whose outcome has not reached the user yet: what a restart must deliver."""
         async with self.db.session() as session:
             result = await session.execute(
-                select(Job)
-                .where(Job.status.in_((JobStatus.DONE, JobStatus.FAILED)), Job.delivered.is_(False))
-                .order_by(Job.id)
+                select(Job).where(Job.status.in_(FINISHED), Job.delivery == Delivery.PENDING).order_by(Job.id)
             )
             return result.scalars().all()
 
-    async def mark_running(self, job_id: int, worker: str | None = None) -> None:
-        # Only an unfinished job starts: a worker's late "started" must not reopen a finished one.
-        async with self.db.session() as session, session.begin():
-            await session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.status.in_(UNFINISHED))
-                .values(
-                    status=JobStatus.RUNNING, started_at=utcnow(), attempts=Job.attempts + 1, worker=worker
-                )
-            )
+    # lifecycle transitions
 
-    async def requeue(self, job_id: int) -> None:
-        await self._set(job_id, status=JobStatus.QUEUED, started_at=None)
+    async def start(self, job_id: int) -> Job | None:
+        """queued (or running, handed out again after a failed hand-out) -> running; None if finished."""
+        changed = await self._transition(
+            job_id, UNFINISHED, status=JobStatus.RUNNING, started_at=utcnow(), attempts=Job.attempts + 1
+        )
+        return await self.get(job_id) if changed else None
 
-    async def requeue_interrupted(self) -> int:
-        async with self.db.session() as session, session.begin():
+    async def set_worker(self, job_id: int, worker: str) -> None:
+        """The engine worker that took it (scale-out); a finished job keeps what it has."""
+        await self._transition(job_id, {JobStatus.RUNNING}, worker=worker)
+
+    async def requeue(self, job_id: int) -> bool:
+        """running -> queued: its engine stopped under it; it runs again."""
+        return await self._transition(job_id, {JobStatus.RUNNING}, status=JobStatus.QUEUED, started_at=None)
+
+    async def requeue_interrupted(self, keep: Collection[int] = ()) -> int:
+        """After a restart: every `running` job but those still held by an engine goes back in line."""
+        async with self.db.write() as session:
             result = await session.execute(
-                update(Job).where(Job.status == JobStatus.RUNNING).values(status=JobStatus.QUEUED)
+                update(Job)
+                .where(Job.status == JobStatus.RUNNING, Job.id.not_in(list(keep)))
+                .values(status=JobStatus.QUEUED, started_at=None)
             )
             return int(result.rowcount)  # type: ignore[attr-defined]
 
-    async def mark_done(
+    async def finish(
         self,
         job_id: int,
-        images: Sequence[StoredImage],
-        timings: dict[str, Any],
+        status: JobStatus,
+        *,
+        images: Sequence[StoredImage] = (),
+        timings: dict[str, Any] | None = None,
+        error: str | None = None,
         worker: str | None = None,
-    ) -> Job:
-        async with self.db.session() as session, session.begin():
-            job = await session.get(Job, job_id)
-            assert job is not None
+    ) -> Job | None:
+        """An unfinished job -> done | failed | cancelled, with its images; None if it had finished."""
+        assert status.finished
+        async with self.db.write() as session:
+            values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "timings": timings}
+            if error is not None:
+                values["error"] = error[:2000]
             if worker is not None:
-                job.worker = worker
+                values["worker"] = worker
+            if images:
+                values["recipe"] = images[0].recipe
+            result = await session.execute(
+                update(Job).where(Job.id == job_id, Job.status.in_(UNFINISHED)).values(**values)
+            )
+            if result.rowcount != 1:  # type: ignore[attr-defined]
+                return None
             for image in images:
                 session.add(Image(job_id=job_id, **image.__dict__))
-            job.status = JobStatus.DONE
-            job.recipe = images[0].recipe if images else None
-            job.timings = timings
-            job.finished_at = utcnow()
-        return await self._reload(job_id)
+        return await self.get(job_id)
 
-    async def mark_failed(self, job_id: int, message: str) -> Job:
-        await self._set(job_id, status=JobStatus.FAILED, error=message[:2000], finished_at=utcnow())
-        return await self._reload(job_id)
+    async def _transition(self, job_id: int, allowed: Collection[JobStatus], **values: Any) -> bool:
+        async with self.db.write() as session:
+            result = await session.execute(
+                update(Job).where(Job.id == job_id, Job.status.in_(list(allowed))).values(**values)
+            )
+            return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
-    async def mark_cancelled(self, job_id: int, by: str) -> Job:
-        await self._set(job_id, status=JobStatus.CANCELLED, error=f"cancelled by {by}", finished_at=utcnow())
-        return await self._reload(job_id)
+    # delivery
 
     async def set_message(self, job_id: int, message_id: int) -> None:
         """The message that shows this job (progress, then the result)."""
         await self._set(job_id, result_message_id=message_id)
 
     async def mark_delivered(self, job_id: int, message_id: int | None) -> None:
-        await self._set(job_id, delivered=True, result_message_id=message_id)
+        values: dict[str, Any] = {"delivery": Delivery.DELIVERED, "delivered_at": utcnow()}
+        if message_id is not None:
+            values["result_message_id"] = message_id
+        await self._set(job_id, **values)
+
+    async def expire_delivery(self, job_id: int) -> None:
+        await self._set(job_id, delivery=Delivery.EXPIRED)
+
+    async def count_delivery_failure(self, job_id: int) -> None:
+        await self._set(job_id, delivery_attempts=Job.delivery_attempts + 1)
+
+    # lists
 
     async def history(
         self, user_id: int, guild_id: int | None, page: int, per_page: int
@@ -181,10 +267,5 @@ class JobStore:
             return result.scalars().all()
 
     async def _set(self, job_id: int, **values: Any) -> None:
-        async with self.db.session() as session, session.begin():
+        async with self.db.write() as session:
             await session.execute(update(Job).where(Job.id == job_id).values(**values))
-
-    async def _reload(self, job_id: int) -> Job:
-        job = await self.get(job_id)
-        assert job is not None
-        return job

@@ -6,7 +6,18 @@ import enum
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Enum, ForeignKey, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -19,7 +30,15 @@ class Base(DeclarativeBase):
 
 
 class JobStatus(enum.StrEnum):
-    """queued -> running -> done | failed | cancelled (running -> queued again after a crash)."""
+    """Where a job is in its one lifecycle. Persisted; only JobStore's transitions change it.
+
+        queued ──> running ──> done | failed | cancelled   (terminal: then delivered once, see Delivery)
+          │  ^        │
+          │  └────────┘   back in line: its engine stopped under it (crash, shutdown, a dead worker)
+          └──> cancelled | failed                           (never started)
+
+    `running` means "handed to an engine": the in-process thread, or an arq worker.
+    """
 
     QUEUED = "queued"
     RUNNING = "running"
@@ -29,7 +48,23 @@ class JobStatus(enum.StrEnum):
 
     @property
     def finished(self) -> bool:
-        return self in (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED)
+        return self in FINISHED
+
+
+FINISHED = frozenset({JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED})
+UNFINISHED = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
+
+
+class Delivery(enum.StrEnum):
+    """Whether a finished job's outcome reached the user (a job that is not finished is `pending`).
+
+    pending ──> delivered                      (the message with the PNG, the error or the cancel note)
+       └──────> expired                        (not deliverable within delivery_horizon_s: given up)
+    """
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    EXPIRED = "expired"
 
 
 class JobKind(enum.StrEnum):
@@ -52,6 +87,7 @@ class User(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("interaction_id", name="uq_jobs_interaction_id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     user_id: Mapped[int] = mapped_column(BigInteger, index=True)
@@ -75,10 +111,20 @@ class Job(Base):
     application_id: Mapped[int | None] = mapped_column(BigInteger)
     interaction_token: Mapped[str | None] = mapped_column(String(500))
     interaction_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The interaction that asked for it: a replayed gateway event finds its job instead of making another.
+    interaction_id: Mapped[int | None] = mapped_column(BigInteger)
     result_message_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
-    delivered: Mapped[bool] = mapped_column(Boolean, default=False)
+    delivery: Mapped[Delivery] = mapped_column(
+        Enum(Delivery, native_enum=False, length=16), default=Delivery.PENDING, index=True
+    )
+    delivery_attempts: Mapped[int] = mapped_column(Integer, default=0)  # failed tries so far
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     images: Mapped[list[Image]] = relationship(back_populates="job", order_by="Image.index", lazy="selectin")
+
+    @property
+    def delivered(self) -> bool:
+        return self.delivery == Delivery.DELIVERED
 
 
 class Image(Base):

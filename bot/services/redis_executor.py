@@ -1,0 +1,415 @@
+"""RedisExecutor: runs jobs on `fluxbot worker` processes through arq (queue = "redis://...").
+
+The dispatcher keeps the fair order and asks for a launch only when a worker of the job's family is
+free, so each worker's arq queue stays one job deep and the fair order is what runs. This executor
+picks the worker (one with the job's LoRAs resident, else the one idle longest), supervises it, and
+takes the job back when the worker stops advertising itself (killed, host lost): the next run is a
+new arq job with the next try number (arq's `_job_try`); past `workers.max_tries` the job fails.
+The job id keys everything (store, dispatch record, delivery), so an outcome is recorded once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from arq.connections import ArqRedis
+from arq.constants import (
+    abort_jobs_ss,
+    in_progress_key_prefix,
+    job_key_prefix,
+    result_key_prefix,
+    retry_key_prefix,
+)
+from arq.jobs import Job as ArqJob
+from arq.jobs import JobResult
+from arq.utils import timestamp_ms
+from arq.worker import JobExecutionFailed
+
+from bot.services.execution import (
+    INTERNAL_ERROR,
+    Artifact,
+    CannotRun,
+    EncodedPng,
+    Outcome,
+    Report,
+    Restored,
+    SharedPng,
+)
+from bot.services.faults import Stopping
+from bot.services.wire import (
+    DISPATCH_KEY,
+    EVENTS_CHANNEL,
+    GENERATE,
+    WORKER_KEY_PREFIX,
+    Dispatch,
+    JobPayload,
+    WorkerEvent,
+    WorkerResult,
+    arq_job_id,
+    queue_name,
+)
+from bot.services.workers import WorkerInfo
+from bot.store.models import Job
+from engine.api import Recipe
+from engine.resolve import RequestResolver
+from fluxbot.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+WORKERS_DIED = "The worker drawing this stopped {tries} times, so fluxbot gave up on it. Try again."
+TIMED_OUT = (
+    "This took longer than a worker may spend on one job, so it was stopped. "
+    "Try fewer steps or a smaller size."
+)
+SHARED_IMAGE_MISSING = (
+    "The worker saved the image where the bot cannot read it: workers.images = 'shared' needs one "
+    "data_dir shared by the bot and every worker."
+)
+PRESET_GONE = "Its preset was removed before it could run."
+POLL_S = 0.2
+
+
+@dataclass
+class Flight:
+    """A job handed to a worker, until its outcome is recorded or it is taken back."""
+
+    dispatch: Dispatch
+    job: Job
+    started: bool = False
+    cancelled: bool = False
+    settling: bool = False  # an outcome or a take-back is being handled in its own task
+
+
+class RedisExecutor:
+    def __init__(self, redis: ArqRedis, resolver: RequestResolver, settings: WorkerSettings) -> None:
+        self.redis = redis
+        self.resolver = resolver
+        self.settings = settings
+        self.flights: dict[int, Flight] = {}
+        self.worker_table: dict[str, WorkerInfo] = {}
+        self._next_try: dict[int, tuple[int, int]] = {}  # taken back: (arq try, dispatch number) next
+        self._last_assigned: dict[str, float] = {}
+        self._report: Report | None = None
+        self._poke = asyncio.Event()  # a worker says a job finished
+        self._loops: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # lifecycle
+
+    async def start(self, report: Report, unfinished: Sequence[Job]) -> Restored:
+        """Find again what was dispatched before a restart."""
+        self._report = report
+        await self.refresh_workers()
+        records = {
+            int(k): Dispatch.model_validate_json(v)
+            for k, v in (await self.redis.hgetall(DISPATCH_KEY)).items()
+        }
+        running: dict[int, str | None] = {}
+        front = []
+        for job in unfinished:
+            record = records.pop(job.id, None)
+            if record is not None and record.worker:
+                self.flights[job.id] = Flight(record, job)
+                running[job.id] = record.worker
+            elif record is not None:  # it was waiting for another worker after one died
+                self._next_try[job.id] = (record.job_try, record.dispatch_no + 1)
+                front.append(job.id)
+        for stale in records:  # finished while the bot was away and already recorded
+            await self.redis.hdel(DISPATCH_KEY, str(stale))
+        self._loops = [
+            asyncio.create_task(self._watch_loop(), name="fluxbot-watch"),
+            asyncio.create_task(self._listen_loop(), name="fluxbot-events"),
+        ]
+        return Restored(running, tuple(front))
+
+    async def stop(self) -> None:
+        tasks = [*self._loops, *self._tasks]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=5)
+            for task in stuck:  # a Redis call that ignores cancellation must not hold up shutdown
+                log.warning("%s did not stop within 5 s", task.get_name())
+        self._loops.clear()
+
+    # capacity
+
+    def _live(self) -> list[WorkerInfo]:
+        return [w for w in self.worker_table.values() if w.state != "draining"]
+
+    def _free(self) -> list[WorkerInfo]:
+        busy = {f.dispatch.worker for f in self.flights.values()}
+        return [w for w in self._live() if w.name not in busy]
+
+    def free_families(self) -> set[str]:
+        return {w.family for w in self._free()}
+
+    def engines(self) -> int:
+        return len(self._live())
+
+    def interrupt(self) -> bool:
+        return False  # jobs go on on their workers; the next start collects the results
+
+    async def health(self) -> dict[str, bool]:
+        try:
+            return {"redis": bool(await self.redis.ping())}
+        except Exception:  # unreachable is what /healthz reports
+            return {"redis": False}
+
+    async def workers(self) -> list[WorkerInfo]:
+        await self.refresh_workers()
+        return sorted(self.worker_table.values(), key=lambda w: w.name)
+
+    async def refresh_workers(self) -> None:
+        keys = [key async for key in self.redis.scan_iter(match=WORKER_KEY_PREFIX + "*", count=200)]
+        table = {}
+        for raw in await self.redis.mget(keys) if keys else []:
+            if raw is None:  # expired between SCAN and MGET
+                continue
+            try:
+                info = WorkerInfo.model_validate_json(raw)
+            except ValueError:
+                log.warning("ignoring a worker entry this bot cannot read (a different fluxbot version?)")
+                continue
+            table[info.name] = info
+        appeared = sorted(table.keys() - self.worker_table.keys())
+        self.worker_table = table
+        for name in appeared:
+            log.info("worker up: %s", name)
+            if table[name].family != self.resolver.family:
+                log.warning(
+                    "worker %s serves %s models but this bot admits %s jobs: it gets none "
+                    "(set workers.family, or point the worker at a %s model)",
+                    name,
+                    table[name].family,
+                    self.resolver.family,
+                    self.resolver.family,
+                )
+        if appeared and self._report is not None:
+            self._report.engine_free()
+
+    # handing a job to a worker
+
+    async def launch(self, job: Job) -> str | None:
+        family = self.resolver.family_of(job.request.get("preset"))
+        free = [w for w in self._free() if w.family == family]
+        if not free:
+            raise RuntimeError(f"no free {family} worker any more")
+        worker = self._choose(free, job)
+        payload = self._payload(job)
+        job_try, dispatch_no = self._next_try.pop(job.id, (1, 1))
+        dispatch = Dispatch(
+            job_id=job.id,
+            arq_id=arq_job_id(job.id, dispatch_no),
+            worker=worker.name,
+            incarnation=worker.incarnation,
+            job_try=job_try,
+            dispatch_no=dispatch_no,
+        )
+        self.flights[job.id] = Flight(dispatch, job)
+        self._last_assigned[worker.name] = time.monotonic()
+        try:
+            # The record first: a bot that dies right after the enqueue still finds the job on restart.
+            await self.redis.hset(DISPATCH_KEY, str(job.id), dispatch.model_dump_json())
+            await self.redis.enqueue_job(
+                GENERATE,
+                payload.model_dump(mode="json"),
+                _job_id=dispatch.arq_id,
+                _queue_name=queue_name(worker.name),
+                _job_try=job_try if job_try > 1 else None,
+            )
+        except Exception:
+            del self.flights[job.id]
+            self._next_try[job.id] = (job_try, dispatch_no + 1)
+            raise
+        log.debug("job %d -> worker %s (try %d)", job.id, worker.name, job_try)
+        return worker.name
+
+    def _choose(self, free: list[WorkerInfo], job: Job) -> WorkerInfo:
+        """Affinity: the worker holding most of the job's LoRAs; on a tie, the one idle longest."""
+        wanted = {str(lora["name"]) for lora in job.request.get("loras") or ()}
+        return max(
+            free,
+            key=lambda w: (len(wanted & set(w.resident_loras)), -self._last_assigned.get(w.name, 0.0)),
+        )
+
+    def _payload(self, job: Job) -> JobPayload:
+        """Workers never read the bot's database: the preset and LoRA entries travel with the job."""
+        preset = self.resolver.presets.get(str(job.request.get("preset")))
+        if preset is None:
+            raise CannotRun(PRESET_GONE)
+        entries = self.resolver.whitelist.entries
+        names = [str(lora["name"]) for lora in job.request.get("loras") or ()]
+        return JobPayload(
+            job_id=job.id,
+            request=job.request,
+            preset=preset.model_dump(mode="json"),
+            loras=[entries[name].model_dump(mode="json") for name in names if name in entries],
+        )
+
+    async def cancel(self, job_id: int) -> None:
+        flight = self.flights.get(job_id)
+        if flight is not None:
+            flight.cancelled = True
+            # arq's abort: the worker cancels the task, the engine stops between two steps.
+            await self.redis.zadd(abort_jobs_ss, {flight.dispatch.arq_id: timestamp_ms()})
+
+    # supervising
+
+    async def _watch_loop(self) -> None:
+        while True:
+            try:
+                await self.refresh_workers()
+                for flight in list(self.flights.values()):
+                    if not flight.settling:
+                        await self._check(flight)
+            except Exception:
+                log.exception("watching workers failed; retrying")
+                await asyncio.sleep(1.0)
+            self._poke.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poke.wait(), POLL_S)
+
+    async def _check(self, flight: Flight) -> None:
+        arq_id = flight.dispatch.arq_id
+        # arq deletes the job key and writes the result in one transaction: read them in this order,
+        # and "no job, no result" can only mean the job was lost before a worker saw it.
+        if await self.redis.exists(job_key_prefix + arq_id):
+            if not self._alive(flight.dispatch):
+                self._settle(flight, self._take_back(flight, ran=None))
+            return
+        info = await ArqJob(arq_id, self.redis).result_info()
+        if info is None:
+            log.warning("job %d: its arq job vanished before it ran; dispatching it again", flight.job.id)
+            self._settle(flight, self._take_back(flight, ran=False))
+        else:
+            self._settle(flight, self._collect(flight, info))
+
+    def _alive(self, dispatch: Dispatch) -> bool:
+        worker = self.worker_table.get(dispatch.worker)
+        return worker is not None and worker.incarnation == dispatch.incarnation
+
+    def _settle(self, flight: Flight, work: Any) -> None:
+        """Outcomes and take-backs wait on the store: each in its own task, so watching goes on."""
+        flight.settling = True
+
+        async def run() -> None:
+            try:
+                await work
+            except Stopping:
+                pass  # the dispatch record stays in Redis: the next start finds the job again
+            except Exception:
+                log.exception("job %d: handling its outcome failed; looking again shortly", flight.job.id)
+                flight.settling = False
+
+        task = asyncio.create_task(run(), name=f"fluxbot-settle-{flight.job.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _collect(self, flight: Flight, info: JobResult) -> None:
+        job_id = flight.dispatch.job_id
+        assert self._report is not None
+        del self.flights[job_id]  # the worker is free: the next job need not wait for the recording
+        self._report.engine_free()
+        await self._report.finished(job_id, self._outcome(flight, info))
+        # The database is the record now: drop the result (it may hold megabytes of PNG).
+        await self.redis.delete(result_key_prefix + flight.dispatch.arq_id)
+        await self.redis.hdel(DISPATCH_KEY, str(job_id))
+
+    def _outcome(self, flight: Flight, info: JobResult) -> Outcome:
+        worker = flight.dispatch.worker
+        if not info.success:
+            error = info.result
+            if isinstance(error, asyncio.CancelledError):
+                return Outcome.cancelled(worker)
+            if isinstance(error, TimeoutError):  # arq's job_timeout (workers.job_timeout_s)
+                return Outcome.failed(TIMED_OUT, worker)
+            if isinstance(error, JobExecutionFailed) and "retries" in str(error):
+                return Outcome.failed(WORKERS_DIED.format(tries=flight.dispatch.job_try - 1), worker)
+            log.error("job %d failed on worker %s: %r", flight.job.id, worker, error)
+            return Outcome.failed(INTERNAL_ERROR, worker)
+        result = WorkerResult.model_validate(info.result)
+        if result.error is not None:
+            return Outcome.failed(result.error, result.worker)
+        images: list[Artifact] = []
+        for image in result.images:
+            recipe = Recipe.model_validate(image.recipe)
+            if image.png is not None:
+                images.append(EncodedPng(image.index, image.png, recipe))
+            else:
+                assert image.path is not None
+                images.append(SharedPng(image.index, image.path, recipe, SHARED_IMAGE_MISSING))
+        return Outcome.done(images, result.timings, result.worker)
+
+    async def _take_back(self, flight: Flight, ran: bool | None) -> None:
+        """The worker holding this job is gone: another one gets it, or it fails past max_tries."""
+        assert self._report is not None
+        dispatch = flight.dispatch
+        job_id, arq_id = dispatch.job_id, dispatch.arq_id
+        if ran is None:
+            ran = flight.started or bool(await self.redis.exists(retry_key_prefix + arq_id))
+        # Nobody may start the old arq job later (a worker that was only cut off, say).
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(job_key_prefix + arq_id, in_progress_key_prefix + arq_id, retry_key_prefix + arq_id)
+            pipe.zrem(queue_name(dispatch.worker), arq_id)
+            await pipe.execute()
+        next_try = dispatch.job_try + 1 if ran else dispatch.job_try
+        if flight.cancelled or next_try > self.settings.max_tries:
+            if not flight.cancelled:
+                log.warning("job %d: worker %s stopped; no tries left", job_id, dispatch.worker)
+            outcome = (
+                Outcome.cancelled()
+                if flight.cancelled
+                else Outcome.failed(WORKERS_DIED.format(tries=dispatch.job_try))
+            )
+            del self.flights[job_id]
+            await self._report.finished(job_id, outcome)
+            await self.redis.hdel(DISPATCH_KEY, str(job_id))
+            return
+        log.warning(
+            "job %d: worker %s stopped; it goes to another worker (try %d of %d)",
+            job_id,
+            dispatch.worker,
+            next_try,
+            self.settings.max_tries,
+        )
+        waiting = dispatch.model_copy(update={"worker": "", "incarnation": "", "job_try": next_try})
+        await self.redis.hset(DISPATCH_KEY, str(job_id), waiting.model_dump_json())
+        self._next_try[job_id] = (next_try, dispatch.dispatch_no + 1)
+        del self.flights[job_id]
+        await self._report.lost(job_id)
+
+    # progress from workers
+
+    async def _listen_loop(self) -> None:
+        while True:
+            try:
+                async with self.redis.pubsub() as pubsub:
+                    await pubsub.subscribe(EVENTS_CHANNEL)
+                    while True:
+                        # A bounded wait rather than listen(): stopping never waits on a silent channel.
+                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                        if message is not None:
+                            self._on_event(WorkerEvent.model_validate_json(message["data"]))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("worker events: connection lost; resubscribing")
+                await asyncio.sleep(1.0)
+
+    def _on_event(self, event: WorkerEvent) -> None:
+        flight = self.flights.get(event.job_id)
+        if event.kind == "finished" or flight is None or flight.dispatch.arq_id != event.arq_id:
+            self._poke.set()  # a result to pick up, or news of a job this bot no longer tracks
+            return
+        assert self._report is not None
+        if event.kind == "started":
+            flight.started = True
+            self._report.started(event.job_id, event.worker)
+        elif flight.started:
+            self._report.progress(event.job_id, event.step, event.total, event.elapsed_s)

@@ -1,0 +1,65 @@
+"""ImageFiles: the PNGs under <data_dir>/images, named by job id. Blocking: call off the event loop."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+from bot.store.jobs import StoredImage
+from engine.api import Recipe
+
+
+def png_path(job_id: int, index: int) -> Path:
+    """Relative to the data dir. Generated name only: no user text ever reaches the filesystem."""
+    return Path("images") / f"{job_id // 1000:04d}" / f"{job_id}-{index}.png"
+
+
+class ImageFiles:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+
+    def save(self, job_id: int, index: int, data: bytes, recipe: Recipe) -> StoredImage:
+        """Write atomically (temp file, fsync, rename): a crash never leaves half a PNG under the name."""
+        relative = png_path(job_id, index)
+        path = self.data_dir / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".part")
+        try:
+            os.fchmod(fd, 0o644)  # mkstemp makes it private; PNGs are read by the bot and other workers
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temp, path)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+        return stored_image(index, relative.as_posix(), data, recipe)
+
+    def read(self, relative: str) -> bytes:
+        return (self.data_dir / relative).read_bytes()
+
+    def writable(self) -> bool:
+        """Can a PNG be written now? (Permissions, a read-only mount, a full disk: a real write tells.)"""
+        folder = self.data_dir / "images"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+                pass
+        except OSError:
+            return False
+        return True
+
+
+def stored_image(index: int, relative: str, data: bytes, recipe: Recipe) -> StoredImage:
+    return StoredImage(
+        index=index,
+        path=relative,
+        sha256=hashlib.sha256(data).hexdigest(),
+        width=recipe.width,
+        height=recipe.height,
+        seed=recipe.seed,
+        recipe=recipe.model_dump(mode="json"),
+    )
