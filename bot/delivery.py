@@ -22,6 +22,9 @@ REROLL_EMOJI = "🔁"
 TOKEN_LIFETIME = timedelta(minutes=14)
 # The longest a job's messages wait for its first answer (the queued message) to go out.
 ANSWER_WAIT_S = 10.0
+# The interaction's own first answer, for a job whose message id never reached the store (the bot died
+# right after answering): Discord's webhook API names it "@original" while the token lives.
+ORIGINAL = "@original"
 
 
 class DiscordDelivery:
@@ -68,6 +71,12 @@ class DiscordDelivery:
 
     def _message_id(self, job: Job) -> int | None:
         return job.result_message_id or self._message_ids.get(job.id)
+
+    def _webhook_message(self, job: Job) -> int | str | None:
+        """What to edit through the interaction webhook: None once its token has expired."""
+        if not self._token_valid(job):
+            return None
+        return self._message_id(job) or ORIGINAL
 
     async def started(self, job: Job) -> None:
         async with self._lock(job.id):
@@ -123,8 +132,8 @@ class DiscordDelivery:
     async def _edit_status(self, job: Job, text: str) -> None:
         message_id = self._message_id(job)
         try:
-            if self._token_valid(job) and message_id:
-                await self._webhook(job).edit_message(message_id, content=text)
+            if (target := self._webhook_message(job)) is not None:
+                await self._webhook(job).edit_message(target, content=text)  # type: ignore[arg-type]
             elif message_id and job.channel_id:
                 channel = self._client.get_partial_messageable(job.channel_id)
                 await channel.get_partial_message(message_id).edit(content=text)
@@ -141,13 +150,12 @@ class DiscordDelivery:
         ]
 
     async def _edit_or_post(self, job: Job, text: str, view: Any) -> int | None:
-        message_id = self._message_id(job)
-        if self._token_valid(job) and message_id:
+        if (target := self._webhook_message(job)) is not None:
             try:
                 kwargs: dict[str, Any] = {"content": text, "attachments": self._files(job)}
                 if view is not None:
                     kwargs["view"] = view
-                message = await self._webhook(job).edit_message(message_id, **kwargs)
+                message = await self._webhook(job).edit_message(target, **kwargs)  # type: ignore[arg-type]
                 return message.id
             except discord.NotFound:
                 log.info("job %d: interaction expired; posting in the channel instead", job.id)
