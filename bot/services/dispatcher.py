@@ -219,15 +219,17 @@ class JobDispatcher:
         return next((e for e in self.snapshot() if e.job_id == job_id), None)
 
     def snapshot(self) -> list[QueueEntry]:
-        """On engines first, then outcomes being saved, then the line in the order it will run."""
-        entries = [
-            QueueEntry(0, r.job.id, r.job.user_id, r.remaining_s(), "running") for r in self.running.values()
-        ]
+        """Drawing now first, then outcomes being saved, then the line in the order it will run: jobs
+        handed to an engine that has not begun them yet (the next one waits beside the current one)
+        stand first in line, not as running."""
+        drawing = [r for r in self.running.values() if r.started is not None]
+        entries = [QueueEntry(0, r.job.id, r.job.user_id, r.remaining_s(), "running") for r in drawing]
         entries += [QueueEntry(0, j, user, 0.0, "saving") for j, user in self._recording.items()]
-        line = [self._handing_out] if self._handing_out is not None else []
+        line = [(r.job.id, r.waiting) for r in self.running.values() if r.started is None]
+        line += [self._handing_out] if self._handing_out is not None else []
         line += [(job_id, self._waiting[job_id]) for job_id in self.fair.order()]
         finish = etas(
-            [r.remaining_s() for r in self.running.values()],
+            [r.remaining_s() for r in drawing],
             self.executor.engines(),
             [self._estimate(waiting) for _, waiting in line],
         )

@@ -1,13 +1,16 @@
 """LocalExecutor: runs jobs on the resident engine in this process (queue = "local"), one at a time.
 
-The engine works in a thread; its images go back to the dispatcher as PIL images, so PNG encoding,
-writing and delivery happen off the engine's thread while it already draws the next job.
+The engine draws in a thread of its own, fed through a hand-off one job deep: the dispatcher hands
+the next job over while the current one is still drawing, so the engine begins it the moment it is
+free, without waiting for the event loop (bench/bot.py measures that duty cycle). Images go back to
+the dispatcher as PIL images, so PNG encoding, writing and delivery happen off the engine's thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 import time
 from collections.abc import Sequence
@@ -23,13 +26,18 @@ from engine.engine import FluxEngine
 from engine.errors import EngineError, GenerationCancelled
 
 log = logging.getLogger(__name__)
+HANDOFF_DEPTH = 2  # the job drawing and the one waiting beside it
+THREAD_JOIN_S = 15.0  # on stop: how long the engine thread may take to notice
 
 
 @dataclass
-class _Current:
-    job_id: int
+class _Handed:
+    """A job handed to the engine thread."""
+
+    job: Job
     cancel: threading.Event = field(default_factory=threading.Event)
     interrupted: bool = False  # stopped by a shutdown, not by a person
+    began: bool = False
 
 
 class LocalExecutor:
@@ -39,52 +47,63 @@ class LocalExecutor:
         self.throughput = Throughput()
         self._started_at = time.time()
         self._resident: list[str] = engine.loras.resident
-        self._current: _Current | None = None
+        self._handed: list[_Handed] = []  # in the order the thread takes them; only the loop changes it
+        self._handoff: queue.SimpleQueue[_Handed | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._report: Report | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self, report: Report, unfinished: Sequence[Job]) -> Restored:
         self._report = report
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._engine_thread, name="fluxbot-engine", daemon=True)
+        self._thread.start()
         return Restored()  # nothing survives a restart in this process
 
     async def stop(self) -> None:
+        self.interrupt()
+        if self._thread is not None:
+            self._handoff.put(None)
+            await asyncio.to_thread(self._thread.join, THREAD_JOIN_S)
+            self._thread = None
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def free_families(self) -> set[str]:
-        return set() if self._current is not None else {self.family}
+        return set() if len(self._handed) >= HANDOFF_DEPTH else {self.family}
 
     def engines(self) -> int:
         return 1
 
     async def launch(self, job: Job) -> str | None:
-        current = self._current = _Current(job.id)
-        task = asyncio.create_task(self._run(job, current), name=f"fluxbot-job-{job.id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        handed = _Handed(job)
+        self._handed.append(handed)
+        self._handoff.put(handed)
         return None  # in-process: no worker name
 
     async def cancel(self, job_id: int) -> None:
-        if self._current is not None and self._current.job_id == job_id:
-            self._current.cancel.set()
+        for handed in self._handed:
+            if handed.job.id == job_id:
+                handed.cancel.set()
 
     def interrupt(self) -> bool:
-        if self._current is not None:
-            self._current.interrupted = True
-            self._current.cancel.set()
+        for handed in self._handed:
+            handed.interrupted = True
+            handed.cancel.set()
         return True
 
     async def workers(self) -> list[WorkerInfo]:
         """The one in-process engine, described like a scale-out worker."""
-        current = self._current
+        drawing = next((h for h in self._handed if h.began), None)
         return [
             describe_engine(
                 self.engine,
                 "local",
                 "local",
-                "idle" if current is None else "busy",
-                None if current is None else current.job_id,
+                "idle" if drawing is None else "busy",
+                None if drawing is None else drawing.job.id,
                 self.throughput,
                 self._started_at,
                 self._resident,
@@ -92,42 +111,75 @@ class LocalExecutor:
         ]
 
     async def health(self) -> dict[str, bool]:
-        return {"engine": True}
+        return {"engine": self._thread is not None and self._thread.is_alive()}
 
-    async def _run(self, job: Job, current: _Current) -> None:
-        report = self._report
-        assert report is not None
-        loop = asyncio.get_running_loop()
+    # the engine's thread
 
-        def on_step(progress: StepProgress) -> None:  # the engine's thread
-            loop.call_soon_threadsafe(
-                report.progress, job.id, progress.step, progress.total, progress.elapsed_s
-            )
+    def _engine_thread(self) -> None:
+        while (handed := self._handoff.get()) is not None:
+            self._to_loop(self._began, handed)
+            outcome = self._draw(handed)
+            self._to_loop(self._ended, handed, outcome)
 
-        report.started(job.id, None)
+    def _draw(self, handed: _Handed) -> Outcome:
+        job = handed.job
+
+        def on_step(progress: StepProgress) -> None:
+            self._to_loop(self._step, job.id, progress)
+
+        if handed.cancel.is_set():  # cancelled or stopped while it waited beside the last one
+            return Outcome.interrupted() if handed.interrupted else Outcome.cancelled()
         try:
             request = GenerationRequest.model_validate(job.request)
-            result = await asyncio.to_thread(self.engine.generate, request, on_step, current.cancel)
-            images = [
-                EngineImage(index, image, recipe)
-                for index, (image, recipe) in enumerate(zip(result.images, result.recipes, strict=True))
-            ]
-            outcome = Outcome.done(images, result.timings.model_dump())
+            result = self.engine.generate(request, on_step, handed.cancel)
         except GenerationCancelled:
-            outcome = Outcome.interrupted() if current.interrupted else Outcome.cancelled()
+            return Outcome.interrupted() if handed.interrupted else Outcome.cancelled()
         except EngineError as exc:
-            outcome = Outcome.failed(str(exc))
+            return Outcome.failed(str(exc))
         except Exception:
             log.exception("job %d: the engine failed", job.id)
-            outcome = Outcome.failed(INTERNAL_ERROR)
-        finally:
-            self._current = None
-            self._resident = self.engine.loras.resident
-            report.engine_free()
-        self.throughput.record(outcome.kind == "done")
+            return Outcome.failed(INTERNAL_ERROR)
+        images = [
+            EngineImage(index, image, recipe)
+            for index, (image, recipe) in enumerate(zip(result.images, result.recipes, strict=True))
+        ]
+        return Outcome.done(images, result.timings.model_dump())
+
+    def _to_loop(self, callback: Any, *args: Any) -> None:
+        assert self._loop is not None
         try:
-            await report.finished(job.id, outcome)
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop closed under a job that outlived the shutdown
+            log.info("engine thread: the event loop is gone; dropping a report")
+
+    # back on the event loop
+
+    def _began(self, handed: _Handed) -> None:
+        handed.began = True
+        assert self._report is not None
+        self._report.started(handed.job.id, None)
+
+    def _step(self, job_id: int, progress: StepProgress) -> None:
+        assert self._report is not None
+        self._report.progress(job_id, progress.step, progress.total, progress.elapsed_s)
+
+    def _ended(self, handed: _Handed, outcome: Outcome) -> None:
+        assert self._report is not None
+        self._handed.remove(handed)
+        self._resident = self.engine.loras.resident
+        self.throughput.record(outcome.kind == "done")
+        self._report.engine_free()
+        task = asyncio.create_task(
+            self._record(handed.job.id, outcome), name=f"fluxbot-record-{handed.job.id}"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _record(self, job_id: int, outcome: Outcome) -> None:
+        assert self._report is not None
+        try:
+            await self._report.finished(job_id, outcome)
         except Stopping:
             log.info(
-                "job %d: shutting down before its outcome was saved; it runs again after the restart", job.id
+                "job %d: shutting down before its outcome was saved; it runs again after the restart", job_id
             )
