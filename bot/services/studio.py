@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 
 from bot.observability import Metrics
+from bot.services.admissions import GroupAdmission
 from bot.services.dispatcher import JobDispatcher
 from bot.services.errors import LimitReached, NotAllowed, NotFound, StoreBusy, UserError
 from bot.store.admin import AdminStore
@@ -76,6 +77,7 @@ class Studio:
         self.metrics = metrics
         self.resolver = resolver
         self.jobs = jobs
+        self.admissions = GroupAdmission(jobs)
         self.admin = admin
         self.queue = queue
         self.limits = limits
@@ -145,7 +147,7 @@ class Studio:
             result_message_id=who.message_id,
         )
         try:
-            admission = await self.jobs.admit(new, self._quota())
+            admission = await self.admissions.admit(new, self._quota())
         except Exception as exc:
             if not is_store_fault(exc):
                 raise

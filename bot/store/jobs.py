@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.store.database import Database
@@ -69,14 +69,43 @@ class StoredImage:
     recipe: dict[str, Any] = field(default_factory=dict)
 
 
-def _insert_user_if_missing(session: AsyncSession, user_id: int, name: str) -> Any:
+def _insert_users_if_missing(session: AsyncSession, names: dict[int, str]) -> Any:
     # Two first jobs of a new user can arrive together: "insert or ignore", in each backend's dialect.
     from sqlalchemy.dialects import postgresql, sqlite
 
     assert session.bind is not None
     dialect = postgresql if session.bind.dialect.name == "postgresql" else sqlite
-    return (
-        dialect.insert(User).values(id=user_id, name=name[:100]).on_conflict_do_nothing(index_elements=["id"])
+    rows = [{"id": user_id, "name": name[:100]} for user_id, name in names.items()]
+    return dialect.insert(User).values(rows).on_conflict_do_nothing(index_elements=["id"])
+
+
+@dataclass
+class _Counts:
+    """What the limits count, read once per admission transaction and kept up to date inside it."""
+
+    waiting: int
+    unfinished: dict[int, int]  # per user: waiting + running
+    recent: dict[int, int]  # per user: created within the rate window
+
+
+def _new_job(new: NewJob) -> Job:
+    return Job(
+        user_id=new.user_id,
+        guild_id=new.guild_id,
+        channel_id=new.channel_id,
+        kind=new.kind,
+        parent_id=new.parent_id,
+        request=new.request,
+        status=JobStatus.QUEUED,
+        attempts=0,
+        application_id=new.application_id,
+        interaction_id=new.interaction_id,
+        interaction_token=new.interaction_token,
+        interaction_at=utcnow() if new.interaction_token else None,
+        result_message_id=new.result_message_id,
+        delivery=Delivery.PENDING,
+        delivery_attempts=0,
+        images=[],
     )
 
 
@@ -87,54 +116,84 @@ class JobStore:
     # admission
 
     async def admit(self, new: NewJob, quota: Quota) -> Admission:
-        """Check the user and every limit and store the job, all in one transaction that no other
-        admission (of this process or another) can interleave with: 20 requests at once take exactly
-        the slots there are. Committed before anyone is told the job is queued."""
+        """Check the user and every limit and store the job in one transaction (see admit_many)."""
+        (admission,) = await self.admit_many([(new, quota)])
+        return admission
+
+    async def admit_many(self, asks: Sequence[tuple[NewJob, Quota]]) -> list[Admission]:
+        """Check and store several requests, in order, in one transaction that no other admission
+        (of this process or another) can interleave with: the limits are counted once, then taken
+        request by request inside it, so 20 requests at once take exactly the slots there are.
+        Committed before anyone is told a job is queued; one commit for a burst is what keeps the
+        acknowledgement fast while the engine is busy."""
+        results: list[Admission | None] = [None] * len(asks)
         async with self.db.serialized() as session:
-            if new.interaction_id is not None:
-                replayed = await session.scalar(select(Job).where(Job.interaction_id == new.interaction_id))
-                if replayed is not None:
-                    return Admission(replayed, replayed=True)
-            await session.execute(_insert_user_if_missing(session, new.user_id, new.user_name))
-            user = await session.get(User, new.user_id)
-            assert user is not None
-            if user.banned:
-                return Admission(None, "banned")
-            waiting = await self._count(session, Job.status == JobStatus.QUEUED)
-            if waiting >= quota.waiting:
-                return Admission(None, "queue_full", waiting, quota.waiting)
-            cap = user.max_queued or quota.per_user
-            mine = await self._count(session, Job.user_id == new.user_id, Job.status.in_(UNFINISHED))
-            if mine >= cap:
-                return Admission(None, "user_cap", mine, cap)
-            since = utcnow() - timedelta(seconds=quota.window_s)
-            recent = await self._count(session, Job.user_id == new.user_id, Job.created_at >= since)
-            if recent >= quota.per_window:
-                return Admission(None, "rate", recent, quota.per_window)
-            job = Job(
-                user_id=new.user_id,
-                guild_id=new.guild_id,
-                channel_id=new.channel_id,
-                kind=new.kind,
-                parent_id=new.parent_id,
-                request=new.request,
-                status=JobStatus.QUEUED,
-                attempts=0,
-                application_id=new.application_id,
-                interaction_id=new.interaction_id,
-                interaction_token=new.interaction_token,
-                interaction_at=utcnow() if new.interaction_token else None,
-                result_message_id=new.result_message_id,
-                delivery=Delivery.PENDING,
-                delivery_attempts=0,
-                images=[],
-            )
-            session.add(job)
-        return Admission(job)
+            interactions = [n.interaction_id for n, _ in asks if n.interaction_id is not None]
+            stored: dict[int, Job] = {}
+            if interactions:
+                found = await session.scalars(select(Job).where(Job.interaction_id.in_(interactions)))
+                stored = {job.interaction_id: job for job in found if job.interaction_id is not None}
+            names = {n.user_id: n.user_name for n, _ in asks}
+            await session.execute(_insert_users_if_missing(session, names))
+            users = {u.id: u for u in await session.scalars(select(User).where(User.id.in_(names)))}
+            counts = await self._counts(session, list(names), max(q.window_s for _, q in asks))
+            added: list[tuple[int, Job]] = []
+            for index, (new, quota) in enumerate(asks):
+                if new.interaction_id is not None and new.interaction_id in stored:
+                    results[index] = Admission(stored[new.interaction_id], replayed=True)
+                    continue
+                refusal = self._refusal(users[new.user_id], quota, counts)
+                if refusal is not None:
+                    results[index] = refusal
+                    continue
+                job = _new_job(new)
+                session.add(job)
+                added.append((index, job))
+                if new.interaction_id is not None:
+                    stored[new.interaction_id] = job  # the same interaction twice in one burst
+                counts.waiting += 1
+                counts.unfinished[new.user_id] += 1
+                counts.recent[new.user_id] += 1
+        for index, job in added:
+            results[index] = Admission(job)
+        return [r for r in results if r is not None]
 
     @staticmethod
-    async def _count(session: AsyncSession, *where: Any) -> int:
-        return int(await session.scalar(select(func.count()).select_from(Job).where(*where)) or 0)
+    async def _counts(session: AsyncSession, user_ids: list[int], window_s: float) -> _Counts:
+        since = utcnow() - timedelta(seconds=window_s)
+        mine = Job.user_id.in_(user_ids)
+        waiting = int(
+            await session.scalar(select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED))
+            or 0
+        )
+        rows = await session.execute(
+            select(
+                Job.user_id,
+                func.count().filter(Job.status.in_(UNFINISHED)),
+                func.count().filter(Job.created_at >= since),
+            )
+            # Only the rows that can count, so the indexes on user_id, status and created_at serve it.
+            .where(mine, or_(Job.status.in_(UNFINISHED), Job.created_at >= since))
+            .group_by(Job.user_id)
+        )
+        unfinished = dict.fromkeys(user_ids, 0)
+        recent = dict.fromkeys(user_ids, 0)
+        for user_id, open_jobs, new_jobs in rows:
+            unfinished[user_id], recent[user_id] = int(open_jobs), int(new_jobs)
+        return _Counts(waiting, unfinished, recent)
+
+    @staticmethod
+    def _refusal(user: User, quota: Quota, counts: _Counts) -> Admission | None:
+        if user.banned:
+            return Admission(None, "banned")
+        if counts.waiting >= quota.waiting:
+            return Admission(None, "queue_full", counts.waiting, quota.waiting)
+        cap = user.max_queued or quota.per_user
+        if counts.unfinished[user.id] >= cap:
+            return Admission(None, "user_cap", counts.unfinished[user.id], cap)
+        if counts.recent[user.id] >= quota.per_window:
+            return Admission(None, "rate", counts.recent[user.id], quota.per_window)
+        return None
 
     # reads
 
