@@ -46,7 +46,6 @@ from bot.services.wire import (
     DISPATCH_KEY,
     EVENTS_CHANNEL,
     GENERATE,
-    WORKER_KEY_PREFIX,
     Dispatch,
     JobPayload,
     WorkerEvent,
@@ -54,7 +53,7 @@ from bot.services.wire import (
     arq_job_id,
     queue_name,
 )
-from bot.services.workers import WorkerInfo
+from bot.services.workers import WorkerInfo, advertised_workers
 from bot.store.models import Job
 from engine.api import Recipe
 from engine.resolve import RequestResolver
@@ -69,6 +68,10 @@ TIMED_OUT = (
 SHARED_IMAGE_MISSING = (
     "The worker saved the image where the bot cannot read it: workers.images = 'shared' needs one "
     "data_dir shared by the bot and every worker."
+)
+WRONG_FAMILY = (
+    "worker %s serves %s models but this bot admits %s jobs: it gets none "
+    "(set workers.family, or point the worker at a %s model)"
 )
 PRESET_GONE = "Its preset was removed before it could run."
 POLL_S = 0.2
@@ -166,30 +169,14 @@ class RedisExecutor:
         return sorted(self.worker_table.values(), key=lambda w: w.name)
 
     async def refresh_workers(self) -> None:
-        keys = [key async for key in self.redis.scan_iter(match=WORKER_KEY_PREFIX + "*", count=200)]
-        table = {}
-        for raw in await self.redis.mget(keys) if keys else []:
-            if raw is None:  # expired between SCAN and MGET
-                continue
-            try:
-                info = WorkerInfo.model_validate_json(raw)
-            except ValueError:
-                log.warning("ignoring a worker entry this bot cannot read (a different fluxbot version?)")
-                continue
-            table[info.name] = info
+        table = await advertised_workers(self.redis)
         appeared = sorted(table.keys() - self.worker_table.keys())
         self.worker_table = table
         for name in appeared:
             log.info("worker up: %s", name)
             if table[name].family != self.resolver.family:
-                log.warning(
-                    "worker %s serves %s models but this bot admits %s jobs: it gets none "
-                    "(set workers.family, or point the worker at a %s model)",
-                    name,
-                    table[name].family,
-                    self.resolver.family,
-                    self.resolver.family,
-                )
+                family = self.resolver.family
+                log.warning(WRONG_FAMILY, name, table[name].family, family, family)
         if appeared and self._report is not None:
             self._report.engine_free()
 
@@ -280,7 +267,8 @@ class RedisExecutor:
         # arq deletes the job key and writes the result in one transaction: read them in this order,
         # and "no job, no result" can only mean the job was lost before a worker saw it.
         if await self.redis.exists(job_key_prefix + arq_id):
-            if not self._alive(flight.dispatch):
+            worker = self.worker_table.get(flight.dispatch.worker)
+            if worker is None or worker.incarnation != flight.dispatch.incarnation:  # died or restarted
                 self._settle(flight, self._take_back(flight, ran=None))
             return
         info = await ArqJob(arq_id, self.redis).result_info()
@@ -289,10 +277,6 @@ class RedisExecutor:
             self._settle(flight, self._take_back(flight, ran=False))
         else:
             self._settle(flight, self._collect(flight, info))
-
-    def _alive(self, dispatch: Dispatch) -> bool:
-        worker = self.worker_table.get(dispatch.worker)
-        return worker is not None and worker.incarnation == dispatch.incarnation
 
     def _settle(self, flight: Flight, work: Any) -> None:
         """Outcomes and take-backs wait on the store: each in its own task, so watching goes on."""

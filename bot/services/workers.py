@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
 import time
 from collections import deque
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from bot.services.wire import WORKER_KEY_PREFIX
 from engine.engine import FluxEngine
+
+log = logging.getLogger(__name__)
 
 WorkerState = Literal["idle", "busy", "draining"]
 THROUGHPUT_WINDOW_S = 600.0
@@ -40,6 +44,22 @@ class WorkerInfo(BaseModel):
 
     def serves(self, family: str) -> bool:
         return self.family == family and self.state != "draining"
+
+
+async def advertised_workers(redis: Any) -> dict[str, WorkerInfo]:
+    """The workers advertising themselves in Redis now (each entry expires unless renewed)."""
+    keys = [key async for key in redis.scan_iter(match=WORKER_KEY_PREFIX + "*", count=200)]
+    table = {}
+    for raw in await redis.mget(keys) if keys else []:
+        if raw is None:  # expired between SCAN and MGET
+            continue
+        try:
+            info = WorkerInfo.model_validate_json(raw)
+        except ValueError:
+            log.warning("ignoring a worker entry this bot cannot read (a different fluxbot version?)")
+            continue
+        table[info.name] = info
+    return table
 
 
 class Throughput:
