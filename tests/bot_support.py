@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from bot.app import App, build_app
 from bot.store.models import Job
@@ -69,3 +75,30 @@ async def until(condition: Callable[[], Any], timeout: float = 30, every: float 
         while not (result := condition()):
             await asyncio.sleep(every)
         return result
+
+
+@contextlib.asynccontextmanager
+async def write_lock(database_url: str) -> AsyncIterator[None]:
+    """Another client holds the database's write lock (a backup, a migration, a stuck admin shell):
+    SQLite's RESERVED lock, or Postgres's EXCLUSIVE lock on `jobs` (reads still pass on both)."""
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        holder = sqlite3.connect(str(url.database), isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            holder.rollback()
+            holder.close()
+        return
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            transaction = await connection.begin()
+            await connection.execute(text("LOCK TABLE jobs IN EXCLUSIVE MODE"))
+            try:
+                yield
+            finally:
+                await transaction.rollback()
+    finally:
+        await engine.dispose()

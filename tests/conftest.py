@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from engine.settings import EngineSettings
 from engine.tiny import ensure_tiny_model
 from fluxbot.logs import quiet as quiet_loggers
 from tests import services
+from tests.discord_support import Harness, make_bot_settings
 from tests.fake_discord import FakeDiscord
 
 REPO = Path(__file__).resolve().parent.parent
@@ -135,3 +137,16 @@ def engine(make_settings: Callable[..., EngineSettings], data_dir: Path, tiny_di
 
 def pixels(image: Image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
+
+
+@pytest.fixture
+async def harness(
+    fake: FakeDiscord, tmp_path: Path, make_settings: Callable[..., EngineSettings], data_dir: Path
+) -> AsyncIterator[Harness]:
+    """The real bot on the tiny engine against a fresh fake Discord, started."""
+    settings = make_bot_settings(tmp_path, make_settings, fake)
+    engine = await asyncio.to_thread(FluxEngine.load, settings.engine, data_dir)
+    h = Harness(fake, settings, engine)
+    await h.start()
+    yield h
+    await h.stop()

@@ -73,6 +73,10 @@ class FakeDiscord:
         self.port = 0
         self.fail_next: list[tuple[str, int]] = []  # (path fragment, status) to answer once
         self.expired: set[str] = set()  # interaction tokens Discord no longer knows (> 15 min)
+        # Uploads (requests that carry files): a storm answers them all with an error until a moment,
+        # a delay holds each one that long before it is applied (a slow link).
+        self.upload_storm: tuple[int, float] | None = None  # (status, until monotonic)
+        self.upload_delay_s = 0.0
 
     # --- server life -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -132,6 +136,10 @@ class FakeDiscord:
     async def dispatch(self, event: str, data: dict[str, Any]) -> None:
         await asyncio.wait_for(self.identified.wait(), 30)
         await self._dispatch_to(self.sockets[-1], event, data)
+
+    def storm_uploads(self, status: int, seconds: float) -> None:
+        """Every upload is answered `status` for the next `seconds` (a Discord outage on attachments)."""
+        self.upload_storm = (status, time.monotonic() + seconds)
 
     async def drop_gateway(self) -> None:
         """Close the websocket the way a network blip does; discord.py reconnects."""
@@ -283,6 +291,10 @@ class FakeDiscord:
         self.calls.append(call)
         async with self._changed:
             self._changed.notify_all()
+        if files and self.upload_storm is not None and time.monotonic() < self.upload_storm[1]:
+            return _json({"message": "fake storm", "code": 0}, self.upload_storm[0])
+        if files and self.upload_delay_s:
+            await asyncio.sleep(self.upload_delay_s)
         for i, (fragment, status) in enumerate(self.fail_next):
             if fragment in path:
                 del self.fail_next[i]

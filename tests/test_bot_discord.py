@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,98 +17,21 @@ from bot.store.models import JobStatus
 from engine.engine import FluxEngine
 from engine.png import read_recipe
 from engine.settings import EngineSettings
-from fluxbot.settings import LimitSettings, Settings
-from tests.bot_support import make_settings
+from fluxbot.settings import LimitSettings
+from tests.discord_support import (
+    ADMIN,
+    ALICE,
+    BOB,
+    Harness,
+    finished_message,
+    is_ephemeral_error,
+    make_bot_settings,
+    opt,
+    png_of,
+)
 from tests.fake_discord import ADMIN_ROLE, CHANNEL_ID, FakeDiscord
 
 pytestmark = pytest.mark.usefixtures("database_backend")  # on SQLite and on PostgreSQL
-
-ALICE = 111000000000000001
-BOB = 111000000000000002
-ADMIN = 111000000000000003
-
-
-class Harness:
-    """Starts and stops the real bot against the fake server."""
-
-    def __init__(self, fake: FakeDiscord, settings: Settings, engine: FluxEngine | None) -> None:
-        self.fake, self.settings, self.engine = fake, settings, engine
-        self.bot: FluxBot | None = None
-        self.task: asyncio.Task[None] | None = None
-
-    async def start(self) -> FluxBot:
-        point_at(self.fake.api_base, self.fake.gateway_url)
-        self.fake.identified.clear()
-        self.bot = FluxBot(self.settings, engine=self.engine)
-        self.task = asyncio.create_task(self.bot.start("fake-token"))
-        await asyncio.wait_for(self.bot.wait_until_ready(), 60)
-        return self.bot
-
-    async def stop(self) -> None:
-        if self.bot is not None:
-            await self.bot.close()
-        if self.task is not None:
-            await asyncio.wait_for(self.task, 30)
-        self.bot = self.task = None
-
-    @property
-    def app(self) -> Any:
-        assert self.bot is not None and self.bot.app is not None
-        return self.bot.app
-
-
-@pytest.fixture
-async def harness(
-    fake: FakeDiscord, tmp_path: Path, make_settings: Callable[..., EngineSettings], data_dir: Path
-) -> AsyncIterator[Harness]:
-    settings = make_bot_settings(tmp_path, make_settings, fake)
-    engine = await asyncio.to_thread(FluxEngine.load, settings.engine, data_dir)
-    h = Harness(fake, settings, engine)
-    await h.start()
-    yield h
-    await h.stop()
-
-
-def make_bot_settings(
-    tmp: Path, engine_settings: Callable[..., EngineSettings], fake: FakeDiscord, **kw: Any
-) -> Settings:
-    values: dict[str, Any] = {
-        "discord_api_base": fake.api_base,
-        "discord_gateway_url": fake.gateway_url,
-        "guild_ids": [],
-        "admin_user_ids": [ADMIN],
-        "admin_role_ids": [ADMIN_ROLE],
-        "progress_interval_s": 0.2,
-        "limits": LimitSettings(jobs_per_window=50, window_s=60, max_queued_per_user=5, max_queue=50),
-    }
-    values.update(kw)
-    return make_settings(tmp, engine_settings, **values)
-
-
-def opt(name: str, value: Any, kind: int = 3) -> dict[str, Any]:
-    return {"name": name, "type": kind, "value": value}
-
-
-def png_of(fake: FakeDiscord, message: dict[str, Any]) -> bytes:
-    return fake.attachment_bytes[message["attachments"][0]["id"]]
-
-
-async def finished_message(fake: FakeDiscord, token: str) -> dict[str, Any]:
-    return await fake.wait_for(lambda: (m := fake.original(token)) and m["attachments"] and m)
-
-
-def is_ephemeral_error(fake: FakeDiscord, token: str, text: str) -> bool:
-    for call in fake.calls:
-        body = call.json or {}
-        data = body.get("data", body) if isinstance(body, dict) else {}
-        if (
-            token in call.path
-            and isinstance(data, dict)
-            and data.get("flags", 0) & 64
-            and text in data.get("content", "")
-        ):
-            return True
-    return False
 
 
 async def test_commands_are_synced_on_start(harness: Harness) -> None:

@@ -6,12 +6,14 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.bot_support import write_lock
 from tests.conftest import REPO
 from tests.fake_discord import FakeDiscord
 from tests.services import database_url_for_test
@@ -132,3 +134,56 @@ async def test_sigterm_finishes_or_requeues_the_running_job_and_exits_0(
     await bot_process.start()
 
     assert await delivered(fake, tokens)
+
+
+async def test_kill_9_right_after_the_acknowledgements_loses_none(
+    bot_process: BotProcess, fake: FakeDiscord
+) -> None:
+    await bot_process.start()
+    members = [fake.member(ALICE, "alice"), fake.member(BOB, "bob"), fake.member(ALICE, "alice")]
+    tokens = await asyncio.gather(
+        *(fake.slash("imagine", [opt("prompt", f"a quick fox {i}")], m) for i, m in enumerate(members))
+    )
+    await fake.wait_for(lambda: all(fake.response_to(t) for t in tokens), timeout=30)
+
+    assert await bot_process.signal(signal.SIGKILL) == -signal.SIGKILL  # the instant the last ack is out
+    await bot_process.start()
+
+    assert await delivered(fake, list(tokens))
+
+
+async def test_sigterm_during_a_slow_upload_delivers_it_before_exiting(
+    bot_process: BotProcess, fake: FakeDiscord
+) -> None:
+    await bot_process.start()
+    fake.upload_delay_s = 4.0  # Discord takes 4 s to take the PNG
+    token = await fake.slash("imagine", [opt("prompt", "a slow upload")], fake.member(ALICE, "alice"))
+    await fake.wait_for(lambda: any(c.files and token in c.path for c in fake.calls), timeout=60)
+
+    assert await bot_process.signal(signal.SIGTERM) == 0
+
+    message = fake.original(token)
+    assert message is not None and message["attachments"], "the upload finished before the exit"
+    assert len([c for c in fake.calls if c.files and token in c.path]) == 1
+
+
+async def test_sigterm_with_the_database_locked_exits_within_grace_and_loses_nothing(
+    bot_process: BotProcess, fake: FakeDiscord
+) -> None:
+    bot_process.env["FLUXBOT_SHUTDOWN_GRACE_S"] = "3"
+    await bot_process.start()
+    token = await fake.slash(
+        "imagine",
+        [opt("prompt", "a locked owl"), opt("steps", 40, 4), opt("size", "512x512")],
+        fake.member(ALICE, "alice"),
+    )
+    await fake.wait_for(lambda: (m := fake.original(token)) and "steps" in m["content"], timeout=60)
+
+    async with write_lock(bot_process.env["FLUXBOT_DATABASE_URL"]):
+        stopping = time.monotonic()
+        code = await bot_process.signal(signal.SIGTERM)
+        took = time.monotonic() - stopping
+    await bot_process.start()
+
+    assert code == 0 and took < 3 + 10, f"exited {code} after {took:.1f} s"
+    assert await delivered(fake, [token])

@@ -25,10 +25,10 @@ from engine.api import GenerationRequest, LoraChoice
 from engine.settings import EngineSettings
 from fluxbot.settings import Settings, WorkerSettings
 from tests.bot_support import RecordingEvents, make_settings
+from tests.discord_support import ADMIN, ALICE, BOB, Harness, make_bot_settings, opt
 from tests.fake_discord import FakeDiscord
 from tests.scaleout_support import DEAD_AFTER_S, HEARTBEAT_S, WorkerProcess, worker_env
 from tests.services import REDIS_URL, create_postgres_database, flush_redis, require_postgres, require_redis
-from tests.test_bot_discord import ADMIN, ALICE, BOB, Harness, make_bot_settings, opt
 from tests.test_loras import make_lora, sha, whitelist_toml
 
 CAROL = 111000000000000004

@@ -1,0 +1,90 @@
+"""The real discord.py client against the fake Discord server: a harness and helpers shared by tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bot.client import FluxBot, point_at
+from engine.engine import FluxEngine
+from engine.settings import EngineSettings
+from fluxbot.settings import LimitSettings, Settings
+from tests.bot_support import make_settings
+from tests.fake_discord import ADMIN_ROLE, FakeDiscord
+
+ALICE = 111000000000000001
+BOB = 111000000000000002
+ADMIN = 111000000000000003
+
+
+class Harness:
+    """Starts and stops the real bot against the fake server."""
+
+    def __init__(self, fake: FakeDiscord, settings: Settings, engine: FluxEngine | None) -> None:
+        self.fake, self.settings, self.engine = fake, settings, engine
+        self.bot: FluxBot | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> FluxBot:
+        point_at(self.fake.api_base, self.fake.gateway_url)
+        self.fake.identified.clear()
+        self.bot = FluxBot(self.settings, engine=self.engine)
+        self.task = asyncio.create_task(self.bot.start("fake-token"))
+        await asyncio.wait_for(self.bot.wait_until_ready(), 60)
+        return self.bot
+
+    async def stop(self) -> None:
+        if self.bot is not None:
+            await self.bot.close()
+        if self.task is not None:
+            await asyncio.wait_for(self.task, 30)
+        self.bot = self.task = None
+
+    @property
+    def app(self) -> Any:
+        assert self.bot is not None and self.bot.app is not None
+        return self.bot.app
+
+
+def make_bot_settings(
+    tmp: Path, engine_settings: Callable[..., EngineSettings], fake: FakeDiscord, **kw: Any
+) -> Settings:
+    values: dict[str, Any] = {
+        "discord_api_base": fake.api_base,
+        "discord_gateway_url": fake.gateway_url,
+        "guild_ids": [],
+        "admin_user_ids": [ADMIN],
+        "admin_role_ids": [ADMIN_ROLE],
+        "progress_interval_s": 0.2,
+        "limits": LimitSettings(jobs_per_window=50, window_s=60, max_queued_per_user=5, max_queue=50),
+    }
+    values.update(kw)
+    return make_settings(tmp, engine_settings, **values)
+
+
+def opt(name: str, value: Any, kind: int = 3) -> dict[str, Any]:
+    return {"name": name, "type": kind, "value": value}
+
+
+def png_of(fake: FakeDiscord, message: dict[str, Any]) -> bytes:
+    return fake.attachment_bytes[message["attachments"][0]["id"]]
+
+
+async def finished_message(fake: FakeDiscord, token: str) -> dict[str, Any]:
+    return await fake.wait_for(lambda: (m := fake.original(token)) and m["attachments"] and m)
+
+
+def is_ephemeral_error(fake: FakeDiscord, token: str, text: str) -> bool:
+    for call in fake.calls:
+        body = call.json or {}
+        data = body.get("data", body) if isinstance(body, dict) else {}
+        if (
+            token in call.path
+            and isinstance(data, dict)
+            and data.get("flags", 0) & 64
+            and text in data.get("content", "")
+        ):
+            return True
+    return False
