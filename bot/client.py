@@ -21,6 +21,7 @@ from bot.commands.context import reply_error
 from bot.commands.imagine import COMMANDS, on_reaction
 from bot.delivery import DiscordDelivery
 from bot.observability import serve
+from bot.services.notices import NoticeThrottle
 from engine.engine import FluxEngine
 from fluxbot.settings import Settings
 
@@ -45,6 +46,7 @@ class FluxBot(discord.Client):
             self.tree.add_command(command)
         self.tree.add_command(AdminCommands(settings.admin_permission))
         self.delivery = DiscordDelivery(settings.data_dir, settings.progress_interval_s)
+        self.reaction_notices = NoticeThrottle(settings.limits.window_s)
         self.app: App | None = None
         self.metrics_server: web.AppRunner | None = None
 

@@ -367,7 +367,7 @@ class FakeDiscord:
             return self._followup
         if method == "POST" and parts[0] == "channels" and parts[-1] == "messages":
             return self._channel_message
-        if method == "PUT" and "reactions" in parts:
+        if method in ("PUT", "DELETE") and "reactions" in parts:  # add ours, remove someone's
             return lambda *_: web.Response(status=204)
         return None
 

@@ -110,3 +110,21 @@ async def test_a_502_storm_on_uploads_is_outlasted_without_a_restart_while_the_e
     assert all(m["attachments"] for m in messages), "delivered after the storm, without a restart"
     uploads = [c for c in fake.calls if c.files and c.at >= storm_ends]
     assert len(uploads) == 2, "each result uploaded once it could be"
+
+
+async def test_ten_refused_reactions_make_at_most_one_public_notice(harness: Harness) -> None:
+    fake = harness.fake
+    token = await fake.slash("imagine", [opt("prompt", "a blue owl")], fake.member(ALICE, "alice"))
+    original = await finished_message(fake, token)
+    harness.app.queue.pause()  # bob's rerolls stay queued: his cap of 5 is reached and stays so
+    bob = fake.member(BOB, "bob")
+
+    for _ in range(15):
+        await fake.react(original["id"], "🔁", bob)
+    removed = f"/messages/{original['id']}/reactions/"
+    await fake.wait_for(lambda: len(fake.calls_to("DELETE", removed)) >= 10)
+
+    posts = [c.json.get("content", "") for c in fake.calls_to("POST", "/messages") if c.json]
+    notices = [text for text in posts if "jobs queued (max 5)" in text]
+    assert len(notices) == 1 and f"<@{BOB}>" in notices[0], posts
+    assert len(await harness.app.jobs.unfinished()) == 5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -131,8 +132,7 @@ async def on_reaction(client: discord.Client, payload: discord.RawReactionAction
     try:
         ticket = await studio.reroll(who, job.id, on_stored)
     except UserError as exc:
-        # No interaction to answer privately: a short mention in the channel.
-        await channel.send(f"<@{payload.user_id}> {exc}", allowed_mentions=_only(payload.user_id))
+        await _refuse_reaction(client, payload, exc)
         return
     try:
         message = await channel.send(
@@ -144,6 +144,20 @@ async def on_reaction(client: discord.Client, payload: discord.RawReactionAction
     finally:
         for job_id in held:
             delivery.release(job_id, message_id)
+
+
+async def _refuse_reaction(
+    client: discord.Client, payload: discord.RawReactionActionEvent, exc: UserError
+) -> None:
+    """No interaction to answer privately: the reaction is taken off (where the bot may), and a short
+    mention in the channel says why, at most once per user per window (NoticeThrottle)."""
+    channel = client.get_partial_messageable(payload.channel_id)
+    with contextlib.suppress(discord.HTTPException):  # needs Manage Messages; the notice still goes out
+        await channel.get_partial_message(payload.message_id).remove_reaction(
+            payload.emoji, discord.Object(payload.user_id)
+        )
+    if client.reaction_notices.allow(payload.user_id):  # type: ignore[attr-defined]
+        await channel.send(f"<@{payload.user_id}> {exc}", allowed_mentions=_only(payload.user_id))
 
 
 def _only(user_id: int) -> discord.AllowedMentions:
