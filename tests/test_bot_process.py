@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,8 @@ import pytest
 from tests.bot_support import write_lock
 from tests.conftest import REPO
 from tests.fake_discord import FakeDiscord
-from tests.services import database_url_for_test
+from tests.scaleout_support import DEAD_AFTER_S, HEARTBEAT_S, WorkerProcess, worker_env
+from tests.services import REDIS_URL, database_url_for_test, flush_redis, require_redis
 
 pytestmark = pytest.mark.usefixtures("database_backend")  # on SQLite and on PostgreSQL
 
@@ -49,9 +51,15 @@ class BotProcess:
             "FLUXBOT_DATABASE_URL": database_url_for_test(data_dir),
         }
         self.proc: asyncio.subprocess.Process | None = None
+        # A file, not a pipe nobody reads: a chatty bot must never block on a full pipe.
+        self.log_path = data_dir.parent / "bot.log"
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
 
     async def start(self) -> None:
         self.fake.identified.clear()
+        log = self.log_path.open("ab")
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -59,9 +67,10 @@ class BotProcess:
             "run",
             env=self.env,
             cwd=REPO,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
+            stdout=log,
+            stderr=log,
         )
+        log.close()
         await asyncio.wait_for(self.fake.identified.wait(), 120)
 
     async def signal(self, sig: int) -> int:
@@ -95,6 +104,7 @@ async def bot_process(
     process = BotProcess(fake, tmp_path / "data", presets_file, tiny_dir)
     yield process
     await process.stop()
+    print(f"--- the bot's log (shown when the test failed) ---\n{process.log_tail()}")
 
 
 async def test_kill_9_at_any_moment_loses_no_accepted_job(bot_process: BotProcess, fake: FakeDiscord) -> None:
@@ -150,6 +160,41 @@ async def test_kill_9_right_after_the_acknowledgements_loses_none(
     await bot_process.start()
 
     assert await delivered(fake, list(tokens))
+
+
+async def test_kill_9_right_after_the_acknowledgements_loses_none_in_redis_mode(
+    bot_process: BotProcess, fake: FakeDiscord, tmp_path: Path, presets_file: Path, tiny_dir: Path
+) -> None:
+    """The same with a `fluxbot worker` drawing: the restarted bot finds the jobs in the store, and the
+    one the worker was drawing in its dispatch record, and delivers each once."""
+    require_redis()
+    flush_redis()
+    loras = tmp_path / "data" / "loras.toml"
+    worker = WorkerProcess("w-kill", worker_env(tmp_path / "worker", presets_file, loras, tiny_dir), tmp_path)
+    bot_process.env |= {
+        "FLUXBOT_QUEUE": REDIS_URL,
+        "FLUXBOT_WORKERS__HEARTBEAT_S": str(HEARTBEAT_S),
+        "FLUXBOT_WORKERS__DEAD_AFTER_S": str(DEAD_AFTER_S),
+    }
+    await worker.start()
+    try:
+        await worker.wait_ready()
+        await bot_process.start()
+        members = [fake.member(ALICE, "alice"), fake.member(BOB, "bob"), fake.member(ALICE, "alice")]
+        tokens = await asyncio.gather(
+            *(fake.slash("imagine", [opt("prompt", f"a redis fox {i}")], m) for i, m in enumerate(members))
+        )
+        await fake.wait_for(lambda: all(fake.response_to(t) for t in tokens), timeout=30)
+
+        assert await bot_process.signal(signal.SIGKILL) == -signal.SIGKILL
+        await bot_process.start()
+
+        assert await delivered(fake, list(tokens))
+        uploads = Counter(t for c in fake.calls if c.files for t in tokens if t in c.path)
+        assert set(uploads.values()) == {1}, uploads
+    finally:
+        await worker.reap()
+        print(f"--- the worker's log ---\n{worker.log_path.read_text(errors='replace')[-3000:]}")
 
 
 async def test_sigterm_during_a_slow_upload_delivers_it_before_exiting(
