@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
-from bot.services.admin import Stats
-from bot.services.dispatcher import QueueEntry
+import re
+
+from discord.utils import escape_markdown, escape_mentions
+
+from bot.services.admin import QueueView, Stats
 from bot.services.studio import HistoryPage, Ticket
 from bot.services.workers import WorkerInfo
 from bot.store.models import Job, JobStatus
+from engine.text import clean_text
 
 BAR_CELLS = 12
+_URL_SCHEME = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*):(//)")
+
+
+def inert(text: str) -> str:
+    """User text as Discord shows it literally: no markdown, no masked or bare links, no mention pills.
+    (The allowed mentions keep it from pinging; this keeps it from looking like a ping or a link.)"""
+    text = escape_mentions(escape_markdown(clean_text(text), ignore_links=False))
+    text = text.replace("<", "<\u200b")  # <@id>, <#channel>, <t:…>, <https://…>: shown, not parsed
+    return _URL_SCHEME.sub("\\1:\u200b\\2", text)  # a zero-width space breaks autolinking
 
 
 def short(prompt: str, limit: int = 80) -> str:
-    prompt = " ".join(prompt.split())
-    return prompt if len(prompt) <= limit else prompt[: limit - 1] + "…"
+    """A prompt shortened to `limit` characters, then made inert (escapes may lengthen it)."""
+    prompt = " ".join(clean_text(prompt).split())
+    return inert(prompt if len(prompt) <= limit else prompt[: limit - 1] + "…")
 
 
 def duration(seconds: float) -> str:
@@ -67,9 +81,18 @@ def footer(job: Job) -> str:
     return f"**{short(request['prompt'], 200)}** — <@{job.user_id}>\n-# " + " · ".join(parts)
 
 
-def final(job: Job) -> str:
+SAFETY_NOTES = {
+    "withhold": "🛡️ The image was withheld: the safety filter flagged it, and this channel is not "
+    "age-restricted.",
+    "spoiler": "🛡️ Flagged by the safety filter: shown as a spoiler.",
+}
+
+
+def final(job: Job, safety_action: str | None = None) -> str:
+    """The result message. `safety_action`: what the delivery did with flagged images, if anything."""
     if job.status == JobStatus.DONE:
-        return footer(job)
+        note = SAFETY_NOTES.get(safety_action or "")
+        return footer(job) + (f"\n{note}" if note else "")
     if job.status == JobStatus.CANCELLED:
         return f"**{short(job.request['prompt'])}**\n🚫 job {job.id} {job.error or 'cancelled'}."
     return f"**{short(job.request['prompt'])}** — <@{job.user_id}>\n❌ job {job.id} failed: {job.error}"
@@ -77,19 +100,21 @@ def final(job: Job) -> str:
 
 def history(page: HistoryPage, whose: str) -> str:
     if not page.jobs:
-        return f"No jobs yet for {whose}."
-    lines = [f"**Jobs of {whose}** (page {page.page}/{page.pages}, {page.total} in all)"]
+        return f"No jobs yet for {inert(whose)}."
+    lines = [f"**Jobs of {inert(whose)}** (page {page.page}/{page.pages}, {page.total} in all)"]
     for job in page.jobs:
         seed = job.request.get("seed")
         lines.append(f"`{job.id:>6}` {job.status.value:<9} seed {seed} · {short(job.request['prompt'], 60)}")
     return "\n".join(lines)
 
 
-def queue(entries: list[QueueEntry], paused: bool) -> str:
-    head = "⏸️ queue paused" if paused else "▶️ queue running"
+def queue(view: QueueView) -> str:
+    head = "⏸️ queue paused" if view.paused else "▶️ queue running"
+    entries = view.entries
+    elsewhere = f" (+{view.elsewhere} from other servers or DMs)" if view.elsewhere else ""
     if not entries:
-        return f"{head}: empty."
-    lines = [f"{head}: {sum(1 for e in entries if e.state == 'waiting')} waiting"]
+        return f"{head}: nothing from this server{elsewhere}."
+    lines = [f"{head}: {sum(1 for e in entries if e.state == 'waiting')} waiting here{elsewhere}"]
     for entry in entries[:20]:
         where = entry.state if entry.state != "waiting" else f"#{entry.position}"
         eta = f" · ETA ~{duration(entry.eta_s)}" if entry.state != "saving" else ""

@@ -8,6 +8,8 @@ from typing import Any
 from PIL.Image import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from engine.text import clean_text
+
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**32 - 1  # A1111/Forge seeds are 32-bit; keeping to that makes recipes portable.
 
@@ -17,7 +19,7 @@ class LoraChoice(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str = Field(min_length=1, max_length=64)
-    weight: float | None = Field(None, ge=-4.0, le=4.0)
+    weight: float | None = Field(None, ge=-4.0, le=4.0, allow_inf_nan=False)
 
 
 class GenerationRequest(BaseModel):
@@ -34,14 +36,15 @@ class GenerationRequest(BaseModel):
     )
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     steps: int | None = Field(None, ge=1, le=200)
-    guidance: float | None = Field(None, ge=0.0, le=30.0)
+    guidance: float | None = Field(None, ge=0.0, le=30.0, allow_inf_nan=False)
     loras: tuple[LoraChoice, ...] = ()
     batch_size: int = Field(1, ge=1, le=16)
 
     @field_validator("prompt")
     @classmethod
     def _prompt_not_blank(cls, value: str) -> str:
-        value = value.strip()
+        # Cleaned before anything stores it: the DB, the PNG chunks and every echo hold inert text.
+        value = clean_text(value).strip()
         if not value:
             raise ValueError("the prompt is empty")
         return value
@@ -72,6 +75,8 @@ class ResolvedRequest(BaseModel):
     loras: tuple[ResolvedLora, ...]
     max_sequence_length: int
     warnings: tuple[str, ...] = ()
+    # The preset or LoRAs marked nsfw ("preset 'x'", "LoRA 'y'"): for the bot's channel rule.
+    nsfw: tuple[str, ...] = ()
 
     @property
     def batch_key(self) -> tuple[Any, ...]:
