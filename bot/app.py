@@ -15,10 +15,12 @@ from sqlalchemy import text
 
 from bot.observability import Metrics
 from bot.services.admin import AdminPolicy, AdminService
+from bot.services.content_policy import BlockedTerms
 from bot.services.dispatcher import JobDispatcher
 from bot.services.events import JobEvents
 from bot.services.execution import Executor
 from bot.services.faults import Faults
+from bot.services.image_safety import ImageClassifier
 from bot.services.local_executor import LocalExecutor
 from bot.services.redis_executor import RedisExecutor
 from bot.services.studio import Studio
@@ -70,12 +72,14 @@ class App:
         return True
 
 
-async def build_app(settings: Settings, events: JobEvents, engine: FluxEngine | None = None) -> App:
+async def build_app(
+    settings: Settings, events: JobEvents, engine: FluxEngine | None = None, metrics: Metrics | None = None
+) -> App:
     """Migrate the database, load the engine (once, off the loop) or reach Redis, restore admin changes."""
     db = Database(settings.resolved_database_url)
     await db.upgrade()
     jobs, admin_store = JobStore(db), AdminStore(db)
-    metrics = Metrics()
+    metrics = metrics or Metrics()
     redis: ArqRedis | None = None
     executor: Executor
     if settings.uses_redis:
@@ -91,6 +95,9 @@ async def build_app(settings: Settings, events: JobEvents, engine: FluxEngine | 
         resolver = engine.resolver
         executor = LocalExecutor(engine)
     files = ImageFiles(settings.data_dir)
+    classifier = None
+    if settings.safety.classifier:
+        classifier = await asyncio.to_thread(ImageClassifier.load, settings.safety)
     dispatcher = JobDispatcher(
         jobs,
         files,
@@ -100,8 +107,10 @@ async def build_app(settings: Settings, events: JobEvents, engine: FluxEngine | 
         Faults(),
         lambda request: resolver.family_of(request.get("preset")),
         settings.delivery,
+        classifier,
     )
-    studio = Studio(resolver, jobs, admin_store, dispatcher, settings.limits, metrics)
+    blocked = BlockedTerms.of(settings.safety.blocked_terms)
+    studio = Studio(resolver, jobs, admin_store, dispatcher, settings.limits, metrics, blocked)
     policy = AdminPolicy(frozenset(settings.admin_user_ids), frozenset(settings.admin_role_ids))
     admin = AdminService(studio, admin_store, policy)
     await admin.load_overrides()

@@ -20,9 +20,11 @@ from bot.commands.buttons import JobButton
 from bot.commands.context import reply_error
 from bot.commands.imagine import COMMANDS, on_reaction
 from bot.delivery import DiscordDelivery
-from bot.observability import serve
+from bot.mentions import NOBODY
+from bot.observability import Metrics, serve
 from bot.services.notices import NoticeThrottle
 from engine.engine import FluxEngine
+from engine.errors import ConfigError
 from fluxbot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,8 @@ def point_at(api_base: str, gateway_url: str) -> None:
 class FluxBot(discord.Client):
     def __init__(self, settings: Settings, engine: FluxEngine | None = None, **options: Any) -> None:
         intents = discord.Intents.default()  # guilds + reactions; no message content needed
-        super().__init__(intents=intents, **options)
+        # Nobody is pinged unless a message names whom (bot/mentions.py): the default of every send.
+        super().__init__(intents=intents, allowed_mentions=NOBODY, **options)
         self.settings = settings
         self._engine = engine
         self.tree = app_commands.CommandTree(self)
@@ -45,20 +48,30 @@ class FluxBot(discord.Client):
         for command in COMMANDS:
             self.tree.add_command(command)
         self.tree.add_command(AdminCommands(settings.admin_permission))
-        self.delivery = DiscordDelivery(settings.data_dir, settings.progress_interval_s)
+        self.delivery = DiscordDelivery(
+            settings.data_dir, settings.progress_interval_s, settings.safety.flagged_action
+        )
         self.reaction_notices = NoticeThrottle(settings.limits.window_s)
         self.app: App | None = None
+        self.metrics = Metrics()
         self.metrics_server: web.AppRunner | None = None
 
     async def setup_hook(self) -> None:
+        # Metrics first: a busy port is refused before minutes of model loading, and /healthz answers
+        # (503, not ready) while the engine loads.
+        if (port := self.settings.metrics_port) is not None:
+            host = self.settings.metrics_host
+            try:
+                self.metrics_server = await serve(self.metrics, self.health, host, port)
+            except OSError as exc:  # not "cannot reach Discord": the CLI's answer for other OSErrors
+                raise ConfigError(
+                    f"metrics_port {port} on {host} is not free ({exc.strerror or exc}); set "
+                    "FLUXBOT_METRICS_PORT to a free port, or leave metrics_port unset to turn it off"
+                ) from exc
         self.delivery.bind(self)
-        self.app = await build_app(self.settings, self.delivery, self._engine)
+        self.app = await build_app(self.settings, self.delivery, self._engine, self.metrics)
         self.add_dynamic_items(JobButton)
         await self.app.start()
-        if self.settings.metrics_port is not None:
-            self.metrics_server = await serve(
-                self.app.metrics, self.health, self.settings.metrics_host, self.settings.metrics_port
-            )
         await self._sync_commands()
 
     async def health(self) -> dict[str, bool]:

@@ -14,6 +14,7 @@ from typing import Any
 import discord
 
 from bot import render
+from bot.mentions import owner_only
 from bot.store.models import Job, JobStatus
 
 log = logging.getLogger(__name__)
@@ -30,9 +31,10 @@ ORIGINAL = "@original"
 class DiscordDelivery:
     """Implements JobEvents. Progress edits are throttled; the final message carries PNGs and buttons."""
 
-    def __init__(self, data_dir: Path, min_interval_s: float) -> None:
+    def __init__(self, data_dir: Path, min_interval_s: float, flagged_action: str = "withhold") -> None:
         self.client: discord.Client | None = None
         self.data_dir = data_dir
+        self.flagged_action = flagged_action  # safety.flagged_action: "withhold" or "spoiler"
         self.min_interval_s = min_interval_s
         self._last_edit: dict[int, float] = {}
         # Recently finished jobs, to drop progress events that arrive after the result (bounded).
@@ -112,7 +114,7 @@ class DiscordDelivery:
         from bot.commands.buttons import result_view
 
         view = result_view(job.id) if job.status == JobStatus.DONE else None
-        text = render.final(job)
+        text = render.final(job, self.flagged_action if job.withheld else None)
         message_id = await self._edit_or_post(job, text, view)
         if message_id is not None and job.status == JobStatus.DONE and job.channel_id:
             await self._client.http.add_reaction(job.channel_id, message_id, REROLL_EMOJI)
@@ -133,26 +135,40 @@ class DiscordDelivery:
         message_id = self._message_id(job)
         try:
             if (target := self._webhook_message(job)) is not None:
-                await self._webhook(job).edit_message(target, content=text)  # type: ignore[arg-type]
+                await self._webhook(job).edit_message(
+                    target,  # type: ignore[arg-type]
+                    content=text,
+                    allowed_mentions=owner_only(job.user_id),
+                )
             elif message_id and job.channel_id:
                 channel = self._client.get_partial_messageable(job.channel_id)
-                await channel.get_partial_message(message_id).edit(content=text)
+                await channel.get_partial_message(message_id).edit(
+                    content=text, allowed_mentions=owner_only(job.user_id)
+                )
         except discord.HTTPException as exc:  # progress is best effort; the result is not
             log.info("job %d: progress edit failed (%s)", job.id, exc.status)
 
     def _files(self, job: Job) -> list[discord.File]:
         """Fresh file objects for each attempt: discord.py closes them after a request, even a failed one."""
-        if job.status != JobStatus.DONE:
+        if job.status != JobStatus.DONE or (job.withheld and self.flagged_action == "withhold"):
             return []
         return [
-            discord.File(self.data_dir / image.path, filename=f"fluxbot-{job.id}-{image.seed}.png")
+            discord.File(
+                self.data_dir / image.path,
+                filename=f"fluxbot-{job.id}-{image.seed}.png",
+                spoiler=job.withheld,  # flagged, action "spoiler": shown blurred until clicked
+            )
             for image in job.images
         ]
 
     async def _edit_or_post(self, job: Job, text: str, view: Any) -> int | None:
         if (target := self._webhook_message(job)) is not None:
             try:
-                kwargs: dict[str, Any] = {"content": text, "attachments": self._files(job)}
+                kwargs: dict[str, Any] = {
+                    "content": text,
+                    "attachments": self._files(job),
+                    "allowed_mentions": owner_only(job.user_id),
+                }
                 if view is not None:
                     kwargs["view"] = view
                 message = await self._webhook(job).edit_message(target, **kwargs)  # type: ignore[arg-type]
@@ -165,7 +181,7 @@ class DiscordDelivery:
         kwargs = {
             "content": text,
             "files": self._files(job),
-            "allowed_mentions": discord.AllowedMentions(users=[discord.Object(job.user_id)]),
+            "allowed_mentions": owner_only(job.user_id),
         }
         if view is not None:
             kwargs["view"] = view

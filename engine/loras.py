@@ -34,6 +34,8 @@ class LoraEntry(BaseModel):
     max_weight: float = Field(1.5, gt=0, le=4.0)
     families: list[Family] = Field(default_factory=lambda: list[Family](["flux1"]))
     description: str = ""
+    # Made for sexual content: the bot serves it only in age-restricted channels and DMs.
+    nsfw: bool = False
 
     @field_validator("name")
     @classmethod

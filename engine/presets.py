@@ -50,6 +50,8 @@ class Preset(BaseModel):
     aspects: list[str] = Field(default_factory=list)
     max_sequence_length: int = Field(512, ge=16, le=512)
     loras: list[PresetLora] = Field(default_factory=list)
+    # Made for sexual content: the bot serves it only in age-restricted channels and DMs.
+    nsfw: bool = False
 
     @model_validator(mode="after")
     def _defaults_within_bounds(self) -> Self:

@@ -84,6 +84,8 @@ class RequestResolver:
             loras=tuple(ResolvedLora(name=e.name, sha256=e.sha256, weight=w) for e, w in loras),
             max_sequence_length=preset.max_sequence_length,
             warnings=tuple(warnings),
+            nsfw=(f"preset {preset.name!r}",) * preset.nsfw
+            + tuple(f"LoRA {entry.name!r}" for entry, _ in loras if entry.nsfw),
         )
 
     def lora_entries(self, resolved: ResolvedRequest) -> list[tuple[LoraEntry, float]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,12 +26,41 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+# Interaction tokens are 15-minute webhook credentials: anyone holding one can post as the bot in that
+# channel. discord.py writes them at DEBUG (gateway events, webhook URLs); so could an exception's text.
+_SECRETS = (
+    (re.compile(r"(/(?:webhooks|interactions)/\d+/)[^/\s?'\"]+"), r"\1[redacted]"),
+    (re.compile(r"""((?:'|")token(?:'|")\s*:\s*(?:'|"))[^'"]+"""), r"\1[redacted]"),
+    (re.compile(r"(\bBot )[A-Za-z0-9_.\-]{20,}"), r"\1[redacted]"),
+)
+
+
+def redact(text: str) -> str:
+    """`text` with interaction/webhook tokens and bot tokens replaced by [redacted]."""
+    for pattern, replacement in _SECRETS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+class RedactingFormatter(logging.Formatter):
+    """Formats with `inner`, then redacts: every line, traceback included, at every level."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(self.inner.format(record))
+
+
 def configure(level: int | str, json_lines: bool) -> None:
     handler = logging.StreamHandler()
-    if json_lines:
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    inner = (
+        JsonFormatter()
+        if json_lines
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    handler.setFormatter(RedactingFormatter(inner))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

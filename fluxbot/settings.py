@@ -81,6 +81,32 @@ class WorkerSettings(BaseModel):
         return self
 
 
+class SafetySettings(BaseModel):
+    """The content policy beside the nsfw flags of presets and LoRAs (see README, Safety and privacy)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    blocked_terms: list[str] = Field(
+        default_factory=list,
+        description="prompts with these words are refused; the starting list, which admins then change "
+        "with /admin blocklist (stored in the database, audited)",
+    )
+    classifier: str | None = Field(
+        None,
+        description="a transformers image-classification model (hub id or folder) that checks every "
+        "image after decoding; unset: off",
+    )
+    threshold: float = Field(0.5, ge=0.0, le=1.0, description="a flagged label scoring at least this flags")
+    flagged_labels: list[str] = Field(
+        default_factory=lambda: ["nsfw", "porn", "hentai", "sexy", "explicit", "unsafe"],
+        description="the classifier's labels (case-insensitive) that count as sexual content",
+    )
+    flagged_action: Literal["withhold", "spoiler"] = Field(
+        "withhold",
+        description="a flagged image outside age-restricted channels: not sent, or sent as a spoiler",
+    )
+
+
 class Settings(BaseSettings):
     """Root of all fluxbot settings. Sections are sub-models so each part sees only its own."""
 
@@ -121,6 +147,7 @@ class Settings(BaseSettings):
     )
     limits: LimitSettings = LimitSettings()
     delivery: DeliverySettings = DeliverySettings()
+    safety: SafetySettings = SafetySettings()
     engine: EngineSettings = EngineSettings()
     workers: WorkerSettings = WorkerSettings()
 

@@ -21,9 +21,16 @@ from aiohttp import MultipartReader, WSMsgType, web
 BOT_ID = 900000000000000001
 APP_ID = 900000000000000002
 GUILD_ID = 800000000000000001
-CHANNEL_ID = 800000000000000002
+CHANNEL_ID = 800000000000000002  # "images": everyone can view it
+PRIVATE_CHANNEL_ID = 800000000000000003  # "mods": hidden from @everyone, open to ADMIN_ROLE
+NSFW_CHANNEL_ID = 800000000000000004  # "after-dark": age-restricted
+OTHER_GUILD_ID = 810000000000000001  # a second server the bot is in
+OTHER_CHANNEL_ID = 810000000000000002
 EVERYONE = GUILD_ID
 ADMIN_ROLE = 777000000000000001  # a role that exists in the fake guild, for admin tests
+# What @everyone may do in both fake guilds: view channels, send, react, read history, use commands.
+MEMBER_PERMISSIONS = (1 << 10) | (1 << 11) | (1 << 6) | (1 << 16) | (1 << 31)
+VIEW_CHANNEL = 1 << 10
 _ids = itertools.count(1_100_000_000_000_000_000)
 
 
@@ -66,6 +73,7 @@ class FakeDiscord:
         self.sockets: list[web.WebSocketResponse] = []
         self.identified = asyncio.Event()
         self.interaction_sent_at: dict[str, float] = {}
+        self.interaction_channels: dict[str, int] = {}  # interaction token -> the channel it came from
         self.attachment_bytes: dict[str, bytes] = {}
         self._seq = 0
         self._changed = asyncio.Condition()
@@ -120,6 +128,7 @@ class FakeDiscord:
                 elif op == 2:
                     await self._dispatch_to(ws, "READY", self._ready())
                     await self._dispatch_to(ws, "GUILD_CREATE", self._guild())
+                    await self._dispatch_to(ws, "GUILD_CREATE", self._other_guild())
                     self.identified.set()
                 elif op == 6:
                     await self._dispatch_to(ws, "RESUMED", {})
@@ -151,7 +160,7 @@ class FakeDiscord:
         return {
             "v": 10,
             "user": user_payload(BOT_ID, "fluxbot", bot=True),
-            "guilds": [{"id": str(GUILD_ID), "unavailable": True}],
+            "guilds": [{"id": str(g), "unavailable": True} for g in (GUILD_ID, OTHER_GUILD_ID)],
             "session_id": "session-1",
             "resume_gateway_url": self.gateway_url,
             "shard": [0, 1],
@@ -186,19 +195,54 @@ class FakeDiscord:
             "voice_states": [],
             "presences": [],
             "members": [],
-            "roles": [_role(EVERYONE, "@everyone", 0), _role(ADMIN_ROLE, "fluxbot-admins", 1)],
-            "channels": [self._channel()],
+            "roles": [
+                _role(EVERYONE, "@everyone", 0, MEMBER_PERMISSIONS),
+                _role(ADMIN_ROLE, "fluxbot-admins", 1),
+            ],
+            "channels": [self._channel(c) for c in (CHANNEL_ID, PRIVATE_CHANNEL_ID, NSFW_CHANNEL_ID)],
         }
 
-    def _channel(self) -> dict[str, Any]:
+    def _other_guild(self) -> dict[str, Any]:
+        guild = self._guild()
+        guild.update(
+            id=str(OTHER_GUILD_ID),
+            name="Other Guild",
+            roles=[_role(OTHER_GUILD_ID, "@everyone", 0, MEMBER_PERMISSIONS)],
+            channels=[self._channel(OTHER_CHANNEL_ID)],
+        )
+        return guild
+
+    @staticmethod
+    def guild_of(channel_id: int) -> int | None:
+        """The fake guild a channel is in; None: a DM channel."""
+        if channel_id in (CHANNEL_ID, PRIVATE_CHANNEL_ID, NSFW_CHANNEL_ID):
+            return GUILD_ID
+        return OTHER_GUILD_ID if channel_id == OTHER_CHANNEL_ID else None
+
+    @staticmethod
+    def dm_channel(user_id: int) -> int:
+        """The DM channel between the bot and a user (any id outside the fake guilds)."""
+        return 700000000000000000 + user_id % 10**15
+
+    def _channel(self, channel_id: int = CHANNEL_ID) -> dict[str, Any]:
+        guild_id = self.guild_of(channel_id)
+        if guild_id is None:
+            return {"id": str(channel_id), "type": 1, "last_message_id": None, "recipients": []}
+        names = {CHANNEL_ID: "images", PRIVATE_CHANNEL_ID: "mods", NSFW_CHANNEL_ID: "after-dark"}
+        overwrites: list[dict[str, Any]] = []
+        if channel_id == PRIVATE_CHANNEL_ID:
+            overwrites = [
+                {"id": str(EVERYONE), "type": 0, "allow": "0", "deny": str(VIEW_CHANNEL)},
+                {"id": str(ADMIN_ROLE), "type": 0, "allow": str(VIEW_CHANNEL), "deny": "0"},
+            ]
         return {
-            "id": str(CHANNEL_ID),
+            "id": str(channel_id),
             "type": 0,
-            "name": "images",
+            "name": names.get(channel_id, "general"),
             "position": 0,
-            "guild_id": str(GUILD_ID),
-            "permission_overwrites": [],
-            "nsfw": False,
+            "guild_id": str(guild_id),
+            "permission_overwrites": overwrites,
+            "nsfw": channel_id == NSFW_CHANNEL_ID,
             "parent_id": None,
         }
 
@@ -217,67 +261,80 @@ class FakeDiscord:
         }
 
     def _interaction(
-        self, kind: int, data: dict[str, Any], member: dict[str, Any], **extra: Any
+        self, kind: int, data: dict[str, Any], member: dict[str, Any], channel_id: int, **extra: Any
     ) -> dict[str, Any]:
         interaction_id = snowflake()
+        guild_id = self.guild_of(channel_id)
+        token = f"token-{interaction_id}"
+        self.interaction_channels[token] = channel_id
+        where: dict[str, Any] = (
+            {"user": member["user"], "context": 1}
+            if guild_id is None
+            else {"guild_id": str(guild_id), "member": member, "context": 0}
+        )
         return {
             "id": interaction_id,
             "application_id": str(APP_ID),
             "type": kind,
             "data": data,
-            "guild_id": str(GUILD_ID),
-            "channel_id": str(CHANNEL_ID),
-            "channel": self._channel(),
-            "member": member,
-            "token": f"token-{interaction_id}",
+            "channel_id": str(channel_id),
+            "channel": self._channel(channel_id),
+            **where,
+            "token": token,
             "version": 1,
             "app_permissions": "2147483647",
             "locale": "en-US",
             "guild_locale": "en-US",
             "entitlements": [],
-            "authorizing_integration_owners": {"0": str(GUILD_ID)},
-            "context": 0,
+            "authorizing_integration_owners": {"0": str(guild_id or GUILD_ID)},
             "attachment_size_limit": 25 * 1024 * 1024,
             **extra,
         }
 
-    async def slash(self, name: str, options: list[dict[str, Any]], member: dict[str, Any]) -> str:
-        """Send a slash command; returns the interaction token."""
+    async def slash(
+        self, name: str, options: list[dict[str, Any]], member: dict[str, Any], channel_id: int = CHANNEL_ID
+    ) -> str:
+        """Send a slash command (in `channel_id`: a guild channel, or a dm_channel); returns its token."""
         command = next((c for c in self.commands if c["name"] == name), None)
-        data = {
+        data: dict[str, Any] = {
             "id": command["id"] if command else snowflake(),
             "name": name,
             "type": 1,
             "options": options,
-            "guild_id": str(GUILD_ID),
         }
-        payload = self._interaction(2, data, member)
+        if (guild_id := self.guild_of(channel_id)) is not None:
+            data["guild_id"] = str(guild_id)
+        payload = self._interaction(2, data, member, channel_id)
         self.interaction_sent_at[payload["token"]] = time.monotonic()
         await self.dispatch("INTERACTION_CREATE", payload)
         return str(payload["token"])
 
     async def click(self, message_id: str, custom_id: str, member: dict[str, Any]) -> str:
+        """Press a button on a message, in the message's channel."""
         data = {"custom_id": custom_id, "component_type": 2}
-        payload = self._interaction(3, data, member, message=self.messages[message_id])
+        message = self.messages[message_id]
+        payload = self._interaction(3, data, member, int(message["channel_id"]), message=message)
         self.interaction_sent_at[payload["token"]] = time.monotonic()
         await self.dispatch("INTERACTION_CREATE", payload)
         return str(payload["token"])
 
     async def react(self, message_id: str, emoji: str, member: dict[str, Any]) -> None:
-        await self.dispatch(
-            "MESSAGE_REACTION_ADD",
-            {
-                "user_id": member["user"]["id"],
-                "channel_id": str(CHANNEL_ID),
-                "message_id": message_id,
-                "guild_id": str(GUILD_ID),
-                "emoji": {"id": None, "name": emoji},
-                "member": member,
-                "burst": False,
-                "type": 0,
-                "message_author_id": str(BOT_ID),
-            },
-        )
+        """React to a message, in the message's channel (no member in a DM, as Discord sends it)."""
+        message = self.messages.get(message_id)
+        channel_id = int(message["channel_id"]) if message else CHANNEL_ID
+        guild_id = self.guild_of(channel_id)
+        event: dict[str, Any] = {
+            "user_id": member["user"]["id"],
+            "channel_id": str(channel_id),
+            "message_id": message_id,
+            "emoji": {"id": None, "name": emoji},
+            "burst": False,
+            "type": 0,
+            "message_author_id": str(BOT_ID),
+        }
+        if guild_id is not None:
+            event.update(guild_id=str(guild_id), member=member)
+        await self.dispatch("MESSAGE_REACTION_ADD", event)
 
     # --- REST ----------------------------------------------------------------------------------
     async def _rest(self, request: web.Request) -> web.Response:
@@ -383,7 +440,9 @@ class FakeDiscord:
         data = body.get("data") or {}
         resource: dict[str, Any] = {"type": kind}
         if kind in (4, 5, 7):
-            message = self._new_message(data, files, ephemeral=bool(data.get("flags", 0) & 64))
+            ephemeral = bool(data.get("flags", 0) & 64)
+            channel_id = self.interaction_channels.get(token)
+            message = self._new_message(data, files, ephemeral=ephemeral, channel_id=channel_id)
             self.originals[token] = message["id"]
             resource["message"] = message
         return _json(
@@ -428,18 +487,33 @@ class FakeDiscord:
         return web.Response(status=204)
 
     def _followup(self, path: str, body: Any, files: list[tuple[str, bytes]]) -> web.Response:
-        return _json(self._new_message(body or {}, files, ephemeral=bool((body or {}).get("flags", 0) & 64)))
+        token = path.strip("/").split("/")[2]
+        return _json(
+            self._new_message(
+                body or {},
+                files,
+                ephemeral=bool((body or {}).get("flags", 0) & 64),
+                channel_id=self.interaction_channels.get(token),
+            )
+        )
 
     def _channel_message(self, path: str, body: Any, files: list[tuple[str, bytes]]) -> web.Response:
-        return _json(self._new_message(body or {}, files, ephemeral=False))
+        channel_id = int(path.strip("/").split("/")[1])
+        return _json(self._new_message(body or {}, files, ephemeral=False, channel_id=channel_id))
 
     def _new_message(
-        self, data: dict[str, Any], files: list[tuple[str, bytes]], ephemeral: bool
+        self,
+        data: dict[str, Any],
+        files: list[tuple[str, bytes]],
+        ephemeral: bool,
+        channel_id: int | None = None,
     ) -> dict[str, Any]:
+        channel_id = channel_id or CHANNEL_ID
+        guild_id = self.guild_of(channel_id)
         message = {
             "id": snowflake(),
-            "channel_id": str(CHANNEL_ID),
-            "guild_id": str(GUILD_ID),
+            "channel_id": str(channel_id),
+            **({"guild_id": str(guild_id)} if guild_id is not None else {}),
             "author": user_payload(BOT_ID, "fluxbot", bot=True),
             "content": "",
             "timestamp": _now(),
@@ -521,11 +595,11 @@ async def _read_body(request: web.Request) -> tuple[Any, list[tuple[str, bytes]]
     return (json.loads(raw) if raw else None), []
 
 
-def _role(role_id: int, name: str, position: int) -> dict[str, Any]:
+def _role(role_id: int, name: str, position: int, permissions: int = 0) -> dict[str, Any]:
     return {
         "id": str(role_id),
         "name": name,
-        "permissions": "0",
+        "permissions": str(permissions),
         "position": position,
         "color": 0,
         "hoist": False,

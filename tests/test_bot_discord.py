@@ -86,14 +86,8 @@ async def test_reroll_reaction_makes_a_new_job_for_the_reacting_user(harness: Ha
     recipe = read_recipe(png_of(fake, posted[0]))
     assert recipe.prompt == "a blue owl" and recipe.seed != 3
     assert f"<@{BOB}>" in posted[0]["content"]
-    jobs, _ = await harness.app.jobs.history(BOB, fake_guild(), 1, 10)
+    jobs, _ = await harness.app.jobs.history(BOB, 1, 10)
     assert jobs and jobs[0].kind.value == "reroll"
-
-
-def fake_guild() -> int:
-    from tests.fake_discord import GUILD_ID
-
-    return GUILD_ID
 
 
 async def test_buttons_work_after_a_bot_restart(harness: Harness) -> None:
@@ -233,8 +227,10 @@ async def test_admin_change_by_role_is_persisted_and_audited(harness: Harness) -
 
     token = await fake.slash("admin", [sub], fake.member(BOB, "bob", roles=[ADMIN_ROLE]))
 
-    reply = await fake.wait_for(lambda: fake.response_to(token))
-    assert "steps = 7" in reply["data"]["content"]
+    ack = await fake.wait_for(lambda: fake.response_to(token))
+    reply = await fake.wait_for(lambda: (m := fake.original(token)) and m["content"] and m)
+    assert ack["type"] == 5 and ack["data"]["flags"] & 64  # private "thinking…" before the work
+    assert "steps = 7" in reply["content"] and reply["flags"] & 64
     assert (await harness.app.admin.store.setting("preset:dev"))["steps"] == 7
     audit = await harness.app.admin.store.audit()
     assert audit[0].action == "preset.set" and audit[0].actor_id == BOB

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +24,15 @@ from tests.bot_support import RecordingEvents, make_app, make_settings, until
 
 pytestmark = pytest.mark.usefixtures("database_backend")  # on SQLite and on PostgreSQL
 
-ALICE = Requester(user_id=11, user_name="alice", guild_id=500, channel_id=600)
-BOB = Requester(user_id=22, user_name="bob", guild_id=500, channel_id=600)
-ADMIN = Requester(user_id=1, user_name="admin", guild_id=500, channel_id=600)
+
+def in_channel_600(channel_id: int) -> bool:
+    """What Discord's permissions say for these members: they can view channel 600 of guild 500."""
+    return channel_id == 600
+
+
+ALICE = Requester(user_id=11, user_name="alice", guild_id=500, channel_id=600, can_view=in_channel_600)
+BOB = Requester(user_id=22, user_name="bob", guild_id=500, channel_id=600, can_view=in_channel_600)
+ADMIN = Requester(user_id=1, user_name="admin", guild_id=500, channel_id=600, can_view=in_channel_600)
 
 
 @pytest.fixture
@@ -215,6 +222,7 @@ async def test_rerun_gives_identical_pixels_and_reroll_a_new_seed(app: tuple[App
 
 async def test_variations_use_the_next_seeds(app: tuple[App, RecordingEvents]) -> None:
     original = await app[0].studio.imagine(ALICE, GenerationRequest(prompt="an owl", seed=40))
+    await app[0].jobs.set_message(original.job_id, 9001)  # its message is in channel 600, BOB's too
     ticket = await app[0].studio.variations(BOB, original.job_id)
     await app[0].start()
     await app[0].queue.wait_idle(60)
@@ -223,23 +231,33 @@ async def test_variations_use_the_next_seeds(app: tuple[App, RecordingEvents]) -
     assert job is not None and [img.seed for img in job.images] == [41, 42, 43, 44]
 
 
-async def test_history_is_paged_and_per_guild(app: tuple[App, RecordingEvents]) -> None:
-    studio = app[0].studio
+async def test_history_is_paged_and_shows_others_only_what_they_can_see(
+    app: tuple[App, RecordingEvents],
+) -> None:
+    studio, jobs = app[0].studio, app[0].jobs
     app[0].studio.set_limits(LimitSettings(jobs_per_window=100, window_s=60, max_queued_per_user=20))
+    app[0].queue.pause()
     for i in range(12):
-        await studio.imagine(ALICE, GenerationRequest(prompt=f"cat {i}"))
-    await studio.imagine(
-        Requester(user_id=ALICE.user_id, guild_id=999), GenerationRequest(prompt="elsewhere")
-    )
+        ticket = await studio.imagine(ALICE, GenerationRequest(prompt=f"cat {i}"))
+        if i < 3:  # posted in channel 600, which Bob can view; the rest never reached a channel
+            await jobs.set_message(ticket.job_id, 9000 + i)
+    hidden = await studio.imagine(replace(ALICE, channel_id=601), GenerationRequest(prompt="in 601"))
+    await jobs.set_message(hidden.job_id, 9100)  # posted where Bob cannot look
+    await studio.imagine(replace(ALICE, guild_id=999), GenerationRequest(prompt="elsewhere"))
+    await studio.imagine(replace(ALICE, guild_id=None, channel_id=700), GenerationRequest(prompt="a DM"))
 
-    first = await studio.history(ALICE.user_id, ALICE.guild_id, 1)
-    second = await studio.history(ALICE.user_id, ALICE.guild_id, 2)
+    first = await studio.history(ALICE, ALICE.user_id, 1)
+    second = await studio.history(ALICE, ALICE.user_id, 2)
+    bob = BOB
+    seen_by_bob = await studio.history(bob, ALICE.user_id, 1)
+    seen_from_a_dm = await studio.history(replace(bob, guild_id=None), ALICE.user_id, 1)
 
-    assert (first.total, first.pages, len(first.jobs), len(second.jobs)) == (12, 2, 10, 2)
-    assert first.jobs[0].request["prompt"] == "cat 11"
-    assert all(j.guild_id == ALICE.guild_id for j in first.jobs + second.jobs)
+    assert (first.total, first.pages, len(first.jobs), len(second.jobs)) == (15, 2, 10, 5)
+    assert first.jobs[0].request["prompt"] == "a DM"  # the owner sees all of their own
+    assert [j.request["prompt"] for j in seen_by_bob.jobs] == ["cat 2", "cat 1", "cat 0"]
+    assert seen_from_a_dm.total == 0
     with pytest.raises(UserError, match="only 2 pages"):
-        await studio.history(ALICE.user_id, ALICE.guild_id, 5)
+        await studio.history(ALICE, ALICE.user_id, 5)
 
 
 @pytest.mark.parametrize(
@@ -262,6 +280,7 @@ async def test_bad_options_become_user_errors(
 async def test_banned_user_is_refused_everywhere(app: tuple[App, RecordingEvents]) -> None:
     the_app = app[0]
     original = await the_app.studio.imagine(BOB, GenerationRequest(prompt="a dog"))
+    await the_app.jobs.set_message(original.job_id, 9001)  # posted in channel 600: ALICE could see it
     await the_app.admin.ban(ADMIN, ALICE.user_id, "spam")
 
     for attempt in (

@@ -11,6 +11,7 @@ from discord import app_commands
 from bot import render
 from bot.commands.context import reply_error, requester, role_ids
 from bot.commands.imagine import lora_autocomplete, preset_autocomplete
+from bot.mentions import NOBODY
 from bot.services.admin import AdminService
 from bot.services.errors import UserError
 from bot.services.studio import Requester
@@ -23,16 +24,24 @@ async def _run(
     who = requester(interaction, with_token=False)
     try:
         service.require(who, role_ids(interaction))
-        text = await action(service, who)
     except UserError as exc:
         await reply_error(interaction, exc)
         return
-    await interaction.response.send_message(text[:1990], ephemeral=True)
+    # Answered first ("thinking…", private), then the work: it may wait on a busy store or on a job's
+    # delivery, and Discord drops an interaction left unanswered for 3 s.
+    await interaction.response.defer(ephemeral=True, thinking=True)
+    try:
+        text = await action(service, who)
+    except UserError as exc:
+        text = str(exc)
+    await interaction.edit_original_response(content=text[:1990], allowed_mentions=NOBODY)
 
 
 class AdminCommands(app_commands.Group):
     """The /admin group. Discord hides it from members without `permission`; every command checks again
     on the server against the configured admin users and roles."""
+
+    blocklist = app_commands.Group(name="blocklist", description="Terms that prompts may not contain")
 
     def __init__(self, permission: str) -> None:
         super().__init__(
@@ -176,7 +185,7 @@ class AdminCommands(app_commands.Group):
     @app_commands.command(name="queue", description="Show the queue")
     async def queue(self, interaction: discord.Interaction) -> None:
         async def show(service: AdminService, who: Requester) -> str:
-            return render.queue(service.queue(), service.studio.queue.paused)
+            return render.queue(service.queue(who))
 
         await _run(interaction, show)
 
@@ -210,3 +219,30 @@ class AdminCommands(app_commands.Group):
             return "Queue resumed."
 
         await _run(interaction, do)
+
+    @blocklist.command(name="add", description="Refuse prompts containing this word or phrase")
+    @app_commands.describe(term="A word or phrase; spacing, case, accents and leetspeak are undone")
+    async def blocklist_add(self, interaction: discord.Interaction, term: str) -> None:
+        async def do(service: AdminService, who: Requester) -> str:
+            stored = await service.block_term(who, term)
+            return f"Blocked: {render.inert(stored)}"
+
+        await _run(interaction, do)
+
+    @blocklist.command(name="remove", description="Allow a blocked term again")
+    async def blocklist_remove(self, interaction: discord.Interaction, term: str) -> None:
+        async def do(service: AdminService, who: Requester) -> str:
+            removed = await service.unblock_term(who, term)
+            return f"No longer blocked: {render.inert(removed)}"
+
+        await _run(interaction, do)
+
+    @blocklist.command(name="list", description="Show the blocked terms")
+    async def blocklist_list(self, interaction: discord.Interaction) -> None:
+        async def show(service: AdminService, who: Requester) -> str:
+            terms = service.blocked_terms()
+            if not terms:
+                return "No blocked terms."
+            return f"**{len(terms)} blocked terms:** " + ", ".join(render.inert(t) for t in terms)
+
+        await _run(interaction, show)

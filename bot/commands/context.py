@@ -6,8 +6,10 @@ import logging
 
 import discord
 
+from bot.mentions import NOBODY
 from bot.services.errors import UserError
 from bot.services.studio import Requester
+from bot.services.visibility import ChannelCheck, no_channel
 
 log = logging.getLogger(__name__)
 GENERIC_ERROR = "Sorry, something went wrong on our side. It has been logged."
@@ -23,7 +25,32 @@ def requester(interaction: discord.Interaction, with_token: bool = True) -> Requ
         application_id=interaction.application_id if with_token else None,
         interaction_id=interaction.id if with_token else None,
         interaction_token=interaction.token if with_token else None,
+        can_view=channel_check(interaction.guild, user),
+        age_restricted=age_restricted(interaction.channel, interaction.guild_id),
     )
+
+
+def channel_check(guild: discord.Guild | None, user: discord.abc.User | None) -> ChannelCheck:
+    """Whether `user` can view a channel (or thread) of `guild` now, from discord.py's cache of the
+    guild's roles and permission overwrites. A channel the cache does not know is not viewable."""
+    if guild is None or not isinstance(user, discord.Member):
+        return no_channel
+    member = user
+
+    def can_view(channel_id: int) -> bool:
+        channel = guild.get_channel_or_thread(channel_id)
+        return channel is not None and channel.permissions_for(member).view_channel
+
+    return can_view
+
+
+def age_restricted(channel: object, guild_id: int | None) -> bool:
+    """Discord's rule for bots: sexual content only in age-restricted channels (threads follow their
+    parent). A DM is the user's own: allowed."""
+    if guild_id is None:
+        return True
+    is_nsfw = getattr(channel, "is_nsfw", None)
+    return bool(is_nsfw()) if callable(is_nsfw) else False
 
 
 def role_ids(interaction: discord.Interaction) -> list[int]:
@@ -38,8 +65,8 @@ async def reply_error(interaction: discord.Interaction, error: Exception) -> Non
         log.error("interaction %s failed", interaction.id, exc_info=error)
     try:
         if interaction.response.is_done():
-            await interaction.followup.send(text, ephemeral=True)
+            await interaction.followup.send(text, ephemeral=True, allowed_mentions=NOBODY)
         else:
-            await interaction.response.send_message(text, ephemeral=True)
+            await interaction.response.send_message(text, ephemeral=True, allowed_mentions=NOBODY)
     except discord.HTTPException:
         log.warning("could not send the error for interaction %s", interaction.id)

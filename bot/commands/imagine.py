@@ -10,12 +10,12 @@ import discord
 from discord import app_commands
 
 from bot import render
-from bot.commands.context import reply_error
+from bot.commands.context import age_restricted, channel_check, reply_error, requester
 from bot.commands.submit import submit
 from bot.delivery import REROLL_EMOJI
+from bot.mentions import NOBODY, owner_only
 from bot.services.errors import UserError
 from bot.services.studio import Requester, Studio
-from engine.api import LoraChoice
 
 log = logging.getLogger(__name__)
 SIZES = ["1024x1024", "1:1", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16", "1216x832", "832x1216"]
@@ -73,7 +73,8 @@ async def imagine(
     lora_weight: float | None = None,
 ) -> None:
     studio = _studio(interaction)
-    loras = (LoraChoice(name=lora[:64], weight=lora_weight),) if lora else None
+    # As plain data: validate() checks the weight (10, NaN) and names the option in its answer.
+    loras = ({"name": lora[:64], "weight": lora_weight},) if lora else None
     try:
         request = studio.validate(
             prompt=prompt, preset=preset, size=size, seed=seed, steps=steps, guidance=guidance, loras=loras
@@ -98,11 +99,13 @@ async def rerun(interaction: discord.Interaction, job_id: int, seed: int | None 
 async def history(interaction: discord.Interaction, user: discord.User | None = None, page: int = 1) -> None:
     target = user or interaction.user
     try:
-        result = await _studio(interaction).history(target.id, interaction.guild_id, page)
+        result = await _studio(interaction).history(requester(interaction, with_token=False), target.id, page)
     except UserError as exc:
         await reply_error(interaction, exc)
         return
-    await interaction.response.send_message(render.history(result, target.display_name), ephemeral=True)
+    await interaction.response.send_message(
+        render.history(result, target.display_name), ephemeral=True, allowed_mentions=NOBODY
+    )
 
 
 async def on_reaction(client: discord.Client, payload: discord.RawReactionActionEvent) -> None:
@@ -111,16 +114,19 @@ async def on_reaction(client: discord.Client, payload: discord.RawReactionAction
         return
     studio: Studio = client.app.studio  # type: ignore[attr-defined]
     delivery = client.delivery  # type: ignore[attr-defined]
-    job = await studio.jobs.by_message(payload.message_id)
-    if job is None:
-        return
     member = payload.member
+    guild = client.get_guild(payload.guild_id) if payload.guild_id is not None else None
     who = Requester(
         user_id=payload.user_id,
         user_name=member.name if member else "",
         guild_id=payload.guild_id,
         channel_id=payload.channel_id,
+        can_view=channel_check(guild, member),
+        age_restricted=age_restricted(client.get_channel(payload.channel_id), payload.guild_id),
     )
+    job = await studio.job_on_message(who, payload.message_id)
+    if job is None:
+        return
     channel = client.get_partial_messageable(payload.channel_id)
     held: list[int] = []
 
@@ -137,7 +143,7 @@ async def on_reaction(client: discord.Client, payload: discord.RawReactionAction
     try:
         message = await channel.send(
             f"<@{payload.user_id}> 🔁 {render.queued(ticket.prompt, ticket)}",
-            allowed_mentions=_only(payload.user_id),
+            allowed_mentions=owner_only(payload.user_id),
         )
         message_id = message.id
         await studio.jobs.set_message(ticket.job_id, message.id)
@@ -157,11 +163,7 @@ async def _refuse_reaction(
             payload.emoji, discord.Object(payload.user_id)
         )
     if client.reaction_notices.allow(payload.user_id):  # type: ignore[attr-defined]
-        await channel.send(f"<@{payload.user_id}> {exc}", allowed_mentions=_only(payload.user_id))
-
-
-def _only(user_id: int) -> discord.AllowedMentions:
-    return discord.AllowedMentions(users=[discord.Object(user_id)], roles=False, everyone=False)
+        await channel.send(f"<@{payload.user_id}> {exc}", allowed_mentions=owner_only(payload.user_id))
 
 
 COMMANDS: list[app_commands.Command[Any, Any, None]] = [imagine, rerun, history]

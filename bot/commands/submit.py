@@ -17,6 +17,7 @@ import discord
 
 from bot import render
 from bot.commands.context import reply_error, requester
+from bot.mentions import NOBODY
 from bot.services.studio import OnStored, Requester, Ticket
 from bot.store.database import is_store_fault
 
@@ -41,13 +42,13 @@ async def submit(interaction: discord.Interaction, create: Create) -> None:
     try:
         done, _ = await asyncio.wait({admission}, timeout=ANSWER_WITHIN_S)
         if not done:
-            await interaction.response.send_message(render.saving())
+            await interaction.response.send_message(render.saving(), allowed_mentions=NOBODY)
         ticket = await admission
         text = render.queued(ticket.prompt, ticket)
         if interaction.response.is_done():
-            message_id = (await interaction.edit_original_response(content=text)).id
+            message_id = (await interaction.edit_original_response(content=text, allowed_mentions=NOBODY)).id
         else:
-            callback = await interaction.response.send_message(text)
+            callback = await interaction.response.send_message(text, allowed_mentions=NOBODY)
             message_id = callback.message_id or (await interaction.original_response()).id
         await _remember(client, ticket.job_id, message_id)
     except Exception as exc:

@@ -11,9 +11,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from bot.services.content_policy import BlockedTerms, normalize_term
 from bot.services.dispatcher import QueueEntry
 from bot.services.errors import NotAllowed, NotFound, UserError
 from bot.services.studio import Requester, Studio
+from bot.services.visibility import may_moderate
 from bot.services.workers import WorkerInfo
 from bot.store.admin import AdminStore
 from engine.errors import EngineError, first_problem
@@ -24,6 +26,7 @@ from fluxbot.settings import LimitSettings
 PRESET_KEY = "preset:"
 LORA_KEY = "lora:"
 LIMITS_KEY = "limits"
+BLOCKLIST_KEY = "blocklist"
 QUEUE_KEY = "queue"
 
 
@@ -35,6 +38,13 @@ class Stats:
     queued: int
     running: int  # jobs running now (one per busy worker)
     uptime_s: float
+
+
+@dataclass(frozen=True)
+class QueueView:
+    entries: list[QueueEntry]  # this guild's jobs, in queue order
+    elsewhere: int  # jobs of other guilds and DMs, counted only
+    paused: bool
 
 
 @dataclass(frozen=True)
@@ -73,6 +83,9 @@ class AdminService:
         limits = await self.store.setting(LIMITS_KEY)
         if limits:
             self.studio.set_limits(LimitSettings.model_validate(limits))
+        blocklist = await self.store.setting(BLOCKLIST_KEY)
+        if blocklist is not None:
+            self.studio.set_blocked(BlockedTerms(tuple(blocklist.get("terms", ()))))
         queue = await self.store.setting(QUEUE_KEY)
         if queue and queue.get("paused"):
             self.studio.queue.pause()
@@ -138,6 +151,37 @@ class AdminService:
         self.studio.set_limits(limits)
         return limits
 
+    # blocked terms
+    def blocked_terms(self) -> tuple[str, ...]:
+        return self.studio.blocked.terms
+
+    async def block_term(self, who: Requester, term: str) -> str:
+        """Add a term (stored as normalized words: what it matches); returns it as stored."""
+        normalized = normalize_term(term)
+        if not normalized or len(normalized) > 100:
+            raise UserError("A blocked term needs letters or digits (at most 100 characters).")
+        if normalized in self.studio.blocked.terms:
+            raise UserError(f"{normalized!r} is already blocked.")
+        await self._store_blocked(who, self.studio.blocked.with_term(normalized), "blocklist.add", normalized)
+        return normalized
+
+    async def unblock_term(self, who: Requester, term: str) -> str:
+        normalized = normalize_term(term)
+        if normalized not in self.studio.blocked.terms:
+            raise NotFound(f"{normalized or term!r} is not on the blocklist.")
+        await self._store_blocked(
+            who, self.studio.blocked.without(normalized), "blocklist.remove", normalized
+        )
+        return normalized
+
+    async def _store_blocked(self, who: Requester, blocked: BlockedTerms, action: str, term: str) -> None:
+        # The whole list is the stored value (the audit entry keeps before and after); the change applies
+        # only once it is committed.
+        await self.store.put_setting(
+            BLOCKLIST_KEY, {"terms": list(blocked.terms), "changed": term}, who.user_id, who.guild_id, action
+        )
+        self.studio.set_blocked(blocked)
+
     async def ban(self, who: Requester, user_id: int, reason: str | None) -> None:
         if user_id == who.user_id:
             raise UserError("You can't ban yourself.")
@@ -169,8 +213,12 @@ class AdminService:
         )
 
     # queue
-    def queue(self) -> list[QueueEntry]:
-        return self.studio.queue.snapshot()
+    def queue(self, who: Requester) -> QueueView:
+        """The queue as an admin of this guild sees it: its own jobs listed, the rest only counted
+        (the visibility rule: another guild's or a DM's jobs are not theirs to see)."""
+        entries = self.studio.queue.snapshot()
+        mine = [entry for entry in entries if may_moderate(entry.guild_id, who)]
+        return QueueView(mine, len(entries) - len(mine), self.studio.queue.paused)
 
     async def workers(self) -> list[WorkerInfo]:
         """The engines serving the queue: the in-process one, or each `fluxbot worker` that is up."""

@@ -26,6 +26,7 @@ from bot.services.events import JobEvents
 from bot.services.execution import Artifact, CannotRun, Executor, ImageMissing, Outcome
 from bot.services.fair_queue import FairQueue
 from bot.services.faults import Faults, Stopping, is_disk_fault
+from bot.services.image_safety import ImageClassifier
 from bot.services.workers import WorkerInfo
 from bot.store.files import ImageFiles
 from bot.store.jobs import JobStore, StoredImage
@@ -45,6 +46,7 @@ class Waiting:
     steps: int
     pixels: int
     family: str
+    guild_id: int | None = None  # where it was asked (None: a DM); admin views show their guild's
 
 
 @dataclass
@@ -70,6 +72,7 @@ class QueueEntry:
     user_id: int
     eta_s: float
     state: Literal["running", "saving", "waiting"] = "waiting"
+    guild_id: int | None = None
 
 
 class JobDispatcher:
@@ -83,8 +86,10 @@ class JobDispatcher:
         faults: Faults,
         family_of: Callable[[dict[str, Any]], str],
         delivery: DeliverySettings,
+        classifier: ImageClassifier | None = None,
     ) -> None:
         self.store = store
+        self.classifier = classifier  # the optional image safety check, between storing and delivery
         self.files = files
         self.executor = executor
         self.events = events
@@ -97,7 +102,7 @@ class JobDispatcher:
         self.paused = False  # by an admin; AdminService keeps it across restarts
         self.running: dict[int, Running] = {}
         self._waiting: dict[int, Waiting] = {}  # every job in `fair`
-        self._recording: dict[int, int] = {}  # job id -> user id: outcome being saved
+        self._recording: dict[int, Waiting | None] = {}  # outcome being saved
         self._handing_out: tuple[int, Waiting] | None = None
         self._cancel_on_start: dict[int, str] = {}
         self._draining = False
@@ -199,7 +204,7 @@ class JobDispatcher:
 
     def _describe(self, job: Job) -> Waiting:
         steps, pixels = job_cost(job.request)
-        return Waiting(job.user_id, steps, pixels, self.family_of(job.request))
+        return Waiting(job.user_id, steps, pixels, self.family_of(job.request), job.guild_id)
 
     def _estimate(self, waiting: Waiting) -> float:
         return self.clock.estimate(waiting.steps, waiting.pixels)
@@ -223,8 +228,14 @@ class JobDispatcher:
         handed to an engine that has not begun them yet (the next one waits beside the current one)
         stand first in line, not as running."""
         drawing = [r for r in self.running.values() if r.started is not None]
-        entries = [QueueEntry(0, r.job.id, r.job.user_id, r.remaining_s(), "running") for r in drawing]
-        entries += [QueueEntry(0, j, user, 0.0, "saving") for j, user in self._recording.items()]
+        entries = [
+            QueueEntry(0, r.job.id, r.job.user_id, r.remaining_s(), "running", r.job.guild_id)
+            for r in drawing
+        ]
+        entries += [
+            QueueEntry(0, j, w.user_id if w else 0, 0.0, "saving", w.guild_id if w else None)
+            for j, w in self._recording.items()
+        ]
         line = [(r.job.id, r.waiting) for r in self.running.values() if r.started is None]
         line += [self._handing_out] if self._handing_out is not None else []
         line += [(job_id, self._waiting[job_id]) for job_id in self.fair.order()]
@@ -234,7 +245,7 @@ class JobDispatcher:
             [self._estimate(waiting) for _, waiting in line],
         )
         entries += [
-            QueueEntry(position, job_id, waiting.user_id, eta)
+            QueueEntry(position, job_id, waiting.user_id, eta, guild_id=waiting.guild_id)
             for position, ((job_id, waiting), eta) in enumerate(zip(line, finish, strict=True), start=1)
         ]
         return entries
@@ -386,8 +397,7 @@ class JobDispatcher:
     async def finished(self, job_id: int, outcome: Outcome) -> None:
         running = self.running.pop(job_id, None)
         self._wake.set()
-        user_id = running.job.user_id if running is not None else 0
-        self._recording[job_id] = user_id
+        self._recording[job_id] = running.waiting if running is not None else None
         self._changed()
         try:
             await self._record(job_id, running, outcome)
@@ -414,6 +424,7 @@ class JobDispatcher:
             return
         status, error = JobStatus.FAILED, outcome.error
         stored: list[StoredImage] = []
+        safety: dict[str, Any] | None = None
         if outcome.kind == "cancelled":
             by = running.cancelled_by if running is not None and running.cancelled_by else "an admin"
             status, error = JobStatus.CANCELLED, f"cancelled by {by}"
@@ -421,6 +432,7 @@ class JobDispatcher:
             try:
                 stored = await self._save_images(job_id, outcome.images)
                 status = JobStatus.DONE
+                safety = await self._check_images(stored)
             except ImageMissing as exc:
                 error = str(exc)
         job = await self.faults.persist(
@@ -431,6 +443,7 @@ class JobDispatcher:
                 timings=outcome.timings or None,
                 error=error,
                 worker=outcome.worker,
+                safety=safety,
             )
         )
         if job is None:
@@ -449,6 +462,26 @@ class JobDispatcher:
         saved = await self.faults.persist(write, kind="images", is_fault=is_disk_fault, max_s=10.0)
         self._wake.set()  # the folder works (again): launches may go on
         return saved
+
+    async def _check_images(self, stored: Sequence[StoredImage]) -> dict[str, Any] | None:
+        """The classifier's verdict (in a thread: torch), or None when none is configured."""
+        classifier = self.classifier
+        if classifier is None or not stored:
+            return None
+
+        def check() -> dict[str, Any]:
+            try:
+                pngs = [self.files.read(image.path) for image in stored]
+            except OSError as exc:  # unchecked is flagged, as in ImageClassifier.verdict
+                return {
+                    "flagged": True,
+                    "classifier": classifier.source,
+                    "error": str(exc)[:200],
+                    "images": [],
+                }
+            return classifier.verdict(pngs)
+
+        return await asyncio.to_thread(check)
 
     def _count(self, job: Job) -> None:
         """The outcome log line and metrics, once per job, whichever executor ran it."""

@@ -6,14 +6,16 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
 from bot.observability import Metrics
 from bot.services.admissions import GroupAdmission
+from bot.services.content_policy import BlockedTerms
 from bot.services.dispatcher import JobDispatcher
 from bot.services.errors import LimitReached, NotAllowed, NotFound, StoreBusy, UserError
+from bot.services.visibility import ChannelCheck, may_moderate, may_see, no_channel
 from bot.store.admin import AdminStore
 from bot.store.database import is_store_fault
 from bot.store.jobs import Admission, JobStore, NewJob, Quota
@@ -44,6 +46,9 @@ class Requester:
     interaction_token: str | None = None
     message_id: int | None = None  # the message that will show progress and the result
     is_admin: bool = False
+    # Which channels of guild_id they can view now (Discord's permissions): see services/visibility.
+    can_view: ChannelCheck = field(default=no_channel, compare=False)
+    age_restricted: bool = False  # asked in an age-restricted channel or a DM (the nsfw rule)
 
 
 @dataclass(frozen=True)
@@ -73,8 +78,10 @@ class Studio:
         queue: JobDispatcher,
         limits: LimitSettings,
         metrics: Metrics,
+        blocked: BlockedTerms | None = None,
     ) -> None:
         self.metrics = metrics
+        self.blocked = blocked or BlockedTerms()
         self.resolver = resolver
         self.jobs = jobs
         self.admissions = GroupAdmission(jobs)
@@ -85,6 +92,9 @@ class Studio:
 
     def set_limits(self, limits: LimitSettings) -> None:
         self.limits = limits
+
+    def set_blocked(self, blocked: BlockedTerms) -> None:
+        self.blocked = blocked
 
     def validate(self, **fields: object) -> GenerationRequest:
         """Build a request from command options; a bad option becomes a UserError naming it."""
@@ -117,6 +127,15 @@ class Studio:
         except RequestError as exc:
             self.metrics.rejections.labels("validation").inc()
             raise UserError(str(exc)) from exc
+        if (term := self.blocked.find(request.prompt)) is not None:
+            self.metrics.rejections.labels("policy").inc()
+            raise NotAllowed(f"Your prompt contains a term that is blocked here ({term!r}). Rephrase it.")
+        if resolved.nsfw and not who.age_restricted:
+            self.metrics.rejections.labels("policy").inc()
+            raise NotAllowed(
+                f"The {' and the '.join(resolved.nsfw)} can only be used in age-restricted channels "
+                "(or in a DM with fluxbot)."
+            )
         # Everything that decides the pixels is pinned, so /rerun repeats the image even after
         # an admin changes a preset's defaults.
         pinned = request.model_copy(
@@ -145,6 +164,7 @@ class Studio:
             interaction_id=who.interaction_id,
             interaction_token=who.interaction_token,
             result_message_id=who.message_id,
+            age_restricted=who.age_restricted,
         )
         try:
             admission = await self.admissions.admit(new, self._quota())
@@ -193,7 +213,7 @@ class Studio:
 
     async def reroll(self, who: Requester, job_id: int, on_stored: OnStored | None = None) -> Ticket:
         """Same recipe, new seed, as a new job of whoever asked."""
-        parent = await self._job(job_id)
+        parent = await self._job(job_id, who)
         request = GenerationRequest.model_validate(parent.request).model_copy(update={"seed": None})
         return await self.imagine(who, request, JobKind.REROLL, parent.id, on_stored)
 
@@ -201,7 +221,7 @@ class Studio:
         self, who: Requester, job_id: int, seed: int | None = None, on_stored: OnStored | None = None
     ) -> Ticket:
         """The stored job again; without a seed it is the identical image."""
-        parent = await self._job(job_id)
+        parent = await self._job(job_id, who)
         if seed is not None and not 0 <= seed <= MAX_SEED:
             raise UserError(f"seed must be between 0 and {MAX_SEED}")
         request = GenerationRequest.model_validate(parent.request)
@@ -211,35 +231,59 @@ class Studio:
 
     async def variations(self, who: Requester, job_id: int, on_stored: OnStored | None = None) -> Ticket:
         """A batch of images from the seeds right after the original's."""
-        parent = await self._job(job_id)
+        parent = await self._job(job_id, who)
         request = GenerationRequest.model_validate(parent.request)
         seed = ((request.seed or 0) + 1) % (MAX_SEED + 1)
         batch = min(VARIATIONS, self.resolver.max_batch_size)
         variation = request.model_copy(update={"seed": seed, "batch_size": batch})
         return await self.imagine(who, variation, JobKind.VARIATION, parent.id, on_stored)
 
-    async def history(self, user_id: int, guild_id: int | None, page: int = 1) -> HistoryPage:
+    async def job_on_message(self, who: Requester, message_id: int) -> Job | None:
+        """The job a message shows (for 🔁 reactions), if `who` may see it."""
+        job = await self.jobs.by_message(message_id)
+        return job if job is not None and may_see(job, who) else None
+
+    async def history(self, who: Requester, user_id: int, page: int = 1) -> HistoryPage:
+        """`user_id`'s jobs as `who` may see them: all of their own; of someone else's, only those
+        delivered in this guild's channels that `who` can view (the visibility rule)."""
         if page < 1:
             raise UserError("page must be 1 or more")
-        jobs, total = await self.jobs.history(user_id, guild_id, page, HISTORY_PAGE)
+        if user_id == who.user_id:
+            jobs, total = await self.jobs.history(user_id, page, HISTORY_PAGE)
+        elif who.guild_id is None:
+            jobs, total = [], 0
+        else:
+            channels = await self.jobs.delivered_channels(user_id, who.guild_id)
+            visible = [channel for channel in channels if who.can_view(channel)]
+            jobs, total = await self.jobs.history(
+                user_id, page, HISTORY_PAGE, guild_id=who.guild_id, channel_ids=visible
+            )
         pages = max(1, math.ceil(total / HISTORY_PAGE))
         if page > pages and total:
             raise UserError(f"there are only {pages} pages")
         return HistoryPage(jobs, page, pages, total)
 
     async def cancel(self, who: Requester, job_id: int) -> None:
-        job = await self._job(job_id)
-        if job.user_id != who.user_id and not who.is_admin:
-            raise NotAllowed("You can only cancel your own jobs.")
+        """The owner's own job, or (an admin) any job asked in the admin's guild."""
+        job = await self.jobs.get(job_id)
+        if job is None or not (
+            job.user_id == who.user_id or (who.is_admin and may_moderate(job.guild_id, who))
+        ):
+            raise NotFound(_not_found(job_id))
         by = "an admin" if job.user_id != who.user_id else "its owner"
         if not await self.queue.cancel(job_id, by):
             raise UserError(f"Job {job_id} is not queued or running (it is {job.status}).")
 
-    async def _job(self, job_id: int) -> Job:
+    async def _job(self, job_id: int, who: Requester) -> Job:
+        """A job `who` refers to; one they may not see is as missing as one that never was."""
         job = await self.jobs.get(job_id)
-        if job is None:
-            raise NotFound(f"There is no job {job_id}.")
+        if job is None or not may_see(job, who):
+            raise NotFound(_not_found(job_id))
         return job
+
+
+def _not_found(job_id: int) -> str:
+    return f"There is no job {job_id} that you can see (see /history for yours)."
 
 
 _REJECTION_LABEL = {

@@ -32,6 +32,7 @@ class NewJob:
     interaction_id: int | None = None
     interaction_token: str | None = None
     result_message_id: int | None = None
+    age_restricted: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ def _new_job(new: NewJob) -> Job:
         interaction_token=new.interaction_token,
         interaction_at=utcnow() if new.interaction_token else None,
         result_message_id=new.result_message_id,
+        age_restricted=new.age_restricted,
         delivery=Delivery.PENDING,
         delivery_attempts=0,
         images=[],
@@ -256,11 +258,14 @@ class JobStore:
         timings: dict[str, Any] | None = None,
         error: str | None = None,
         worker: str | None = None,
+        safety: dict[str, Any] | None = None,
     ) -> Job | None:
         """An unfinished job -> done | failed | cancelled, with its images; None if it had finished."""
         assert status.finished
         async with self.db.write() as session:
             values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "timings": timings}
+            if safety is not None:
+                values["safety"] = safety
             if error is not None:
                 values["error"] = error[:2000]
             if worker is not None:
@@ -304,10 +309,23 @@ class JobStore:
     # lists
 
     async def history(
-        self, user_id: int, guild_id: int | None, page: int, per_page: int
+        self,
+        user_id: int,
+        page: int,
+        per_page: int,
+        *,
+        guild_id: int | None = None,
+        channel_ids: Collection[int] | None = None,
     ) -> tuple[list[Job], int]:
-        """One page of a user's jobs in this guild, newest first, and the total count."""
-        where = [Job.user_id == user_id, Job.guild_id == guild_id]
+        """One page of a user's jobs, newest first, and the total count: all of them, or (with a guild
+        and channels) only those posted in those channels of that guild (the visibility rule)."""
+        where: list[Any] = [Job.user_id == user_id]
+        if guild_id is not None:
+            where += [
+                Job.guild_id == guild_id,
+                or_(Job.result_message_id.is_not(None), Job.delivery == Delivery.DELIVERED),
+                Job.channel_id.in_(list(channel_ids or ())),
+            ]
         async with self.db.session() as session:
             total = await session.scalar(select(func.count()).select_from(Job).where(*where))
             result = await session.execute(
@@ -318,6 +336,21 @@ class JobStore:
                 .limit(per_page)
             )
             return list(result.scalars().all()), int(total or 0)
+
+    async def delivered_channels(self, user_id: int, guild_id: int) -> list[int]:
+        """The channels of a guild where a user's jobs were posted (for the visibility rule)."""
+        async with self.db.session() as session:
+            result = await session.execute(
+                select(Job.channel_id)
+                .where(
+                    Job.user_id == user_id,
+                    Job.guild_id == guild_id,
+                    or_(Job.result_message_id.is_not(None), Job.delivery == Delivery.DELIVERED),
+                    Job.channel_id.is_not(None),
+                )
+                .distinct()
+            )
+            return [int(channel) for channel in result.scalars().all() if channel is not None]
 
     async def since(self, since: datetime) -> Sequence[Job]:
         """Jobs created since then (for /admin stats; a day of jobs is small)."""

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy import false as sa_false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -119,12 +120,21 @@ class Job(Base):
     )
     delivery_attempts: Mapped[int] = mapped_column(Integer, default=0)  # failed tries so far
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The content policy: asked in an age-restricted channel (or a DM), and the image classifier's
+    # verdict on its images ({"flagged": bool, "images": [...]}; None: no classifier ran).
+    age_restricted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
+    safety: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     images: Mapped[list[Image]] = relationship(back_populates="job", order_by="Image.index", lazy="selectin")
 
     @property
     def delivered(self) -> bool:
         return self.delivery == Delivery.DELIVERED
+
+    @property
+    def withheld(self) -> bool:
+        """The classifier flagged an image and the channel is not age-restricted."""
+        return bool(self.safety and self.safety.get("flagged")) and not self.age_restricted
 
 
 class Image(Base):
