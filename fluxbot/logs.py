@@ -32,7 +32,12 @@ _SECRETS = (
     (re.compile(r"(/(?:webhooks|interactions)/\d+/)[^/\s?'\"]+"), r"\1[redacted]"),
     (re.compile(r"""((?:'|")token(?:'|")\s*:\s*(?:'|"))[^'"]+"""), r"\1[redacted]"),
     (re.compile(r"(\bBot )[A-Za-z0-9_.\-]{20,}"), r"\1[redacted]"),
+    # Discord's interaction tokens are base64 of "interaction:…", wherever they turn up.
+    (re.compile(r"aW50ZXJhY3Rpb246[A-Za-z0-9_.\-]+"), "[redacted]"),
 )
+# Loggers that write every SQL statement with its parameters at DEBUG (interaction tokens among them,
+# in a form no pattern can recognise): kept at INFO whatever the level.
+PARAMETER_LOGGERS = ("aiosqlite",)
 
 
 def redact(text: str) -> str:
@@ -64,6 +69,8 @@ def configure(level: int | str, json_lines: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    for name in PARAMETER_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger(name).getEffectiveLevel()))
 
 
 # torchao, imported by diffusers, warns about CUDA-only kernels it cannot load on a CPU host; torch's

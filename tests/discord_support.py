@@ -88,3 +88,26 @@ def is_ephemeral_error(fake: FakeDiscord, token: str, text: str) -> bool:
         ):
             return True
     return False
+
+
+def make_tiny_classifier(folder: Path) -> Path:
+    """A random-weight ViT image classifier with the labels normal / nsfw, built from config (for the
+    safety classifier's plumbing: thresholds 0 and 1 make it flag every image, or none)."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    if not (folder / "config.json").exists():
+        config = ViTConfig(
+            image_size=32,
+            patch_size=8,
+            num_channels=3,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            num_labels=2,
+            id2label={0: "normal", 1: "nsfw"},
+            label2id={"normal": 0, "nsfw": 1},
+        )
+        ViTForImageClassification(config).save_pretrained(folder)
+        ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder

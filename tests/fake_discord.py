@@ -292,9 +292,15 @@ class FakeDiscord:
         }
 
     async def slash(
-        self, name: str, options: list[dict[str, Any]], member: dict[str, Any], channel_id: int = CHANNEL_ID
+        self,
+        name: str,
+        options: list[dict[str, Any]],
+        member: dict[str, Any],
+        channel_id: int = CHANNEL_ID,
+        users: list[dict[str, Any]] = (),  # type: ignore[assignment]
     ) -> str:
-        """Send a slash command (in `channel_id`: a guild channel, or a dm_channel); returns its token."""
+        """Send a slash command (in `channel_id`: a guild channel, or a dm_channel); returns its token.
+        `users`: member payloads that user options name (Discord sends them as resolved data)."""
         command = next((c for c in self.commands if c["name"] == name), None)
         data: dict[str, Any] = {
             "id": command["id"] if command else snowflake(),
@@ -304,6 +310,13 @@ class FakeDiscord:
         }
         if (guild_id := self.guild_of(channel_id)) is not None:
             data["guild_id"] = str(guild_id)
+        if users:
+            data["resolved"] = {
+                "users": {u["user"]["id"]: u["user"] for u in users},
+                "members": {u["user"]["id"]: {k: v for k, v in u.items() if k != "user"} for u in users}
+                if guild_id is not None
+                else {},
+            }
         payload = self._interaction(2, data, member, channel_id)
         self.interaction_sent_at[payload["token"]] = time.monotonic()
         await self.dispatch("INTERACTION_CREATE", payload)

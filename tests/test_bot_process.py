@@ -232,3 +232,43 @@ async def test_sigterm_with_the_database_locked_exits_within_grace_and_loses_not
 
     assert code == 0 and took < 3 + 10, f"exited {code} after {took:.1f} s"
     assert await delivered(fake, [token])
+
+
+async def test_debug_log_never_holds_an_interaction_token(bot_process: BotProcess, fake: FakeDiscord) -> None:
+    bot_process.env["FLUXBOT_LOG_LEVEL"] = "DEBUG"  # discord.py then logs gateway events and webhook URLs
+    await bot_process.start()
+    tokens = [
+        await fake.slash("imagine", [opt("prompt", f"a newt {i}")], fake.member(ALICE, "a")) for i in range(2)
+    ]
+    assert await delivered(fake, tokens)
+    assert await bot_process.signal(signal.SIGTERM) == 0
+
+    log = bot_process.log_path.read_text(errors="replace")
+    assert "DEBUG" in log and "[redacted]" in log  # it did log the requests, without their secrets
+    for secret in [*tokens, "process-token"]:
+        assert secret not in log
+
+
+async def test_a_busy_metrics_port_is_named_in_one_line(bot_process: BotProcess, fake: FakeDiscord) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        bot_process.env["FLUXBOT_METRICS_PORT"] = str(taken.getsockname()[1])
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "fluxbot.cli",
+            "run",
+            env=bot_process.env,
+            cwd=REPO,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), 120)
+
+    errors = [line for line in err.decode().splitlines() if line.startswith("fluxbot:")]
+    assert proc.returncode == 1, err.decode()
+    assert len(errors) == 1 and "metrics_port" in errors[0] and "not free" in errors[0], errors
+    assert "cannot reach Discord" not in err.decode()

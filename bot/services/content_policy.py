@@ -6,8 +6,9 @@ words (a run of words for a multi-word term), never the inside of a longer word.
 
 1. Unicode NFKC (full-width and styled letters become plain ones), case folding, accents dropped,
    invisible format characters removed, common Cyrillic/Greek look-alikes mapped to Latin.
-2. Leetspeak: digits always (0->o, 1->i, 3->e, ...); symbols ($, @, !, |, +) only before a letter, so
-   "wow!" keeps its word.
+2. Leetspeak: digits always (0->o, 1->i, 3->e, ...); symbols ($, @, !, |, +) are read three ways, and a
+   match in any counts: as letters before a letter ("$ex"), dropped ("$nude"), and all as letters
+   ("a$$"), so "wow!" still reads as "wow".
 3. Words are runs of letters and digits; runs of single letters ("n u d e") are joined into one word.
 4. A term's letter may repeat ("nuuude"): each letter of the term matches one or more of itself.
 """
@@ -19,6 +20,7 @@ import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Literal
 
 _LOOKALIKES = str.maketrans(
     {
@@ -33,20 +35,28 @@ _LEET_DIGITS = str.maketrans(
 )
 _LEET_SYMBOLS = {"$": "s", "@": "a", "!": "i", "|": "l", "+": "t", "€": "e", "£": "l"}
 _SYMBOL_BEFORE_LETTER = re.compile(r"[$@!|+€£](?=\w)")
+_ANY_SYMBOL = re.compile(r"[$@!|+€£]")
 _WORD = re.compile(r"[^\W_]+")
 
 
-def words(text: str, symbols_as_letters: bool = True) -> list[str]:
-    """`text` as the list of plain lower-case words the matcher compares (steps 1-3 above).
-    symbols_as_letters=False drops leet symbols instead ("$nude" is "nude", not "snude")."""
+SymbolReading = Literal["before_letters", "dropped", "all"]
+
+
+def words(text: str, symbols: SymbolReading = "before_letters") -> list[str]:
+    """`text` as the list of plain lower-case words the matcher compares (steps 1-3 above), with leet
+    symbols read as letters before a letter, dropped, or all read as letters."""
     text = unicodedata.normalize("NFKC", text).casefold().translate(_LOOKALIKES)
     text = "".join(
         ch
         for ch in unicodedata.normalize("NFKD", text)
         if not unicodedata.combining(ch) and unicodedata.category(ch) != "Cf"
     )
-    symbol = (lambda m: _LEET_SYMBOLS[m.group()]) if symbols_as_letters else (lambda m: "")
-    text = _SYMBOL_BEFORE_LETTER.sub(symbol, text).translate(_LEET_DIGITS)
+    if symbols == "all":
+        text = _ANY_SYMBOL.sub(lambda m: _LEET_SYMBOLS[m.group()], text)
+    else:
+        as_letter = symbols == "before_letters"
+        text = _SYMBOL_BEFORE_LETTER.sub(lambda m: _LEET_SYMBOLS[m.group()] if as_letter else "", text)
+    text = text.translate(_LEET_DIGITS)
     joined: list[str] = []
     letters: list[str] = []
     for word in _WORD.findall(text):
@@ -95,7 +105,8 @@ class BlockedTerms:
         """The first blocked term `text` contains, or None."""
         if not self.terms:
             return None
-        haystacks = {" ".join(words(text)), " ".join(words(text, symbols_as_letters=False))}
+        readings: tuple[SymbolReading, ...] = ("before_letters", "dropped", "all")
+        haystacks = {" ".join(words(text, reading)) for reading in readings}
         return next(
             (term for term, pattern in self._patterns if any(pattern.search(h) for h in haystacks)), None
         )
