@@ -80,9 +80,16 @@ async def imagine(
             prompt=prompt, preset=preset, size=size, seed=seed, steps=steps, guidance=guidance, loras=loras
         )
     except UserError as exc:
-        await reply_error(interaction, exc)
+        await reply_error(interaction, UserError(_option_names(str(exc))))
         return
     await submit(interaction, lambda who, on_stored: studio.imagine(who, request, on_stored=on_stored))
+
+
+def _option_names(message: str) -> str:
+    """The request's field paths as the command's option names the user typed."""
+    for field, option in (("loras.0.weight", "lora_weight"), ("loras.0.name", "lora")):
+        message = message.replace(field, option)
+    return message
 
 
 @app_commands.command(name="rerun", description="Run one of the stored jobs again")
