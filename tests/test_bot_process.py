@@ -162,15 +162,15 @@ async def test_kill_9_right_after_the_acknowledgements_loses_none(
     assert await delivered(fake, list(tokens))
 
 
-async def test_kill_9_right_after_the_acknowledgements_loses_none_in_redis_mode(
-    bot_process: BotProcess, fake: FakeDiscord, tmp_path: Path, presets_file: Path, tiny_dir: Path
-) -> None:
-    """The same with a `fluxbot worker` drawing: the restarted bot finds the jobs in the store, and the
-    one the worker was drawing in its dispatch record, and delivers each once."""
+@pytest.fixture
+async def redis_worker(
+    bot_process: BotProcess, tmp_path: Path, presets_file: Path, tiny_dir: Path
+) -> AsyncIterator[WorkerProcess]:
+    """Scale-out mode: a real `fluxbot worker` drawing, and the bot process set to dispatch to it."""
     require_redis()
     flush_redis()
     loras = tmp_path / "data" / "loras.toml"
-    worker = WorkerProcess("w-kill", worker_env(tmp_path / "worker", presets_file, loras, tiny_dir), tmp_path)
+    worker = WorkerProcess("w-proc", worker_env(tmp_path / "worker", presets_file, loras, tiny_dir), tmp_path)
     bot_process.env |= {
         "FLUXBOT_QUEUE": REDIS_URL,
         "FLUXBOT_WORKERS__HEARTBEAT_S": str(HEARTBEAT_S),
@@ -179,22 +179,73 @@ async def test_kill_9_right_after_the_acknowledgements_loses_none_in_redis_mode(
     await worker.start()
     try:
         await worker.wait_ready()
-        await bot_process.start()
-        members = [fake.member(ALICE, "alice"), fake.member(BOB, "bob"), fake.member(ALICE, "alice")]
-        tokens = await asyncio.gather(
-            *(fake.slash("imagine", [opt("prompt", f"a redis fox {i}")], m) for i, m in enumerate(members))
-        )
-        await fake.wait_for(lambda: all(fake.response_to(t) for t in tokens), timeout=30)
-
-        assert await bot_process.signal(signal.SIGKILL) == -signal.SIGKILL
-        await bot_process.start()
-
-        assert await delivered(fake, list(tokens))
-        uploads = Counter(t for c in fake.calls if c.files for t in tokens if t in c.path)
-        assert set(uploads.values()) == {1}, uploads
+        yield worker
     finally:
         await worker.reap()
         print(f"--- the worker's log ---\n{worker.log_path.read_text(errors='replace')[-3000:]}")
+
+
+def uploads_per_token(fake: FakeDiscord, tokens: list[str]) -> Counter[str]:
+    return Counter(t for c in fake.calls if c.files for t in tokens if t in c.path)
+
+
+async def test_kill_9_right_after_the_acknowledgements_loses_none_in_redis_mode(
+    bot_process: BotProcess, fake: FakeDiscord, redis_worker: WorkerProcess
+) -> None:
+    """The same with a `fluxbot worker` drawing: the restarted bot finds the jobs in the store, and the
+    one the worker was drawing in its dispatch record, and delivers each once."""
+    await bot_process.start()
+    members = [fake.member(ALICE, "alice"), fake.member(BOB, "bob"), fake.member(ALICE, "alice")]
+    tokens = await asyncio.gather(
+        *(fake.slash("imagine", [opt("prompt", f"a redis fox {i}")], m) for i, m in enumerate(members))
+    )
+    await fake.wait_for(lambda: all(fake.response_to(t) for t in tokens), timeout=30)
+
+    assert await bot_process.signal(signal.SIGKILL) == -signal.SIGKILL
+    await bot_process.start()
+
+    assert await delivered(fake, list(tokens))
+    assert set(uploads_per_token(fake, list(tokens)).values()) == {1}
+
+
+async def test_sigterm_during_a_slow_upload_delivers_it_before_exiting_in_redis_mode(
+    bot_process: BotProcess, fake: FakeDiscord, redis_worker: WorkerProcess
+) -> None:
+    await bot_process.start()
+    fake.upload_delay_s = 4.0
+    token = await fake.slash("imagine", [opt("prompt", "a slow redis upload")], fake.member(ALICE, "alice"))
+    await fake.wait_for(lambda: any(c.files and token in c.path for c in fake.calls), timeout=60)
+
+    assert await bot_process.signal(signal.SIGTERM) == 0
+
+    message = fake.original(token)
+    assert message is not None and message["attachments"], "the upload finished before the exit"
+    assert uploads_per_token(fake, [token]) == Counter({token: 1})
+
+
+async def test_sigterm_with_the_database_locked_in_redis_mode_exits_within_grace_and_loses_nothing(
+    bot_process: BotProcess, fake: FakeDiscord, redis_worker: WorkerProcess
+) -> None:
+    """The worker finishes its job while the bot cannot write it down and is asked to stop: the bot
+    exits within its grace, the outcome waits in Redis, and the next start records and delivers it."""
+    bot_process.env["FLUXBOT_SHUTDOWN_GRACE_S"] = "3"
+    await bot_process.start()
+    token = await fake.slash(
+        "imagine",
+        [opt("prompt", "a locked redis owl"), opt("steps", 30, 4), opt("size", "384x384")],
+        fake.member(ALICE, "alice"),
+    )
+    await fake.wait_for(lambda: (m := fake.original(token)) and "steps" in m["content"], timeout=60)
+
+    async with write_lock(bot_process.env["FLUXBOT_DATABASE_URL"]):
+        stopping = time.monotonic()
+        code = await bot_process.signal(signal.SIGTERM)
+        took = time.monotonic() - stopping
+    await bot_process.start()
+
+    assert code == 0 and took < 3 + 10, f"exited {code} after {took:.1f} s"
+    assert await delivered(fake, [token])
+    assert uploads_per_token(fake, [token]) == Counter({token: 1})
 
 
 async def test_sigterm_during_a_slow_upload_delivers_it_before_exiting(

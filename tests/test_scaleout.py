@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import shutil
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -23,8 +25,8 @@ from bot.services.studio import Requester
 from bot.store.models import Job, JobStatus
 from engine.api import GenerationRequest, LoraChoice
 from engine.settings import EngineSettings
-from fluxbot.settings import Settings, WorkerSettings
-from tests.bot_support import RecordingEvents, make_settings
+from fluxbot.settings import DeliverySettings, Settings, WorkerSettings
+from tests.bot_support import RecordingEvents, make_settings, until, write_lock
 from tests.discord_support import ADMIN, ALICE, BOB, Harness, make_bot_settings, opt
 from tests.fake_discord import FakeDiscord
 from tests.scaleout_support import DEAD_AFTER_S, HEARTBEAT_S, WorkerProcess, worker_env
@@ -354,13 +356,13 @@ async def test_admin_workers_lists_each_worker_with_state_and_throughput(
     token = await fake.slash("imagine", [opt("prompt", "a fox")], fake.member(ALICE, "alice"))
     await fake.wait_for(lambda: (m := fake.original(token)) and m["attachments"], timeout=60)
     listing = await fake.slash("admin", [_sub("workers")], fake.member(ADMIN, "admin"))
-    reply = await fake.wait_for(lambda: fake.response_to(listing))
+    reply = await fake.wait_for(lambda: (m := fake.original(listing)) and m["content"] and m)
     refused = await fake.slash("admin", [_sub("workers")], fake.member(BOB, "bob"))
     refusal = await fake.wait_for(lambda: fake.response_to(refused))
     listed = await harness.app.queue.workers()
 
-    text = reply["data"]["content"]
-    assert "w1" in text and "w2" in text and "tiny-flux1" in text and "idle" in text
+    text = reply["content"]
+    assert reply["flags"] & 64 and "w1" in text and "w2" in text and "tiny-flux1" in text and "idle" in text
     assert "jobs/min" in text
     assert refusal["data"]["flags"] & 64 and "admin" in refusal["data"]["content"]
     assert render_workers(listed).splitlines()[0] == text.splitlines()[0] == "**2 workers** (0 busy)"
@@ -435,3 +437,88 @@ async def _one_job(settings: Settings, prompt: str, **options: Any) -> tuple[Job
         return job, png
     finally:
         await app.close()
+
+
+# --- faults in scale-out mode: the same lifecycle as in one process ---------------------------------
+
+
+async def test_a_502_storm_on_uploads_is_outlasted_while_the_workers_keep_drawing(
+    workers: Workers,
+    fake: FakeDiscord,
+    tmp_path: Path,
+    make_settings: Callable[..., EngineSettings],
+    lora_setup: tuple[Path, Path],
+) -> None:
+    values = scaleout_values(make_settings, lora_setup) | {
+        "delivery": DeliverySettings(retry_first_s=0.5, retry_max_s=2.0)
+    }
+    harness = Harness(fake, make_bot_settings(tmp_path, make_settings, fake, **values), None)
+    await harness.start()
+    try:
+        storm_s = 30.0  # longer than discord.py's own five retries of one attempt (~25 s)
+        fake.storm_uploads(502, storm_s)
+        storm_ends = time.monotonic() + storm_s
+        tokens = [
+            await fake.slash("imagine", [opt("prompt", f"a stormy redis sea {i}")], fake.member(who, "u"))
+            for i, who in enumerate((ALICE, BOB, CAROL))
+        ]
+        await fake.wait_for(lambda: all(fake.response_to(t) for t in tokens))
+
+        async def all_drawn() -> None:
+            while True:
+                jobs = [await harness.app.jobs.get(i) for i in range(1, len(tokens) + 1)]
+                if all(j is not None and j.status == JobStatus.DONE for j in jobs):
+                    return
+                await asyncio.sleep(0.1)
+
+        await asyncio.wait_for(all_drawn(), 25)
+        drawn_at = time.monotonic()
+        await fake.wait_for(lambda: all((m := fake.original(t)) and m["attachments"] for t in tokens), 90)
+    finally:
+        await harness.stop()
+
+    assert drawn_at < storm_ends, "the workers drew every job while their uploads were failing"
+    uploads = [c for c in fake.calls if c.files and c.at >= storm_ends]
+    assert len(uploads) == len(tokens), "each result uploaded once, after the storm, without a restart"
+
+
+async def test_a_database_write_lock_holds_a_workers_outcome_without_losing_or_sticking_it(
+    app: App, events: RecordingEvents
+) -> None:
+    ticket = await app.studio.imagine(who(ALICE), GenerationRequest(prompt="a locked fox", **SLOW))
+    await running_on(app, ticket.job_id)
+    async with write_lock(app.settings.resolved_database_url):
+        # The worker finishes while nothing can be written: the outcome is held as "saving" (never shown
+        # as running once its worker is done), /healthz says the database is the trouble.
+        await until(lambda: not app.queue.faults.ok("database"), timeout=60)
+        entries = {e.job_id: e.state for e in app.queue.snapshot()}
+        health = await app.health()
+        await asyncio.sleep(1.0)
+    await app.queue.wait_idle(60)
+    job = await app.jobs.get(ticket.job_id)
+
+    assert entries == {ticket.job_id: "saving"}, entries
+    assert health["database"] is False and (await app.health())["database"] is True
+    assert job is not None and job.status == JobStatus.DONE and job.delivered
+    assert [j.id for j in events.finished_jobs] == [ticket.job_id]
+
+
+async def test_an_unwritable_images_folder_holds_a_workers_outcome_and_healthz_says_so(
+    app: App, events: RecordingEvents
+) -> None:
+    images = app.settings.data_dir / "images"
+    shutil.rmtree(images, ignore_errors=True)
+    images.write_text("not a folder")  # as root, permissions do not stop writes; a file in the way does
+    ticket = await app.studio.imagine(who(ALICE), GenerationRequest(prompt="a held redis picture"))
+    await until(lambda: not app.queue.faults.ok("images"), timeout=60)
+    health = await app.health()
+    held = await app.jobs.get(ticket.job_id)
+
+    images.unlink()  # the operator fixes the folder
+    await app.queue.wait_idle(60)
+    job = await app.jobs.get(ticket.job_id)
+
+    assert health["images"] is False and (await app.health())["images"] is True
+    assert held is not None and held.status == JobStatus.RUNNING and held.error is None
+    assert job is not None and job.status == JobStatus.DONE and job.delivered
+    assert (app.settings.data_dir / job.images[0].path).is_file()
