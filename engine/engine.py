@@ -279,10 +279,10 @@ def build_resolver(
     hasher: FileHasher | None = None,
 ) -> RequestResolver:
     """Presets + whitelist, without a model: checks requests before (or without) loading one."""
-    presets = load_presets(settings.presets_file)
+    presets = load_presets(settings.presets_path)
     hasher = hasher or FileHasher(data_dir / "hashes.json")
     lora_dir = settings.lora_dir or default_lora_dir(models_dir, data_dir)
-    whitelist = LoraWhitelist.load(settings.loras_file, lora_dir, hasher)
+    whitelist = LoraWhitelist.load(settings.loras_path, lora_dir, hasher)
     return RequestResolver(presets, whitelist, family, settings.max_loras_per_job, settings.max_batch_size)
 
 

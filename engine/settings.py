@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 from typing import Literal
 
@@ -46,8 +47,12 @@ class EngineSettings(BaseModel):
     compile: bool = Field(False, description="torch.compile the transformer (bf16 tier on >= 24 GB).")
     cpu_offload: Literal["auto", "none", "model", "sequential"] = "auto"
     vae_tiling: Literal["auto", "on", "off"] = "auto"
-    presets_file: Path = Path("config/presets.toml")
-    loras_file: Path = Path("config/loras.toml")
+    presets_file: Path | None = Field(
+        None, description="The operator's presets; default: the shipped ones (the repository's config/)"
+    )
+    loras_file: Path | None = Field(
+        None, description="The operator's LoRA whitelist; default: the shipped example (no LoRAs enabled)"
+    )
     lora_dir: Path | None = Field(
         None, description="Folder of the whitelisted LoRA files; default: models/Lora or <data_dir>/loras."
     )
@@ -58,3 +63,17 @@ class EngineSettings(BaseModel):
     memory_cap_gb: float | None = Field(
         None, gt=0, description="CPU: fail a job (not the process) when RSS passes this many GB"
     )
+
+    @property
+    def presets_path(self) -> Path:
+        return self.presets_file or shipped("presets.toml")
+
+    @property
+    def loras_path(self) -> Path:
+        return self.loras_file or shipped("loras.toml")
+
+
+def shipped(name: str) -> Path:
+    """A default file shipped inside the package: the repository's config/ folder, installed as the
+    package `engine.defaults` (pyproject's package-dir), so a wheel finds it from any folder."""
+    return Path(str(files("engine.defaults") / name))

@@ -16,7 +16,8 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 log = logging.getLogger(__name__)
-MIGRATIONS = Path(__file__).resolve().parent.parent.parent / "migrations"
+# The repository's migrations/ folder, installed as the package bot.migrations (see pyproject.toml).
+MIGRATIONS = "bot.migrations:"
 # How long a statement waits for a lock another writer holds before it fails (and is retried by the
 # caller): SQLite's busy_timeout, Postgres's lock_timeout.
 LOCK_WAIT_MS = 5000
@@ -114,7 +115,7 @@ def alembic_config(url: str) -> Any:
     from alembic.config import Config
 
     config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("script_location", MIGRATIONS)
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return config
 
