@@ -83,7 +83,7 @@ def _device(report: DoctorReport, settings: EngineSettings) -> DeviceInfo | None
 
 def _model(report: DoctorReport, settings: EngineSettings, data_dir: Path) -> ModelSource | None:
     try:
-        source = locate_model(settings, data_dir)
+        source = locate_model(settings, data_dir, build=False)  # the doctor changes nothing on disk
     except EngineError as exc:
         report.add("fail", "model", str(exc))
         return None
@@ -114,11 +114,11 @@ def _quant(
 
 def _presets(report: DoctorReport, settings: EngineSettings) -> dict[str, Preset]:
     try:
-        presets = load_presets(settings.presets_file)
+        presets = load_presets(settings.presets_path)
     except EngineError as exc:
         report.add("fail", "presets", str(exc))
         return {}
-    report.add("ok", "presets", f"{settings.presets_file}: {', '.join(presets)}")
+    report.add("ok", "presets", f"{settings.presets_path}: {', '.join(presets)}")
     return presets
 
 
@@ -131,12 +131,12 @@ def _loras(
 ) -> None:
     lora_dir = settings.lora_dir or default_lora_dir(source.models_dir if source else None, data_dir)
     try:
-        whitelist = LoraWhitelist.load(settings.loras_file, lora_dir, FileHasher(data_dir / "hashes.json"))
+        whitelist = LoraWhitelist.load(settings.loras_path, lora_dir, FileHasher(data_dir / "hashes.json"))
     except EngineError as exc:
         report.add("fail", "loras", str(exc))
         return
     report.add(
-        "ok", "loras", f"{len(whitelist.entries)} whitelisted in {settings.loras_file}, folder {lora_dir}"
+        "ok", "loras", f"{len(whitelist.entries)} whitelisted in {settings.loras_path}, folder {lora_dir}"
     )
     for check in whitelist.check_all():
         if check.ok:

@@ -14,6 +14,7 @@ from engine.tiny import ensure_tiny_model
 
 SourceKind = Literal["tiny", "diffusers", "hub", "single_file"]
 TRANSFORMER_SUFFIXES = (".safetensors", ".sft", ".gguf")
+ENCODER_SUFFIXES = (".safetensors", ".sft")
 # Sub-folders of a Forge (first) or ComfyUI (after) models/ folder, by role.
 CHECKPOINT_DIRS = ("Stable-diffusion", "unet", "diffusion_models", "checkpoints")
 VAE_DIRS = ("VAE", "vae")
@@ -45,12 +46,18 @@ class ModelSource:
         return {role: path for role, path in named.items() if path is not None}
 
 
-def locate_model(settings: EngineSettings, data_dir: Path) -> ModelSource:
-    """Decide what `engine.model` names; raises ModelLoadError with the setting to fix."""
+def locate_model(settings: EngineSettings, data_dir: Path, build: bool = True) -> ModelSource:
+    """Decide what `engine.model` names; raises ModelLoadError with the setting to fix.
+    build=False (doctor) only says where the tiny model would be built: nothing is written."""
     model = settings.model.strip()
     if model in ("tiny", "tiny-flux1", "tiny-flux2"):
         family = "flux2" if model == "tiny-flux2" else "flux1"
-        return ModelSource("tiny", str(ensure_tiny_model(data_dir / "models" / f"tiny-{family}", family)))
+        folder = data_dir / "models" / f"tiny-{family}"
+        if not build:
+            built = (folder / "model_index.json").is_file()
+            note = [] if built else [f"not built yet: the first run builds it in {folder} (about 5 MB)"]
+            return ModelSource("tiny", str(folder), notes=note)
+        return ModelSource("tiny", str(ensure_tiny_model(folder, family)))
     path = Path(model).expanduser()
     if path.is_dir() and (path / "model_index.json").is_file():
         return ModelSource("diffusers", str(path))
@@ -74,23 +81,43 @@ def _from_models_dir(root: Path, settings: EngineSettings) -> ModelSource:
             f"{root} is neither a diffusers folder (no model_index.json) nor a models/ folder "
             f"(no {', '.join(CHECKPOINT_DIRS)} inside)"
         )
-    candidates = sorted(p for d in checkpoint_dirs for p in d.iterdir() if p.suffix in TRANSFORMER_SUFFIXES)
+    # Forge and ComfyUI users sort checkpoints into sub-folders (Stable-diffusion/FLUX/...): all of
+    # them are searched, and each is named by its path inside its checkpoint folder.
+    candidates = {
+        path.relative_to(folder).as_posix(): path
+        for folder in checkpoint_dirs
+        for path in _files_under(folder, TRANSFORMER_SUFFIXES)
+    }
     if settings.checkpoint:
-        chosen = [p for p in candidates if p.name == settings.checkpoint]
+        wanted = settings.checkpoint.replace("\\", "/").strip("/")
+        chosen = [p for rel, p in candidates.items() if wanted in (rel, p.name)]
         if not chosen:
             raise ModelLoadError(
-                f"engine.checkpoint {settings.checkpoint!r} is not in {_names(checkpoint_dirs)}"
+                f"engine.checkpoint {settings.checkpoint!r} is not in {_names(checkpoint_dirs)} "
+                "(give its file name, or its path inside that folder such as FLUX/name.gguf)"
             )
     else:
-        chosen = candidates
+        chosen = list(candidates.values())
     if not chosen:
         raise ModelLoadError(f"no .safetensors/.gguf checkpoint in {_names(checkpoint_dirs)}")
     if len(chosen) > 1:
+        names = [rel for rel, p in candidates.items() if p in chosen]
         raise ModelLoadError(
             f"several checkpoints in {_names(checkpoint_dirs)}: set engine.checkpoint to one of "
-            + ", ".join(p.name for p in chosen)
+            + ", ".join(names)
         )
     return _single_file(chosen[0], settings, models_dir=root)
+
+
+def _files_under(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """Files with these suffixes in `folder` and its sub-folders (hidden ones skipped), sorted."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix in suffixes
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 def _single_file(transformer: Path, settings: EngineSettings, models_dir: Path | None) -> ModelSource:
@@ -120,7 +147,18 @@ def _names(dirs: list[Path]) -> str:
 
 
 def _find(dirs: list[Path], exact: tuple[str, ...], stems: tuple[str, ...]) -> Path | None:
-    files = [p for d in dirs for p in sorted(d.iterdir()) if p.suffix in (".safetensors", ".sft")]
+    # The transformer's own folder is searched flat (it may be a big download folder); the VAE and
+    # text-encoder folders of a models/ tree with their sub-folders (text_encoder/flux/...).
+    files = [
+        p
+        for d in dirs
+        for p in (
+            sorted(d.iterdir())
+            if d.name not in VAE_DIRS + TEXT_ENCODER_DIRS
+            else _files_under(d, ENCODER_SUFFIXES)
+        )
+        if p.suffix in ENCODER_SUFFIXES and p.is_file()
+    ]
     for name in exact:
         for path in files:
             if path.name == name:

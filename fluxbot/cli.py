@@ -81,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fluxbot: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
         print("fluxbot: interrupted", file=sys.stderr)
+    except OSError as exc:  # an unwritable data_dir or --out folder, a full disk: the operator's to fix
+        print(f"fluxbot: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
     return 1
 
 
@@ -196,9 +198,18 @@ def _without_password(url: str) -> str:
 
 
 def _db(settings: Settings) -> int:
+    from alembic.util import CommandError
+
     from bot.store.database import upgrade_database
 
-    upgrade_database(settings.resolved_database_url)
+    try:
+        with _services_reachable(settings):
+            upgrade_database(settings.resolved_database_url)
+    except CommandError as exc:  # alembic: a missing revision, a broken script folder
+        raise EngineError(f"cannot migrate the database: {exc}") from exc
+    except OSError as exc:  # the server is not there (asyncpg raises it before any DBAPI error)
+        url = _without_password(settings.resolved_database_url)
+        raise EngineError(f"cannot use the database at {url}: {exc}") from exc
     print(f"database at the newest schema: {settings.resolved_database_url}")
     return 0
 
