@@ -12,7 +12,6 @@ import redis.asyncio as aioredis
 
 from bot.services.wire import worker_key
 from bot.services.workers import WorkerInfo
-from tests.conftest import REPO
 from tests.services import REDIS_URL
 
 HEARTBEAT_S = 0.3
@@ -25,7 +24,6 @@ def worker_env(data_dir: Path, presets: Path, loras: Path, tiny_dir: Path, **ext
         os.symlink(tiny_dir, data_dir / "models" / "tiny-flux1")
     return {
         **os.environ,
-        "PYTHONPATH": str(REPO),
         "FLUXBOT_CONFIG": str(data_dir / "absent.toml"),
         "FLUXBOT_QUEUE": REDIS_URL,
         "FLUXBOT_DATA_DIR": str(data_dir),
@@ -64,7 +62,7 @@ class WorkerProcess:
             "--name",
             self.name,
             env=self.env,
-            cwd=REPO,
+            cwd=self.log_path.parent,  # not the repository: the installed package must run anywhere
             stdout=log,
             stderr=log,
         )

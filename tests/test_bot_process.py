@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 
 from tests.bot_support import write_lock
-from tests.conftest import REPO
 from tests.fake_discord import FakeDiscord
 from tests.scaleout_support import DEAD_AFTER_S, HEARTBEAT_S, WorkerProcess, worker_env
 from tests.services import REDIS_URL, database_url_for_test, flush_redis, require_redis
@@ -36,7 +35,6 @@ class BotProcess:
         self.fake = fake
         self.env = {
             **os.environ,
-            "PYTHONPATH": str(REPO),
             "FLUXBOT_DISCORD_TOKEN": "process-token",
             "FLUXBOT_DISCORD_API_BASE": fake.api_base,
             "FLUXBOT_DISCORD_GATEWAY_URL": fake.gateway_url,
@@ -66,7 +64,7 @@ class BotProcess:
             "fluxbot.cli",
             "run",
             env=self.env,
-            cwd=REPO,
+            cwd=self.log_path.parent,  # not the repository: the installed package must run anywhere
             stdout=log,
             stderr=log,
         )
@@ -313,7 +311,7 @@ async def test_a_busy_metrics_port_is_named_in_one_line(bot_process: BotProcess,
             "fluxbot.cli",
             "run",
             env=bot_process.env,
-            cwd=REPO,
+            cwd=bot_process.log_path.parent,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )

@@ -13,7 +13,6 @@ import pytest
 
 from engine.png import read_parameters, read_recipe
 from fluxbot.cli import main
-from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +27,6 @@ def cli_env(
         FLUXBOT_ENGINE__PRESETS_FILE=str(presets_file),
         FLUXBOT_ENGINE__LORAS_FILE=str(empty),
         FLUXBOT_CONFIG=str(tmp_path_factory.mktemp("noconfig") / "absent.toml"),
-        PYTHONPATH=str(REPO),
     )
     return env
 
