@@ -90,6 +90,11 @@ def _variant_of(pipe: Any, family: str, class_name: str) -> str:
     return "dev" if pipe.transformer.config.guidance_embeds else "schnell"
 
 
+# Scale tensors of other fp8 schemes (ModelOpt, DeepSeek-style block scales): not applied by the
+# loader, so a file carrying them is refused.
+UNSUPPORTED_SCALES = ("weight_scale", "input_scale", "weight_scale_inv", ".scale_inv")
+
+
 def checkpoint_keys(path: Path) -> list[str]:
     """Tensor names of a .safetensors or .gguf file, without loading the tensors."""
     try:
@@ -143,16 +148,21 @@ def _load_single_file(source: ModelSource, plan: QuantPlan, settings: EngineSett
     configs = Path(settings.configs) if settings.configs else shipped_configs(variant)
     common_configs = Path(settings.configs) if settings.configs else shipped_configs("dev")
     log.info("loading %s (FLUX.1 %s, %s)", source.transformer.name, variant, plan.transformer)
+    transformer_file = _single_file_input(source.transformer, plan.dtype)
     try:
         transformer = FluxTransformer2DModel.from_single_file(
-            str(source.transformer),
+            transformer_file,
             config=str(configs),
             subfolder="transformer",
             dtype=plan.dtype,
             quantization_config=transformer_quant_config(plan.transformer, plan.dtype),
             local_files_only=True,
         )
-        vae_checkpoint: Any = str(source.vae) if source.vae else _read_prefixed(source.transformer, "vae")
+        vae_checkpoint: Any = (
+            _single_file_input(source.vae, plan.dtype)
+            if source.vae
+            else _read_prefixed(source.transformer, "vae")
+        )
         vae = AutoencoderKL.from_single_file(
             vae_checkpoint,
             config=str(common_configs),
@@ -161,7 +171,15 @@ def _load_single_file(source: ModelSource, plan: QuantPlan, settings: EngineSett
             local_files_only=True,
         )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ModelLoadError(f"cannot load {source.transformer.name}: {exc}") from exc
+        text = str(exc)
+        if "ignore_mismatched_sizes" in text or "size mismatch" in text or "shape" in text:
+            where = settings.configs or f"the bundled FLUX.1 {variant} config"
+            raise ModelLoadError(
+                f"{source.transformer.name}: its tensor shapes do not fit {where} (a pruned or resized "
+                "variant?): set engine.configs to a diffusers folder whose transformer/config.json "
+                f"matches it ({text.splitlines()[0][:160]})"
+            ) from exc
+        raise ModelLoadError(f"cannot load {source.transformer.name}: {text}") from exc
     clip = _load_text_encoder(
         "clip_l", source.clip_l, source.transformer, common_configs / "text_encoder", plan.dtype
     )
@@ -188,6 +206,32 @@ def _load_single_file(source: ModelSource, plan: QuantPlan, settings: EngineSett
         transformer=transformer,
     )
     return LoadedModel(pipe, "flux1", variant, source.transformer.name)
+
+
+def _single_file_input(path: Path, dtype: torch.dtype) -> str | dict[str, torch.Tensor]:
+    """What diffusers' from_single_file gets: the path, or the state dict when diffusers would read
+    the file wrong: `.sft` (BFL's first uploads; diffusers picks the reader by suffix and would
+    torch.load it) and fp8 files with Comfy's per-tensor scales (diffusers drops the `.scale_weight`
+    tensors and draws a wrong picture), whose scales are multiplied in here."""
+    if path.suffix == ".gguf":
+        return str(path)
+    keys = checkpoint_keys(path)
+    scaled = any(k.endswith(".scale_weight") or k == "scaled_fp8" for k in keys)
+    foreign = [k for k in keys if k.endswith(UNSUPPORTED_SCALES)]
+    if foreign:
+        raise ModelLoadError(
+            f"{path.name} holds quantization scales fluxbot cannot apply ({foreign[0]}): it would draw "
+            "wrong pictures, so it is refused; use a bf16, fp8 (e4m3fn), fp8_scaled or GGUF file"
+        )
+    if path.suffix == ".safetensors" and not scaled:
+        return str(path)
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except Exception as exc:
+        raise ModelLoadError(f"{path.name} is not a readable safetensors file: {exc}") from exc
+    return _upcast(state, dtype) if scaled else state
 
 
 def _read_prefixed(path: Path, role: str) -> dict[str, torch.Tensor]:
@@ -254,14 +298,28 @@ def _match_keys(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str,
 
 
 def _upcast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """fp8 files (e4m3fn, Comfy's 'scaled' variant too) become `dtype`; the rest is cast as usual."""
+    """fp8 files (e4m3fn, Comfy's 'scaled' variant too) become `dtype`; the rest is cast as usual.
+    A scale is applied per tensor (one value) or per output row (one per row); any other shape is
+    refused: multiplying it in some other way would draw a wrong picture."""
     out = {}
     for key, tensor in state.items():
         if key.endswith((".scale_weight", ".scale_input")) or key == "scaled_fp8":
-            continue
-        tensor = tensor.to(dtype)
+            continue  # scale_input scales fp8 activations: computing in `dtype` needs none
         scale = state.get(key.removesuffix(".weight") + ".scale_weight") if key.endswith(".weight") else None
-        out[key] = tensor * scale.to(dtype) if scale is not None else tensor
+        if scale is None:
+            out[key] = tensor.to(dtype)
+            continue
+        wide = tensor.to(torch.float32)
+        if scale.numel() == 1:
+            factor = scale.reshape(()).to(torch.float32)
+        elif scale.numel() == wide.shape[0]:
+            factor = scale.reshape(-1, *([1] * (wide.dim() - 1))).to(torch.float32)
+        else:
+            raise ModelLoadError(
+                f"{key}: a scale of shape {tuple(scale.shape)} for a weight of shape {tuple(wide.shape)} "
+                "cannot be applied; the file is refused rather than drawn wrong"
+            )
+        out[key] = (wide * factor).to(dtype)
     return out
 
 

@@ -184,3 +184,135 @@ def test_file_that_is_not_a_checkpoint_is_refused(
 
     with pytest.raises(ModelLoadError, match="not a readable .safetensors checkpoint"):
         FluxEngine.load(single_file_settings(model=str(junk)), data_dir)
+
+
+def write_fp8_scaled(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """Comfy-Org's `*_fp8_scaled` layout: 2-D weights as float8_e4m3fn with a per-tensor
+    `.scale_weight`, a `scaled_fp8` marker, the rest as is. Returns the weights the file decodes to
+    (fp8 value times scale, in float32): what a correct reader must draw with."""
+    out: dict[str, torch.Tensor] = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}
+    decoded: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if key.endswith(".weight") and tensor.dim() == 2:
+            scale = (tensor.abs().max().float() / 448.0).clamp(min=1e-12)
+            fp8 = (tensor.float() / scale).to(torch.float8_e4m3fn)
+            out[key], out[key.removesuffix(".weight") + ".scale_weight"] = fp8, scale.reshape(1)
+            decoded[key] = fp8.float() * scale
+        else:
+            out[key] = tensor.contiguous()
+            decoded[key] = tensor.float()
+    save_file(out, path)
+    return decoded
+
+
+def test_fp8_scaled_transformer_draws_with_its_scales_applied(
+    single_file_settings: Callable[..., EngineSettings],
+    split_files: dict[str, Path],
+    tiny_dir: Path,
+    data_dir: Path,
+    tmp_path: Path,
+) -> None:
+    state = _component(tiny_dir, "FluxTransformer2DModel", "transformer").state_dict()
+    scaled = tmp_path / "flux1-tiny-fp8_scaled.safetensors"
+    decoded = write_fp8_scaled(state, scaled)
+    reference_file = tmp_path / "flux1-tiny-decoded.safetensors"
+    save_file({k: v.contiguous() for k, v in decoded.items()}, reference_file)
+    unscaled_file = tmp_path / "flux1-tiny-scales-dropped.safetensors"  # what the old loader read
+    save_file(
+        {k: (v.float() if v.dtype == torch.float8_e4m3fn else v) for k, v in load_scaled(scaled).items()},
+        unscaled_file,
+    )
+    encoders = {"vae": split_files["vae"], "clip_l": split_files["clip_l"], "t5xxl": split_files["t5xxl"]}
+    request = GenerationRequest(prompt="a lighthouse", seed=5)
+
+    def draw(path: Path) -> np.ndarray:
+        engine = FluxEngine.load(single_file_settings(model=str(path), **encoders), data_dir)
+        return pixels(engine.generate(request).images[0])
+
+    drawn, reference, dropped = draw(scaled), draw(reference_file), draw(unscaled_file)
+
+    assert np.array_equal(drawn, reference), "the file's own decoded weights, exactly"
+    assert np.abs(dropped - reference).mean() > 5, "dropping the scales would show"
+
+
+def load_scaled(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {
+        k: v for k, v in load_file(str(path)).items() if not k.endswith(".scale_weight") and k != "scaled_fp8"
+    }
+
+
+def test_fp8_with_scales_of_another_scheme_is_refused(
+    single_file_settings: Callable[..., EngineSettings],
+    split_files: dict[str, Path],
+    tiny_dir: Path,
+    data_dir: Path,
+    tmp_path: Path,
+) -> None:
+    state = _component(tiny_dir, "FluxTransformer2DModel", "transformer").state_dict()
+    odd = {k: v.contiguous() for k, v in state.items()}
+    key = next(k for k, v in state.items() if k.endswith(".weight") and v.dim() == 2)
+    odd[key] = state[key].to(torch.float8_e4m3fn)
+    odd[key.removesuffix(".weight") + ".weight_scale"] = torch.ones(1)  # ModelOpt's naming
+    path = tmp_path / "flux1-modelopt-fp8.safetensors"
+    save_file(odd, path)
+    encoders = {"vae": split_files["vae"], "clip_l": split_files["clip_l"], "t5xxl": split_files["t5xxl"]}
+
+    with pytest.raises(ModelLoadError, match="cannot apply .* refused"):
+        FluxEngine.load(single_file_settings(model=str(path), **encoders), data_dir)
+
+
+def test_sft_files_load_like_safetensors(
+    single_file_settings: Callable[..., EngineSettings],
+    split_files: dict[str, Path],
+    data_dir: Path,
+    tmp_path: Path,
+) -> None:
+    transformer = tmp_path / "flux1-tiny.sft"
+    transformer.write_bytes(split_files["transformer"].read_bytes())
+    vae = tmp_path / "ae.sft"
+    vae.write_bytes(split_files["vae"].read_bytes())
+    request = GenerationRequest(prompt="a harbour", seed=2)
+    common = {"clip_l": split_files["clip_l"], "t5xxl": split_files["t5xxl"]}
+
+    sft = FluxEngine.load(single_file_settings(model=str(transformer), vae=vae, **common), data_dir)
+    safetensors = FluxEngine.load(
+        single_file_settings(model=str(split_files["transformer"]), vae=split_files["vae"], **common),
+        data_dir,
+    )
+
+    assert np.array_equal(
+        pixels(sft.generate(request).images[0]), pixels(safetensors.generate(request).images[0])
+    )
+
+
+def test_models_folder_sub_folders_are_searched_and_checkpoint_takes_a_relative_path(
+    single_file_settings: Callable[..., EngineSettings],
+    split_files: dict[str, Path],
+    data_dir: Path,
+    tmp_path: Path,
+) -> None:
+    models = tmp_path / "models"
+    for sub, key in (
+        ("Stable-diffusion/FLUX", "gguf"),
+        ("Stable-diffusion/SDXL", "transformer"),  # another checkpoint elsewhere in the tree
+        ("VAE/flux", "vae"),
+        ("text_encoder/flux", "clip_l"),
+        ("text_encoder/flux", "t5xxl"),
+    ):
+        (models / sub).mkdir(parents=True, exist_ok=True)
+        (models / sub / split_files[key].name).write_bytes(split_files[key].read_bytes())
+
+    with pytest.raises(ModelLoadError, match="FLUX/flux1-tiny-Q8_0.gguf, SDXL/flux1-tiny.safetensors"):
+        locate_model(single_file_settings(model=str(models)), data_dir)
+    settings = single_file_settings(model=str(models), checkpoint="FLUX/flux1-tiny-Q8_0.gguf")
+    source = locate_model(settings, data_dir)
+
+    assert source.transformer == models / "Stable-diffusion" / "FLUX" / "flux1-tiny-Q8_0.gguf"
+    assert (source.vae, source.clip_l, source.t5xxl) == (
+        models / "VAE" / "flux" / "ae.safetensors",
+        models / "text_encoder" / "flux" / "clip_l.safetensors",
+        models / "text_encoder" / "flux" / "t5xxl_fp8_e4m3fn.safetensors",
+    )
+    assert FluxEngine.load(settings, data_dir).generate(GenerationRequest(prompt="a dog", seed=1)).images
