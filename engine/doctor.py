@@ -12,7 +12,7 @@ import torch
 
 from engine.errors import EngineError
 from engine.hashing import FileHasher
-from engine.loading import inspect_checkpoint
+from engine.loading import describe_layout, inspect_checkpoint
 from engine.loras import LoraWhitelist, default_lora_dir
 from engine.presets import Preset, load_presets
 from engine.quant import DeviceInfo, auto_tier, plan_quant, probe_device
@@ -96,6 +96,8 @@ def _model(report: DoctorReport, settings: EngineSettings, data_dir: Path) -> Mo
             inside = [role for role, yes in facts.embedded.items() if yes]
             detail = f"FLUX.1 {facts.variant}" + (f", carries {', '.join(inside)}" if inside else "")
             report.add("ok", "checkpoint", detail)
+            assert source.transformer is not None
+            report.add("ok", "layout", describe_layout(source.transformer))
         except EngineError as exc:
             report.add("fail", "checkpoint", str(exc))
     return source

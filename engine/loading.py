@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -14,6 +15,7 @@ from engine.errors import ModelLoadError, QuantizationError
 from engine.quant import DeviceInfo, QuantPlan, text_encoder_quant_config, transformer_quant_config
 from engine.settings import EngineSettings
 from engine.sources import NO_TEXT_ENCODERS, ModelSource
+from engine.transformer_layout import bfl_to_diffusers, is_bfl_layout, write_config_folder
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,13 @@ EMBEDDED_PREFIXES = {
     "t5xxl": ("text_encoders.t5xxl.transformer.", "text_encoders.t5xxl."),
     "vae": ("vae.", "first_stage_model."),
 }
+# Keys of an all-in-one file that belong to other components than the transformer.
+EMBEDDED_KEY_PREFIXES = (
+    *(p for prefixes in EMBEDDED_PREFIXES.values() for p in prefixes),
+    "text_encoders.",
+    "conditioner.",
+    "cond_stage_model.",
+)
 
 
 @dataclass
@@ -110,6 +119,24 @@ def checkpoint_keys(path: Path) -> list[str]:
         raise ModelLoadError(f"{path.name} is not a readable {path.suffix} checkpoint: {exc}") from exc
 
 
+def describe_layout(path: Path) -> str:
+    """What `fluxbot doctor` says about a transformer file: its layout and what loading will do."""
+    keys = checkpoint_keys(path)
+    if path.suffix == ".gguf":
+        kind = "GGUF (city96), loaded quantized"
+    else:
+        kind = "BFL layout" if any("double_blocks." in k for k in keys) else "diffusers layout"
+        if any(k.endswith(".scale_weight") or k == "scaled_fp8" for k in keys):
+            kind += ", fp8_scaled: its per-tensor scales are multiplied in on load"
+        if path.suffix == ".sft":
+            kind += ", .sft (read as safetensors)"
+    doubles = {k.split(".")[1] for k in keys if k.startswith(("double_blocks.", "transformer_blocks."))}
+    singles = {
+        k.split(".")[1] for k in keys if k.startswith(("single_blocks.", "single_transformer_blocks."))
+    }
+    return f"{kind}; {len(doubles)} double + {len(singles)} single blocks (the config follows the file)"
+
+
 @dataclass(frozen=True)
 class CheckpointFacts:
     variant: str  # dev | schnell
@@ -148,16 +175,19 @@ def _load_single_file(source: ModelSource, plan: QuantPlan, settings: EngineSett
     configs = Path(settings.configs) if settings.configs else shipped_configs(variant)
     common_configs = Path(settings.configs) if settings.configs else shipped_configs("dev")
     log.info("loading %s (FLUX.1 %s, %s)", source.transformer.name, variant, plan.transformer)
-    transformer_file = _single_file_input(source.transformer, plan.dtype)
     try:
-        transformer = FluxTransformer2DModel.from_single_file(
-            transformer_file,
-            config=str(configs),
-            subfolder="transformer",
-            dtype=plan.dtype,
-            quantization_config=transformer_quant_config(plan.transformer, plan.dtype),
-            local_files_only=True,
-        )
+        with tempfile.TemporaryDirectory(prefix="fluxbot-config-") as derived:
+            transformer_input, transformer_configs = _transformer_input(
+                source.transformer, plan.dtype, configs, Path(derived)
+            )
+            transformer = FluxTransformer2DModel.from_single_file(
+                transformer_input,
+                config=str(transformer_configs),
+                subfolder="transformer",
+                dtype=plan.dtype,
+                quantization_config=transformer_quant_config(plan.transformer, plan.dtype),
+                local_files_only=True,
+            )
         vae_checkpoint: Any = (
             _single_file_input(source.vae, plan.dtype)
             if source.vae
@@ -208,6 +238,32 @@ def _load_single_file(source: ModelSource, plan: QuantPlan, settings: EngineSett
     return LoadedModel(pipe, "flux1", variant, source.transformer.name)
 
 
+def _transformer_input(
+    path: Path, dtype: torch.dtype, configs: Path, scratch: Path
+) -> tuple[str | dict[str, torch.Tensor], Path]:
+    """The transformer's weights for from_single_file, and the config folder that fits them: the
+    file's own block counts and widths over `configs` (see transformer_layout). GGUF files go to
+    diffusers' GGUF loader as they are."""
+    if path.suffix == ".gguf":
+        return str(path), configs
+    loaded = _single_file_input(path, dtype)
+    state = _read_all(path) if isinstance(loaded, str) else loaded
+    state = {k: v for k, v in state.items() if not k.startswith(EMBEDDED_KEY_PREFIXES)}
+    if is_bfl_layout(state):
+        state = bfl_to_diffusers(state)
+    return state, write_config_folder(configs, state, scratch)
+
+
+def _read_all(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        state: dict[str, torch.Tensor] = load_file(str(path))
+    except Exception as exc:
+        raise ModelLoadError(f"{path.name} is not a readable safetensors file: {exc}") from exc
+    return state
+
+
 def _single_file_input(path: Path, dtype: torch.dtype) -> str | dict[str, torch.Tensor]:
     """What diffusers' from_single_file gets: the path, or the state dict when diffusers would read
     the file wrong: `.sft` (BFL's first uploads; diffusers picks the reader by suffix and would
@@ -225,12 +281,7 @@ def _single_file_input(path: Path, dtype: torch.dtype) -> str | dict[str, torch.
         )
     if path.suffix == ".safetensors" and not scaled:
         return str(path)
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(path))
-    except Exception as exc:
-        raise ModelLoadError(f"{path.name} is not a readable safetensors file: {exc}") from exc
+    state = _read_all(path)
     return _upcast(state, dtype) if scaled else state
 
 

@@ -12,12 +12,15 @@ import torch
 from safetensors.torch import save_file
 
 from engine.api import GenerationRequest
+from engine.doctor import run_doctor
 from engine.engine import FluxEngine
 from engine.errors import ModelLoadError
 from engine.gguf_writer import write_gguf
 from engine.settings import EngineSettings
 from engine.sources import NO_TEXT_ENCODERS, locate_model
+from engine.transformer_layout import BFL_PREFIX, bfl_to_diffusers
 from tests.conftest import pixels
+from tests.layouts import diffusers_to_bfl
 
 
 def _component(tiny_dir: Path, cls_name: str, subfolder: str) -> torch.nn.Module:
@@ -232,6 +235,8 @@ def test_fp8_scaled_transformer_draws_with_its_scales_applied(
     drawn, reference, dropped = draw(scaled), draw(reference_file), draw(unscaled_file)
 
     assert np.array_equal(drawn, reference), "the file's own decoded weights, exactly"
+    report = run_doctor(single_file_settings(model=str(scaled), **encoders), data_dir).render()
+    assert "fp8_scaled: its per-tensor scales are multiplied in" in report and "1 double + 2 single" in report
     assert np.abs(dropped - reference).mean() > 5, "dropping the scales would show"
 
 
@@ -316,3 +321,78 @@ def test_models_folder_sub_folders_are_searched_and_checkpoint_takes_a_relative_
         models / "text_encoder" / "flux" / "t5xxl_fp8_e4m3fn.safetensors",
     )
     assert FluxEngine.load(settings, data_dir).generate(GenerationRequest(prompt="a dog", seed=1)).images
+
+
+def test_the_bfl_writer_is_what_diffusers_converter_reads_back(tiny_dir: Path) -> None:
+    state = _component(tiny_dir, "FluxTransformer2DModel", "transformer").state_dict()
+
+    bfl = diffusers_to_bfl(state)
+    back = bfl_to_diffusers(dict(bfl))
+
+    assert any(k.startswith("double_blocks.0.img_attn.qkv") for k in bfl)
+    assert set(back) == set(state)
+    assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_bfl_layout_transformer_draws_exactly_like_the_diffusers_folder(
+    single_file_settings: Callable[..., EngineSettings],
+    split_files: dict[str, Path],
+    tiny_dir: Path,
+    data_dir: Path,
+    tmp_path: Path,
+) -> None:
+    state = _component(tiny_dir, "FluxTransformer2DModel", "transformer").state_dict()
+    bfl_file = tmp_path / "flux1-dev.safetensors"
+    save_file({BFL_PREFIX + k: v for k, v in diffusers_to_bfl(state).items()}, bfl_file)  # as Forge saves it
+    settings = single_file_settings(
+        model=str(bfl_file), vae=split_files["vae"], clip_l=split_files["clip_l"], t5xxl=split_files["t5xxl"]
+    )
+    reference_settings = single_file_settings(
+        model=str(split_files["transformer"]),
+        vae=split_files["vae"],
+        clip_l=split_files["clip_l"],
+        t5xxl=split_files["t5xxl"],
+    )
+    request = GenerationRequest(prompt="a mill by a river", seed=9)
+
+    bfl = FluxEngine.load(settings, data_dir).generate(request).images[0]
+    reference = FluxEngine.load(reference_settings, data_dir).generate(request).images[0]
+
+    assert np.array_equal(pixels(bfl), pixels(reference))
+    assert "BFL layout" in run_doctor(settings, data_dir).render()
+
+
+def test_a_pruned_transformer_loads_with_the_block_counts_of_its_file(
+    single_file_settings: Callable[..., EngineSettings],
+    split_files: dict[str, Path],
+    tiny_dir: Path,
+    data_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """flux.1-lite style: fewer blocks than the config (here the tiny config's 2 single blocks, 1 kept)."""
+    from diffusers import FluxTransformer2DModel
+
+    full = _component(tiny_dir, "FluxTransformer2DModel", "transformer")
+    pruned_state = {
+        k: v for k, v in full.state_dict().items() if not k.startswith("single_transformer_blocks.1.")
+    }
+    pruned_file = tmp_path / "flux1-lite-tiny.safetensors"
+    save_file(diffusers_to_bfl(pruned_state), pruned_file)
+    reference = FluxTransformer2DModel.from_config({**full.config, "num_single_layers": 1})
+    reference.load_state_dict(pruned_state)
+    reference_file = tmp_path / "reference" / "flux1-lite-tiny.safetensors"
+    reference_file.parent.mkdir()
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, reference_file)
+    encoders = {"vae": split_files["vae"], "clip_l": split_files["clip_l"], "t5xxl": split_files["t5xxl"]}
+    request = GenerationRequest(prompt="a lighthouse", seed=4)
+
+    engine = FluxEngine.load(single_file_settings(model=str(pruned_file), **encoders), data_dir)
+    image = engine.generate(request).images[0]
+    expected = FluxEngine.load(single_file_settings(model=str(reference_file), **encoders), data_dir)
+
+    loaded, wanted = engine.pipe.transformer.state_dict(), expected.pipe.transformer.state_dict()
+    assert len(engine.pipe.transformer.single_transformer_blocks) == 1
+    assert engine.pipe.transformer.config == expected.pipe.transformer.config
+    assert set(loaded) == set(wanted) and all(torch.equal(loaded[k], wanted[k]) for k in wanted)
+    # Same weights, same config: the pictures agree up to float rounding in a different engine.
+    assert np.abs(pixels(image) - pixels(expected.generate(request).images[0])).max() <= 1

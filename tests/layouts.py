@@ -1,0 +1,64 @@
+"""Test writers for the file layouts people download, each proven against the reader of that layout
+(see test_sources: the BFL writer against diffusers' converter)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
+    first, second = tensor.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def diffusers_to_bfl(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers FluxTransformer2DModel state dict in Black Forest Labs' layout (flux1-dev.safetensors):
+    the exact inverse of diffusers' convert_flux_transformer_checkpoint_to_diffusers."""
+    out: dict[str, torch.Tensor] = {}
+
+    def move(bfl: str, diffusers: str) -> None:
+        for kind in ("weight", "bias"):
+            if f"{diffusers}.{kind}" in state:
+                out[f"{bfl}.{kind}"] = state[f"{diffusers}.{kind}"]
+
+    def fuse(bfl: str, *parts: str) -> None:
+        for kind in ("weight", "bias"):
+            out[f"{bfl}.{kind}"] = torch.cat([state[f"{p}.{kind}"] for p in parts], dim=0)
+
+    move("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1")
+    move("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2")
+    move("vector_in.in_layer", "time_text_embed.text_embedder.linear_1")
+    move("vector_in.out_layer", "time_text_embed.text_embedder.linear_2")
+    move("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1")
+    move("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2")
+    move("txt_in", "context_embedder")
+    move("img_in", "x_embedder")
+    doubles = {int(k.split(".")[1]) for k in state if k.startswith("transformer_blocks.")}
+    for i in sorted(doubles):
+        d, b = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        move(b + "img_mod.lin", d + "norm1.linear")
+        move(b + "txt_mod.lin", d + "norm1_context.linear")
+        fuse(b + "img_attn.qkv", d + "attn.to_q", d + "attn.to_k", d + "attn.to_v")
+        fuse(b + "txt_attn.qkv", d + "attn.add_q_proj", d + "attn.add_k_proj", d + "attn.add_v_proj")
+        out[b + "img_attn.norm.query_norm.scale"] = state[d + "attn.norm_q.weight"]
+        out[b + "img_attn.norm.key_norm.scale"] = state[d + "attn.norm_k.weight"]
+        out[b + "txt_attn.norm.query_norm.scale"] = state[d + "attn.norm_added_q.weight"]
+        out[b + "txt_attn.norm.key_norm.scale"] = state[d + "attn.norm_added_k.weight"]
+        move(b + "img_mlp.0", d + "ff.net.0.proj")
+        move(b + "img_mlp.2", d + "ff.net.2")
+        move(b + "txt_mlp.0", d + "ff_context.net.0.proj")
+        move(b + "txt_mlp.2", d + "ff_context.net.2")
+        move(b + "img_attn.proj", d + "attn.to_out.0")
+        move(b + "txt_attn.proj", d + "attn.to_add_out")
+    singles = {int(k.split(".")[1]) for k in state if k.startswith("single_transformer_blocks.")}
+    for i in sorted(singles):
+        d, b = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        move(b + "modulation.lin", d + "norm.linear")
+        fuse(b + "linear1", d + "attn.to_q", d + "attn.to_k", d + "attn.to_v", d + "proj_mlp")
+        out[b + "norm.query_norm.scale"] = state[d + "attn.norm_q.weight"]
+        out[b + "norm.key_norm.scale"] = state[d + "attn.norm_k.weight"]
+        move(b + "linear2", d + "proj_out")
+    move("final_layer.linear", "proj_out")
+    for kind in ("weight", "bias"):  # BFL's AdaLayerNorm is (shift, scale); diffusers' (scale, shift)
+        out[f"final_layer.adaLN_modulation.1.{kind}"] = _swap_halves(state[f"norm_out.linear.{kind}"])
+    return {k: v.contiguous() for k, v in out.items()}
