@@ -272,6 +272,11 @@ def _single_file_input(path: Path, dtype: torch.dtype) -> str | dict[str, torch.
     if path.suffix == ".gguf":
         return str(path)
     keys = checkpoint_keys(path)
+    if any(k.endswith((".absmax", ".quant_map")) or "bitsandbytes__nf4" in k for k in keys):
+        raise ModelLoadError(
+            f"{path.name} is a bitsandbytes NF4 file (Forge's all-in-one): not supported yet; use the "
+            "GGUF Q4_0/Q4_K or fp8 file of the same model (fluxbot quantizes it to nf4 on CUDA itself)"
+        )
     scaled = any(k.endswith(".scale_weight") or k == "scaled_fp8" for k in keys)
     foreign = [k for k in keys if k.endswith(UNSUPPORTED_SCALES)]
     if foreign:
@@ -307,6 +312,11 @@ def _load_text_encoder(
     from transformers import AutoConfig, CLIPTextModel, T5EncoderModel
 
     cls = CLIPTextModel if role == "clip_l" else T5EncoderModel
+    if file is not None and file.suffix == ".gguf":
+        raise ModelLoadError(
+            f"engine.{role}: {file.name} is a GGUF text encoder, not supported yet; use the "
+            f"{'t5xxl_fp8_e4m3fn' if role == 't5xxl' else 'clip_l'}.safetensors download instead"
+        )
     config = AutoConfig.from_pretrained(str(config_dir), local_files_only=True)
     try:
         raw = load_file(str(file)) if file is not None else _read_prefixed(checkpoint, role)

@@ -14,7 +14,7 @@ from engine.tiny import ensure_tiny_model
 
 SourceKind = Literal["tiny", "diffusers", "hub", "single_file"]
 TRANSFORMER_SUFFIXES = (".safetensors", ".sft", ".gguf")
-ENCODER_SUFFIXES = (".safetensors", ".sft")
+ENCODER_SUFFIXES = (".safetensors", ".sft", ".gguf")
 # Sub-folders of a Forge (first) or ComfyUI (after) models/ folder, by role.
 CHECKPOINT_DIRS = ("Stable-diffusion", "unet", "diffusion_models", "checkpoints")
 VAE_DIRS = ("VAE", "vae")

@@ -396,3 +396,31 @@ def test_a_pruned_transformer_loads_with_the_block_counts_of_its_file(
     assert set(loaded) == set(wanted) and all(torch.equal(loaded[k], wanted[k]) for k in wanted)
     # Same weights, same config: the pictures agree up to float rounding in a different engine.
     assert np.abs(pixels(image) - pixels(expected.generate(request).images[0])).max() <= 1
+
+
+def test_nf4_and_gguf_text_encoder_files_are_refused_in_one_clear_line(
+    single_file_settings: Callable[..., EngineSettings],
+    split_files: dict[str, Path],
+    data_dir: Path,
+    tmp_path: Path,
+) -> None:
+    nf4 = tmp_path / "flux1-dev-bnb-nf4-v2.safetensors"
+    qkv = "model.diffusion_model.double_blocks.0.img_attn.qkv.weight"
+    packed = {
+        qkv: torch.zeros(8, 1, dtype=torch.uint8),  # two 4-bit values per byte
+        qkv + ".absmax": torch.zeros(1),
+        qkv + ".quant_state.bitsandbytes__nf4": torch.zeros(4, dtype=torch.uint8),
+    }
+    save_file(packed, nf4)
+    t5_gguf = tmp_path / "t5-v1_1-xxl-encoder-Q8_0.gguf"
+    t5_gguf.write_bytes(b"GGUF")
+    encoders = {"vae": split_files["vae"], "clip_l": split_files["clip_l"]}
+
+    with pytest.raises(ModelLoadError, match="bitsandbytes NF4 file .* not supported yet"):
+        FluxEngine.load(
+            single_file_settings(model=str(nf4), t5xxl=split_files["t5xxl"], **encoders), data_dir
+        )
+    with pytest.raises(ModelLoadError, match="GGUF text encoder, not supported yet"):
+        FluxEngine.load(
+            single_file_settings(model=str(split_files["transformer"]), t5xxl=t5_gguf, **encoders), data_dir
+        )
