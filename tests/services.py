@@ -96,10 +96,16 @@ def require_postgres() -> None:
         _unavailable("PostgreSQL", exc)
 
 
+# The databases this test session made: only these are dropped at its end, so two sessions on one
+# server (a developer's run beside .ci/run) never drop each other's databases mid-test.
+_created_here: list[str] = []
+
+
 def create_postgres_database() -> str:
     """A new, empty database for one test; dropped with the others at the end of the session."""
     name = TEST_DB_PREFIX + uuid.uuid4().hex[:16]
     run_sync(lambda: _admin(f'CREATE DATABASE "{name}"'))
+    _created_here.append(name)
     base = POSTGRES_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
     return f"{base}/{name}"
 
@@ -110,11 +116,8 @@ def drop_test_databases() -> None:
 
         conn = await asyncpg.connect(POSTGRES_URL, timeout=5)
         try:
-            rows = await conn.fetch(
-                "SELECT datname FROM pg_database WHERE datname LIKE $1", TEST_DB_PREFIX + "%"
-            )
-            for row in rows:
-                await conn.execute(f'DROP DATABASE IF EXISTS "{row["datname"]}" WITH (FORCE)')
+            for name in _created_here:
+                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await conn.close()
 
