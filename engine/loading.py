@@ -157,8 +157,14 @@ def inspect_checkpoint(source: ModelSource, settings: EngineSettings) -> Checkpo
         role: any(k.startswith(p) for k in keys for p in prefixes)
         for role, prefixes in EMBEDDED_PREFIXES.items()
     }
-    if (source.clip_l is None and not embedded["clip_l"]) or (source.t5xxl is None and not embedded["t5xxl"]):
+    lacking = [role for role in ("clip_l", "t5xxl") if getattr(source, role) is None and not embedded[role]]
+    if len(lacking) == 2:
         raise ModelLoadError(f"{source.transformer.name}: {NO_TEXT_ENCODERS}")
+    if lacking:
+        raise ModelLoadError(
+            f"{source.transformer.name}: no {lacking[0]} text encoder found (the other one is): "
+            f"set engine.{lacking[0]} to its file (.safetensors, or .gguf for T5)"
+        )
     if source.vae is None and not embedded["vae"]:
         raise ModelLoadError(f"{source.transformer.name}: no VAE found: set engine.vae to ae.safetensors")
     variant = settings.variant
@@ -312,19 +318,17 @@ def _load_text_encoder(
     from transformers import AutoConfig, CLIPTextModel, T5EncoderModel
 
     cls = CLIPTextModel if role == "clip_l" else T5EncoderModel
-    if file is not None and file.suffix == ".gguf":
-        raise ModelLoadError(
-            f"engine.{role}: {file.name} is a GGUF text encoder, not supported yet; use the "
-            f"{'t5xxl_fp8_e4m3fn' if role == 't5xxl' else 'clip_l'}.safetensors download instead"
-        )
     config = AutoConfig.from_pretrained(str(config_dir), local_files_only=True)
-    try:
-        raw = load_file(str(file)) if file is not None else _read_prefixed(checkpoint, role)
-    except Exception as exc:
-        raise ModelLoadError(f"engine.{role}: {file} is not a readable .safetensors file: {exc}") from exc
-    state = _upcast(raw, dtype)
     with torch.device("meta"):
         model = cls(config)
+    if file is not None and file.suffix == ".gguf":
+        raw = _read_gguf_text_encoder(file, role, set(model.state_dict()), config)
+    else:
+        try:
+            raw = load_file(str(file)) if file is not None else _read_prefixed(checkpoint, role)
+        except Exception as exc:
+            raise ModelLoadError(f"engine.{role}: {file} is not a readable .safetensors file: {exc}") from exc
+    state = _upcast(raw, dtype)
     state = _match_keys(state, set(model.state_dict()))
     missing, _ = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not k.endswith(("position_ids", "embed_tokens.weight"))]
@@ -342,6 +346,48 @@ def _load_text_encoder(
                     name, torch.arange(buffer.shape[-1]).expand(buffer.shape), persistent=False
                 )
     return model.eval()
+
+
+def _read_gguf_text_encoder(
+    path: Path, role: str, expected: set[str], config: Any
+) -> dict[str, torch.Tensor]:
+    """city96's T5 encoder GGUF (t5-v1_1-xxl-encoder-Q8_0.gguf...), read with gguf-py and dequantized,
+    under the names the model expects: llama.cpp's tensor-name table (gguf-py's, which wrote those
+    files) run backwards. Not transformers' own GGUF loader: for T5 v1.1 it sets the gated
+    feed-forward but keeps the relu activation, so its embeddings are wrong."""
+    import gguf
+
+    if role != "t5xxl":
+        raise ModelLoadError(f"engine.{role}: {path.name}: only T5 text encoders can be GGUF files")
+    try:
+        reader = gguf.GGUFReader(str(path))
+        architecture = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    except Exception as exc:  # any parser error means the same to the operator
+        raise ModelLoadError(f"engine.{role}: {path.name} is not a readable GGUF file: {exc}") from exc
+    if architecture not in ("t5encoder", "t5"):
+        raise ModelLoadError(f"engine.{role}: {path.name} holds a {architecture!r} model, not a T5 encoder")
+    field = reader.fields.get(f"{architecture}.block_count")
+    blocks = int(field.parts[-1][0]) if field is not None else config.num_layers
+    if blocks != config.num_layers:
+        raise ModelLoadError(
+            f"engine.{role}: {path.name} has {blocks} blocks, the T5 config {config.num_layers}: "
+            "set engine.configs to a folder whose text_encoder_2 config matches it"
+        )
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.T5ENCODER, blocks)
+    to_model = {
+        gguf_name: key
+        for key in expected
+        if (gguf_name := names.get_name(key, try_suffixes=(".weight", ".bias"))) is not None
+    }
+    state: dict[str, torch.Tensor] = {}
+    for tensor in reader.tensors:
+        key = to_model.get(tensor.name)
+        if key is None:
+            raise ModelLoadError(f"engine.{role}: {path.name}: unexpected tensor {tensor.name}")
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions innermost first
+        state[key] = torch.from_numpy(values.reshape(shape).copy())
+    return state
 
 
 def _match_keys(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:

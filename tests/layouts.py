@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 
@@ -62,3 +64,30 @@ def diffusers_to_bfl(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for kind in ("weight", "bias"):  # BFL's AdaLayerNorm is (shift, scale); diffusers' (scale, shift)
         out[f"final_layer.adaLN_modulation.1.{kind}"] = _swap_halves(state[f"norm_out.linear.{kind}"])
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def write_t5_gguf(state: dict[str, torch.Tensor], blocks: int, path: Path, quant: str = "Q8_0") -> None:
+    """city96's T5 encoder GGUF layout (t5-v1_1-xxl-encoder-Q8_0.gguf): llama.cpp's tensor names from
+    gguf-py's table, arch t5encoder, 2-D weights quantized where their rows fit the block size."""
+    import gguf
+    import numpy as np
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.T5ENCODER, blocks)
+    qtype = gguf.GGMLQuantizationType[quant]
+    block_size, _ = gguf.GGML_QUANT_SIZES[qtype]
+    writer = gguf.GGUFWriter(str(path), arch="t5encoder")
+    writer.add_block_count(blocks)
+    for key, tensor in state.items():
+        if key == "encoder.embed_tokens.weight":
+            continue  # tied to shared.weight (token_embd), stored once
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        assert name is not None, key
+        data = tensor.detach().float().numpy()
+        if data.ndim == 2 and data.shape[-1] % block_size == 0 and "rel_b" not in name:
+            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, np.ascontiguousarray(data))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

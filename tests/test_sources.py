@@ -20,7 +20,7 @@ from engine.settings import EngineSettings
 from engine.sources import NO_TEXT_ENCODERS, locate_model
 from engine.transformer_layout import BFL_PREFIX, bfl_to_diffusers
 from tests.conftest import pixels
-from tests.layouts import diffusers_to_bfl
+from tests.layouts import diffusers_to_bfl, write_t5_gguf
 
 
 def _component(tiny_dir: Path, cls_name: str, subfolder: str) -> torch.nn.Module:
@@ -398,7 +398,7 @@ def test_a_pruned_transformer_loads_with_the_block_counts_of_its_file(
     assert np.abs(pixels(image) - pixels(expected.generate(request).images[0])).max() <= 1
 
 
-def test_nf4_and_gguf_text_encoder_files_are_refused_in_one_clear_line(
+def test_nf4_files_and_unreadable_gguf_text_encoders_are_refused_in_one_clear_line(
     single_file_settings: Callable[..., EngineSettings],
     split_files: dict[str, Path],
     data_dir: Path,
@@ -420,7 +420,53 @@ def test_nf4_and_gguf_text_encoder_files_are_refused_in_one_clear_line(
         FluxEngine.load(
             single_file_settings(model=str(nf4), t5xxl=split_files["t5xxl"], **encoders), data_dir
         )
-    with pytest.raises(ModelLoadError, match="GGUF text encoder, not supported yet"):
+    with pytest.raises(
+        ModelLoadError, match="engine.t5xxl: t5-v1_1-xxl-encoder-Q8_0.gguf is not a readable GGUF"
+    ):
         FluxEngine.load(
             single_file_settings(model=str(split_files["transformer"]), t5xxl=t5_gguf, **encoders), data_dir
         )
+
+
+def test_t5_gguf_text_encoder_draws_like_its_own_decoded_weights(
+    single_file_settings: Callable[..., EngineSettings],
+    split_files: dict[str, Path],
+    tiny_dir: Path,
+    data_dir: Path,
+    tmp_path: Path,
+) -> None:
+    import gguf
+
+    t5 = _component(tiny_dir, "T5EncoderModel", "text_encoder_2")
+    state = t5.state_dict()
+    encoder = tmp_path / "t5-v1_1-xxl-encoder-Q8_0.gguf"
+    write_t5_gguf(state, t5.config.num_layers, encoder)
+    # What the file decodes to, by gguf-py's own reader: the weights a correct loader must use.
+    decoded = {
+        t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(
+            tuple(int(n) for n in reversed(t.shape))
+        )
+        for t in gguf.GGUFReader(str(encoder)).tensors
+    }
+    assert any(t.tensor_type == gguf.GGMLQuantizationType.Q8_0 for t in gguf.GGUFReader(str(encoder)).tensors)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.T5ENCODER, t5.config.num_layers)
+    reference_state = {
+        key: torch.from_numpy(decoded[names.get_name(key, try_suffixes=(".weight", ".bias"))].copy())
+        for key in state
+        if key != "encoder.embed_tokens.weight"
+    }
+    reference = tmp_path / "t5xxl_decoded.safetensors"
+    save_file(reference_state, reference)
+    common = {
+        "model": str(split_files["transformer"]),
+        "vae": split_files["vae"],
+        "clip_l": split_files["clip_l"],
+    }
+    request = GenerationRequest(prompt="a quiet harbour", seed=8)
+
+    from_gguf = FluxEngine.load(single_file_settings(t5xxl=encoder, **common), data_dir)
+    from_decoded = FluxEngine.load(single_file_settings(t5xxl=reference, **common), data_dir)
+
+    assert np.array_equal(
+        pixels(from_gguf.generate(request).images[0]), pixels(from_decoded.generate(request).images[0])
+    )
