@@ -128,6 +128,8 @@ def describe_layout(path: Path) -> str:
         kind = "BFL layout" if any("double_blocks." in k for k in keys) else "diffusers layout"
         if any(k.endswith(".scale_weight") or k == "scaled_fp8" for k in keys):
             kind += ", fp8_scaled: its per-tensor scales are multiplied in on load"
+        if any(k.endswith(".absmax") for k in keys):
+            kind += ", bitsandbytes NF4: dequantized on load, then quantized per the plan"
         if path.suffix == ".sft":
             kind += ", .sft (read as safetensors)"
     doubles = {k.split(".")[1] for k in keys if k.startswith(("double_blocks.", "transformer_blocks."))}
@@ -278,11 +280,7 @@ def _single_file_input(path: Path, dtype: torch.dtype) -> str | dict[str, torch.
     if path.suffix == ".gguf":
         return str(path)
     keys = checkpoint_keys(path)
-    if any(k.endswith((".absmax", ".quant_map")) or "bitsandbytes__nf4" in k for k in keys):
-        raise ModelLoadError(
-            f"{path.name} is a bitsandbytes NF4 file (Forge's all-in-one): not supported yet; use the "
-            "GGUF Q4_0/Q4_K or fp8 file of the same model (fluxbot quantizes it to nf4 on CUDA itself)"
-        )
+    packed_4bit = any(k.endswith(".absmax") for k in keys)
     scaled = any(k.endswith(".scale_weight") or k == "scaled_fp8" for k in keys)
     foreign = [k for k in keys if k.endswith(UNSUPPORTED_SCALES)]
     if foreign:
@@ -290,10 +288,48 @@ def _single_file_input(path: Path, dtype: torch.dtype) -> str | dict[str, torch.
             f"{path.name} holds quantization scales fluxbot cannot apply ({foreign[0]}): it would draw "
             "wrong pictures, so it is refused; use a bf16, fp8 (e4m3fn), fp8_scaled or GGUF file"
         )
-    if path.suffix == ".safetensors" and not scaled:
+    if path.suffix == ".safetensors" and not scaled and not packed_4bit:
         return str(path)
     state = _read_all(path)
+    if packed_4bit:
+        state = dequantize_bnb_4bit(state, dtype, path.name)
     return _upcast(state, dtype) if scaled else state
+
+
+# The tensors bitsandbytes stores beside each packed 4-bit weight (QuantState.as_dict(packed=True)).
+BNB_STATE_SUFFIXES = (
+    "absmax",
+    "quant_map",
+    "nested_absmax",
+    "nested_quant_map",
+    "quant_state.bitsandbytes__nf4",
+    "quant_state.bitsandbytes__fp4",
+)
+
+
+def dequantize_bnb_4bit(
+    state: dict[str, torch.Tensor], dtype: torch.dtype, name: str
+) -> dict[str, torch.Tensor]:
+    """Forge's NF4 files (flux1-dev-bnb-nf4-v2.safetensors): every packed 4-bit weight decoded with
+    bitsandbytes' own QuantState.from_dict and dequantize_4bit (exact, CPU too). The result is
+    quantized again per the plan (nf4 on CUDA, the CPU tier elsewhere); the other tensors pass."""
+    try:
+        from bitsandbytes.functional import QuantState, dequantize_4bit
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"{name} is a bitsandbytes NF4 file: install bitsandbytes "
+            "(pip install 'fluxbot[quant]') to read it"
+        ) from exc
+    packed = [k.removesuffix(".absmax") for k in state if k.endswith(".absmax")]
+    out = dict(state)
+    for weight in packed:
+        parts = {s: out.pop(f"{weight}.{s}") for s in BNB_STATE_SUFFIXES if f"{weight}.{s}" in out}
+        try:
+            quant_state = QuantState.from_dict(parts, device=torch.device("cpu"))
+            out[weight] = dequantize_4bit(out[weight], quant_state).to(dtype)
+        except Exception as exc:  # a layout bitsandbytes cannot read: refused, never drawn wrong
+            raise ModelLoadError(f"{name}: {weight} cannot be decoded as bitsandbytes 4-bit ({exc})") from exc
+    return out
 
 
 def _read_prefixed(path: Path, role: str) -> dict[str, torch.Tensor]:

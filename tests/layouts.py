@@ -91,3 +91,31 @@ def write_t5_gguf(state: dict[str, torch.Tensor], blocks: int, path: Path, quant
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def write_forge_nf4(
+    transformer: dict[str, torch.Tensor], embedded: dict[str, dict[str, torch.Tensor]], path: Path
+) -> dict[str, torch.Tensor]:
+    """Forge's all-in-one NF4 layout (flux1-dev-bnb-nf4-v2.safetensors): the BFL transformer under
+    `model.diffusion_model.`, its 2-D weights packed by bitsandbytes' quantize_4bit with the quant state
+    bitsandbytes itself serialises (QuantState.as_dict(packed=True)), VAE and text encoders embedded
+    under their prefixes. Returns the BFL weights the file decodes to (bitsandbytes' dequantize_4bit)."""
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+    from safetensors.torch import save_file
+
+    out: dict[str, torch.Tensor] = {}
+    decoded: dict[str, torch.Tensor] = {}
+    for key, tensor in diffusers_to_bfl(transformer).items():
+        name = "model.diffusion_model." + key
+        if key.endswith(".weight") and tensor.dim() == 2:
+            packed, state = quantize_4bit(tensor.float(), quant_type="nf4", compress_statistics=True)
+            out[name] = packed
+            out.update({f"{name}.{k}": v for k, v in state.as_dict(packed=True).items()})
+            decoded[key] = dequantize_4bit(packed, state)
+        else:
+            out[name] = tensor
+            decoded[key] = tensor.float()
+    for prefix, component in embedded.items():
+        out.update({prefix + k: v.contiguous() for k, v in component.items()})
+    save_file(out, path)
+    return decoded

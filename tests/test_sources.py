@@ -20,7 +20,7 @@ from engine.settings import EngineSettings
 from engine.sources import NO_TEXT_ENCODERS, locate_model
 from engine.transformer_layout import BFL_PREFIX, bfl_to_diffusers
 from tests.conftest import pixels
-from tests.layouts import diffusers_to_bfl, write_t5_gguf
+from tests.layouts import diffusers_to_bfl, write_forge_nf4, write_t5_gguf
 
 
 def _component(tiny_dir: Path, cls_name: str, subfolder: str) -> torch.nn.Module:
@@ -398,34 +398,25 @@ def test_a_pruned_transformer_loads_with_the_block_counts_of_its_file(
     assert np.abs(pixels(image) - pixels(expected.generate(request).images[0])).max() <= 1
 
 
-def test_nf4_files_and_unreadable_gguf_text_encoders_are_refused_in_one_clear_line(
+def test_an_unreadable_gguf_text_encoder_is_refused_in_one_clear_line(
     single_file_settings: Callable[..., EngineSettings],
     split_files: dict[str, Path],
     data_dir: Path,
     tmp_path: Path,
 ) -> None:
-    nf4 = tmp_path / "flux1-dev-bnb-nf4-v2.safetensors"
-    qkv = "model.diffusion_model.double_blocks.0.img_attn.qkv.weight"
-    packed = {
-        qkv: torch.zeros(8, 1, dtype=torch.uint8),  # two 4-bit values per byte
-        qkv + ".absmax": torch.zeros(1),
-        qkv + ".quant_state.bitsandbytes__nf4": torch.zeros(4, dtype=torch.uint8),
-    }
-    save_file(packed, nf4)
     t5_gguf = tmp_path / "t5-v1_1-xxl-encoder-Q8_0.gguf"
     t5_gguf.write_bytes(b"GGUF")
-    encoders = {"vae": split_files["vae"], "clip_l": split_files["clip_l"]}
+    settings = single_file_settings(
+        model=str(split_files["transformer"]),
+        vae=split_files["vae"],
+        clip_l=split_files["clip_l"],
+        t5xxl=t5_gguf,
+    )
 
-    with pytest.raises(ModelLoadError, match="bitsandbytes NF4 file .* not supported yet"):
-        FluxEngine.load(
-            single_file_settings(model=str(nf4), t5xxl=split_files["t5xxl"], **encoders), data_dir
-        )
     with pytest.raises(
         ModelLoadError, match="engine.t5xxl: t5-v1_1-xxl-encoder-Q8_0.gguf is not a readable GGUF"
     ):
-        FluxEngine.load(
-            single_file_settings(model=str(split_files["transformer"]), t5xxl=t5_gguf, **encoders), data_dir
-        )
+        FluxEngine.load(settings, data_dir)
 
 
 def test_t5_gguf_text_encoder_draws_like_its_own_decoded_weights(
@@ -470,3 +461,62 @@ def test_t5_gguf_text_encoder_draws_like_its_own_decoded_weights(
     assert np.array_equal(
         pixels(from_gguf.generate(request).images[0]), pixels(from_decoded.generate(request).images[0])
     )
+
+
+def test_forge_nf4_all_in_one_is_dequantized_and_its_embedded_parts_used(
+    single_file_settings: Callable[..., EngineSettings],
+    split_files: dict[str, Path],
+    tiny_dir: Path,
+    data_dir: Path,
+    tmp_path: Path,
+) -> None:
+    from bitsandbytes.functional import QuantState, dequantize_4bit
+    from safetensors.torch import load_file
+
+    transformer = _component(tiny_dir, "FluxTransformer2DModel", "transformer").state_dict()
+    t5 = _component(tiny_dir, "T5EncoderModel", "text_encoder_2").state_dict()
+    embedded = {
+        "vae.": load_file(str(split_files["vae"])),
+        "text_encoders.clip_l.transformer.": load_file(str(split_files["clip_l"])),
+        "text_encoders.t5xxl.transformer.": {
+            k: v for k, v in t5.items() if k != "encoder.embed_tokens.weight"
+        },
+    }
+    nf4 = tmp_path / "flux1-dev-bnb-nf4-v2.safetensors"
+    decoded = write_forge_nf4(transformer, embedded, nf4)
+    # The writer is bitsandbytes' own serialisation: read back through QuantState.from_dict it decodes
+    # to the same weights.
+    raw = load_file(str(nf4))
+    key = "model.diffusion_model.double_blocks.0.img_attn.qkv.weight"
+    parts = {k.removeprefix(key + "."): v for k, v in raw.items() if k.startswith(key + ".")}
+    state = QuantState.from_dict(parts, device=torch.device("cpu"))
+    assert torch.equal(dequantize_4bit(raw[key], state), decoded["double_blocks.0.img_attn.qkv.weight"])
+    reference = tmp_path / "decoded" / "flux1-dev.safetensors"
+    reference.parent.mkdir()
+    save_file({k: v.contiguous() for k, v in decoded.items()}, reference)
+    request = GenerationRequest(prompt="a quiet harbour", seed=6)
+
+    all_in_one = FluxEngine.load(single_file_settings(model=str(nf4)), data_dir)
+    expected = FluxEngine.load(
+        single_file_settings(
+            model=str(reference),
+            vae=split_files["vae"],
+            clip_l=split_files["clip_l"],
+            t5xxl=_t5_file(tmp_path, embedded["text_encoders.t5xxl.transformer."]),
+        ),
+        data_dir,
+    )
+
+    assert np.array_equal(
+        pixels(all_in_one.generate(request).images[0]), pixels(expected.generate(request).images[0])
+    )
+    assert (
+        "bitsandbytes NF4: dequantized on load"
+        in run_doctor(single_file_settings(model=str(nf4)), data_dir).render()
+    )
+
+
+def _t5_file(folder: Path, state: dict[str, torch.Tensor]) -> Path:
+    path = folder / "t5xxl_fp32.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, path)
+    return path
