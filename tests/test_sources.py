@@ -520,3 +520,65 @@ def _t5_file(folder: Path, state: dict[str, torch.Tensor]) -> Path:
     path = folder / "t5xxl_fp32.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, path)
     return path
+
+
+def test_kijai_fp8_transformer_draws_with_its_fp8_weights_upcast(
+    single_file_settings: Callable[..., EngineSettings],
+    split_files: dict[str, Path],
+    tiny_dir: Path,
+    data_dir: Path,
+    tmp_path: Path,
+) -> None:
+    state = _component(tiny_dir, "FluxTransformer2DModel", "transformer").state_dict()
+    fp8 = {k: (v.to(torch.float8_e4m3fn) if v.dim() == 2 else v.contiguous()) for k, v in state.items()}
+    kijai = tmp_path / "flux1-dev-fp8-e4m3fn.safetensors"
+    save_file(diffusers_to_bfl(fp8), kijai)
+    decoded = tmp_path / "decoded" / "flux1-dev.safetensors"
+    decoded.parent.mkdir()
+    save_file({k: v.float().contiguous() for k, v in fp8.items()}, decoded)
+    encoders = {"vae": split_files["vae"], "clip_l": split_files["clip_l"], "t5xxl": split_files["t5xxl"]}
+    request = GenerationRequest(prompt="a windmill", seed=12)
+
+    def draw(path: Path) -> np.ndarray:
+        return pixels(
+            FluxEngine.load(single_file_settings(model=str(path), **encoders), data_dir)
+            .generate(request)
+            .images[0]
+        )
+
+    assert np.array_equal(draw(kijai), draw(decoded))
+
+
+def test_gguf_q4_0_transformer_draws_with_its_own_decoded_weights(
+    single_file_settings: Callable[..., EngineSettings],
+    split_files: dict[str, Path],
+    tiny_dir: Path,
+    data_dir: Path,
+    tmp_path: Path,
+) -> None:
+    import gguf
+
+    state = _component(tiny_dir, "FluxTransformer2DModel", "transformer").state_dict()
+    q4 = write_gguf(state, tmp_path / "flux1-tiny-Q4_0.gguf", "Q4_0")
+    decoded = {
+        t.name: torch.from_numpy(
+            gguf.quants.dequantize(t.data, t.tensor_type)
+            .reshape(tuple(int(n) for n in reversed(t.shape)))
+            .copy()
+        )
+        for t in gguf.GGUFReader(str(q4)).tensors
+    }
+    reference = tmp_path / "decoded" / "flux1-tiny.safetensors"
+    reference.parent.mkdir()
+    save_file(decoded, reference)
+    encoders = {"vae": split_files["vae"], "clip_l": split_files["clip_l"], "t5xxl": split_files["t5xxl"]}
+    request = GenerationRequest(prompt="a windmill", seed=12)
+
+    def draw(path: Path) -> np.ndarray:
+        return pixels(
+            FluxEngine.load(single_file_settings(model=str(path), **encoders), data_dir)
+            .generate(request)
+            .images[0]
+        )
+
+    assert np.abs(draw(q4) - draw(reference)).max() <= 1  # GGUF matmuls dequantize on the fly
