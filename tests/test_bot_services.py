@@ -376,3 +376,24 @@ async def test_each_job_logs_one_structured_line(
     entry = json.loads(JsonFormatter().format(lines[0]))
     assert (entry["job_id"], entry["user_id"], entry["outcome"]) == (ticket.job_id, ALICE.user_id, "done")
     assert entry["timings"]["total_s"] > 0 and entry["msg"].startswith(f"job {ticket.job_id} user")
+
+
+async def test_admins_see_and_cancel_only_the_jobs_of_their_own_guild(
+    app: tuple[App, RecordingEvents],
+) -> None:
+    studio, admin = app[0].studio, app[0].admin
+    app[0].queue.pause()
+    here = await studio.imagine(ALICE, GenerationRequest(prompt="a local owl"))
+    elsewhere = await studio.imagine(replace(BOB, guild_id=999), GenerationRequest(prompt="a far owl"))
+    in_dm = await studio.imagine(replace(BOB, guild_id=None), GenerationRequest(prompt="a private owl"))
+
+    view = admin.queue(ADMIN)
+    with pytest.raises(NotFound, match=f"no job {elsewhere.job_id} that you can see"):
+        await admin.cancel(ADMIN, elsewhere.job_id)
+    with pytest.raises(NotFound):
+        await admin.cancel(ADMIN, in_dm.job_id)
+    await admin.cancel(ADMIN, here.job_id)
+
+    assert [e.job_id for e in view.entries] == [here.job_id] and view.elsewhere == 2
+    job = await app[0].jobs.get(here.job_id)
+    assert job is not None and job.status == JobStatus.CANCELLED
