@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import GUILD_ID, start_bot
+from harness import start_bot
 
 from bot.services.studio import Requester
 from engine.api import GenerationRequest

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from engine.gguf_writer import write_gguf
+
 
 def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
     first, second = tensor.chunk(2, dim=0)
@@ -68,29 +70,19 @@ def diffusers_to_bfl(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def write_t5_gguf(state: dict[str, torch.Tensor], blocks: int, path: Path, quant: str = "Q8_0") -> None:
     """city96's T5 encoder GGUF layout (t5-v1_1-xxl-encoder-Q8_0.gguf): llama.cpp's tensor names from
-    gguf-py's table, arch t5encoder, 2-D weights quantized where their rows fit the block size."""
+    gguf-py's table, arch t5encoder, 2-D weights quantized where their rows fit the block size, the
+    relative-attention bias kept in F32, the tied embed_tokens stored once (as token_embd)."""
     import gguf
-    import numpy as np
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.T5ENCODER, blocks)
-    qtype = gguf.GGMLQuantizationType[quant]
-    block_size, _ = gguf.GGML_QUANT_SIZES[qtype]
-    writer = gguf.GGUFWriter(str(path), arch="t5encoder")
-    writer.add_block_count(blocks)
-    for key, tensor in state.items():
-        if key == "encoder.embed_tokens.weight":
-            continue  # tied to shared.weight (token_embd), stored once
-        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
-        assert name is not None, key
-        data = tensor.detach().float().numpy()
-        if data.ndim == 2 and data.shape[-1] % block_size == 0 and "rel_b" not in name:
-            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
-        else:
-            writer.add_tensor(name, np.ascontiguousarray(data))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    table = gguf.get_tensor_name_map(gguf.MODEL_ARCH.T5ENCODER, blocks)
+    names = {
+        key: name
+        for key in state
+        if key != "encoder.embed_tokens.weight"
+        and (name := table.get_name(key, try_suffixes=(".weight", ".bias"))) is not None
+    }
+    assert len(names) == len(state) - ("encoder.embed_tokens.weight" in state)
+    write_gguf(state, path, quant, arch="t5encoder", names=names, keep_float=("rel_b",), block_count=blocks)
 
 
 def write_forge_nf4(

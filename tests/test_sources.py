@@ -63,6 +63,26 @@ def single_file_settings(
     return make
 
 
+def separate_encoders(split_files: dict[str, Path]) -> dict[str, Path]:
+    return {"vae": split_files["vae"], "clip_l": split_files["clip_l"], "t5xxl": split_files["t5xxl"]}
+
+
+def draw_with(settings: EngineSettings, data_dir: Path, request: GenerationRequest) -> np.ndarray:
+    return pixels(FluxEngine.load(settings, data_dir).generate(request).images[0])
+
+
+def gguf_decoded(path: Path) -> dict[str, np.ndarray]:
+    """A GGUF file's tensors as gguf-py itself decodes them (the reference a loader must match)."""
+    import gguf
+
+    return {
+        t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(
+            tuple(int(n) for n in reversed(t.shape))
+        )
+        for t in gguf.GGUFReader(str(path)).tensors
+    }
+
+
 def test_single_safetensors_with_separate_vae_and_text_encoders_generates_like_the_folder(
     single_file_settings: Callable[..., EngineSettings],
     split_files: dict[str, Path],
@@ -225,12 +245,11 @@ def test_fp8_scaled_transformer_draws_with_its_scales_applied(
         {k: (v.float() if v.dtype == torch.float8_e4m3fn else v) for k, v in load_scaled(scaled).items()},
         unscaled_file,
     )
-    encoders = {"vae": split_files["vae"], "clip_l": split_files["clip_l"], "t5xxl": split_files["t5xxl"]}
+    encoders = separate_encoders(split_files)
     request = GenerationRequest(prompt="a lighthouse", seed=5)
 
     def draw(path: Path) -> np.ndarray:
-        engine = FluxEngine.load(single_file_settings(model=str(path), **encoders), data_dir)
-        return pixels(engine.generate(request).images[0])
+        return draw_with(single_file_settings(model=str(path), **encoders), data_dir, request)
 
     drawn, reference, dropped = draw(scaled), draw(reference_file), draw(unscaled_file)
 
@@ -262,7 +281,7 @@ def test_fp8_with_scales_of_another_scheme_is_refused(
     odd[key.removesuffix(".weight") + ".weight_scale"] = torch.ones(1)  # ModelOpt's naming
     path = tmp_path / "flux1-modelopt-fp8.safetensors"
     save_file(odd, path)
-    encoders = {"vae": split_files["vae"], "clip_l": split_files["clip_l"], "t5xxl": split_files["t5xxl"]}
+    encoders = separate_encoders(split_files)
 
     with pytest.raises(ModelLoadError, match="cannot apply .* refused"):
         FluxEngine.load(single_file_settings(model=str(path), **encoders), data_dir)
@@ -383,7 +402,7 @@ def test_a_pruned_transformer_loads_with_the_block_counts_of_its_file(
     reference_file = tmp_path / "reference" / "flux1-lite-tiny.safetensors"
     reference_file.parent.mkdir()
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, reference_file)
-    encoders = {"vae": split_files["vae"], "clip_l": split_files["clip_l"], "t5xxl": split_files["t5xxl"]}
+    encoders = separate_encoders(split_files)
     request = GenerationRequest(prompt="a lighthouse", seed=4)
 
     engine = FluxEngine.load(single_file_settings(model=str(pruned_file), **encoders), data_dir)
@@ -433,12 +452,7 @@ def test_t5_gguf_text_encoder_draws_like_its_own_decoded_weights(
     encoder = tmp_path / "t5-v1_1-xxl-encoder-Q8_0.gguf"
     write_t5_gguf(state, t5.config.num_layers, encoder)
     # What the file decodes to, by gguf-py's own reader: the weights a correct loader must use.
-    decoded = {
-        t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(
-            tuple(int(n) for n in reversed(t.shape))
-        )
-        for t in gguf.GGUFReader(str(encoder)).tensors
-    }
+    decoded = gguf_decoded(encoder)
     assert any(t.tensor_type == gguf.GGMLQuantizationType.Q8_0 for t in gguf.GGUFReader(str(encoder)).tensors)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.T5ENCODER, t5.config.num_layers)
     reference_state = {
@@ -536,15 +550,11 @@ def test_kijai_fp8_transformer_draws_with_its_fp8_weights_upcast(
     decoded = tmp_path / "decoded" / "flux1-dev.safetensors"
     decoded.parent.mkdir()
     save_file({k: v.float().contiguous() for k, v in fp8.items()}, decoded)
-    encoders = {"vae": split_files["vae"], "clip_l": split_files["clip_l"], "t5xxl": split_files["t5xxl"]}
+    encoders = separate_encoders(split_files)
     request = GenerationRequest(prompt="a windmill", seed=12)
 
     def draw(path: Path) -> np.ndarray:
-        return pixels(
-            FluxEngine.load(single_file_settings(model=str(path), **encoders), data_dir)
-            .generate(request)
-            .images[0]
-        )
+        return draw_with(single_file_settings(model=str(path), **encoders), data_dir, request)
 
     assert np.array_equal(draw(kijai), draw(decoded))
 
@@ -556,29 +566,16 @@ def test_gguf_q4_0_transformer_draws_with_its_own_decoded_weights(
     data_dir: Path,
     tmp_path: Path,
 ) -> None:
-    import gguf
-
     state = _component(tiny_dir, "FluxTransformer2DModel", "transformer").state_dict()
     q4 = write_gguf(state, tmp_path / "flux1-tiny-Q4_0.gguf", "Q4_0")
-    decoded = {
-        t.name: torch.from_numpy(
-            gguf.quants.dequantize(t.data, t.tensor_type)
-            .reshape(tuple(int(n) for n in reversed(t.shape)))
-            .copy()
-        )
-        for t in gguf.GGUFReader(str(q4)).tensors
-    }
+    decoded = {name: torch.from_numpy(values.copy()) for name, values in gguf_decoded(q4).items()}
     reference = tmp_path / "decoded" / "flux1-tiny.safetensors"
     reference.parent.mkdir()
     save_file(decoded, reference)
-    encoders = {"vae": split_files["vae"], "clip_l": split_files["clip_l"], "t5xxl": split_files["t5xxl"]}
+    encoders = separate_encoders(split_files)
     request = GenerationRequest(prompt="a windmill", seed=12)
 
     def draw(path: Path) -> np.ndarray:
-        return pixels(
-            FluxEngine.load(single_file_settings(model=str(path), **encoders), data_dir)
-            .generate(request)
-            .images[0]
-        )
+        return draw_with(single_file_settings(model=str(path), **encoders), data_dir, request)
 
     assert np.abs(draw(q4) - draw(reference)).max() <= 1  # GGUF matmuls dequantize on the fly
