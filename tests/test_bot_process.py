@@ -206,12 +206,10 @@ async def test_kill_9_right_after_the_acknowledgements_loses_none_in_redis_mode(
     assert set(uploads_per_token(fake, list(tokens)).values()) == {1}
 
 
-async def test_sigterm_during_a_slow_upload_delivers_it_before_exiting_in_redis_mode(
-    bot_process: BotProcess, fake: FakeDiscord, redis_worker: WorkerProcess
-) -> None:
+async def sigterm_during_a_slow_upload(bot_process: BotProcess, fake: FakeDiscord) -> None:
     await bot_process.start()
-    fake.upload_delay_s = 4.0
-    token = await fake.slash("imagine", [opt("prompt", "a slow redis upload")], fake.member(ALICE, "alice"))
+    fake.upload_delay_s = 4.0  # Discord takes 4 s to take the PNG
+    token = await fake.slash("imagine", [opt("prompt", "a slow upload")], fake.member(ALICE, "alice"))
     await fake.wait_for(lambda: any(c.files and token in c.path for c in fake.calls), timeout=60)
 
     assert await bot_process.signal(signal.SIGTERM) == 0
@@ -221,16 +219,14 @@ async def test_sigterm_during_a_slow_upload_delivers_it_before_exiting_in_redis_
     assert uploads_per_token(fake, [token]) == Counter({token: 1})
 
 
-async def test_sigterm_with_the_database_locked_in_redis_mode_exits_within_grace_and_loses_nothing(
-    bot_process: BotProcess, fake: FakeDiscord, redis_worker: WorkerProcess
-) -> None:
-    """The worker finishes its job while the bot cannot write it down and is asked to stop: the bot
-    exits within its grace, the outcome waits in Redis, and the next start records and delivers it."""
+async def sigterm_with_the_database_locked(bot_process: BotProcess, fake: FakeDiscord) -> None:
+    """The job finishes while the bot cannot write it down and is asked to stop: the bot exits within
+    its grace, the job waits (in the store, or its outcome in Redis) and the next start delivers it."""
     bot_process.env["FLUXBOT_SHUTDOWN_GRACE_S"] = "3"
     await bot_process.start()
     token = await fake.slash(
         "imagine",
-        [opt("prompt", "a locked redis owl"), opt("steps", 30, 4), opt("size", "384x384")],
+        [opt("prompt", "a locked owl"), opt("steps", 30, 4), opt("size", "384x384")],
         fake.member(ALICE, "alice"),
     )
     await fake.wait_for(lambda: (m := fake.original(token)) and "steps" in m["content"], timeout=60)
@@ -249,38 +245,25 @@ async def test_sigterm_with_the_database_locked_in_redis_mode_exits_within_grace
 async def test_sigterm_during_a_slow_upload_delivers_it_before_exiting(
     bot_process: BotProcess, fake: FakeDiscord
 ) -> None:
-    await bot_process.start()
-    fake.upload_delay_s = 4.0  # Discord takes 4 s to take the PNG
-    token = await fake.slash("imagine", [opt("prompt", "a slow upload")], fake.member(ALICE, "alice"))
-    await fake.wait_for(lambda: any(c.files and token in c.path for c in fake.calls), timeout=60)
+    await sigterm_during_a_slow_upload(bot_process, fake)
 
-    assert await bot_process.signal(signal.SIGTERM) == 0
 
-    message = fake.original(token)
-    assert message is not None and message["attachments"], "the upload finished before the exit"
-    assert len([c for c in fake.calls if c.files and token in c.path]) == 1
+async def test_sigterm_during_a_slow_upload_delivers_it_before_exiting_in_redis_mode(
+    bot_process: BotProcess, fake: FakeDiscord, redis_worker: WorkerProcess
+) -> None:
+    await sigterm_during_a_slow_upload(bot_process, fake)
 
 
 async def test_sigterm_with_the_database_locked_exits_within_grace_and_loses_nothing(
     bot_process: BotProcess, fake: FakeDiscord
 ) -> None:
-    bot_process.env["FLUXBOT_SHUTDOWN_GRACE_S"] = "3"
-    await bot_process.start()
-    token = await fake.slash(
-        "imagine",
-        [opt("prompt", "a locked owl"), opt("steps", 40, 4), opt("size", "512x512")],
-        fake.member(ALICE, "alice"),
-    )
-    await fake.wait_for(lambda: (m := fake.original(token)) and "steps" in m["content"], timeout=60)
+    await sigterm_with_the_database_locked(bot_process, fake)
 
-    async with write_lock(bot_process.env["FLUXBOT_DATABASE_URL"]):
-        stopping = time.monotonic()
-        code = await bot_process.signal(signal.SIGTERM)
-        took = time.monotonic() - stopping
-    await bot_process.start()
 
-    assert code == 0 and took < 3 + 10, f"exited {code} after {took:.1f} s"
-    assert await delivered(fake, [token])
+async def test_sigterm_with_the_database_locked_in_redis_mode_exits_within_grace_and_loses_nothing(
+    bot_process: BotProcess, fake: FakeDiscord, redis_worker: WorkerProcess
+) -> None:
+    await sigterm_with_the_database_locked(bot_process, fake)
 
 
 async def test_debug_log_never_holds_an_interaction_token(bot_process: BotProcess, fake: FakeDiscord) -> None:
