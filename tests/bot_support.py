@@ -83,12 +83,14 @@ async def write_lock(database_url: str) -> AsyncIterator[None]:
     SQLite's RESERVED lock, or Postgres's EXCLUSIVE lock on `jobs` (reads still pass on both)."""
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":
-        holder = sqlite3.connect(str(url.database), isolation_level=None)
-        holder.execute("BEGIN IMMEDIATE")
+        # Taken in a thread: waiting for the lock on the event loop would stop the bot's own open write
+        # transaction (which runs on that loop) from ever committing, a deadlock until the timeout.
+        holder = sqlite3.connect(str(url.database), isolation_level=None, timeout=30, check_same_thread=False)
+        await asyncio.to_thread(holder.execute, "BEGIN IMMEDIATE")
         try:
             yield
         finally:
-            holder.rollback()
+            await asyncio.to_thread(holder.rollback)
             holder.close()
         return
     engine = create_async_engine(database_url)

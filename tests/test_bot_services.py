@@ -147,6 +147,9 @@ async def test_finished_but_undelivered_jobs_are_delivered_after_restart(
     ticket = await first.studio.imagine(ALICE, GenerationRequest(prompt="a tree", seed=1))
     await first.start()
     await until(lambda: broken.failed_attempts >= 1)
+    async with asyncio.timeout(30):  # the failed try is counted in the store right after it fails
+        while not ((job := await first.jobs.get(ticket.job_id)) and job.delivery_attempts >= 1):
+            await asyncio.sleep(0.05)
     await first.close()
 
     events = RecordingEvents()
