@@ -19,15 +19,19 @@ _URL_SCHEME = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*):(//)")
 def inert(text: str) -> str:
     """User text as Discord shows it literally: no markdown, no masked or bare links, no mention pills.
     (The allowed mentions keep it from pinging; this keeps it from looking like a ping or a link.)"""
-    text = escape_mentions(escape_markdown(clean_text(text), ignore_links=False))
+    return _escaped(clean_text(text))
+
+
+def _escaped(text: str) -> str:
+    text = escape_mentions(escape_markdown(text, ignore_links=False))
     text = text.replace("<", "<\u200b")  # <@id>, <#channel>, <t:…>, <https://…>: shown, not parsed
     return _URL_SCHEME.sub("\\1:\u200b\\2", text)  # a zero-width space breaks autolinking
 
 
 def short(prompt: str, limit: int = 80) -> str:
     """A prompt shortened to `limit` characters, then made inert (escapes may lengthen it)."""
-    prompt = " ".join(clean_text(prompt).split())
-    return inert(prompt if len(prompt) <= limit else prompt[: limit - 1] + "…")
+    prompt = " ".join(clean_text(prompt).split())  # cleaned once, before it is cut to length
+    return _escaped(prompt if len(prompt) <= limit else prompt[: limit - 1] + "…")
 
 
 def duration(seconds: float) -> str:

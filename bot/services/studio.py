@@ -245,7 +245,7 @@ class Studio:
 
     async def history(self, who: Requester, user_id: int, page: int = 1) -> HistoryPage:
         """`user_id`'s jobs as `who` may see them: all of their own; of someone else's, only those
-        delivered in this guild's channels that `who` can view (the visibility rule)."""
+        posted in this guild's channels that `who` can view (the visibility rule)."""
         if page < 1:
             raise UserError("page must be 1 or more")
         if user_id == who.user_id:

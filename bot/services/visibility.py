@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from bot.store.models import Delivery, Job
+from bot.store.models import Job
 
 ChannelCheck = Callable[[int], bool]
 
@@ -46,7 +46,7 @@ def may_see(job: Job, viewer: Viewer) -> bool:
     return (
         job.guild_id is not None
         and job.guild_id == viewer.guild_id
-        and (job.result_message_id is not None or job.delivery == Delivery.DELIVERED)
+        and job.posted
         and job.channel_id is not None
         and viewer.can_view(job.channel_id)
     )

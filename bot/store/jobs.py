@@ -323,7 +323,7 @@ class JobStore:
         if guild_id is not None:
             where += [
                 Job.guild_id == guild_id,
-                or_(Job.result_message_id.is_not(None), Job.delivery == Delivery.DELIVERED),
+                Job.posted,
                 Job.channel_id.in_(list(channel_ids or ())),
             ]
         async with self.db.session() as session:
@@ -345,7 +345,7 @@ class JobStore:
                 .where(
                     Job.user_id == user_id,
                     Job.guild_id == guild_id,
-                    or_(Job.result_message_id.is_not(None), Job.delivery == Delivery.DELIVERED),
+                    Job.posted,
                     Job.channel_id.is_not(None),
                 )
                 .distinct()

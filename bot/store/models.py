@@ -10,6 +10,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    ColumnElement,
     DateTime,
     Enum,
     ForeignKey,
@@ -17,8 +18,10 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    or_,
 )
 from sqlalchemy import false as sa_false
+from sqlalchemy.ext.hybrid import hybrid_property
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -130,6 +133,17 @@ class Job(Base):
     @property
     def delivered(self) -> bool:
         return self.delivery == Delivery.DELIVERED
+
+    @hybrid_property
+    def posted(self) -> bool:
+        """Its message is in its channel (queued, drawing or delivered; results are never ephemeral):
+        what the visibility rule lets others of the guild see. One definition, in Python and in SQL."""
+        return self.result_message_id is not None or self.delivery == Delivery.DELIVERED
+
+    @posted.inplace.expression
+    @classmethod
+    def _posted_expression(cls) -> ColumnElement[bool]:
+        return or_(cls.result_message_id.is_not(None), cls.delivery == Delivery.DELIVERED)
 
     @property
     def withheld(self) -> bool:
