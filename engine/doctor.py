@@ -10,9 +10,10 @@ from typing import Literal
 
 import torch
 
-from engine.errors import EngineError
+from engine.errors import EngineError, LoraError
 from engine.hashing import FileHasher
 from engine.loading import describe_layout, inspect_checkpoint
+from engine.lora_layout import lora_layout
 from engine.loras import LoraWhitelist, default_lora_dir
 from engine.presets import Preset, load_presets
 from engine.quant import DeviceInfo, auto_tier, plan_quant, probe_device
@@ -142,7 +143,12 @@ def _loras(
     )
     for check in whitelist.check_all():
         if check.ok:
-            report.add("ok", f"lora {check.name}", f"{check.path.name} sha256 {check.sha256}")
+            readable, layout = _layout_of(check.path)
+            report.add(
+                "ok" if readable else "fail",
+                f"lora {check.name}",
+                f"{check.path.name} sha256 {check.sha256}, {layout}",
+            )
         else:
             report.add("fail", f"lora {check.name}", check.problem or "unusable")
     for preset in presets.values():
@@ -173,3 +179,16 @@ def _packages(report: DoctorReport) -> None:
             f"pkg {name}",
             f"{version} ({purpose})" if found else f"missing ({purpose})",
         )
+
+
+def _layout_of(path: Path) -> tuple[bool, str]:
+    """The LoRA's layout from its header alone (the tensors stay on disk)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return True, f"{lora_layout(handle.keys())} layout"
+    except LoraError as exc:
+        return False, str(exc)
+    except Exception as exc:  # safetensors' own error types for damaged files
+        return False, f"not a readable .safetensors file ({exc.__class__.__name__})"

@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Self
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from engine.errors import LoraError
 from engine.hashing import FileHasher
+from engine.lora_layout import read_lora
 from engine.presets import Family
 from engine.tomlfile import read_toml, validate_entry
 
@@ -187,10 +189,21 @@ class ResidentLoras:
             self.hits += 1
             return name
         path = self._whitelist.verify(entry)
-        log.info("loading LoRA %s (%s) as resident adapter %s", entry.name, path.name, name)
+        tensors = read_lora(path, self._pipe, entry.name)
+        log.info(
+            "loading LoRA %s (%s, %s layout) as resident adapter %s",
+            entry.name,
+            path.name,
+            tensors.layout,
+            name,
+        )
         try:
-            self._pipe.load_lora_weights(str(path), adapter_name=name)
+            if tensors.text_encoder:
+                load_text_encoder_lora(self._pipe.text_encoder, tensors.text_encoder, name)
+            if tensors.transformer:
+                self._pipe.load_lora_weights(tensors.transformer, adapter_name=name)
         except (ValueError, KeyError, RuntimeError) as exc:
+            self._remove(name)  # a half-loaded LoRA would stay active in one component
             raise LoraError(f"LoRA {entry.name}: does not fit this model ({exc.__class__.__name__})") from exc
         self._loaded[name] = entry
         self.loads += 1
@@ -202,8 +215,39 @@ class ResidentLoras:
             if victim is None:
                 break
             log.info("unloading least recently used LoRA %s", self._loaded[victim].name)
-            self._pipe.delete_adapters(victim)
+            self._remove(victim)
             del self._loaded[victim]
+
+    def _remove(self, adapter: str) -> None:
+        if any(adapter in names for names in self._pipe.get_list_adapters().values()):
+            self._pipe.delete_adapters(adapter)
+        # diffusers deletes the text encoder's layers but leaves its peft_config entry behind.
+        getattr(getattr(self._pipe, "text_encoder", None), "peft_config", {}).pop(adapter, None)
+
+
+def load_text_encoder_lora(text_encoder: Any, tensors: dict[str, torch.Tensor], adapter: str) -> None:
+    """CLIP-L LoRA layers through peft itself: transformers 5's `load_adapter` (what diffusers calls)
+    demands peft >= 0.22, newer than diffusers 0.42 works with here. Alpha is folded into the tensors,
+    so every module's alpha is its rank."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    ranks = {
+        k.removesuffix(".lora_B.weight"): v.shape[1]
+        for k, v in tensors.items()
+        if k.endswith(".lora_B.weight")
+    }
+    config = LoraConfig(
+        r=max(ranks.values()),
+        lora_alpha=max(ranks.values()),
+        target_modules=sorted(ranks),
+        rank_pattern={re.escape(m): r for m, r in ranks.items()},
+        alpha_pattern={re.escape(m): r for m, r in ranks.items()},
+    )
+    inject_adapter_in_model(config, text_encoder, adapter)
+    result = set_peft_model_state_dict(text_encoder, tensors, adapter_name=adapter)
+    if result.unexpected_keys:
+        raise KeyError(f"text-encoder tensors not placed: {result.unexpected_keys[:1]}")
+    text_encoder.eval()
 
 
 def default_lora_dir(models_dir: Path | None, data_dir: Path) -> Path:

@@ -111,3 +111,143 @@ def write_forge_nf4(
         out.update({prefix + k: v.contiguous() for k, v in component.items()})
     save_file(out, path)
     return decoded
+
+
+# LoRA layouts. Each writer takes a LoRA in diffusers' layout (`transformer.<module>.lora_A.weight`,
+# `text_encoder.<module>.lora_A.weight`, alpha = rank) and writes the same change in another layout:
+# the inverse of the diffusers converter that reads it (proven in test_loras).
+
+# diffusers module -> BFL module, per double block / single block / whole model.
+_DOUBLE = {
+    "attn.to_out.0": "img_attn.proj",
+    "ff.net.0.proj": "img_mlp.0",
+    "ff.net.2": "img_mlp.2",
+    "norm1.linear": "img_mod.lin",
+    "attn.to_add_out": "txt_attn.proj",
+    "ff_context.net.0.proj": "txt_mlp.0",
+    "ff_context.net.2": "txt_mlp.2",
+    "norm1_context.linear": "txt_mod.lin",
+}
+_DOUBLE_FUSED = {
+    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+}
+_SINGLE = {"proj_out": "linear2", "norm.linear": "modulation.lin"}
+_SINGLE_FUSED = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
+_TOP = {
+    "x_embedder": "img_in",
+    "context_embedder": "txt_in",
+    "proj_out": "final_layer.linear",
+    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+}
+
+
+def _lora_pairs(state: dict[str, torch.Tensor], prefix: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """module -> (A, B) for the keys under prefix."""
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for key, a in state.items():
+        if key.startswith(prefix) and key.endswith(".lora_A.weight"):
+            module = key.removeprefix(prefix).removesuffix(".lora_A.weight")
+            pairs[module] = (a, state[key.replace(".lora_A.", ".lora_B.")])
+    return pairs
+
+
+def _fuse(parts: list[tuple[torch.Tensor, torch.Tensor] | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Separate LoRAs of one fused layer as kohya fuses them: downs stacked, ups block-diagonal."""
+    assert all(p is not None for p in parts), "a fused layer needs a LoRA on every part"
+    present = [p for p in parts if p is not None]
+    return torch.cat([a for a, _ in present]), torch.block_diag(*[b for _, b in present])
+
+
+def _bfl_lora(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """BFL module path -> (down, up) for the transformer part of a diffusers-layout LoRA."""
+    pairs = _lora_pairs(state, "transformer.")
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    used: set[str] = set()
+    blocks = {
+        (kind, int(m.split(".")[1]))
+        for m in pairs
+        for kind in ("transformer_blocks", "single_transformer_blocks")
+        if m.startswith(kind + ".")
+    }
+    for kind, i in sorted(blocks):
+        base, singles, fused = (
+            ("double_blocks", _DOUBLE, _DOUBLE_FUSED)
+            if kind == "transformer_blocks"
+            else ("single_blocks", _SINGLE, _SINGLE_FUSED)
+        )
+        for diffusers, bfl in singles.items():
+            if f"{kind}.{i}.{diffusers}" in pairs:
+                out[f"{base}.{i}.{bfl}"] = pairs[f"{kind}.{i}.{diffusers}"]
+                used.add(f"{kind}.{i}.{diffusers}")
+        for bfl, members in fused.items():
+            names = [f"{kind}.{i}.{m}" for m in members]
+            if any(n in pairs for n in names):
+                out[f"{base}.{i}.{bfl}"] = _fuse([pairs.get(n) for n in names])
+                used.update(names)
+    for diffusers, bfl in _TOP.items():
+        if diffusers in pairs:
+            out[bfl] = pairs[diffusers]
+            used.add(diffusers)
+    assert used == set(pairs), f"no BFL name for {sorted(set(pairs) - used)}"
+    return out
+
+
+def _with_alpha(
+    out: dict[str, torch.Tensor], name: str, down: torch.Tensor, up: torch.Tensor, alpha_scale: float
+) -> None:
+    # alpha / rank scales the product at load: written down / scale so the change is the same.
+    rank = down.shape[0]
+    out[f"{name}.lora_down.weight"] = (down / alpha_scale).contiguous()
+    out[f"{name}.lora_up.weight"] = up.contiguous()
+    out[f"{name}.alpha"] = torch.tensor(float(rank * alpha_scale))
+
+
+def lora_to_kohya(state: dict[str, torch.Tensor], alpha_scale: float = 2.0) -> dict[str, torch.Tensor]:
+    """kohya sd-scripts' FLUX.1 layout: `lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`,
+    `.alpha`, CLIP-L under `lora_te1_text_model_encoder_layers_0_self_attn_q_proj`."""
+    out: dict[str, torch.Tensor] = {}
+    for bfl, (down, up) in _bfl_lora(state).items():
+        _with_alpha(out, "lora_unet_" + bfl.replace(".", "_"), down, up, alpha_scale)
+    for module, (down, up) in _lora_pairs(state, "text_encoder.").items():
+        _with_alpha(out, "lora_te1_" + module.replace(".", "_"), down, up, alpha_scale)
+    return out
+
+
+def lora_to_comfyui(state: dict[str, torch.Tensor], alpha_scale: float = 2.0) -> dict[str, torch.Tensor]:
+    """ComfyUI's layout: kohya's tensors under `diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight`
+    and `text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.lora_down.weight`."""
+    out: dict[str, torch.Tensor] = {}
+    for bfl, (down, up) in _bfl_lora(state).items():
+        _with_alpha(out, "diffusion_model." + bfl, down, up, alpha_scale)
+    for module, (down, up) in _lora_pairs(state, "text_encoder.").items():
+        _with_alpha(out, "text_encoders.clip_l.transformer." + module, down, up, alpha_scale)
+    return out
+
+
+def lora_to_xlabs(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """XLabs' layout (double-block attention only, what XLabs trains): `double_blocks.0.processor.
+    qkv_lora1.down.weight` (one down shared by q, k and v), `proj_lora1` for the image stream,
+    `qkv_lora2` / `proj_lora2` for the text stream. Separate q/k/v LoRAs of rank r become one of rank
+    3r whose up is block-diagonal: the same change."""
+    out: dict[str, torch.Tensor] = {}
+    bfl = _bfl_lora(state)
+    names = {"img_attn.qkv": "qkv_lora1", "img_attn.proj": "proj_lora1", "txt_attn.qkv": "qkv_lora2"}
+    names["txt_attn.proj"] = "proj_lora2"
+    for module, (down, up) in bfl.items():
+        _, index, stream = module.split(".", 2)
+        assert module.startswith("double_blocks.") and stream in names, f"XLabs has no place for {module}"
+        out[f"double_blocks.{index}.processor.{names[stream]}.down.weight"] = down.contiguous()
+        out[f"double_blocks.{index}.processor.{names[stream]}.up.weight"] = up.contiguous()
+    assert not _lora_pairs(state, "text_encoder."), "XLabs LoRAs have no text-encoder part"
+    return out
+
+
+def lora_to_ai_toolkit(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ostris' ai-toolkit saves diffusers' own layout; its files differ only in metadata."""
+    return {k: v.contiguous() for k, v in state.items()}
