@@ -1,8 +1,9 @@
-"""Write a transformer state dict as a GGUF file (Q8_0, Q4_0, Q5_0/1) with gguf-py.
+"""Write a transformer state dict as a GGUF file (Q8_0, Q6_K, Q5_0/1, Q4_0/1) with gguf-py.
 
 Real Flux GGUF files come from city96's converter; this makes equivalent files from the tiny and
 mid-size random models so the GGUF loading path and the memory figures can be checked offline.
-gguf-py's Python quantizers cover Q8_0/Q4_x/Q5_x, not the K-quants.
+gguf-py's Python quantizers cover Q8_0/Q4_x/Q5_x, not the K-quants: Q6_K (city96's most downloaded
+middle size) is packed here, as the exact inverse of gguf-py's own Q6_K reader.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-QUANT_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
+QUANT_TYPES = ("Q8_0", "Q6_K", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
 
 
 def write_gguf(
@@ -42,7 +43,8 @@ def write_gguf(
         data = tensor.detach().to(torch.float32).cpu().numpy()
         quantizable = not any(part in name for part in keep_float)
         if quantizable and data.ndim == 2 and data.shape[-1] % block_size == 0 and name.endswith(".weight"):
-            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+            packed = quantize_q6_k(data) if quant == "Q6_K" else gguf.quants.quantize(data, qtype)
+            writer.add_tensor(name, packed, raw_dtype=qtype)
         else:
             writer.add_tensor(name, np.ascontiguousarray(data))
     writer.write_header_to_file()
@@ -50,3 +52,30 @@ def write_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def quantize_q6_k(data: np.ndarray) -> np.ndarray:
+    """ggml's Q6_K: blocks of 256 values in 16 groups of 16, each value 6 bits (`ql` low nibbles,
+    `qh` high pairs), an int8 scale per group and one fp16 scale per block: 210 bytes a block.
+    Scales are chosen plainly (group max / 31), not with llama.cpp's search; the bytes are laid out
+    exactly as ggml reads them."""
+    rows = data.reshape(-1, 256).astype(np.float32)
+    blocks = rows.shape[0]
+    groups = rows.reshape(blocks, 16, 16)
+    group_scale = np.abs(groups).max(axis=-1) / 31.0  # (blocks, 16)
+    d = (group_scale.max(axis=-1, keepdims=True) / 127.0).astype(np.float16)  # (blocks, 1)
+    d32 = d.astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scales = np.where(d32 > 0, np.round(group_scale / d32), 0).clip(-128, 127).astype(np.int8)
+        step = (d32 * scales.astype(np.float32))[..., None]  # (blocks, 16, 1)
+        q = np.where(step > 0, np.round(groups / step), 0)
+    q = (q.clip(-32, 31) + 32).astype(np.uint8).reshape(blocks, 256)
+    low, high = q & 0x0F, q >> 4
+    low = low.reshape(blocks, 2, 2, 64)  # [half, nibble, byte]
+    ql = (low[:, :, 0, :] | (low[:, :, 1, :] << 4)).reshape(blocks, 128)
+    high = high.reshape(blocks, 2, 4, 32)  # [half, bit pair, byte]
+    qh = (high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)).reshape(
+        blocks, 64
+    )
+    packed = np.concatenate([ql, qh, scales.view(np.uint8), d.view(np.uint8)], axis=1)
+    return packed.reshape(*data.shape[:-1], data.shape[-1] // 256 * 210)

@@ -251,15 +251,32 @@ def _transformer_input(
 ) -> tuple[str | dict[str, torch.Tensor], Path]:
     """The transformer's weights for from_single_file, and the config folder that fits them: the
     file's own block counts and widths over `configs` (see transformer_layout). GGUF files go to
-    diffusers' GGUF loader as they are."""
+    diffusers' GGUF loader as they are, their config read from the shapes in their header."""
     if path.suffix == ".gguf":
-        return str(path), configs
+        shapes = _gguf_shapes(path)
+        if is_bfl_layout(shapes):
+            shapes = bfl_to_diffusers(shapes)
+        return str(path), write_config_folder(configs, shapes, scratch)
     loaded = _single_file_input(path, dtype)
     state = _read_all(path) if isinstance(loaded, str) else loaded
     state = {k: v for k, v in state.items() if not k.startswith(EMBEDDED_KEY_PREFIXES)}
     if is_bfl_layout(state):
         state = bfl_to_diffusers(state)
     return state, write_config_folder(configs, state, scratch)
+
+
+def _gguf_shapes(path: Path) -> dict[str, torch.Tensor]:
+    """A GGUF file's tensors as meta tensors of their logical shapes: nothing decoded or read."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:  # gguf-py raises plain ValueErrors and numpy errors for damaged files
+        raise ModelLoadError(f"{path.name} is not a readable GGUF file: {exc}") from exc
+    # GGUF lists dimensions innermost first.
+    return {
+        t.name: torch.empty(tuple(int(n) for n in reversed(t.shape)), device="meta") for t in reader.tensors
+    }
 
 
 def _read_all(path: Path) -> dict[str, torch.Tensor]:
@@ -394,7 +411,11 @@ def _read_gguf_text_encoder(
     import gguf
 
     if role != "t5xxl":
-        raise ModelLoadError(f"engine.{role}: {path.name}: only T5 text encoders can be GGUF files")
+        # Neither gguf-py's tensor tables nor transformers' GGUF support know a CLIP text layout.
+        raise ModelLoadError(
+            f"engine.{role}: {path.name}: CLIP-L has no GGUF layout fluxbot (or gguf-py, or transformers) "
+            "reads; use clip_l.safetensors (about 250 MB, fp16)"
+        )
     try:
         reader = gguf.GGUFReader(str(path))
         architecture = bytes(reader.fields["general.architecture"].parts[-1]).decode()

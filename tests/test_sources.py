@@ -436,6 +436,14 @@ def test_an_unreadable_gguf_text_encoder_is_refused_in_one_clear_line(
         ModelLoadError, match="engine.t5xxl: t5-v1_1-xxl-encoder-Q8_0.gguf is not a readable GGUF"
     ):
         FluxEngine.load(settings, data_dir)
+    clip_gguf = tmp_path / "clip_l-Q8_0.gguf"
+    clip_gguf.write_bytes(b"GGUF")
+    with pytest.raises(
+        ModelLoadError, match=r"engine.clip_l: clip_l-Q8_0.gguf: CLIP-L has no GGUF layout .* clip_l"
+    ):
+        FluxEngine.load(
+            settings.model_copy(update={"clip_l": clip_gguf, "t5xxl": split_files["t5xxl"]}), data_dir
+        )
 
 
 def test_t5_gguf_text_encoder_draws_like_its_own_decoded_weights(
@@ -579,3 +587,100 @@ def test_gguf_q4_0_transformer_draws_with_its_own_decoded_weights(
         return draw_with(single_file_settings(model=str(path), **encoders), data_dir, request)
 
     assert np.abs(draw(q4) - draw(reference)).max() <= 1  # GGUF matmuls dequantize on the fly
+
+
+def test_the_q6_k_writer_is_what_gguf_py_reads_back() -> None:
+    import gguf
+
+    from engine.gguf_writer import quantize_q6_k
+
+    weights = (torch.randn(6, 512, generator=torch.Generator().manual_seed(3)) * 0.05).numpy()
+    weights[0, :16] = 0.0  # an all-zero group must stay zero
+
+    decoded = gguf.quants.dequantize(quantize_q6_k(weights), gguf.GGMLQuantizationType.Q6_K)
+
+    groups = weights.reshape(-1, 16)
+    step = np.abs(groups).max(axis=1, keepdims=True) / 31  # one 6-bit step per group, before rounding
+    error = np.abs(decoded.reshape(-1, 16) - groups)
+    assert decoded.shape == weights.shape
+    assert (error <= step * 0.55 + 1e-6).all(), "every value within half a step of its group"
+    assert not decoded[0, :16].any()
+
+
+def test_gguf_q6_k_transformer_draws_with_its_own_decoded_weights(
+    single_file_settings: Callable[..., EngineSettings],
+    split_files: dict[str, Path],
+    tiny_dir: Path,
+    data_dir: Path,
+    tmp_path: Path,
+) -> None:
+    from diffusers import FluxTransformer2DModel
+
+    # Q6_K packs rows of 256: the tiny transformer widened to 16 heads (256 wide) so its layers fit.
+    config = dict(FluxTransformer2DModel.load_config(tiny_dir, subfolder="transformer"))
+    torch.manual_seed(4)
+    wide = FluxTransformer2DModel.from_config({**config, "num_attention_heads": 16}).state_dict()
+    q6 = write_gguf(wide, tmp_path / "flux1-tiny-wide-Q6_K.gguf", "Q6_K")
+    decoded = {name: torch.from_numpy(values.copy()) for name, values in gguf_decoded(q6).items()}
+    reference = tmp_path / "decoded" / "flux1-tiny-wide.safetensors"
+    reference.parent.mkdir()
+    save_file(decoded, reference)
+    encoders = separate_encoders(split_files)
+    request = GenerationRequest(prompt="a windmill", seed=12)
+
+    def draw(path: Path) -> np.ndarray:
+        return draw_with(single_file_settings(model=str(path), **encoders), data_dir, request)
+
+    import gguf
+
+    kinds = {t.tensor_type for t in gguf.GGUFReader(str(q6)).tensors}
+    assert gguf.GGMLQuantizationType.Q6_K in kinds
+    assert np.abs(draw(q6) - draw(reference)).max() <= 1  # GGUF matmuls dequantize on the fly
+
+
+def test_fp8_scaled_t5_draws_with_its_scales_applied(
+    single_file_settings: Callable[..., EngineSettings],
+    split_files: dict[str, Path],
+    tiny_dir: Path,
+    data_dir: Path,
+    tmp_path: Path,
+) -> None:
+    t5 = _component(tiny_dir, "T5EncoderModel", "text_encoder_2").state_dict()
+    t5.pop("encoder.embed_tokens.weight", None)
+    scaled = tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"
+    decoded = write_fp8_scaled(t5, scaled)
+    reference = tmp_path / "t5xxl_decoded.safetensors"
+    save_file({k: v.contiguous() for k, v in decoded.items()}, reference)
+    dropped = tmp_path / "t5xxl_scales_dropped.safetensors"
+    save_file({k: v.float() for k, v in load_scaled(scaled).items()}, dropped)
+    request = GenerationRequest(prompt="a windmill by the sea", seed=8)
+
+    def draw(t5xxl: Path) -> np.ndarray:
+        encoders = separate_encoders(split_files) | {"t5xxl": t5xxl}
+        return draw_with(
+            single_file_settings(model=str(split_files["transformer"]), **encoders), data_dir, request
+        )
+
+    drawn, expected, without_scales = draw(scaled), draw(reference), draw(dropped)
+
+    assert np.array_equal(drawn, expected), "the file's own decoded weights, exactly"
+    assert np.abs(without_scales - expected).mean() > 1, "dropping the scales would show"
+
+
+def test_a_pruned_gguf_transformer_loads_with_the_block_counts_in_its_header(
+    single_file_settings: Callable[..., EngineSettings],
+    split_files: dict[str, Path],
+    tiny_dir: Path,
+    data_dir: Path,
+    tmp_path: Path,
+) -> None:
+    full = _component(tiny_dir, "FluxTransformer2DModel", "transformer").state_dict()
+    pruned = {k: v for k, v in full.items() if not k.startswith("single_transformer_blocks.1.")}
+    path = write_gguf(pruned, tmp_path / "flux1-lite-tiny-Q8_0.gguf", "Q8_0")
+
+    engine = FluxEngine.load(
+        single_file_settings(model=str(path), **separate_encoders(split_files)), data_dir
+    )
+
+    assert len(engine.pipe.transformer.single_transformer_blocks) == 1
+    assert engine.generate(GenerationRequest(prompt="a lighthouse", seed=4)).images[0].size == (64, 64)
