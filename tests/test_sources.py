@@ -684,3 +684,47 @@ def test_a_pruned_gguf_transformer_loads_with_the_block_counts_in_its_header(
 
     assert len(engine.pipe.transformer.single_transformer_blocks) == 1
     assert engine.generate(GenerationRequest(prompt="a lighthouse", seed=4)).images[0].size == (64, 64)
+
+
+def test_comfy_org_fp8_all_in_one_uses_its_embedded_parts(
+    single_file_settings: Callable[..., EngineSettings],
+    split_files: dict[str, Path],
+    tiny_dir: Path,
+    data_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """Comfy-Org's `flux1-dev-fp8.safetensors`: the BFL transformer in fp8 under `model.diffusion_model.`,
+    with the VAE and both text encoders inside the same file."""
+    from safetensors.torch import load_file
+
+    transformer = _component(tiny_dir, "FluxTransformer2DModel", "transformer").state_dict()
+    t5 = {k: v for k, v in _component(tiny_dir, "T5EncoderModel", "text_encoder_2").state_dict().items()}
+    t5.pop("encoder.embed_tokens.weight", None)
+    fp8 = {
+        k: v.to(torch.float8_e4m3fn) if v.dim() == 2 else v for k, v in diffusers_to_bfl(transformer).items()
+    }
+    all_in_one = {BFL_PREFIX + k: v.contiguous() for k, v in fp8.items()}
+    all_in_one |= {"vae." + k: v for k, v in load_file(str(split_files["vae"])).items()}
+    all_in_one |= {
+        "text_encoders.clip_l.transformer." + k: v for k, v in load_file(str(split_files["clip_l"])).items()
+    }
+    all_in_one |= {"text_encoders.t5xxl.transformer." + k: v.contiguous() for k, v in t5.items()}
+    path = tmp_path / "flux1-dev-fp8.safetensors"
+    save_file(all_in_one, path)
+    reference = tmp_path / "separate" / "flux1-dev-fp8.safetensors"
+    reference.parent.mkdir()
+    save_file({k: v.contiguous() for k, v in fp8.items()}, reference)
+    request = GenerationRequest(prompt="a quiet harbour", seed=6)
+
+    drawn = FluxEngine.load(single_file_settings(model=str(path)), data_dir).generate(request).images[0]
+    expected = FluxEngine.load(
+        single_file_settings(
+            model=str(reference),
+            vae=split_files["vae"],
+            clip_l=split_files["clip_l"],
+            t5xxl=_t5_file(tmp_path, t5),
+        ),
+        data_dir,
+    ).generate(request)
+
+    assert np.array_equal(pixels(drawn), pixels(expected.images[0]))
