@@ -254,9 +254,15 @@ def _transformer_input(
     diffusers' GGUF loader as they are, their config read from the shapes in their header."""
     if path.suffix == ".gguf":
         shapes = _gguf_shapes(path)
-        if is_bfl_layout(shapes):
-            shapes = bfl_to_diffusers(shapes)
-        return str(path), write_config_folder(configs, shapes, scratch)
+        if not is_bfl_layout(shapes):
+            return str(path), write_config_folder(configs, shapes, scratch)
+        # city96's files keep BFL's names. Read here, still quantized (diffusers' own GGUF reader), so
+        # the single-block split happens at the file's width (see transformer_layout); the config
+        # comes from the logical shapes, not the packed ones.
+        from diffusers.models.model_loading_utils import load_gguf_checkpoint
+
+        quantized = bfl_to_diffusers(load_gguf_checkpoint(str(path)))
+        return quantized, write_config_folder(configs, bfl_to_diffusers(shapes), scratch)
     loaded = _single_file_input(path, dtype)
     state = _read_all(path) if isinstance(loaded, str) else loaded
     state = {k: v for k, v in state.items() if not k.startswith(EMBEDDED_KEY_PREFIXES)}

@@ -728,3 +728,27 @@ def test_comfy_org_fp8_all_in_one_uses_its_embedded_parts(
     ).generate(request)
 
     assert np.array_equal(pixels(drawn), pixels(expected.images[0]))
+
+
+def test_a_gguf_with_bfl_names_as_city96_ships_draws_like_one_with_diffusers_names(
+    single_file_settings: Callable[..., EngineSettings],
+    split_files: dict[str, Path],
+    tiny_dir: Path,
+    data_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """city96's flux1-dev-Q8_0.gguf keeps BFL's tensor names (`double_blocks.0.img_attn.qkv.weight`)."""
+    state = _component(tiny_dir, "FluxTransformer2DModel", "transformer").state_dict()
+    bfl = write_gguf(diffusers_to_bfl(state), tmp_path / "flux1-dev-Q8_0.gguf", "Q8_0")
+    encoders = separate_encoders(split_files)
+    request = GenerationRequest(prompt="a windmill", seed=12)
+    import gguf
+
+    names = {t.name for t in gguf.GGUFReader(str(bfl)).tensors}
+    assert "double_blocks.0.img_attn.qkv.weight" in names and "single_blocks.0.linear1.weight" in names
+
+    def draw(path: Path) -> np.ndarray:
+        return draw_with(single_file_settings(model=str(path), **encoders), data_dir, request)
+
+    # Q8_0 blocks run along rows, so splitting the fused rows keeps every block: identical weights.
+    assert np.array_equal(draw(bfl), draw(split_files["gguf"]))
