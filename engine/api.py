@@ -12,6 +12,7 @@ from engine.text import clean_text
 
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**32 - 1  # A1111/Forge seeds are 32-bit; keeping to that makes recipes portable.
+SHA256 = r"^[0-9a-f]{64}$"
 
 
 class LoraChoice(BaseModel):
@@ -39,6 +40,13 @@ class GenerationRequest(BaseModel):
     guidance: float | None = Field(None, ge=0.0, le=30.0, allow_inf_nan=False)
     loras: tuple[LoraChoice, ...] = ()
     batch_size: int = Field(1, ge=1, le=16)
+    # img2img: the sha256 of the input image's normalized PNG (engine/input_image.py), which the
+    # caller hands to generate(); strength 1.0 redraws everything, 0.3 keeps the composition.
+    init_image: str | None = Field(None, pattern=SHA256)
+    strength: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
+    # Provenance, copied into the recipe: what kind of job made it and from which job.
+    kind: str | None = Field(None, max_length=16, pattern=r"^[a-z0-9_]+$")
+    parent_job: int | None = Field(None, ge=1)
 
     @field_validator("prompt")
     @classmethod
@@ -77,6 +85,10 @@ class ResolvedRequest(BaseModel):
     warnings: tuple[str, ...] = ()
     # The preset or LoRAs marked nsfw ("preset 'x'", "LoRA 'y'"): for the bot's channel rule.
     nsfw: tuple[str, ...] = ()
+    init_image: str | None = None
+    strength: float | None = None  # set exactly when init_image is
+    kind: str = "txt2img"
+    parent_job: int | None = None
 
     @property
     def batch_key(self) -> tuple[Any, ...]:
@@ -90,6 +102,8 @@ class ResolvedRequest(BaseModel):
             self.true_cfg,
             self.max_sequence_length,
             self.loras,
+            self.init_image,
+            self.strength,
         )
 
 
@@ -118,6 +132,10 @@ class Recipe(BaseModel):
     seed: int
     loras: tuple[ResolvedLora, ...] = ()
     versions: dict[str, str] = Field(default_factory=dict)
+    kind: str = "txt2img"
+    parent_job: int | None = None
+    init_image_sha256: str | None = None
+    strength: float | None = None
 
     def to_request(self, seed: int | None = None) -> GenerationRequest:
         """The request that repeats this image (or rerolls it with another seed)."""
@@ -129,6 +147,10 @@ class Recipe(BaseModel):
             steps=self.steps,
             guidance=self.guidance,
             loras=tuple(LoraChoice(name=lo.name, weight=lo.weight) for lo in self.loras),
+            init_image=self.init_image_sha256,
+            strength=self.strength,
+            kind=self.kind if self.kind != "txt2img" else None,
+            parent_job=self.parent_job,
         )
 
 
@@ -152,6 +174,9 @@ class StepProgress:
     step: int  # 1-based: steps done so far
     total: int
     elapsed_s: float
+    # A small JPEG of the picture the model predicts at this step (engine/preview.py), every
+    # `preview_every_s`; None on the other steps.
+    preview: bytes | None = None
 
 
 @dataclass(frozen=True)

@@ -14,15 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from engine.api import GenerationRequest, GenerationResult, Recipe, ResolvedRequest, StepProgress, Timings
 from engine.embed_cache import PromptEmbedCache
 from engine.errors import GenerationCancelled, OutOfMemory, RequestError
 from engine.families import Embeds, FamilyAdapter, adapter_for, concat_embeds, repeat_embeds
 from engine.hashing import FileHasher
+from engine.input_image import decode_input
 from engine.loading import LoadedModel, load_pipeline
 from engine.loras import LoraWhitelist, ResidentLoras, default_lora_dir
 from engine.presets import load_presets
+from engine.preview import PreviewMaker
 from engine.quant import DeviceInfo, QuantPlan, plan_quant, probe_device
 from engine.resolve import RequestResolver
 from engine.settings import EngineSettings
@@ -76,6 +79,8 @@ class FluxEngine:
         self._lock = threading.Lock()
         self._versions = library_versions()
         self.memory_cap_bytes: int | None = None
+        self._img2img_pipe: Any = None
+        self.vae_tiling_above_mp = 1.6
 
     @classmethod
     def load(cls, settings: EngineSettings, data_dir: Path) -> FluxEngine:
@@ -96,6 +101,7 @@ class FluxEngine:
         loras = ResidentLoras(loaded.pipe, resolver.whitelist, settings.max_resident_loras)
         engine = cls(loaded, resolver, info, loras, PromptEmbedCache(settings.embed_cache_size))
         engine.set_memory_cap(settings.memory_cap_gb)
+        engine.vae_tiling_above_mp = settings.vae_tiling_above_megapixels
         return engine
 
     def set_memory_cap(self, gigabytes: float | None) -> None:
@@ -117,23 +123,34 @@ class FluxEngine:
         request: GenerationRequest,
         on_step: StepCallback | None = None,
         cancel: threading.Event | None = None,
+        init_image: bytes | None = None,
+        preview_every_s: float | None = None,
     ) -> GenerationResult:
-        """One request (batch_size images) -> images, seeds and recipes. Raises GenerationCancelled."""
-        return self.generate_batch([request], on_step, cancel)[0]
+        """One request (batch_size images) -> images, seeds and recipes. Raises GenerationCancelled.
+        `init_image`: the stored PNG whose sha256 the request's `init_image` names."""
+        return self.generate_batch([request], on_step, cancel, init_image, preview_every_s)[0]
 
     def generate_batch(
         self,
         requests: Sequence[GenerationRequest],
         on_step: StepCallback | None = None,
         cancel: threading.Event | None = None,
+        init_image: bytes | None = None,
+        preview_every_s: float | None = None,
     ) -> list[GenerationResult]:
-        """Several requests of one preset/size/LoRA set in a single pipeline call."""
+        """Several requests of one preset/size/LoRA set (and input image) in a single pipeline call.
+        With `preview_every_s`, `on_step` gets a preview JPEG at most that often (FLUX.1)."""
         resolved = [self.resolve(r) for r in requests]
         if len({r.batch_key for r in resolved}) != 1:
             raise RequestError(
                 "only requests with the same preset, size, steps, guidance and LoRAs batch together"
             )
         first = resolved[0]
+        source = None
+        if first.init_image is not None:
+            if init_image is None:
+                raise RequestError("this job draws from an input image, and none was given to the engine")
+            source = decode_input(init_image, first.init_image)
         with self._lock:
             started = time.perf_counter()
             # 1. LoRAs: resident adapters, switched not reloaded.
@@ -153,7 +170,9 @@ class FluxEngine:
             encoded = time.perf_counter()
             # 3. Denoise and decode: the pipeline's own loop, one generator per image for reproducibility.
             seeds = [s for r in resolved for s in r.seeds]
-            images, denoised = self._run(first, concat_embeds(parts), negative, seeds, on_step, cancel)
+            images, denoised = self._run(
+                first, concat_embeds(parts), negative, seeds, on_step, cancel, source, preview_every_s
+            )
             finished = time.perf_counter()
         timings = Timings(
             encode_s=encoded - started,
@@ -193,14 +212,31 @@ class FluxEngine:
         seeds: list[int],
         on_step: StepCallback | None,
         cancel: threading.Event | None,
+        source: Image.Image | None = None,
+        preview_every_s: float | None = None,
     ) -> tuple[list[Any], float]:
         start = time.perf_counter()
         last_step = [start]
+        previews = (
+            PreviewMaker(params.height, params.width, preview_every_s)
+            if preview_every_s is not None and on_step is not None and self.info.family == "flux1"
+            else None
+        )
 
         def step_end(pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             last_step[0] = time.perf_counter()
             if on_step is not None:
-                on_step(StepProgress(index + 1, params.steps, last_step[0] - start))
+                scheduler = pipe.scheduler
+                preview = (
+                    previews.after_step(
+                        tensors["latents"], scheduler.sigmas, scheduler.step_index, last_step[0]
+                    )
+                    if previews is not None
+                    else None
+                )
+                # img2img runs only the last `strength` part of the schedule.
+                total = getattr(pipe, "num_timesteps", None) or params.steps
+                on_step(StepProgress(index + 1, total, last_step[0] - start, preview))
             if cancel is not None and cancel.is_set():
                 # Raising stops the loop now; the pipeline's interrupt flag would still decode.
                 raise GenerationCancelled(index + 1, params.steps)
@@ -209,11 +245,21 @@ class FluxEngine:
             return tensors
 
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        pipe, extra = self.pipe, {}
+        if source is not None:
+            pipe = self._img2img()
+            # Resized here to the job's size (Lanczos): an upscale is this resize, then a light redraw.
+            resized = source.resize((params.width, params.height), Image.Resampling.LANCZOS)
+            extra = {"image": [resized] * len(seeds), "strength": params.strength}
+        tiled = params.width * params.height / 1e6 > self.vae_tiling_above_mp
         try:
+            if tiled:
+                pipe.vae.enable_tiling()  # large upscales: decode in tiles, not one huge activation
             with torch.inference_mode():
-                out = self.pipe(
+                out = pipe(
                     **embeds,
                     **self._family.call_kwargs(params, negative),
+                    **extra,
                     height=params.height,
                     width=params.width,
                     num_inference_steps=params.steps,
@@ -229,7 +275,19 @@ class FluxEngine:
                 + (f" x{len(seeds)}" if len(seeds) > 1 else "")
                 + f" with preset {params.preset}: try a smaller size, fewer images or a lighter preset."
             ) from exc
+        finally:
+            if tiled:
+                pipe.vae.disable_tiling()
         return list(out.images), last_step[0]
+
+    def _img2img(self) -> Any:
+        """diffusers' img2img pipeline over the resident components (from_pipe: the same modules,
+        no second copy of any weight), made on first use."""
+        if self._img2img_pipe is None:
+            from diffusers import FluxImg2ImgPipeline
+
+            self._img2img_pipe = FluxImg2ImgPipeline.from_pipe(self.pipe)
+        return self._img2img_pipe
 
     def _free_memory(self) -> None:
         gc.collect()
@@ -259,6 +317,10 @@ class FluxEngine:
             seed=seed,
             loras=r.loras,
             versions=self._versions,
+            kind=r.kind,
+            parent_job=r.parent_job,
+            init_image_sha256=r.init_image,
+            strength=r.strength,
         )
 
 

@@ -50,6 +50,13 @@ class Preset(BaseModel):
     aspects: list[str] = Field(default_factory=list)
     max_sequence_length: int = Field(512, ge=16, le=512)
     loras: list[PresetLora] = Field(default_factory=list)
+    # img2img: the strength an image prompt gets by default and the bounds a user may pick within;
+    # Vary (Subtle / Strong) and Upscale use theirs (Midjourney-like: subtle keeps the composition).
+    strength: float = Field(0.7, gt=0.0, le=1.0)
+    strength_range: tuple[float, float] = (0.1, 1.0)
+    vary_subtle_strength: float = Field(0.35, gt=0.0, le=1.0)
+    vary_strong_strength: float = Field(0.7, gt=0.0, le=1.0)
+    upscale_strength: float = Field(0.3, gt=0.0, le=1.0)
     # Made for sexual content: the bot serves it only in age-restricted channels and DMs.
     nsfw: bool = False
 
@@ -69,6 +76,11 @@ class Preset(BaseModel):
         for aspect in self.aspects:
             if not _ASPECT.match(aspect):
                 raise ValueError(f"aspect {aspect!r} is not of the form W:H")
+        slo, shi = self.strength_range
+        if not 0 < slo <= self.strength <= shi <= 1:
+            raise ValueError(
+                f"strength {self.strength} must lie in strength_range {list(self.strength_range)}"
+            )
         mlo, mhi = self.megapixels_range
         if not 0 < mlo <= mhi:
             raise ValueError("megapixels_range must be two positive numbers, low first")

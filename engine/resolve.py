@@ -70,6 +70,7 @@ class RequestResolver:
             w for entry, _ in loras for w in entry.trigger_words if w.lower() not in request.prompt.lower()
         ]
         final_prompt = ", ".join([*triggers, request.prompt])
+        strength = self._strength(preset, request)
         return ResolvedRequest(
             prompt=request.prompt,
             final_prompt=final_prompt,
@@ -86,6 +87,10 @@ class RequestResolver:
             warnings=tuple(warnings),
             nsfw=(f"preset {preset.name!r}",) * preset.nsfw
             + tuple(f"LoRA {entry.name!r}" for entry, _ in loras if entry.nsfw),
+            init_image=request.init_image,
+            strength=strength,
+            kind=request.kind or ("img2img" if request.init_image else "txt2img"),
+            parent_job=request.parent_job,
         )
 
     def lora_entries(self, resolved: ResolvedRequest) -> list[tuple[LoraEntry, float]]:
@@ -99,6 +104,24 @@ class RequestResolver:
         if not lo <= steps <= hi:
             raise RequestError(f"steps must be between {lo} and {hi} for preset {preset.name} (got {steps})")
         return steps
+
+    def _strength(self, preset: Preset, request: GenerationRequest) -> float | None:
+        if request.init_image is None:
+            if request.strength is not None:
+                raise RequestError("strength only applies with an input image")
+            return None
+        if self.family != "flux1":
+            raise RequestError(f"image prompts need a FLUX.1 model (the loaded model is {self.family})")
+        if request.strength is None:
+            return preset.strength
+        lo, hi = preset.strength_range
+        # Vary and Upscale strengths are the preset's own and always allowed.
+        own = {preset.vary_subtle_strength, preset.vary_strong_strength, preset.upscale_strength}
+        if not lo <= request.strength <= hi and request.strength not in own:
+            raise RequestError(
+                f"strength must be between {lo} and {hi} for preset {preset.name} (got {request.strength})"
+            )
+        return request.strength
 
     @staticmethod
     def _guidance(preset: Preset, guidance: float | None) -> float | None:

@@ -1,0 +1,81 @@
+"""Input images (image prompts, Vary, Upscale, edits): checked, decoded once, normalized, hashed.
+
+An upload is hostile until proven otherwise: its name and its declared content type say nothing, so
+the format is what PIL finds in the bytes; its pixel count is read from the header and refused
+before anything is decoded (a 20k x 20k PNG of a few KB would take 1.2 GB); a truncated file is
+refused rather than drawn half grey. What is kept is a plain RGB PNG with EXIF orientation applied
+and every metadata chunk dropped: the same bytes, and so the same sha256, for the same picture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps
+
+from engine.errors import RequestError
+
+ACCEPTED_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WebP"}
+
+
+@dataclass(frozen=True)
+class InputImage:
+    png: bytes  # normalized: RGB, oriented, no metadata
+    sha256: str
+    width: int
+    height: int
+
+
+def normalize_input_image(data: bytes, *, max_bytes: int, max_pixels: int) -> InputImage:
+    """The upload as a normalized PNG, or a RequestError saying in one line why not. Blocking."""
+    if len(data) > max_bytes:
+        raise RequestError(f"the image is {len(data) / 1e6:.1f} MB; the limit is {max_bytes / 1e6:g} MB")
+    try:
+        with warnings.catch_warnings():
+            # PIL's own bomb check warns below twice its limit; here any bomb is an error.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            opened = Image.open(io.BytesIO(data))
+            name = ACCEPTED_FORMATS.get(opened.format or "")
+            if name is None:
+                kind = opened.format or "unknown"
+                raise RequestError(f"the file is not a PNG, JPEG or WebP image (it is {kind})")
+            width, height = opened.size
+            if width * height > max_pixels:
+                raise RequestError(
+                    f"the image is {width}x{height} ({width * height / 1e6:.0f} MP); the limit is "
+                    f"{max_pixels / 1e6:g} MP"
+                )
+            opened.load()
+    except RequestError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # PIL stops at open() past twice its own limit, before the size can be read here.
+        raise RequestError(
+            f"the image has far more pixels than the limit of {max_pixels / 1e6:g} MP"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL's errors for unknown, damaged or truncated files
+        problem = (
+            "damaged or truncated" if isinstance(exc, OSError) and "truncated" in str(exc) else "unreadable"
+        )
+        raise RequestError(f"the file is not a readable PNG, JPEG or WebP image ({problem})") from None
+    oriented = ImageOps.exif_transpose(opened).convert("RGB")
+    clean = Image.new("RGB", oriented.size)
+    clean.paste(oriented)  # a fresh image: no EXIF, ICC, text chunks or XMP carried over
+    buffer = io.BytesIO()
+    clean.save(buffer, format="PNG", optimize=False)
+    png = buffer.getvalue()
+    return InputImage(png, hashlib.sha256(png).hexdigest(), clean.width, clean.height)
+
+
+def decode_input(png: bytes, sha256: str) -> Image.Image:
+    """A stored input image, checked against the hash its recipe names. Blocking."""
+    if hashlib.sha256(png).hexdigest() != sha256:
+        raise RequestError(
+            "the input image does not match the hash its job recorded; refusing to draw from it"
+        )
+    image = Image.open(io.BytesIO(png))
+    image.load()
+    return image.convert("RGB")
