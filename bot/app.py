@@ -82,19 +82,21 @@ async def build_app(
     metrics = metrics or Metrics()
     redis: ArqRedis | None = None
     executor: Executor
+    files = ImageFiles(settings.data_dir)
+    # One preview per progress edit: more would never be shown (edits are throttled to this).
+    preview_every_s = settings.progress_interval_s if settings.images.previews else None
     if settings.uses_redis:
         # Requests are checked here against the same presets and whitelist files the workers load.
         resolver = build_resolver(settings.engine, settings.data_dir, settings.workers_family)
         redis = await create_pool(RedisSettings.from_dsn(settings.queue))
-        executor = RedisExecutor(redis, resolver, settings.workers)
+        executor = RedisExecutor(redis, resolver, settings.workers, files, preview_every_s)
         engine = None
     else:
         if engine is None:
             engine = await asyncio.to_thread(FluxEngine.load, settings.engine, settings.data_dir)
         metrics.watch_engine(engine)
         resolver = engine.resolver
-        executor = LocalExecutor(engine)
-    files = ImageFiles(settings.data_dir)
+        executor = LocalExecutor(engine, files, preview_every_s)
     classifier = None
     if settings.safety.classifier:
         classifier = await asyncio.to_thread(ImageClassifier.load, settings.safety)
@@ -110,7 +112,9 @@ async def build_app(
         classifier,
     )
     blocked = BlockedTerms.of(settings.safety.blocked_terms)
-    studio = Studio(resolver, jobs, admin_store, dispatcher, settings.limits, metrics, blocked)
+    studio = Studio(
+        resolver, jobs, admin_store, dispatcher, settings.limits, metrics, blocked, files, settings.images
+    )
     policy = AdminPolicy(frozenset(settings.admin_user_ids), frozenset(settings.admin_role_ids))
     admin = AdminService(studio, admin_store, policy)
     await admin.load_overrides()

@@ -49,7 +49,12 @@ class FluxBot(discord.Client):
             self.tree.add_command(command)
         self.tree.add_command(AdminCommands(settings.admin_permission))
         self.delivery = DiscordDelivery(
-            settings.data_dir, settings.progress_interval_s, settings.safety.flagged_action
+            settings.data_dir,
+            settings.progress_interval_s,
+            settings.safety.flagged_action,
+            # With a classifier, only finished images are checked: the forming picture is shown only
+            # where anything may be (age-restricted channels, DMs).
+            previews_everywhere=settings.safety.classifier is None,
         )
         self.reaction_notices = NoticeThrottle(settings.limits.window_s)
         self.app: App | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import time
 from collections import OrderedDict
@@ -26,13 +27,37 @@ ANSWER_WAIT_S = 10.0
 # The interaction's own first answer, for a job whose message id never reached the store (the bot died
 # right after answering): Discord's webhook API names it "@original" while the token lives.
 ORIGINAL = "@original"
+# Discord's attachment limit for a server without boosts (and DMs), when a job did not record its own.
+DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
+
+
+def jpeg_within(path: Path, limit: int) -> bytes:
+    """The PNG as a JPEG of at most `limit` bytes: quality first, then size. Blocking."""
+    from PIL import Image
+
+    with Image.open(path) as opened:
+        image = opened.convert("RGB")
+    while True:
+        for quality in (92, 85, 75, 60):
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=quality)
+            if buffer.tell() <= limit or min(image.size) <= 64:
+                return buffer.getvalue()
+        image = image.resize((image.width * 3 // 4, image.height * 3 // 4), Image.Resampling.LANCZOS)
 
 
 class DiscordDelivery:
     """Implements JobEvents. Progress edits are throttled; the final message carries PNGs and buttons."""
 
-    def __init__(self, data_dir: Path, min_interval_s: float, flagged_action: str = "withhold") -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        min_interval_s: float,
+        flagged_action: str = "withhold",
+        previews_everywhere: bool = True,
+    ) -> None:
         self.client: discord.Client | None = None
+        self.previews_everywhere = previews_everywhere
         self.data_dir = data_dir
         self.flagged_action = flagged_action  # safety.flagged_action: "withhold" or "spoiler"
         self.min_interval_s = min_interval_s
@@ -46,6 +71,7 @@ class DiscordDelivery:
         # wait for it, so a fast job never lands before, or under, its own "queued" message.
         self._holds: dict[int, asyncio.Event] = {}
         self._message_ids: dict[int, int] = {}  # that answer's message, before the store has it
+        self._previews: dict[int, bytes] = {}  # the latest picture forming, not shown yet
 
     def bind(self, client: discord.Client) -> None:
         self.client = client
@@ -87,15 +113,20 @@ class DiscordDelivery:
             self._last_edit[job.id] = time.monotonic()
             await self._edit_status(job, render.started(job))
 
-    async def progress(self, job: Job, step: int, total: int, eta_s: float) -> None:
+    async def progress(
+        self, job: Job, step: int, total: int, eta_s: float, preview: bytes | None = None
+    ) -> None:
         now = time.monotonic()
+        if preview is not None and job.id not in self._finished:
+            self._previews[job.id] = preview  # shown with the next edit, whichever step that is
         if job.id in self._finished or now - self._last_edit.get(job.id, 0.0) < self.min_interval_s:
             return  # Discord allows ~5 edits per 5 s per channel: one every interval is plenty
         self._last_edit[job.id] = now
         async with self._lock(job.id):
             await self._after_answer(job.id)
             if job.id not in self._finished:
-                await self._edit_status(job, render.progress(job, step, total, eta_s))
+                shown = self._previews.pop(job.id, None)
+                await self._edit_status(job, render.progress(job, step, total, eta_s), shown)
 
     async def finished(self, job: Job) -> int | None:
         async with self._lock(job.id):
@@ -105,6 +136,7 @@ class DiscordDelivery:
                 self._finished.popitem(last=False)
             self._started.discard(job.id)
             self._last_edit.pop(job.id, None)
+            self._previews.pop(job.id, None)
             message_id = await self._deliver(job)
         self._locks.pop(job.id, None)
         self._message_ids.pop(job.id, None)
@@ -114,8 +146,10 @@ class DiscordDelivery:
         from bot.commands.buttons import result_view
 
         view = result_view(job.id) if job.status == JobStatus.DONE else None
-        text = render.final(job, self.flagged_action if job.withheld else None)
-        message_id = await self._edit_or_post(job, text, view)
+        uploads = await asyncio.to_thread(self._uploads, job)
+        as_jpeg = any(isinstance(content, bytes) for _, content in uploads)
+        text = render.final(job, self.flagged_action if job.withheld else None, as_jpeg)
+        message_id = await self._edit_or_post(job, text, view, uploads)
         if message_id is not None and job.status == JobStatus.DONE and job.channel_id:
             await self._client.http.add_reaction(job.channel_id, message_id, REROLL_EMOJI)
         return message_id
@@ -131,42 +165,61 @@ class DiscordDelivery:
         issued = job.interaction_at if job.interaction_at.tzinfo else job.interaction_at.replace(tzinfo=UTC)
         return datetime.now(UTC) - issued < TOKEN_LIFETIME
 
-    async def _edit_status(self, job: Job, text: str) -> None:
+    async def _edit_status(self, job: Job, text: str, preview: bytes | None = None) -> None:
         message_id = self._message_id(job)
+        # The picture forming, replacing the last one.
+        extra: dict[str, Any] = {}
+        if preview is not None and (self.previews_everywhere or job.age_restricted):
+            extra["attachments"] = [
+                discord.File(io.BytesIO(preview), filename=f"fluxbot-{job.id}-preview.jpg")
+            ]
         try:
             if (target := self._webhook_message(job)) is not None:
                 await self._webhook(job).edit_message(
                     target,  # type: ignore[arg-type]
                     content=text,
                     allowed_mentions=owner_only(job.user_id),
+                    **extra,
                 )
             elif message_id and job.channel_id:
                 channel = self._client.get_partial_messageable(job.channel_id)
                 await channel.get_partial_message(message_id).edit(
-                    content=text, allowed_mentions=owner_only(job.user_id)
+                    content=text, allowed_mentions=owner_only(job.user_id), **extra
                 )
         except discord.HTTPException as exc:  # progress is best effort; the result is not
             log.info("job %d: progress edit failed (%s)", job.id, exc.status)
 
-    def _files(self, job: Job) -> list[discord.File]:
-        """Fresh file objects for each attempt: discord.py closes them after a request, even a failed one."""
+    def _uploads(self, job: Job) -> list[tuple[str, Path | bytes]]:
+        """What the result carries: (file name, PNG path), or JPEG bytes when the PNGs would pass the
+        upload limit where the job was asked. Blocking (file sizes, JPEG encoding)."""
         if job.status != JobStatus.DONE or (job.withheld and self.flagged_action == "withhold"):
             return []
+        pngs = [(f"fluxbot-{job.id}-{image.seed}", self.data_dir / image.path) for image in job.images]
+        limit = job.upload_limit or DEFAULT_UPLOAD_LIMIT
+        if sum(path.stat().st_size for _, path in pngs) <= limit:
+            return [(name + ".png", path) for name, path in pngs]
+        share = limit // max(1, len(pngs))
+        return [(name + ".jpg", jpeg_within(path, share)) for name, path in pngs]
+
+    def _files(self, job: Job, uploads: list[tuple[str, Path | bytes]]) -> list[discord.File]:
+        """Fresh file objects for each attempt: discord.py closes them after a request, even a failed one."""
         return [
             discord.File(
-                self.data_dir / image.path,
-                filename=f"fluxbot-{job.id}-{image.seed}.png",
+                io.BytesIO(content) if isinstance(content, bytes) else content,
+                filename=name,
                 spoiler=job.withheld,  # flagged, action "spoiler": shown blurred until clicked
             )
-            for image in job.images
+            for name, content in uploads
         ]
 
-    async def _edit_or_post(self, job: Job, text: str, view: Any) -> int | None:
+    async def _edit_or_post(
+        self, job: Job, text: str, view: Any, uploads: list[tuple[str, Path | bytes]]
+    ) -> int | None:
         if (target := self._webhook_message(job)) is not None:
             try:
                 kwargs: dict[str, Any] = {
                     "content": text,
-                    "attachments": self._files(job),
+                    "attachments": self._files(job, uploads),
                     "allowed_mentions": owner_only(job.user_id),
                 }
                 if view is not None:
@@ -180,7 +233,7 @@ class DiscordDelivery:
         channel = self._client.get_partial_messageable(job.channel_id)
         kwargs = {
             "content": text,
-            "files": self._files(job),
+            "files": self._files(job, uploads),
             "allowed_mentions": owner_only(job.user_id),
         }
         if view is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from discord.utils import escape_markdown, escape_mentions
 
@@ -82,7 +83,20 @@ def footer(job: Job) -> str:
     ]
     if loras:
         parts.insert(3, loras)
+    if (made := _made_from(request)) is not None:
+        parts.insert(0, made)
     return f"**{short(request['prompt'], 200)}** — <@{job.user_id}>\n-# " + " · ".join(parts)
+
+
+def _made_from(request: dict[str, Any]) -> str | None:
+    """How an image-in job was made: its kind, strength and the job it started from."""
+    if request.get("init_image") is None:
+        return None
+    kind = {"vary_subtle": "vary (subtle)", "vary_strong": "vary (strong)", "upscale": "upscale x2"}.get(
+        str(request.get("kind")), "from an image"
+    )
+    parent = f" of job {request['parent_job']}" if request.get("parent_job") else ""
+    return f"{kind}{parent}, strength {request.get('strength')}"
 
 
 SAFETY_NOTES = {
@@ -92,11 +106,18 @@ SAFETY_NOTES = {
 }
 
 
-def final(job: Job, safety_action: str | None = None) -> str:
-    """The result message. `safety_action`: what the delivery did with flagged images, if anything."""
+JPEG_NOTE = (
+    "📎 Too large for this channel's upload limit as PNG: sent as JPEG. The PNG, with its recipe, is "
+    "kept (/rerun {job_id} draws it again)."
+)
+
+
+def final(job: Job, safety_action: str | None = None, as_jpeg: bool = False) -> str:
+    """The result message. `safety_action`: what the delivery did with flagged images, if anything;
+    `as_jpeg`: the PNGs were over the upload limit and JPEG copies went out instead."""
     if job.status == JobStatus.DONE:
-        note = SAFETY_NOTES.get(safety_action or "")
-        return footer(job) + (f"\n{note}" if note else "")
+        notes = [SAFETY_NOTES.get(safety_action or ""), JPEG_NOTE.format(job_id=job.id) if as_jpeg else None]
+        return footer(job) + "".join(f"\n{note}" for note in notes if note)
     if job.status == JobStatus.CANCELLED:
         return f"**{short(job.request['prompt'])}**\n🚫 job {job.id} {job.error or 'cancelled'}."
     return f"**{short(job.request['prompt'])}** — <@{job.user_id}>\n❌ job {job.id} failed: {job.error}"

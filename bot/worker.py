@@ -8,6 +8,7 @@ out on a pub/sub channel and the PNGs come back in the arq result (or in a share
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import logging
@@ -118,6 +119,7 @@ class EngineWorker:
                 step=progress.step,
                 total=progress.total,
                 elapsed_s=progress.elapsed_s,
+                preview=base64.b64encode(progress.preview).decode() if progress.preview else None,
             )
             loop.call_soon_threadsafe(self._publish_soon, event)
 
@@ -146,7 +148,14 @@ class EngineWorker:
         self, job: JobPayload, on_step: Callable[[StepProgress], None], cancel: threading.Event
     ) -> WorkerResult:
         request = GenerationRequest.model_validate(job.request)
-        result = self.engine.generate(request, on_step=on_step, cancel=cancel)
+        init_image = base64.b64decode(job.init_image) if job.init_image else None
+        result = self.engine.generate(
+            request,
+            on_step=on_step,
+            cancel=cancel,
+            init_image=init_image,
+            preview_every_s=job.preview_every_s,
+        )
         images = []
         for index, (image, recipe) in enumerate(zip(result.images, result.recipes, strict=True)):
             data = png_bytes(image, recipe)

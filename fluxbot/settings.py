@@ -107,6 +107,20 @@ class SafetySettings(BaseModel):
     )
 
 
+class ImageSettings(BaseModel):
+    """Image in, image out: what an attached image may be, and the live previews while drawing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_input_mb: float = Field(
+        10.0, gt=0, le=500, description="largest attachment taken as an input image (Discord allows 25 MB+)"
+    )
+    max_input_megapixels: float = Field(
+        40.0, gt=0, le=400, description="larger images are refused before they are decoded"
+    )
+    previews: bool = Field(True, description="show the picture forming in the progress message")
+
+
 class Settings(BaseSettings):
     """Root of all fluxbot settings. Sections are sub-models so each part sees only its own."""
 
@@ -148,6 +162,7 @@ class Settings(BaseSettings):
     limits: LimitSettings = LimitSettings()
     delivery: DeliverySettings = DeliverySettings()
     safety: SafetySettings = SafetySettings()
+    images: ImageSettings = ImageSettings()
     engine: EngineSettings = EngineSettings()
     workers: WorkerSettings = WorkerSettings()
 

@@ -27,6 +27,7 @@ class RecordingEvents:
     def __init__(self) -> None:
         self.started_ids: list[int] = []
         self.progress_seen: list[tuple[int, int, int]] = []
+        self.previews: list[tuple[int, bytes]] = []
         self.finished_jobs: list[Job] = []
         self.fail_delivery = False  # every delivery fails
         self.fail_next = 0  # this many deliveries fail, then they work
@@ -36,8 +37,12 @@ class RecordingEvents:
     async def started(self, job: Job) -> None:
         self.started_ids.append(job.id)
 
-    async def progress(self, job: Job, step: int, total: int, eta_s: float) -> None:
+    async def progress(
+        self, job: Job, step: int, total: int, eta_s: float, preview: bytes | None = None
+    ) -> None:
         self.progress_seen.append((job.id, step, total))
+        if preview is not None:
+            self.previews.append((job.id, preview))
 
     async def finished(self, job: Job) -> int | None:
         if self.fail_delivery or self.fail_next > 0:

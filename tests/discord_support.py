@@ -72,8 +72,16 @@ def png_of(fake: FakeDiscord, message: dict[str, Any]) -> bytes:
     return fake.attachment_bytes[message["attachments"][0]["id"]]
 
 
+def has_result(message: dict[str, Any] | None) -> bool:
+    """The message carries a result (not only the preview of the picture forming)."""
+    return bool(message) and any(
+        not a["filename"].endswith("-preview.jpg")
+        for a in message["attachments"]  # type: ignore[index]
+    )
+
+
 async def finished_message(fake: FakeDiscord, token: str) -> dict[str, Any]:
-    return await fake.wait_for(lambda: (m := fake.original(token)) and m["attachments"] and m)
+    return await fake.wait_for(lambda: (m := fake.original(token)) and has_result(m) and m)
 
 
 def is_ephemeral_error(fake: FakeDiscord, token: str, text: str) -> bool:

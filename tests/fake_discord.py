@@ -85,11 +85,17 @@ class FakeDiscord:
         # a delay holds each one that long before it is applied (a slow link).
         self.upload_storm: tuple[int, float] | None = None  # (status, until monotonic)
         self.upload_delay_s = 0.0
+        # Discord's per-file limit where interactions come from (interaction.attachment_size_limit);
+        # a larger file is answered 413, as Discord does.
+        self.upload_limit = 25 * 1024 * 1024
+        self.refused_uploads = 0
+        self.cdn_files: dict[str, bytes] = {}  # what users attached: served at /attachments/<id>/<name>
 
     # --- server life -------------------------------------------------------------------------
     async def start(self) -> None:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_get("/gateway-ws", self._gateway)
+        app.router.add_get("/attachments/{id}/{name}", self._cdn)
         app.router.add_route("*", "/api/v10/{tail:.*}", self._rest)
         self.runner = web.AppRunner(app)
         await self.runner.setup()
@@ -287,7 +293,7 @@ class FakeDiscord:
             "guild_locale": "en-US",
             "entitlements": [],
             "authorizing_integration_owners": {"0": str(guild_id or GUILD_ID)},
-            "attachment_size_limit": 25 * 1024 * 1024,
+            "attachment_size_limit": self.upload_limit,
             **extra,
         }
 
@@ -298,9 +304,11 @@ class FakeDiscord:
         member: dict[str, Any],
         channel_id: int = CHANNEL_ID,
         users: list[dict[str, Any]] = (),  # type: ignore[assignment]
+        attachments: list[dict[str, Any]] = (),  # type: ignore[assignment]
     ) -> str:
         """Send a slash command (in `channel_id`: a guild channel, or a dm_channel); returns its token.
-        `users`: member payloads that user options name (Discord sends them as resolved data)."""
+        `users`: member payloads that user options name (Discord sends them as resolved data);
+        `attachments`: what `attach()` made, named by attachment options (type 11, value: the id)."""
         command = next((c for c in self.commands if c["name"] == name), None)
         data: dict[str, Any] = {
             "id": command["id"] if command else snowflake(),
@@ -317,10 +325,33 @@ class FakeDiscord:
                 if guild_id is not None
                 else {},
             }
+        if attachments:
+            data.setdefault("resolved", {})["attachments"] = {a["id"]: a for a in attachments}
         payload = self._interaction(2, data, member, channel_id)
         self.interaction_sent_at[payload["token"]] = time.monotonic()
         await self.dispatch("INTERACTION_CREATE", payload)
         return str(payload["token"])
+
+    def attach(self, data: bytes, filename: str, content_type: str | None) -> dict[str, Any]:
+        """A file a user attaches to a command: its attachment object, its bytes on the fake CDN."""
+        attachment_id = snowflake()
+        self.cdn_files[attachment_id] = data
+        payload: dict[str, Any] = {
+            "id": attachment_id,
+            "filename": filename,
+            "size": len(data),
+            "url": f"http://127.0.0.1:{self.port}/attachments/{attachment_id}/{filename}",
+            "proxy_url": f"http://127.0.0.1:{self.port}/attachments/{attachment_id}/{filename}",
+        }
+        if content_type is not None:
+            payload["content_type"] = content_type
+        return payload
+
+    async def _cdn(self, request: web.Request) -> web.Response:
+        data = self.cdn_files.get(request.match_info["id"])
+        if data is None:
+            return web.Response(status=404)
+        return web.Response(body=data, content_type="application/octet-stream")
 
     async def click(self, message_id: str, custom_id: str, member: dict[str, Any]) -> str:
         """Press a button on a message, in the message's channel."""
@@ -365,6 +396,9 @@ class FakeDiscord:
             return _json({"message": "fake storm", "code": 0}, self.upload_storm[0])
         if files and self.upload_delay_s:
             await asyncio.sleep(self.upload_delay_s)
+        if any(len(blob) > self.upload_limit for _, blob in files):
+            self.refused_uploads += 1
+            return _json({"message": "Request entity too large", "code": 40005}, 413)
         for i, (fragment, status) in enumerate(self.fail_next):
             if fragment in path:
                 del self.fail_next[i]

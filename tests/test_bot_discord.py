@@ -24,6 +24,7 @@ from tests.discord_support import (
     BOB,
     Harness,
     finished_message,
+    has_result,
     is_ephemeral_error,
     make_bot_settings,
     opt,
@@ -80,7 +81,7 @@ async def test_reroll_reaction_makes_a_new_job_for_the_reacting_user(harness: Ha
     await fake.react(original["id"], "🔁", fake.member(BOB, "bob"))
 
     posted = await fake.wait_for(
-        lambda: [m for m in fake.messages.values() if m["attachments"] and m["id"] != original["id"]]
+        lambda: [m for m in fake.messages.values() if has_result(m) and m["id"] != original["id"]]
     )
     assert len(fake.calls_to("POST", f"/channels/{CHANNEL_ID}/messages")) > before
     recipe = read_recipe(png_of(fake, posted[0]))
@@ -279,7 +280,7 @@ async def test_result_after_the_token_expired_is_posted_in_the_channel_with_a_me
 
     await app.admin.pause(_admin_requester(), False)
 
-    posted = await fake.wait_for(lambda: [m for m in fake.messages.values() if m["attachments"]])
+    posted = await fake.wait_for(lambda: [m for m in fake.messages.values() if has_result(m)])
     assert f"<@{ALICE}>" in posted[0]["content"] and "a late owl" in posted[0]["content"]
     assert not (fake.original(token) or {}).get("attachments")
 
@@ -383,5 +384,5 @@ async def test_unknown_interaction_on_delivery_falls_back_to_a_channel_message(h
 
     await app.admin.pause(_admin_requester(), False)
 
-    posted = await fake.wait_for(lambda: [m for m in fake.messages.values() if m["attachments"]])
+    posted = await fake.wait_for(lambda: [m for m in fake.messages.values() if has_result(m)])
     assert "a forgotten fox" in posted[0]["content"] and f"<@{ALICE}>" in posted[0]["content"]

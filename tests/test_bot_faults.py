@@ -20,6 +20,7 @@ from tests.discord_support import (
     BOB,
     Harness,
     finished_message,
+    has_result,
     is_ephemeral_error,
     make_bot_settings,
     opt,
@@ -99,7 +100,7 @@ async def test_a_502_storm_on_uploads_is_outlasted_without_a_restart_while_the_e
 
         during = await asyncio.wait_for(both_drawn(), 20)
         drawn_at = time.monotonic()
-        await fake.wait_for(lambda: all((m := fake.original(t)) and m["attachments"] for t in tokens), 90)
+        await fake.wait_for(lambda: all(has_result(fake.original(t)) for t in tokens), 90)
         messages = [await finished_message(fake, t) for t in tokens]
     finally:
         await harness.stop()

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.bot_support import write_lock
+from tests.discord_support import has_result
 from tests.fake_discord import FakeDiscord
 from tests.scaleout_support import DEAD_AFTER_S, HEARTBEAT_S, WorkerProcess, worker_env
 from tests.services import REDIS_URL, database_url_for_test, flush_redis, require_redis
@@ -89,9 +90,7 @@ def opt(name: str, value: Any, kind: int = 3) -> dict[str, Any]:
 
 
 async def delivered(fake: FakeDiscord, tokens: list[str]) -> bool:
-    await fake.wait_for(
-        lambda: all((m := fake.original(t)) and m["attachments"] for t in tokens), timeout=120
-    )
+    await fake.wait_for(lambda: all(has_result(fake.original(t)) for t in tokens), timeout=120)
     return True
 
 

@@ -27,7 +27,7 @@ from engine.api import GenerationRequest, LoraChoice
 from engine.settings import EngineSettings
 from fluxbot.settings import DeliverySettings, Settings, WorkerSettings
 from tests.bot_support import RecordingEvents, make_settings, until, write_lock
-from tests.discord_support import ADMIN, ALICE, BOB, Harness, make_bot_settings, opt
+from tests.discord_support import ADMIN, ALICE, BOB, Harness, has_result, make_bot_settings, opt
 from tests.fake_discord import FakeDiscord
 from tests.scaleout_support import DEAD_AFTER_S, HEARTBEAT_S, WorkerProcess, worker_env
 from tests.services import REDIS_URL, create_postgres_database, flush_redis, require_postgres, require_redis
@@ -179,9 +179,7 @@ async def test_two_workers_serve_a_burst_from_several_users_through_discord(
         for i in range(3)
         for user, name in users
     ]
-    await fake.wait_for(
-        lambda: all((m := fake.original(t)) and m["attachments"] for t in tokens), timeout=120
-    )
+    await fake.wait_for(lambda: all(has_result(fake.original(t)) for t in tokens), timeout=120)
     await harness.app.queue.wait_idle(30)
     jobs = [await harness.app.jobs.get(i) for i in range(1, len(tokens) + 1)]
 
@@ -234,9 +232,7 @@ async def test_killing_a_worker_mid_job_still_delivers_every_job_exactly_once(
     victim = await running_on(harness.app, 1)
     workers[str(victim.worker)].kill()
 
-    await fake.wait_for(
-        lambda: all((m := fake.original(t)) and m["attachments"] for t in tokens), timeout=120
-    )
+    await fake.wait_for(lambda: all(has_result(fake.original(t)) for t in tokens), timeout=120)
     await harness.app.queue.wait_idle(30)
     retried = await harness.app.jobs.get(1)
     statuses = [(await harness.app.jobs.get(i)).status for i in range(1, 5)]  # type: ignore[union-attr]
@@ -354,7 +350,7 @@ async def test_admin_workers_lists_each_worker_with_state_and_throughput(
     harness: Harness, fake: FakeDiscord, workers: Workers
 ) -> None:
     token = await fake.slash("imagine", [opt("prompt", "a fox")], fake.member(ALICE, "alice"))
-    await fake.wait_for(lambda: (m := fake.original(token)) and m["attachments"], timeout=60)
+    await fake.wait_for(lambda: has_result(fake.original(token)), timeout=60)
     listing = await fake.slash("admin", [_sub("workers")], fake.member(ADMIN, "admin"))
     reply = await fake.wait_for(lambda: (m := fake.original(listing)) and m["content"] and m)
     refused = await fake.slash("admin", [_sub("workers")], fake.member(BOB, "bob"))
@@ -473,7 +469,7 @@ async def test_a_502_storm_on_uploads_is_outlasted_while_the_workers_keep_drawin
 
         await asyncio.wait_for(all_drawn(), 25)
         drawn_at = time.monotonic()
-        await fake.wait_for(lambda: all((m := fake.original(t)) and m["attachments"] for t in tokens), 90)
+        await fake.wait_for(lambda: all(has_result(fake.original(t)) for t in tokens), 90)
     finally:
         await harness.stop()
 

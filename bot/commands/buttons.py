@@ -9,12 +9,22 @@ import discord
 
 from bot.commands.submit import submit
 
+# action -> (label, emoji). "more" is the next seeds of the same recipe; Vary redraws the picture itself.
+ACTIONS = {
+    "reroll": ("Reroll", "🔁"),
+    "vary": ("4 more seeds", "🎲"),
+    "subtle": ("Vary (Subtle)", "🪶"),
+    "strong": ("Vary (Strong)", "🌪️"),
+    "upscale": ("Upscale x2", "🔍"),
+}
+
 
 class JobButton(
-    discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"fluxbot:(?P<action>reroll|vary):(?P<job>\d+)"
+    discord.ui.DynamicItem[discord.ui.Button[Any]],
+    template=r"fluxbot:(?P<action>reroll|vary|subtle|strong|upscale):(?P<job>\d+)",
 ):
     def __init__(self, action: str, job_id: int) -> None:
-        label, emoji = ("Reroll", "🔁") if action == "reroll" else ("Variations", "🎲")
+        label, emoji = ACTIONS[action]
         super().__init__(
             discord.ui.Button(
                 label=label,
@@ -34,14 +44,20 @@ class JobButton(
 
     async def callback(self, interaction: discord.Interaction) -> None:
         studio = interaction.client.app.studio  # type: ignore[attr-defined]
-        if self.action == "reroll":
-            await submit(interaction, lambda who, on_stored: studio.reroll(who, self.job_id, on_stored))
+        job_id, action = self.job_id, self.action
+        if action == "reroll":
+            await submit(interaction, lambda who, on_stored: studio.reroll(who, job_id, on_stored))
+        elif action == "vary":
+            await submit(interaction, lambda who, on_stored: studio.variations(who, job_id, on_stored))
+        elif action in ("subtle", "strong"):
+            strong = action == "strong"
+            await submit(interaction, lambda who, on_stored: studio.vary(who, job_id, strong, on_stored))
         else:
-            await submit(interaction, lambda who, on_stored: studio.variations(who, self.job_id, on_stored))
+            await submit(interaction, lambda who, on_stored: studio.upscale(who, job_id, on_stored))
 
 
 def result_view(job_id: int) -> discord.ui.View:
     view = discord.ui.View(timeout=None)
-    view.add_item(JobButton("reroll", job_id))
-    view.add_item(JobButton("vary", job_id))
+    for action in ACTIONS:
+        view.add_item(JobButton(action, job_id))
     return view

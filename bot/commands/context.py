@@ -27,6 +27,7 @@ def requester(interaction: discord.Interaction, with_token: bool = True) -> Requ
         interaction_token=interaction.token if with_token else None,
         can_view=channel_check(interaction.guild, user),
         age_restricted=age_restricted(interaction.channel, interaction.guild_id),
+        upload_limit=interaction.filesize_limit,
     )
 
 

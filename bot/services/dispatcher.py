@@ -379,7 +379,9 @@ class JobDispatcher:
             self._spawn(self.store.set_worker(job_id, worker), f"job {job_id}: recording its worker")
         self._spawn(self.events.started(running.job), f"job {job_id}: showing its start")
 
-    def progress(self, job_id: int, step: int, total: int, elapsed_s: float | None) -> None:
+    def progress(
+        self, job_id: int, step: int, total: int, elapsed_s: float | None, preview: bytes | None = None
+    ) -> None:
         running = self.running.get(job_id)
         if running is None:
             return
@@ -387,7 +389,7 @@ class JobDispatcher:
             self.metrics.step_seconds.observe(max(0.0, elapsed_s - running.last_step_s))
             running.last_step_s = elapsed_s
         self._spawn(
-            self.events.progress(running.job, step, total, running.remaining_s()),
+            self.events.progress(running.job, step, total, running.remaining_s(), preview),
             f"job {job_id}: showing progress",
         )
 

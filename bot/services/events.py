@@ -10,7 +10,9 @@ from bot.store.models import Job
 class JobEvents(Protocol):
     async def started(self, job: Job) -> None: ...
 
-    async def progress(self, job: Job, step: int, total: int, eta_s: float) -> None: ...
+    async def progress(
+        self, job: Job, step: int, total: int, eta_s: float, preview: bytes | None = None
+    ) -> None: ...
 
     async def finished(self, job: Job) -> int | None:
         """The job is done, failed or cancelled (job.status says which): deliver it, return the message id.

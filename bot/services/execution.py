@@ -118,7 +118,11 @@ class Report(Protocol):
 
     def started(self, job_id: int, worker: str | None) -> None: ...
 
-    def progress(self, job_id: int, step: int, total: int, elapsed_s: float | None) -> None: ...
+    def progress(
+        self, job_id: int, step: int, total: int, elapsed_s: float | None, preview: bytes | None = None
+    ) -> None:
+        """A step is done; `preview`: a JPEG of the picture forming (engine/preview.py), or None."""
+        ...
 
     def engine_free(self) -> None:
         """An engine can take a job now (the outcome of the last one may still be on its way)."""

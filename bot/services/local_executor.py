@@ -20,10 +20,11 @@ from typing import Any
 from bot.services.execution import INTERNAL_ERROR, EngineImage, Outcome, Report, Restored
 from bot.services.faults import Stopping
 from bot.services.workers import Throughput, WorkerInfo, describe_engine
+from bot.store.files import ImageFiles
 from bot.store.models import Job
 from engine.api import GenerationRequest, StepProgress
 from engine.engine import FluxEngine
-from engine.errors import EngineError, GenerationCancelled
+from engine.errors import EngineError, GenerationCancelled, RequestError
 
 log = logging.getLogger(__name__)
 HANDOFF_DEPTH = 2  # the job drawing and the one waiting beside it
@@ -41,8 +42,12 @@ class _Handed:
 
 
 class LocalExecutor:
-    def __init__(self, engine: FluxEngine) -> None:
+    def __init__(
+        self, engine: FluxEngine, files: ImageFiles | None = None, preview_every_s: float | None = None
+    ) -> None:
         self.engine = engine
+        self.files = files  # where the input images of img2img jobs are
+        self.preview_every_s = preview_every_s
         self.family = engine.info.family
         self.throughput = Throughput()
         self._started_at = time.time()
@@ -131,7 +136,14 @@ class LocalExecutor:
             return Outcome.interrupted() if handed.interrupted else Outcome.cancelled()
         try:
             request = GenerationRequest.model_validate(job.request)
-            result = self.engine.generate(request, on_step, handed.cancel)
+            init_image = None
+            if request.init_image is not None:
+                if self.files is None:
+                    raise RequestError("this fluxbot keeps no input images")
+                init_image = self.files.read_input(request.init_image)  # the engine thread: may block
+            result = self.engine.generate(
+                request, on_step, handed.cancel, init_image=init_image, preview_every_s=self.preview_every_s
+            )
         except GenerationCancelled:
             return Outcome.interrupted() if handed.interrupted else Outcome.cancelled()
         except EngineError as exc:
@@ -161,7 +173,7 @@ class LocalExecutor:
 
     def _step(self, job_id: int, progress: StepProgress) -> None:
         assert self._report is not None
-        self._report.progress(job_id, progress.step, progress.total, progress.elapsed_s)
+        self._report.progress(job_id, progress.step, progress.total, progress.elapsed_s, progress.preview)
 
     def _ended(self, handed: _Handed, outcome: Outcome) -> None:
         assert self._report is not None

@@ -11,6 +11,7 @@ The job id keys everything (store, dispatch record, delivery), so an outcome is 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import time
@@ -54,8 +55,10 @@ from bot.services.wire import (
     queue_name,
 )
 from bot.services.workers import WorkerInfo, advertised_workers
+from bot.store.files import ImageFiles
 from bot.store.models import Job
 from engine.api import Recipe
+from engine.errors import RequestError
 from engine.resolve import RequestResolver
 from fluxbot.settings import WorkerSettings
 
@@ -89,8 +92,17 @@ class Flight:
 
 
 class RedisExecutor:
-    def __init__(self, redis: ArqRedis, resolver: RequestResolver, settings: WorkerSettings) -> None:
+    def __init__(
+        self,
+        redis: ArqRedis,
+        resolver: RequestResolver,
+        settings: WorkerSettings,
+        files: ImageFiles | None = None,
+        preview_every_s: float | None = None,
+    ) -> None:
         self.redis = redis
+        self.files = files  # the input images of img2img jobs travel in the payload
+        self.preview_every_s = preview_every_s
         self.resolver = resolver
         self.settings = settings
         self.flights: dict[int, Flight] = {}
@@ -188,7 +200,15 @@ class RedisExecutor:
         if not free:
             raise RuntimeError(f"no free {family} worker any more")
         worker = self._choose(free, job)
-        payload = self._payload(job)
+        init_image = None
+        if (sha256 := job.request.get("init_image")) is not None:
+            if self.files is None:
+                raise CannotRun("This fluxbot keeps no input images.")
+            try:
+                init_image = await asyncio.to_thread(self.files.read_input, str(sha256))
+            except RequestError as exc:
+                raise CannotRun(f"It can't run: {exc}.") from exc
+        payload = self._payload(job, init_image)
         job_try, dispatch_no = self._next_try.pop(job.id, (1, 1))
         dispatch = Dispatch(
             job_id=job.id,
@@ -225,7 +245,7 @@ class RedisExecutor:
             key=lambda w: (len(wanted & set(w.resident_loras)), -self._last_assigned.get(w.name, 0.0)),
         )
 
-    def _payload(self, job: Job) -> JobPayload:
+    def _payload(self, job: Job, init_image: bytes | None = None) -> JobPayload:
         """Workers never read the bot's database: the preset and LoRA entries travel with the job."""
         preset = self.resolver.presets.get(str(job.request.get("preset")))
         if preset is None:
@@ -237,6 +257,8 @@ class RedisExecutor:
             request=job.request,
             preset=preset.model_dump(mode="json"),
             loras=[entries[name].model_dump(mode="json") for name in names if name in entries],
+            init_image=base64.b64encode(init_image).decode() if init_image is not None else None,
+            preview_every_s=self.preview_every_s,
         )
 
     async def cancel(self, job_id: int) -> None:
@@ -396,4 +418,5 @@ class RedisExecutor:
             flight.started = True
             self._report.started(event.job_id, event.worker)
         elif flight.started:
-            self._report.progress(event.job_id, event.step, event.total, event.elapsed_s)
+            preview = base64.b64decode(event.preview) if event.preview else None
+            self._report.progress(event.job_id, event.step, event.total, event.elapsed_s, preview)

@@ -3,6 +3,7 @@ and reruns. Everything a user asks for that makes a job comes through `imagine`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import Callable
@@ -18,12 +19,14 @@ from bot.services.errors import LimitReached, NotAllowed, NotFound, StoreBusy, U
 from bot.services.visibility import ChannelCheck, may_moderate, may_see, no_channel
 from bot.store.admin import AdminStore
 from bot.store.database import is_store_fault
+from bot.store.files import ImageFiles
 from bot.store.jobs import Admission, JobStore, NewJob, Quota
-from bot.store.models import Job, JobKind
+from bot.store.models import Job, JobKind, JobStatus
 from engine.api import MAX_SEED, GenerationRequest, LoraChoice
 from engine.errors import RequestError, first_problem
+from engine.input_image import InputImage, normalize_input_image
 from engine.resolve import RequestResolver
-from fluxbot.settings import LimitSettings
+from fluxbot.settings import ImageSettings, LimitSettings
 
 log = logging.getLogger(__name__)
 HISTORY_PAGE = 10
@@ -49,6 +52,7 @@ class Requester:
     # Which channels of guild_id they can view now (Discord's permissions): see services/visibility.
     can_view: ChannelCheck = field(default=no_channel, compare=False)
     age_restricted: bool = False  # asked in an age-restricted channel or a DM (the nsfw rule)
+    upload_limit: int | None = None  # bytes Discord takes per upload where they asked
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,11 @@ class Studio:
         limits: LimitSettings,
         metrics: Metrics,
         blocked: BlockedTerms | None = None,
+        files: ImageFiles | None = None,
+        images: ImageSettings | None = None,
     ) -> None:
+        self.files = files
+        self.images = images or ImageSettings()
         self.metrics = metrics
         self.blocked = blocked or BlockedTerms()
         self.resolver = resolver
@@ -165,6 +173,7 @@ class Studio:
             interaction_token=who.interaction_token,
             result_message_id=who.message_id,
             age_restricted=who.age_restricted,
+            upload_limit=who.upload_limit,
         )
         try:
             admission = await self.admissions.admit(new, self._quota())
@@ -237,6 +246,100 @@ class Studio:
         batch = min(VARIATIONS, self.resolver.max_batch_size)
         variation = request.model_copy(update={"seed": seed, "batch_size": batch})
         return await self.imagine(who, variation, JobKind.VARIATION, parent.id, on_stored)
+
+    async def image_prompt(self, data: bytes) -> InputImage:
+        """An uploaded image checked, normalized and stored (content-addressed) for a job to draw
+        from; a refusal is one UserError line. Nothing else is stored for a refused image."""
+        try:
+            image = await asyncio.to_thread(
+                normalize_input_image,
+                data,
+                max_bytes=int(self.images.max_input_mb * 1e6),
+                max_pixels=int(self.images.max_input_megapixels * 1e6),
+            )
+        except RequestError as exc:
+            self.metrics.rejections.labels("validation").inc()
+            raise UserError(f"That image can't be used: {exc}.") from exc
+        await asyncio.to_thread(self._files().save_input, image)
+        return image
+
+    def size_for_input(self, request: GenerationRequest, image: InputImage) -> str:
+        """Without a size option, an image prompt keeps its aspect (the preset's nearest allowed one)
+        at the preset's pixel count."""
+        preset = self.resolver.preset(request.preset)
+        aspects = [tuple(int(x) for x in a.split(":")) for a in preset.aspects] or [
+            (image.width, image.height)
+        ]
+        ratio = image.width / image.height
+        for aw, ah in sorted(aspects, key=lambda a: abs(math.log(a[0] / a[1] / ratio))):
+            width, height = preset.size_for_aspect(aw, ah)
+            if preset.size_problem(width, height) is None:  # tiny grids can round the aspect off
+                return f"{width}x{height}"
+        return f"{preset.width}x{preset.height}"
+
+    async def vary(
+        self, who: Requester, job_id: int, strong: bool, on_stored: OnStored | None = None
+    ) -> Ticket:
+        """Vary (Subtle / Strong): img2img from the job's picture at the preset's strength, new seed,
+        as the presser's own job."""
+        parent, image = await self._drawn(job_id, who)
+        preset = self.resolver.preset(parent.request.get("preset"))
+        request = GenerationRequest.model_validate(parent.request).model_copy(
+            update={
+                "seed": None,
+                "batch_size": 1,
+                "init_image": image.sha256,
+                "strength": preset.vary_strong_strength if strong else preset.vary_subtle_strength,
+                "kind": "vary_strong" if strong else "vary_subtle",
+                "parent_job": parent.id,
+            }
+        )
+        kind = JobKind.VARY_STRONG if strong else JobKind.VARY_SUBTLE
+        return await self.imagine(who, request, kind, parent.id, on_stored)
+
+    async def upscale(self, who: Requester, job_id: int, on_stored: OnStored | None = None) -> Ticket:
+        """Upscale x2 (hi-res fix): the picture resized 2x, then redrawn lightly at that size with the
+        same seed; refused past the preset's megapixel cap."""
+        parent, image = await self._drawn(job_id, who)
+        request = GenerationRequest.model_validate(parent.request)
+        preset = self.resolver.preset(request.preset)
+        width, height = 2 * image.width, 2 * image.height
+        if (problem := preset.size_problem(width, height)) is not None:
+            raise UserError(f"Upscale x2 would be {width}x{height}: {problem}.")
+        upscaled = request.model_copy(
+            update={
+                "size": f"{width}x{height}",
+                "batch_size": 1,
+                "init_image": image.sha256,
+                "strength": preset.upscale_strength,
+                "kind": "upscale",
+                "parent_job": parent.id,
+            }
+        )
+        return await self.imagine(who, upscaled, JobKind.UPSCALE, parent.id, on_stored)
+
+    async def _drawn(self, job_id: int, who: Requester) -> tuple[Job, InputImage]:
+        """A job's (first) picture as an input image, if `who` may see the job and its picture."""
+        parent = await self._job(job_id, who)
+        if parent.status != JobStatus.DONE or not parent.images:
+            raise UserError(f"Job {job_id} has no picture to draw from (it is {parent.status}).")
+        if parent.withheld and not who.age_restricted:
+            raise NotAllowed(f"The picture of job {job_id} was withheld; it can't be drawn from here.")
+        files = self._files()
+        data = await asyncio.to_thread(files.read, parent.images[0].path)
+        image = await asyncio.to_thread(
+            normalize_input_image,
+            data,
+            max_bytes=len(data) + 1,
+            max_pixels=parent.images[0].width * parent.images[0].height + 1,
+        )
+        await asyncio.to_thread(files.save_input, image)
+        return parent, image
+
+    def _files(self) -> ImageFiles:
+        if self.files is None:
+            raise UserError("Image prompts are not set up in this fluxbot.")
+        return self.files
 
     async def job_on_message(self, who: Requester, message_id: int) -> Job | None:
         """The job a message shows (for 🔁 reactions), if `who` may see it."""

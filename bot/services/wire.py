@@ -37,6 +37,8 @@ class JobPayload(BaseModel):
     request: dict[str, Any]
     preset: dict[str, Any]
     loras: list[dict[str, Any]]
+    init_image: str | None = None  # base64 of the input PNG (img2img jobs): workers share no files
+    preview_every_s: float | None = None
 
 
 class Dispatch(BaseModel):
@@ -56,6 +58,7 @@ class WorkerEvent(BaseModel):
     step: int = 0
     total: int = 0
     elapsed_s: float | None = None  # progress: seconds since the job's first step began
+    preview: str | None = None  # progress: base64 of a small JPEG of the picture forming
 
 
 class RenderedImage(BaseModel):

@@ -1,4 +1,6 @@
-"""ImageFiles: the PNGs under <data_dir>/images, named by job id. Blocking: call off the event loop."""
+"""ImageFiles: the PNGs under <data_dir>/images, named by job id, and the input images (uploads, and
+results that Vary/Upscale/Edit draw from) under <data_dir>/inputs, named by their sha256. Blocking:
+call off the event loop."""
 
 from __future__ import annotations
 
@@ -9,11 +11,18 @@ from pathlib import Path
 
 from bot.store.jobs import StoredImage
 from engine.api import Recipe
+from engine.errors import RequestError
+from engine.input_image import InputImage
 
 
 def png_path(job_id: int, index: int) -> Path:
     """Relative to the data dir. Generated name only: no user text ever reaches the filesystem."""
     return Path("images") / f"{job_id // 1000:04d}" / f"{job_id}-{index}.png"
+
+
+def input_path(sha256: str) -> Path:
+    """Relative to the data dir; content-addressed, so the same picture is stored once."""
+    return Path("inputs") / sha256[:2] / f"{sha256}.png"
 
 
 class ImageFiles:
@@ -23,6 +32,25 @@ class ImageFiles:
     def save(self, job_id: int, index: int, data: bytes, recipe: Recipe) -> StoredImage:
         """Write atomically (temp file, fsync, rename): a crash never leaves half a PNG under the name."""
         relative = png_path(job_id, index)
+        self._write(relative, data)
+        return stored_image(index, relative.as_posix(), data, recipe)
+
+    def save_input(self, image: InputImage) -> str:
+        relative = input_path(image.sha256)
+        if not (self.data_dir / relative).is_file():
+            self._write(relative, image.png)
+        return relative.as_posix()
+
+    def read_input(self, sha256: str) -> bytes:
+        """An input image's PNG; the engine checks it against the hash again before drawing."""
+        try:
+            return (self.data_dir / input_path(sha256)).read_bytes()
+        except OSError as exc:
+            raise RequestError(
+                f"the input image {sha256[:12]}... is no longer stored ({exc.strerror})"
+            ) from None
+
+    def _write(self, relative: Path, data: bytes) -> None:
         path = self.data_dir / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".part")
@@ -36,7 +64,6 @@ class ImageFiles:
         except BaseException:
             Path(temp).unlink(missing_ok=True)
             raise
-        return stored_image(index, relative.as_posix(), data, recipe)
 
     def read(self, relative: str) -> bytes:
         return (self.data_dir / relative).read_bytes()

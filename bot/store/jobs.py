@@ -33,6 +33,7 @@ class NewJob:
     interaction_token: str | None = None
     result_message_id: int | None = None
     age_restricted: bool = False
+    upload_limit: int | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ def _new_job(new: NewJob) -> Job:
         interaction_at=utcnow() if new.interaction_token else None,
         result_message_id=new.result_message_id,
         age_restricted=new.age_restricted,
+        upload_limit=new.upload_limit,
         delivery=Delivery.PENDING,
         delivery_attempts=0,
         images=[],

@@ -72,10 +72,14 @@ class Delivery(enum.StrEnum):
 
 
 class JobKind(enum.StrEnum):
-    IMAGINE = "imagine"
+    IMAGINE = "imagine"  # from text, or from an attached image (img2img)
     REROLL = "reroll"
     RERUN = "rerun"
-    VARIATION = "variation"
+    VARIATION = "variation"  # the next seeds ("4 more seeds")
+    VARY_SUBTLE = "vary_subtle"  # img2img from a result, low strength
+    VARY_STRONG = "vary_strong"
+    UPSCALE = "upscale"  # 2x resize, then a light img2img redraw
+    EDIT = "edit"  # FLUX.1 Kontext instruction edit
 
 
 class User(Base):
@@ -127,6 +131,9 @@ class Job(Base):
     # verdict on its images ({"flagged": bool, "images": [...]}; None: no classifier ran).
     age_restricted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
     safety: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Discord's attachment limit where it was asked (interaction.attachment_size_limit): a larger PNG
+    # goes out as a JPEG copy, the PNG stays for /rerun.
+    upload_limit: Mapped[int | None] = mapped_column(BigInteger)
 
     images: Mapped[list[Image]] = relationship(back_populates="job", order_by="Image.index", lazy="selectin")
 
