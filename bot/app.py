@@ -113,7 +113,16 @@ async def build_app(
     )
     blocked = BlockedTerms.of(settings.safety.blocked_terms)
     studio = Studio(
-        resolver, jobs, admin_store, dispatcher, settings.limits, metrics, blocked, files, settings.images
+        resolver,
+        jobs,
+        admin_store,
+        dispatcher,
+        settings.limits,
+        metrics,
+        blocked,
+        files,
+        settings.images,
+        edits=settings.engine.kontext is not None,
     )
     policy = AdminPolicy(frozenset(settings.admin_user_ids), frozenset(settings.admin_role_ids))
     admin = AdminService(studio, admin_store, policy)

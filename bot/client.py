@@ -55,6 +55,7 @@ class FluxBot(discord.Client):
             # With a classifier, only finished images are checked: the forming picture is shown only
             # where anything may be (age-restricted channels, DMs).
             previews_everywhere=settings.safety.classifier is None,
+            edits=settings.engine.kontext is not None,
         )
         self.reaction_notices = NoticeThrottle(settings.limits.window_s)
         self.app: App | None = None

@@ -55,8 +55,10 @@ class DiscordDelivery:
         min_interval_s: float,
         flagged_action: str = "withhold",
         previews_everywhere: bool = True,
+        edits: bool = False,
     ) -> None:
         self.client: discord.Client | None = None
+        self.edits = edits  # FLUX.1 Kontext is loaded: results get an Edit button
         self.previews_everywhere = previews_everywhere
         self.data_dir = data_dir
         self.flagged_action = flagged_action  # safety.flagged_action: "withhold" or "spoiler"
@@ -145,7 +147,7 @@ class DiscordDelivery:
     async def _deliver(self, job: Job) -> int | None:
         from bot.commands.buttons import result_view
 
-        view = result_view(job.id) if job.status == JobStatus.DONE else None
+        view = result_view(job.id, self.edits) if job.status == JobStatus.DONE else None
         uploads = await asyncio.to_thread(self._uploads, job)
         as_jpeg = any(isinstance(content, bytes) for _, content in uploads)
         text = render.final(job, self.flagged_action if job.withheld else None, as_jpeg)

@@ -92,10 +92,12 @@ def _made_from(request: dict[str, Any]) -> str | None:
     """How an image-in job was made: its kind, strength and the job it started from."""
     if request.get("init_image") is None:
         return None
+    parent = f" of job {request['parent_job']}" if request.get("parent_job") else ""
+    if request.get("kind") == "edit":
+        return f"Kontext edit{parent}"
     kind = {"vary_subtle": "vary (subtle)", "vary_strong": "vary (strong)", "upscale": "upscale x2"}.get(
         str(request.get("kind")), "from an image"
     )
-    parent = f" of job {request['parent_job']}" if request.get("parent_job") else ""
     return f"{kind}{parent}, strength {request.get('strength')}"
 
 

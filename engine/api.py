@@ -136,6 +136,7 @@ class Recipe(BaseModel):
     parent_job: int | None = None
     init_image_sha256: str | None = None
     strength: float | None = None
+    kontext_files: dict[str, str] | None = None  # edits: the Kontext transformer's file -> sha256
 
     def to_request(self, seed: int | None = None) -> GenerationRequest:
         """The request that repeats this image (or rerolls it with another seed)."""

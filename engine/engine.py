@@ -18,10 +18,11 @@ from PIL import Image
 
 from engine.api import GenerationRequest, GenerationResult, Recipe, ResolvedRequest, StepProgress, Timings
 from engine.embed_cache import PromptEmbedCache
-from engine.errors import GenerationCancelled, OutOfMemory, RequestError
+from engine.errors import ConfigError, GenerationCancelled, OutOfMemory, RequestError
 from engine.families import Embeds, FamilyAdapter, adapter_for, concat_embeds, repeat_embeds
 from engine.hashing import FileHasher
 from engine.input_image import decode_input
+from engine.kontext import KontextModel, load_kontext
 from engine.loading import LoadedModel, load_pipeline
 from engine.loras import LoraWhitelist, ResidentLoras, default_lora_dir
 from engine.presets import load_presets
@@ -80,6 +81,7 @@ class FluxEngine:
         self._versions = library_versions()
         self.memory_cap_bytes: int | None = None
         self._img2img_pipe: Any = None
+        self.kontext: KontextModel | None = None
         self.vae_tiling_above_mp = 1.6
 
     @classmethod
@@ -102,6 +104,12 @@ class FluxEngine:
         engine = cls(loaded, resolver, info, loras, PromptEmbedCache(settings.embed_cache_size))
         engine.set_memory_cap(settings.memory_cap_gb)
         engine.vae_tiling_above_mp = settings.vae_tiling_above_megapixels
+        if settings.kontext is not None:
+            if loaded.family != "flux1":
+                raise ConfigError("engine.kontext edits need a FLUX.1 model")
+            engine.kontext = load_kontext(
+                settings.kontext, loaded.pipe, plan, device, data_dir, hasher, settings.configs
+            )
         return engine
 
     def set_memory_cap(self, gigabytes: float | None) -> None:
@@ -246,7 +254,19 @@ class FluxEngine:
 
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         pipe, extra = self.pipe, {}
-        if source is not None:
+        if source is not None and params.kind == "edit":
+            if self.kontext is None:
+                raise RequestError("edits need FLUX.1 Kontext, and this engine has none (engine.kontext)")
+            pipe = self.kontext.pipe
+            # Drawn at the job's size: Kontext's own resize to its preferred sizes would ignore it.
+            resized = source.resize((params.width, params.height), Image.Resampling.LANCZOS)
+            # Kontext rescales every request to max_area (1 MP by default): the job's own area keeps its size.
+            extra = {
+                "image": [resized] * len(seeds),
+                "_auto_resize": False,
+                "max_area": params.width * params.height,
+            }
+        elif source is not None:
             pipe = self._img2img()
             # Resized here to the job's size (Lanczos): an upscale is this resize, then a light redraw.
             resized = source.resize((params.width, params.height), Image.Resampling.LANCZOS)
@@ -321,6 +341,7 @@ class FluxEngine:
             parent_job=r.parent_job,
             init_image_sha256=r.init_image,
             strength=r.strength,
+            kontext_files=self.kontext.files if r.kind == "edit" and self.kontext is not None else None,
         )
 
 

@@ -106,6 +106,15 @@ class RequestResolver:
         return steps
 
     def _strength(self, preset: Preset, request: GenerationRequest) -> float | None:
+        if request.kind == "edit":
+            # Kontext reads the whole input image beside the picture: no strength, no LoRAs.
+            if request.init_image is None:
+                raise RequestError("an edit needs an image to edit")
+            if request.strength is not None:
+                raise RequestError("edits take no strength (Kontext keeps what the instruction leaves alone)")
+            if request.loras:
+                raise RequestError("edits take no LoRAs")
+            return None
         if request.init_image is None:
             if request.strength is not None:
                 raise RequestError("strength only applies with an input image")

@@ -63,6 +63,11 @@ class EngineSettings(BaseModel):
     memory_cap_gb: float | None = Field(
         None, gt=0, description="CPU: fail a job (not the process) when RSS passes this many GB"
     )
+    kontext: str | None = Field(
+        None,
+        description="FLUX.1 Kontext transformer for /edit: a diffusers folder, a single .safetensors/.gguf "
+        "file, or 'tiny' (random, offline); unset: no edits",
+    )
     vae_tiling_above_megapixels: float = Field(
         1.6, gt=0, description="Decode images larger than this in VAE tiles (upscales): less peak memory"
     )

@@ -362,6 +362,23 @@ class FakeDiscord:
         await self.dispatch("INTERACTION_CREATE", payload)
         return str(payload["token"])
 
+    async def submit_modal(self, opened_by: str, values: list[str], member: dict[str, Any]) -> str:
+        """Fill in and send the modal the bot answered interaction `opened_by` with (its text inputs
+        in order); returns the submit interaction's token."""
+        call = self.callbacks.get(opened_by)
+        assert call is not None and call.json["type"] == 9, "that interaction was not answered with a modal"
+        modal = call.json["data"]
+        inputs = [c for row in modal["components"] for c in row["components"]]
+        rows = [
+            {"type": 1, "components": [{"type": 4, "custom_id": c["custom_id"], "value": v}]}
+            for c, v in zip(inputs, values, strict=True)
+        ]
+        data = {"custom_id": modal["custom_id"], "components": rows}
+        payload = self._interaction(5, data, member, self.interaction_channels[opened_by])
+        self.interaction_sent_at[payload["token"]] = time.monotonic()
+        await self.dispatch("INTERACTION_CREATE", payload)
+        return str(payload["token"])
+
     async def react(self, message_id: str, emoji: str, member: dict[str, Any]) -> None:
         """React to a message, in the message's channel (no member in a DM, as Discord sends it)."""
         message = self.messages.get(message_id)

@@ -3,7 +3,10 @@ Upscale, the upload limit and live previews, on the tiny model."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,8 +14,20 @@ import pytest
 from PIL import Image
 
 from bot.store.models import JobKind
+from engine.engine import FluxEngine
 from engine.png import read_recipe
-from tests.discord_support import ALICE, BOB, Harness, finished_message, is_ephemeral_error, opt, png_of
+from engine.settings import EngineSettings
+from tests.discord_support import (
+    ALICE,
+    BOB,
+    Harness,
+    finished_message,
+    is_ephemeral_error,
+    make_bot_settings,
+    opt,
+    png_of,
+)
+from tests.fake_discord import FakeDiscord
 from tests.test_image_to_image import _gif, _png_header_only
 
 
@@ -218,3 +233,67 @@ async def test_progress_edits_carry_a_preview_of_the_picture_forming(harness: Ha
     ]
     assert previews, "at least one progress edit showed the picture forming"
     assert Image.open(io.BytesIO(previews[0])).format == "JPEG"
+
+
+@pytest.fixture
+async def kontext_harness(
+    fake: FakeDiscord, tmp_path: Path, make_settings: Callable[..., EngineSettings], data_dir: Path
+) -> AsyncIterator[Harness]:
+    """The bot with FLUX.1 Kontext edits on: the tiny Kontext transformer beside the tiny model."""
+    settings = make_bot_settings(tmp_path, lambda **kw: make_settings(kontext="tiny", **kw), fake)
+    engine = await asyncio.to_thread(FluxEngine.load, settings.engine, data_dir)
+    harness = Harness(fake, settings, engine)
+    await harness.start()
+    yield harness
+    await harness.stop()
+
+
+async def test_edit_command_and_button_draw_a_kontext_edit(kontext_harness: Harness) -> None:
+    harness, fake = kontext_harness, kontext_harness.fake
+    token = await fake.slash(
+        "imagine", [opt("prompt", "a quiet street"), opt("seed", 2, 4)], fake.member(ALICE, "alice")
+    )
+    original = await finished_message(fake, token)
+    job_id = _job_id(original)
+    labels = [c["label"] for row in original["components"] for c in row["components"]]
+    assert labels[-1] == "Edit"
+
+    attachment = fake.attach(_png((30, 90, 160)), "street.png", "image/png")
+    by_command = await fake.slash(
+        "edit",
+        [opt("instruction", "make it night"), _image_option(attachment)],
+        fake.member(BOB, "bob"),
+        attachments=[attachment],
+    )
+    edited = await finished_message(fake, by_command)
+    click = await fake.click(original["id"], f"fluxbot:edit:{job_id}", fake.member(BOB, "bob"))
+    await fake.wait_for(lambda: fake.response_to(click))
+    form = await fake.submit_modal(click, ["make it snow"], fake.member(BOB, "bob"))
+    from_button = await finished_message(fake, form)
+
+    command_recipe, button_recipe = read_recipe(png_of(fake, edited)), read_recipe(png_of(fake, from_button))
+    assert command_recipe.kind == "edit" and command_recipe.prompt == "make it night"
+    assert command_recipe.kontext_files and all(len(h) == 64 for h in command_recipe.kontext_files.values())
+    assert (button_recipe.kind, button_recipe.parent_job, button_recipe.prompt) == (
+        "edit",
+        job_id,
+        "make it snow",
+    )
+    assert "Kontext edit of job" in from_button["content"]
+    jobs, _ = await harness.app.jobs.history(BOB, 1, 10)
+    assert sorted(j.kind for j in jobs) == [JobKind.EDIT, JobKind.EDIT]
+    again = await finished_message(
+        fake, await fake.slash("rerun", [opt("job_id", _job_id(edited), 4)], fake.member(BOB, "bob"))
+    )
+    assert np.array_equal(_pixels(png_of(fake, edited)), _pixels(png_of(fake, again))), (
+        "an edit reruns exactly"
+    )
+
+
+async def test_without_kontext_edit_says_how_to_enable_it(harness: Harness) -> None:
+    fake = harness.fake
+    token = await fake.slash(
+        "edit", [opt("instruction", "make it night"), opt("job_id", 1, 4)], fake.member(ALICE, "alice")
+    )
+
+    await fake.wait_for(lambda: is_ephemeral_error(fake, token, "engine.kontext = "))

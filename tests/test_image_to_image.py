@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from engine.errors import RequestError
 from engine.input_image import InputImage, decode_input, normalize_input_image
 from engine.png import read_recipe
 from engine.preview import PreviewMaker, latent_rgb, unpack_latents
+from engine.settings import EngineSettings
 from tests.conftest import pixels
 
 LIMITS = {"max_bytes": 8_000_000, "max_pixels": 40_000_000}
@@ -254,3 +257,38 @@ def _jpeg(image: Image.Image) -> bytes:
     from engine.preview import jpeg
 
     return jpeg(image)
+
+
+def test_kontext_edits_share_the_resident_vae_and_text_encoders_and_load_from_a_bfl_file(
+    make_settings: Callable[..., EngineSettings],
+    data_dir: Path,
+    tiny_dir: Path,
+    source: InputImage,
+    tmp_path: Path,
+) -> None:
+    from safetensors.torch import save_file
+
+    from tests.layouts import diffusers_to_bfl
+
+    engine = FluxEngine.load(make_settings(kontext="tiny"), data_dir)
+    edit = GenerationRequest(prompt="make it night", seed=4, kind="edit", init_image=source.sha256)
+    result = engine.generate(edit, init_image=source.png)
+    assert engine.kontext is not None
+    kontext = engine.kontext.pipe
+    for shared in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
+        assert getattr(kontext, shared) is getattr(engine.pipe, shared), f"{shared}: the resident one"
+    assert kontext.transformer is not engine.pipe.transformer
+    assert result.recipes[0].kind == "edit" and result.recipes[0].kontext_files
+    file = tmp_path / "flux1-kontext-dev.safetensors"
+    save_file(
+        {k: v.contiguous() for k, v in diffusers_to_bfl(kontext.transformer.state_dict()).items()}, file
+    )
+
+    from_file = FluxEngine.load(make_settings(kontext=str(file), configs=tiny_dir), data_dir)
+
+    again = from_file.generate(edit, init_image=source.png)
+    assert np.array_equal(pixels(again.images[0]), pixels(result.images[0])), "same weights, same edit"
+    with pytest.raises(RequestError, match="edits take no strength"):
+        engine.resolve(edit.model_copy(update={"strength": 0.5}))
+    with pytest.raises(RequestError, match="edits need FLUX.1 Kontext"):
+        FluxEngine.load(make_settings(), data_dir).generate(edit, init_image=source.png)

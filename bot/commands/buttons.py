@@ -16,12 +16,13 @@ ACTIONS = {
     "subtle": ("Vary (Subtle)", "🪶"),
     "strong": ("Vary (Strong)", "🌪️"),
     "upscale": ("Upscale x2", "🔍"),
+    "edit": ("Edit", "✏️"),  # only when FLUX.1 Kontext is loaded
 }
 
 
 class JobButton(
     discord.ui.DynamicItem[discord.ui.Button[Any]],
-    template=r"fluxbot:(?P<action>reroll|vary|subtle|strong|upscale):(?P<job>\d+)",
+    template=r"fluxbot:(?P<action>reroll|vary|subtle|strong|upscale|edit):(?P<job>\d+)",
 ):
     def __init__(self, action: str, job_id: int) -> None:
         label, emoji = ACTIONS[action]
@@ -49,6 +50,8 @@ class JobButton(
             await submit(interaction, lambda who, on_stored: studio.reroll(who, job_id, on_stored))
         elif action == "vary":
             await submit(interaction, lambda who, on_stored: studio.variations(who, job_id, on_stored))
+        elif action == "edit":
+            await interaction.response.send_modal(EditModal(job_id))
         elif action in ("subtle", "strong"):
             strong = action == "strong"
             await submit(interaction, lambda who, on_stored: studio.vary(who, job_id, strong, on_stored))
@@ -56,8 +59,28 @@ class JobButton(
             await submit(interaction, lambda who, on_stored: studio.upscale(who, job_id, on_stored))
 
 
-def result_view(job_id: int) -> discord.ui.View:
+class EditModal(discord.ui.Modal):
+    """The Edit button's form: one instruction, then a Kontext edit of that job's picture."""
+
+    instruction: discord.ui.TextInput[EditModal] = discord.ui.TextInput(
+        label="What to change",
+        placeholder="make it night · replace the hat with a crown · turn it into a watercolor",
+        max_length=500,
+    )
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(title=f"Edit job {job_id}", custom_id=f"fluxbot:edit-form:{job_id}")
+        self.job_id = job_id
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        studio = interaction.client.app.studio  # type: ignore[attr-defined]
+        text, job_id = self.instruction.value, self.job_id
+        await submit(interaction, lambda who, on_stored: studio.edit(who, text, job_id, None, on_stored))
+
+
+def result_view(job_id: int, edits: bool = False) -> discord.ui.View:
     view = discord.ui.View(timeout=None)
     for action in ACTIONS:
-        view.add_item(JobButton(action, job_id))
+        if action != "edit" or edits:
+            view.add_item(JobButton(action, job_id))
     return view

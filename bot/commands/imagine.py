@@ -15,7 +15,7 @@ from bot.commands.submit import submit
 from bot.delivery import REROLL_EMOJI
 from bot.mentions import NOBODY, owner_only
 from bot.services.errors import UserError
-from bot.services.studio import OnStored, Requester, Studio, Ticket
+from bot.services.studio import EDITS_OFF, OnStored, Requester, Studio, Ticket
 
 log = logging.getLogger(__name__)
 SIZES = ["1024x1024", "1:1", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16", "1216x832", "832x1216"]
@@ -221,4 +221,35 @@ async def _refuse_reaction(
         await channel.send(f"<@{payload.user_id}> {exc}", allowed_mentions=owner_only(payload.user_id))
 
 
-COMMANDS: list[app_commands.Command[Any, Any, None]] = [imagine, rerun, history, upscale]
+@app_commands.command(name="edit", description="Edit a picture with an instruction (FLUX.1 Kontext)")
+@app_commands.describe(
+    instruction='What to change, e.g. "make it night" or "replace the hat with a crown"',
+    image="The picture to edit (PNG, JPEG or WebP)",
+    job_id="Or: the job whose picture to edit (see /history)",
+)
+async def edit(
+    interaction: discord.Interaction,
+    instruction: str,
+    image: discord.Attachment | None = None,
+    job_id: int | None = None,
+) -> None:
+    studio = _studio(interaction)
+    try:
+        if (image is None) == (job_id is None):
+            raise UserError("Give exactly one of image or job_id: the picture to edit.")
+        if not studio.edits:
+            raise UserError(EDITS_OFF)
+        if image is not None:
+            check_attachment(image, studio.images.max_input_mb)
+    except UserError as exc:
+        await reply_error(interaction, exc)
+        return
+
+    async def create(who: Requester, on_stored: OnStored) -> Ticket:
+        stored = await studio.image_prompt(await image.read()) if image is not None else None
+        return await studio.edit(who, instruction, job_id, stored, on_stored)
+
+    await submit(interaction, create)
+
+
+COMMANDS: list[app_commands.Command[Any, Any, None]] = [imagine, rerun, history, upscale, edit]

@@ -30,6 +30,11 @@ from fluxbot.settings import ImageSettings, LimitSettings
 
 log = logging.getLogger(__name__)
 HISTORY_PAGE = 10
+EDIT_PRESET = "kontext"
+EDITS_OFF = (
+    "Edits need FLUX.1 Kontext, which this fluxbot has not loaded. An admin enables them with "
+    'engine.kontext = "<Kontext diffusers folder, .safetensors or .gguf>" (see the README).'
+)
 VARIATIONS = 4
 # Called with the new job's id after it is stored and before it can start (the Discord layer holds
 # the job's progress and result until its first answer is out).
@@ -85,7 +90,9 @@ class Studio:
         blocked: BlockedTerms | None = None,
         files: ImageFiles | None = None,
         images: ImageSettings | None = None,
+        edits: bool = False,
     ) -> None:
+        self.edits = edits  # engine.kontext is set: /edit and the Edit button work
         self.files = files
         self.images = images or ImageSettings()
         self.metrics = metrics
@@ -317,6 +324,34 @@ class Studio:
             }
         )
         return await self.imagine(who, upscaled, JobKind.UPSCALE, parent.id, on_stored)
+
+    async def edit(
+        self,
+        who: Requester,
+        instruction: str,
+        job_id: int | None = None,
+        image: InputImage | None = None,
+        on_stored: OnStored | None = None,
+    ) -> Ticket:
+        """A FLUX.1 Kontext edit ("make it night") of a job's picture or of an uploaded image, as the
+        asker's own job, with the `kontext` preset where there is one."""
+        if not self.edits:
+            raise UserError(EDITS_OFF)
+        parent: Job | None = None
+        if job_id is not None:
+            parent, image = await self._drawn(job_id, who)
+        if image is None:
+            raise UserError("Give the image to edit: attach one, or name a job_id.")
+        preset = EDIT_PRESET if EDIT_PRESET in self.resolver.presets else None
+        try:
+            request = GenerationRequest(
+                prompt=instruction, preset=preset, kind="edit", init_image=image.sha256, parent_job=job_id
+            )
+        except ValidationError as exc:
+            raise UserError(first_problem(exc)) from exc
+        request = request.model_copy(update={"size": self.size_for_input(request, image)})
+        parent_id = parent.id if parent is not None else None
+        return await self.imagine(who, request, JobKind.EDIT, parent_id, on_stored)
 
     async def _drawn(self, job_id: int, who: Requester) -> tuple[Job, InputImage]:
         """A job's (first) picture as an input image, if `who` may see the job and its picture."""
