@@ -68,6 +68,11 @@ class EngineSettings(BaseModel):
         description="FLUX.1 Kontext transformer for /edit: a diffusers folder, a single .safetensors/.gguf "
         "file, or 'tiny' (random, offline); unset: no edits",
     )
+    preview: str = Field(
+        "latent",
+        description='live previews: "latent" (a fixed latent-to-RGB projection, microseconds), '
+        '"taef1:<folder>" (madebyollin/taef1, sharper) or "off"',
+    )
     vae_tiling_above_megapixels: float = Field(
         1.6, gt=0, description="Decode images larger than this in VAE tiles (upscales): less peak memory"
     )

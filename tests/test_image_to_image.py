@@ -16,7 +16,7 @@ from PIL import Image
 
 from engine.api import GenerationRequest, StepProgress
 from engine.engine import FluxEngine
-from engine.errors import RequestError
+from engine.errors import ConfigError, RequestError
 from engine.input_image import InputImage, decode_input, normalize_input_image
 from engine.png import read_recipe
 from engine.preview import PreviewMaker, latent_rgb, unpack_latents
@@ -292,3 +292,32 @@ def test_kontext_edits_share_the_resident_vae_and_text_encoders_and_load_from_a_
         engine.resolve(edit.model_copy(update={"strength": 0.5}))
     with pytest.raises(RequestError, match="edits need FLUX.1 Kontext"):
         FluxEngine.load(make_settings(), data_dir).generate(edit, init_image=source.png)
+
+
+def test_taef1_previews_decode_with_the_operators_tiny_vae(
+    make_settings: Callable[..., EngineSettings], data_dir: Path, tmp_path: Path
+) -> None:
+    from diffusers import AutoencoderTiny
+
+    folder = tmp_path / "taef1"
+    torch.manual_seed(0)
+    AutoencoderTiny(
+        encoder_block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        latent_channels=16,
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+    ).save_pretrained(folder)
+    engine = FluxEngine.load(make_settings(preview=f"taef1:{folder}"), data_dir)
+    steps: list[StepProgress] = []
+
+    engine.generate(
+        GenerationRequest(prompt="a cat", seed=1, steps=4, size="128x128"),
+        on_step=steps.append,
+        preview_every_s=0.0,
+    )
+
+    preview = Image.open(io.BytesIO(next(p.preview for p in steps if p.preview)))  # type: ignore[arg-type]
+    assert preview.format == "JPEG" and preview.size == (128, 128), "decoded to the picture's own size"
+    with pytest.raises(ConfigError, match='engine.preview must be "latent", "off" or "taef1:<folder>"'):
+        FluxEngine.load(make_settings(preview="vae"), data_dir)

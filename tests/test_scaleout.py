@@ -518,3 +518,28 @@ async def test_an_unwritable_images_folder_holds_a_workers_outcome_and_healthz_s
     assert held is not None and held.status == JobStatus.RUNNING and held.error is None
     assert job is not None and job.status == JobStatus.DONE and job.delivered
     assert (app.settings.data_dir / job.images[0].path).is_file()
+
+
+async def test_image_jobs_run_on_workers_with_their_input_and_send_previews(
+    app: App, events: RecordingEvents
+) -> None:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(buffer, format="PNG")
+    image = await app.studio.image_prompt(buffer.getvalue())
+    request = GenerationRequest(
+        prompt="a cat", seed=3, steps=12, size="64x64", init_image=image.sha256, strength=0.5
+    )
+
+    ticket = await app.studio.imagine(who(ALICE), request)
+    await app.queue.wait_idle(60)
+
+    job = await app.jobs.get(ticket.job_id)
+    assert job is not None and job.status == JobStatus.DONE, job and job.error
+    recipe = job.images[0].recipe
+    assert (recipe["kind"], recipe["init_image_sha256"], recipe["strength"]) == ("img2img", image.sha256, 0.5)
+    previews = [blob for job_id, blob in events.previews if job_id == ticket.job_id]
+    assert previews and Image.open(io.BytesIO(previews[0])).format == "JPEG", "previews cross Redis too"
