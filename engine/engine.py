@@ -310,6 +310,7 @@ class FluxEngine:
             from diffusers import FluxImg2ImgPipeline
 
             self._img2img_pipe = FluxImg2ImgPipeline.from_pipe(self.pipe)
+            self._img2img_pipe.set_progress_bar_config(disable=True)
         return self._img2img_pipe
 
     def _free_memory(self) -> None:

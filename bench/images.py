@@ -1,0 +1,179 @@
+"""Image-in benchmark: prints figures, asserts nothing. Run: python bench/images.py [--quick]
+
+1. Preview cost: one live preview (flow-matching x0, the fixed latent-to-RGB projection, JPEG) at
+   1024x1024, against one denoising step of the tiny model at the same size, and the same job with a
+   preview every step vs none, interleaved (goal < 1 % of a step).
+2. img2img and upscale through FluxEngine.generate vs the equivalent direct diffusers
+   FluxImg2ImgPipeline call on the same components, seed and size, interleaved (goal <= 1.03x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fluxbot.logs import quiet
+
+quiet()
+
+from PIL import Image  # noqa: E402
+
+from engine.api import GenerationRequest  # noqa: E402
+from engine.engine import FluxEngine  # noqa: E402
+from engine.input_image import normalize_input_image  # noqa: E402
+from engine.preview import PreviewMaker  # noqa: E402
+from engine.settings import EngineSettings  # noqa: E402
+
+PRESETS = """
+[bench]
+steps = 8
+steps_range = [1, 50]
+guidance = 3.5
+guidance_range = [1.0, 10.0]
+width = 768
+height = 768
+megapixels_range = [0.01, 2.1]
+"""
+PROMPT = "a red fox in a snowy forest"
+
+
+def interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    for fn in runs.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):  # interleaved, so drift hits every side alike
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def preview_cost(engine: FluxEngine, repeats: int) -> None:
+    height = width = 1024
+    tokens = (height // 16) * (width // 16)
+    sigmas = torch.linspace(1.0, 0.0, 29)
+    latents = [torch.randn(1, tokens, 64) for _ in range(3)]
+    maker = PreviewMaker(height, width, every_s=0.0)
+    maker.after_step(latents[0], sigmas, 1, now=0.0)
+    costs = []
+    for i in range(max(20, repeats * 5)):
+        start = time.perf_counter()
+        maker.after_step(latents[1 + i % 2], sigmas, 2 + i % 20, now=float(i + 1))
+        costs.append(time.perf_counter() - start)
+    preview_s = statistics.median(costs)
+    steps: list[float] = []
+
+    def on_step(progress: object) -> None:
+        steps.append(time.perf_counter())
+
+    request = GenerationRequest(prompt=PROMPT, preset="bench", seed=1, steps=8, size=f"{width}x{height}")
+    engine.generate(request, on_step=on_step)
+    step_s = statistics.median(b - a for a, b in itertools.pairwise(steps))
+    job = interleaved(
+        {
+            "none": lambda: engine.generate(request, on_step=lambda p: None),
+            "every": lambda: engine.generate(request, on_step=lambda p: None, preview_every_s=0.0),
+        },
+        repeats,
+    )
+    per_step = (job["every"] - job["none"]) / 8
+    print(
+        f"1. preview cost at {width}x{height}, median of {len(costs)} previews / {repeats} interleaved jobs"
+    )
+    print(f"   one preview (x0 + projection + JPEG)  {preview_s * 1000:8.2f} ms")
+    print(f"   one denoising step, tiny model         {step_s * 1000:8.2f} ms")
+    print(f"   job, no previews                       {job['none'] * 1000:8.1f} ms")
+    every = job["every"] * 1000
+    print(f"   job, a preview every step              {every:8.1f} ms  ({per_step * 1000:+.2f} ms/step)")
+    print(f"   preview / tiny step                    {100 * preview_s / step_s:8.2f} %")
+    # Not measured here (no GPU, no real weights): the usual FLUX.1-dev bf16 step times at 1 MP.
+    for name, real_step_s in (("assumed H100 step of 0.25 s", 0.25), ("assumed RTX 4090 step of 0.6 s", 0.6)):
+        print(f"   preview / an {name:<35} {100 * preview_s / real_step_s:6.3f} %   (goal < 1 %)")
+
+
+def image_jobs(engine: FluxEngine, repeats: int) -> None:
+    from diffusers import FluxImg2ImgPipeline
+
+    drawn = engine.generate(GenerationRequest(prompt=PROMPT, preset="bench", seed=3, size="384x384")).images[
+        0
+    ]
+    buffer = io.BytesIO()
+    drawn.save(buffer, format="PNG")
+    source = normalize_input_image(buffer.getvalue(), max_bytes=10**8, max_pixels=10**8)
+    picture = Image.open(io.BytesIO(source.png)).convert("RGB")
+    direct_pipe = FluxImg2ImgPipeline.from_pipe(engine.pipe)
+    direct_pipe.set_progress_bar_config(disable=True)
+
+    def direct(size: int, strength: float) -> object:
+        image = picture.resize((size, size), Image.Resampling.LANCZOS)
+        with torch.inference_mode():
+            return direct_pipe(
+                PROMPT,
+                image=image,
+                strength=strength,
+                height=size,
+                width=size,
+                num_inference_steps=8,
+                guidance_scale=3.5,
+                generator=[torch.Generator("cpu").manual_seed(7)],
+            )
+
+    def via_engine(size: int, strength: float) -> object:
+        request = GenerationRequest(
+            prompt=PROMPT,
+            preset="bench",
+            seed=7,
+            size=f"{size}x{size}",
+            init_image=source.sha256,
+            strength=strength,
+        )
+        return engine.generate(request, init_image=source.png)
+
+    print(f"2. image jobs vs direct FluxImg2ImgPipeline calls, tiny model, 8 steps, median of {repeats}")
+    for label, size, strength in (
+        ("img2img 384x384, strength 0.6", 384, 0.6),
+        ("upscale 384 -> 768, strength 0.3", 768, 0.3),
+    ):
+        t = interleaved(
+            {
+                "direct": lambda s=size, k=strength: direct(s, k),
+                "engine": lambda s=size, k=strength: via_engine(s, k),
+            },
+            repeats,
+        )
+        print(
+            f"   {label:<34} direct {t['direct'] * 1000:7.1f} ms   engine {t['engine'] * 1000:7.1f} ms   "
+            f"{t['engine'] / t['direct']:.3f}x   (goal <= 1.03x)"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    args = parser.parse_args()
+    repeats = 3 if args.quick else 7
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        presets = work / "presets.toml"
+        presets.write_text(PRESETS)
+        (work / "none.toml").write_text("")
+        settings = EngineSettings(model="tiny", presets_file=presets, loras_file=work / "none.toml")
+        engine = FluxEngine.load(settings, work)
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU\n")
+        preview_cost(engine, repeats)
+        image_jobs(engine, repeats)
+
+
+if __name__ == "__main__":
+    main()
