@@ -58,8 +58,40 @@ def run_doctor(settings: EngineSettings, data_dir: Path) -> DoctorReport:
         _quant(report, settings, device, source)
     presets = _presets(report, settings)
     _loras(report, settings, data_dir, source, presets)
+    _images(report, settings)
     _packages(report)
     return report
+
+
+def _images(report: DoctorReport, settings: EngineSettings) -> None:
+    """Kontext edits and previews: what is configured, and whether its files are there (not loaded)."""
+    where = settings.kontext
+    if where is None:
+        report.add(
+            "ok",
+            "kontext",
+            'off: /edit says how to enable it (engine.kontext = "<folder, .safetensors or .gguf>")',
+        )
+    elif where == "tiny":
+        report.add("ok", "kontext", "the tiny random Kontext transformer (offline tests)")
+    else:
+        path = Path(where).expanduser()
+        if not path.exists():
+            report.add("fail", "kontext", f"engine.kontext: {path} does not exist")
+        elif path.is_dir():
+            report.add("ok", "kontext", f"diffusers folder {path}")
+        else:
+            try:
+                report.add("ok", "kontext", f"{path.name}: {describe_layout(path)}")
+            except EngineError as exc:
+                report.add("fail", "kontext", str(exc))
+    preview = settings.preview
+    if preview.startswith("taef1:") and not Path(preview.removeprefix("taef1:")).expanduser().is_dir():
+        report.add("fail", "preview", f"engine.preview: {preview.removeprefix('taef1:')} is not a folder")
+    else:
+        report.add(
+            "ok", "preview", {"latent": "latent-to-RGB projection", "off": "off"}.get(preview, preview)
+        )
 
 
 def _device(report: DoctorReport, settings: EngineSettings) -> DeviceInfo | None:

@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     imagine.add_argument("--lora", action="append", type=_lora_arg, default=[], metavar="NAME[:WEIGHT]")
     imagine.add_argument("--batch", type=int, default=1, help="images from consecutive seeds")
     imagine.add_argument("--out", type=Path, help="PNG path (default fluxbot-<seed>.png)")
+    imagine.add_argument("--image", type=Path, help="draw from this PNG/JPEG/WebP (img2img)")
+    imagine.add_argument("--strength", type=float, help="with --image: how much is redrawn (0-1)")
+    imagine.add_argument(
+        "--edit",
+        action="store_true",
+        help="with --image: the prompt is a Kontext instruction (engine.kontext)",
+    )
 
     sub.add_parser("doctor", help="check torch/CUDA, VRAM, quant tier, model files and LoRAs")
     sub.add_parser("run", help="start the Discord bot (without a token: how to get one, and an offline demo)")
@@ -90,20 +97,41 @@ def _imagine(args: argparse.Namespace, settings: Settings) -> int:
     from tqdm import tqdm
 
     from engine.engine import FluxEngine, build_resolver
+    from engine.input_image import normalize_input_image
     from engine.png import save_png
 
+    if args.out is not None and args.out.suffix.lower() != ".png":
+        raise EngineError(f"--out must name a .png file, got {args.out}")
+    source = None
+    if args.image is not None:
+        try:
+            data = args.image.read_bytes()
+        except OSError as exc:
+            raise EngineError(f"--image: cannot read {args.image} ({exc.strerror})") from None
+        limits = settings.images
+        try:
+            source = normalize_input_image(
+                data,
+                max_bytes=int(limits.max_input_mb * 1e6),
+                max_pixels=int(limits.max_input_megapixels * 1e6),
+            )
+        except EngineError as exc:
+            raise EngineError(f"--image: {exc}") from None
+    elif args.strength is not None or args.edit:
+        raise EngineError("--strength and --edit need --image")
     request = GenerationRequest(
         prompt=args.prompt,
-        preset=args.preset,
-        size=args.size,
+        preset=args.preset or ("kontext" if args.edit else None),
+        size=args.size or (f"{source.width}x{source.height}" if args.edit and source else None),
         seed=args.seed,
         steps=args.steps,
         guidance=args.guidance,
         loras=tuple(args.lora),
         batch_size=args.batch,
+        init_image=source.sha256 if source else None,
+        strength=args.strength,
+        kind="edit" if args.edit else None,
     )
-    if args.out is not None and args.out.suffix.lower() != ".png":
-        raise EngineError(f"--out must name a .png file, got {args.out}")
     build_resolver(settings.engine, settings.data_dir).resolve(request)  # refuse bad input before loading
     print("loading the model (once per process)...", file=sys.stderr)
     engine = FluxEngine.load(settings.engine, settings.data_dir)
@@ -115,7 +143,7 @@ def _imagine(args: argparse.Namespace, settings: Settings) -> int:
         def on_step(progress: StepProgress) -> None:
             bar.update(progress.step - bar.n)
 
-        result = engine.generate(request, on_step=on_step)
+        result = engine.generate(request, on_step=on_step, init_image=source.png if source else None)
     for index, (image, recipe) in enumerate(zip(result.images, result.recipes, strict=True)):
         path = _out_path(args.out, recipe.seed, index, len(result.images))
         save_png(image, recipe, path)

@@ -121,9 +121,18 @@ def test_doctor_reports_host_tier_model_and_loras(cli_env: dict[str, str], tmp_p
     run = fluxbot(cli_env, "doctor", cwd=tmp_path)
 
     assert run.returncode == 0, run.stdout + run.stderr
-    for label in ("torch", "gpu", "auto tier", "model", "quant", "presets", "loras"):
+    for label in ("torch", "gpu", "auto tier", "model", "quant", "presets", "loras", "kontext", "preview"):
         assert f"] {label}" in run.stdout
     assert "CPU: full-precision float32" in run.stdout
+
+
+def test_doctor_fails_on_a_kontext_file_that_is_not_there(cli_env: dict[str, str], tmp_path: Path) -> None:
+    env = {**cli_env, "FLUXBOT_ENGINE__KONTEXT": str(tmp_path / "flux1-kontext-dev.safetensors")}
+
+    run = fluxbot(env, "doctor", cwd=tmp_path)
+
+    assert run.returncode != 0
+    assert "[FAIL] kontext" in run.stdout and "flux1-kontext-dev.safetensors does not exist" in run.stdout
 
 
 def test_doctor_fails_on_a_checkpoint_without_text_encoders(cli_env: dict[str, str], tmp_path: Path) -> None:
@@ -145,6 +154,41 @@ def test_doctor_fails_on_a_checkpoint_without_text_encoders(cli_env: dict[str, s
     assert run.returncode == 1
     assert "[FAIL] checkpoint" in run.stdout
     assert "this checkpoint has no text encoders: set engine.clip_l / engine.t5xxl" in run.stdout
+
+
+def test_imagine_draws_from_an_image_and_refuses_a_bad_one_in_one_line(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    source, out = tmp_path / "cat.png", tmp_path / "dog.png"
+    assert (
+        fluxbot(
+            cli_env, "imagine", "a cat", "--steps", "2", "--size", "64x64", "--out", str(source), cwd=tmp_path
+        ).returncode
+        == 0
+    )
+
+    run = fluxbot(
+        cli_env,
+        "imagine",
+        "a dog",
+        "--image",
+        str(source),
+        "--strength",
+        "0.5",
+        "--size",
+        "64x64",
+        "--out",
+        str(out),
+        cwd=tmp_path,
+    )
+    (tmp_path / "fake.png").write_bytes(b"GIF89a\x01\x00\x01\x00\x00\x00\x00;")
+    bad = fluxbot(cli_env, "imagine", "a dog", "--image", str(tmp_path / "fake.png"), cwd=tmp_path)
+
+    assert run.returncode == 0, run.stderr
+    recipe = read_recipe(out)
+    assert recipe.kind == "img2img" and recipe.strength == 0.5 and recipe.init_image_sha256
+    assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0
+    assert "--image: the file is not a" in bad.stderr
 
 
 def test_imagine_with_missing_model_is_one_line(cli_env: dict[str, str], tmp_path: Path) -> None:
