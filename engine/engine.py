@@ -26,7 +26,14 @@ from engine.kontext import KontextModel, load_kontext
 from engine.loading import LoadedModel, load_pipeline
 from engine.loras import LoraWhitelist, ResidentLoras, default_lora_dir
 from engine.presets import load_presets
-from engine.preview import LatentDecoder, PreviewMaker, latent_rgb, preview_decoder
+from engine.preview import (
+    LatentDecoder,
+    PreviewMaker,
+    latent_rgb,
+    preview_decoder,
+    unpack_flux2_latents,
+    unpack_latents,
+)
 from engine.quant import DeviceInfo, QuantPlan, plan_quant, probe_device
 from engine.resolve import RequestResolver
 from engine.settings import EngineSettings
@@ -82,7 +89,7 @@ class FluxEngine:
         self.memory_cap_bytes: int | None = None
         self._img2img_pipe: Any = None
         self.kontext: KontextModel | None = None
-        self.preview_decoder: LatentDecoder | None = latent_rgb if self.info.family == "flux1" else None
+        self.preview_decoder: LatentDecoder | None = latent_rgb
         self.vae_tiling_above_mp = 1.6
 
     @classmethod
@@ -105,8 +112,12 @@ class FluxEngine:
         engine = cls(loaded, resolver, info, loras, PromptEmbedCache(settings.embed_cache_size))
         engine.set_memory_cap(settings.memory_cap_gb)
         engine.vae_tiling_above_mp = settings.vae_tiling_above_megapixels
-        if loaded.family == "flux1":  # FLUX.2's 32-channel latents have factors of their own (not done)
+        if loaded.family == "flux1" or settings.preview in ("latent", "off"):  # TAEF1 is FLUX.1's
             engine.preview_decoder = preview_decoder(settings.preview, device.device, plan.dtype)
+        else:
+            raise ConfigError(
+                'engine.preview: TAEF1 decodes FLUX.1 latents; for FLUX.2 use "latent" or "off"'
+            )
         if settings.kontext is not None:
             if loaded.family != "flux1":
                 raise ConfigError("engine.kontext edits need a FLUX.1 model")
@@ -229,7 +240,13 @@ class FluxEngine:
         start = time.perf_counter()
         last_step = [start]
         previews = (
-            PreviewMaker(params.height, params.width, preview_every_s, self.preview_decoder)
+            PreviewMaker(
+                params.height,
+                params.width,
+                preview_every_s,
+                self.preview_decoder,
+                unpack_flux2_latents if self.info.family == "flux2" else unpack_latents,
+            )
             if preview_every_s is not None and on_step is not None and self.preview_decoder is not None
             else None
         )

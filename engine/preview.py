@@ -42,6 +42,43 @@ FLUX1_LATENT_RGB_FACTORS = (
     (-0.1262, -0.0982, -0.0778),
 )
 FLUX1_LATENT_RGB_BIAS = (-0.0329, -0.0718, -0.0851)
+# FLUX.2's VAE has 32 channels; its transformer sees them as 128 (2x2 patches). ComfyUI's factors
+# (class Flux2) project the 32 after undoing the patches.
+FLUX2_LATENT_RGB_FACTORS = (
+    (0.0058, 0.0113, 0.0073),
+    (0.0495, 0.0443, 0.0836),
+    (-0.0099, 0.0096, 0.0644),
+    (0.2144, 0.3009, 0.3652),
+    (0.0166, -0.0039, -0.0054),
+    (0.0157, 0.0103, -0.0160),
+    (-0.0398, 0.0902, -0.0235),
+    (-0.0052, 0.0095, 0.0109),
+    (-0.3527, -0.2712, -0.1666),
+    (-0.0301, -0.0356, -0.0180),
+    (-0.0107, 0.0078, 0.0013),
+    (0.0746, 0.0090, -0.0941),
+    (0.0156, 0.0169, 0.0070),
+    (-0.0034, -0.0040, -0.0114),
+    (0.0032, 0.0181, 0.0080),
+    (-0.0939, -0.0008, 0.0186),
+    (0.0018, 0.0043, 0.0104),
+    (0.0284, 0.0056, -0.0127),
+    (-0.0024, -0.0022, -0.0030),
+    (0.1207, -0.0026, 0.0065),
+    (0.0128, 0.0101, 0.0142),
+    (0.0137, -0.0072, -0.0007),
+    (0.0095, 0.0092, -0.0059),
+    (0.0000, -0.0077, -0.0049),
+    (-0.0465, -0.0204, -0.0312),
+    (0.0095, 0.0012, -0.0066),
+    (0.0290, -0.0034, 0.0025),
+    (0.0220, 0.0169, -0.0048),
+    (-0.0332, -0.0457, -0.0468),
+    (-0.0085, 0.0389, 0.0609),
+    (-0.0076, 0.0003, -0.0043),
+    (-0.0111, -0.0460, -0.0614),
+)
+FLUX2_LATENT_RGB_BIAS = (-0.0329, -0.0718, -0.0851)
 PREVIEW_MAX_SIDE = 256  # enough to see the composition; a few KB as JPEG
 
 
@@ -54,10 +91,24 @@ def unpack_latents(packed: torch.Tensor, height: int, width: int) -> torch.Tenso
     return latents.reshape(batch, channels // 4, h, w)
 
 
+def unpack_flux2_latents(packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """FLUX.2's token sequence (B, h*w, 128) back to VAE latents (B, 32, 2h, 2w): diffusers'
+    Flux2 _pack_latents and _patchify_latents run backwards (tokens in row order, as text-to-image
+    lays them out)."""
+    batch, _, channels = packed.shape
+    h, w = height // 16, width // 16
+    patches = packed.permute(0, 2, 1).reshape(batch, channels, h, w)
+    latents = patches.reshape(batch, channels // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
+    return latents.reshape(batch, channels // 4, h * 2, w * 2)
+
+
 def latent_rgb(latents: torch.Tensor) -> Image.Image:
-    """One latent image (16, h, w) as RGB through the fixed projection."""
-    factors = torch.tensor(FLUX1_LATENT_RGB_FACTORS, dtype=torch.float32, device=latents.device)
-    bias = torch.tensor(FLUX1_LATENT_RGB_BIAS, dtype=torch.float32, device=latents.device)
+    """One latent image (16 channels for FLUX.1, 32 for FLUX.2; h, w) as RGB through the fixed projection."""
+    flux2 = latents.shape[0] == len(FLUX2_LATENT_RGB_FACTORS)
+    factor_rows = FLUX2_LATENT_RGB_FACTORS if flux2 else FLUX1_LATENT_RGB_FACTORS
+    factors = torch.tensor(factor_rows, dtype=torch.float32, device=latents.device)
+    bias_values = FLUX2_LATENT_RGB_BIAS if flux2 else FLUX1_LATENT_RGB_BIAS
+    bias = torch.tensor(bias_values, dtype=torch.float32, device=latents.device)
     rgb = torch.einsum("chw,cr->hwr", latents.float(), factors) + bias
     pixels = ((rgb + 1.0) * 127.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
     image = Image.fromarray(pixels, "RGB")
@@ -131,6 +182,7 @@ class PreviewMaker:
     width: int
     every_s: float
     decode: LatentDecoder = latent_rgb
+    unpack: Callable[[torch.Tensor, int, int], torch.Tensor] = unpack_latents
     _previous: tuple[torch.Tensor, float] | None = None
     _last_at: float = field(default=float("-inf"))
 
@@ -146,4 +198,4 @@ class PreviewMaker:
         velocity = (latents[:1] - before[:1]) / (sigma - sigma_before)
         predicted = latents[:1] - sigma * velocity
         self._last_at = now
-        return jpeg(self.decode(unpack_latents(predicted, self.height, self.width)[0]))
+        return jpeg(self.decode(self.unpack(predicted, self.height, self.width)[0]))

@@ -59,6 +59,11 @@ class Call:
     files: list[tuple[str, bytes]]
     at: float = field(default_factory=time.monotonic)
 
+    @property
+    def carries_result(self) -> bool:
+        """An upload of result images (not only the preview of a picture forming)."""
+        return any(not name.endswith("-preview.jpg") for name, _ in self.files)
+
 
 class FakeDiscord:
     def __init__(self, keep_payloads: bool = True) -> None:

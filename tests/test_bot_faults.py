@@ -109,7 +109,7 @@ async def test_a_502_storm_on_uploads_is_outlasted_without_a_restart_while_the_e
         "the engine drew both jobs while their uploads were failing"
     )
     assert all(m["attachments"] for m in messages), "delivered after the storm, without a restart"
-    uploads = [c for c in fake.calls if c.files and c.at >= storm_ends]
+    uploads = [c for c in fake.calls if c.carries_result and c.at >= storm_ends]
     assert len(uploads) == 2, "each result uploaded once it could be"
 
 

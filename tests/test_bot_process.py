@@ -183,7 +183,7 @@ async def redis_worker(
 
 
 def uploads_per_token(fake: FakeDiscord, tokens: list[str]) -> Counter[str]:
-    return Counter(t for c in fake.calls if c.files for t in tokens if t in c.path)
+    return Counter(t for c in fake.calls if c.carries_result for t in tokens if t in c.path)
 
 
 async def test_kill_9_right_after_the_acknowledgements_loses_none_in_redis_mode(
@@ -209,7 +209,7 @@ async def sigterm_during_a_slow_upload(bot_process: BotProcess, fake: FakeDiscor
     await bot_process.start()
     fake.upload_delay_s = 4.0  # Discord takes 4 s to take the PNG
     token = await fake.slash("imagine", [opt("prompt", "a slow upload")], fake.member(ALICE, "alice"))
-    await fake.wait_for(lambda: any(c.files and token in c.path for c in fake.calls), timeout=60)
+    await fake.wait_for(lambda: any(c.carries_result and token in c.path for c in fake.calls), timeout=60)
 
     assert await bot_process.signal(signal.SIGTERM) == 0
 

@@ -46,3 +46,26 @@ def test_flux2_is_deterministic_and_cached_embeds_match(flux2: FluxEngine) -> No
 def test_flux1_presets_are_refused_on_a_flux2_model(flux2: FluxEngine) -> None:
     with pytest.raises(RequestError, match="preset dev is for flux1, but the loaded model is flux2"):
         flux2.resolve(GenerationRequest(prompt="a cat", preset="dev"))
+
+
+def test_flux2_previews_come_from_its_own_32_channel_projection(flux2: FluxEngine) -> None:
+    import io
+
+    import torch
+    from diffusers import Flux2KleinPipeline
+    from PIL import Image
+
+    from engine.api import StepProgress
+    from engine.preview import unpack_flux2_latents
+
+    latents = torch.randn(1, 32, 16, 12)
+    packed = Flux2KleinPipeline._pack_latents(Flux2KleinPipeline._patchify_latents(latents))
+    seen: list[StepProgress] = []
+
+    flux2.generate(
+        GenerationRequest(prompt="a fox", seed=1, steps=4), on_step=seen.append, preview_every_s=0.0
+    )
+
+    assert torch.equal(unpack_flux2_latents(packed, 16 * 8, 12 * 8), latents), "diffusers' packing undone"
+    previews = [p.preview for p in seen if p.preview]
+    assert previews and Image.open(io.BytesIO(previews[0])).format == "JPEG"

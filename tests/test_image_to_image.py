@@ -321,3 +321,25 @@ def test_taef1_previews_decode_with_the_operators_tiny_vae(
     assert preview.format == "JPEG" and preview.size == (128, 128), "decoded to the picture's own size"
     with pytest.raises(ConfigError, match='engine.preview must be "latent", "off" or "taef1:<folder>"'):
         FluxEngine.load(make_settings(preview="vae"), data_dir)
+
+
+def test_vae_tiling_is_on_only_for_jobs_above_the_threshold(engine: FluxEngine, source: InputImage) -> None:
+    seen: list[bool] = []
+
+    def watch(progress: StepProgress) -> None:
+        seen.append(bool(engine.pipe.vae.use_tiling))
+
+    before = engine.vae_tiling_above_mp
+    try:
+        engine.vae_tiling_above_mp = 0.01  # 128x128 = 0.016 MP: above
+        upscale = GenerationRequest(
+            prompt="x", seed=1, init_image=source.sha256, strength=0.3, size="128x128"
+        )
+        engine.generate(upscale, on_step=watch, init_image=source.png)
+        small = GenerationRequest(prompt="x", seed=1, size="64x64")  # 0.004 MP: below
+        engine.generate(small, on_step=watch)
+    finally:
+        engine.vae_tiling_above_mp = before
+
+    assert seen[0] is True and seen[-1] is False
+    assert engine.pipe.vae.use_tiling is False, "switched off again after the large job"

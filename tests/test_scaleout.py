@@ -161,7 +161,7 @@ def deliveries(fake: FakeDiscord) -> Counter[str]:
     """Result deliveries per interaction token: webhook edits or channel posts that carry a PNG."""
     sent: Counter[str] = Counter()
     for call in fake.calls:
-        if call.files and "/webhooks/" in call.path:
+        if call.carries_result and "/webhooks/" in call.path:
             sent[call.path.split("/webhooks/")[1].split("/")[1]] += 1
     return sent
 
@@ -474,7 +474,7 @@ async def test_a_502_storm_on_uploads_is_outlasted_while_the_workers_keep_drawin
         await harness.stop()
 
     assert drawn_at < storm_ends, "the workers drew every job while their uploads were failing"
-    uploads = [c for c in fake.calls if c.files and c.at >= storm_ends]
+    uploads = [c for c in fake.calls if c.carries_result and c.at >= storm_ends]
     assert len(uploads) == len(tokens), "each result uploaded once, after the storm, without a restart"
 
 

@@ -9,7 +9,14 @@ import pytest
 from pydantic import ValidationError
 
 from engine.settings import EngineSettings
-from fluxbot.settings import DeliverySettings, LimitSettings, SafetySettings, Settings, WorkerSettings
+from fluxbot.settings import (
+    DeliverySettings,
+    ImageSettings,
+    LimitSettings,
+    SafetySettings,
+    Settings,
+    WorkerSettings,
+)
 from tests.conftest import REPO
 
 
@@ -66,8 +73,16 @@ def test_unknown_key_in_toml_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_pat
 def test_example_config_documents_every_key_and_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     example = REPO / "config" / "fluxbot.example.toml"
     text = example.read_text()
-    sections = (Settings, EngineSettings, LimitSettings, WorkerSettings, DeliverySettings, SafetySettings)
-    tables = {"engine", "limits", "workers", "delivery", "safety"}
+    sections = (
+        Settings,
+        EngineSettings,
+        LimitSettings,
+        WorkerSettings,
+        DeliverySettings,
+        SafetySettings,
+        ImageSettings,
+    )
+    tables = {"engine", "limits", "workers", "delivery", "safety", "images"}
     keys = {key for section in sections for key in section.model_fields} - tables
 
     undocumented = [key for key in keys if not re.search(rf"^#?\s*{key} = ", text, re.MULTILINE)]
@@ -78,4 +93,5 @@ def test_example_config_documents_every_key_and_loads(monkeypatch: pytest.Monkey
     assert Settings().limits == LimitSettings()
     assert Settings().workers == WorkerSettings()
     assert Settings().delivery == DeliverySettings()
+    assert Settings().images == ImageSettings()
     assert Settings().safety == SafetySettings()
