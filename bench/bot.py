@@ -9,7 +9,10 @@
    >= 0.98); also over the whole drain, the last delivery included, and the same 30 requests on the
    engine alone, side by side.
 
-Run: python bench/bot.py [--interactions 200] [--users 20]
+The fake Discord runs on an event loop of its own in another thread (Discord is not on the bot's
+loop in production); --same-loop puts it on the bot's loop, as the figures before 2026-12-04 evening.
+
+Run: python bench/bot.py [--interactions 200] [--users 20] [--same-loop]
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from harness import start_bot
 from bot.services.studio import Requester
 from engine.api import GenerationRequest
 from fluxbot.settings import LimitSettings
+from tests.discord_support import has_result
 
 PRESETS = """
 [dev]
@@ -50,19 +54,24 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def main(interactions: int, users: int, backlog: int) -> None:
+async def main(interactions: int, users: int, backlog: int, same_loop: bool) -> None:
     bench = await start_bot(
-        PRESETS, LimitSettings(jobs_per_window=1000, window_s=60, max_queued_per_user=100, max_queue=10_000)
+        PRESETS,
+        LimitSettings(jobs_per_window=1000, window_s=60, max_queued_per_user=100, max_queue=10_000),
+        fake_in_thread=not same_loop,
     )
-    fake, bot = bench.fake, bench.bot
+    fake, bot, on_fake = bench.fake, bench.bot, bench.on_fake
+    print(f"fake Discord {'on the bot loop' if same_loop else 'on its own loop and thread'}")
     assert bot.app is not None
 
     # 2. per-job overhead first, on an idle engine.
     overheads, engine_times = [], []
     for i in range(5):
         sent = time.monotonic()
-        token = await fake.slash("imagine", [opt("prompt", f"a lighthouse {i}")], fake.member(1, "solo"))
-        await fake.wait_for(lambda t=token: (m := fake.original(t)) and m["attachments"], timeout=120)
+        token = await on_fake(
+            fake.slash("imagine", [opt("prompt", f"a lighthouse {i}")], fake.member(1, "solo"))
+        )
+        await on_fake(fake.wait_for(lambda t=token: has_result(fake.original(t)), timeout=120))
         total = time.monotonic() - sent
         job = (await bot.app.jobs.history(1, 1, 1))[0][0]
         engine_s = (job.timings or {})["total_s"]
@@ -70,18 +79,20 @@ async def main(interactions: int, users: int, backlog: int) -> None:
         engine_times.append(engine_s)
 
     # 1. ack latency with the engine busy: a long job runs, then a burst from many users.
-    busy = await fake.slash(
-        "imagine",
-        [opt("prompt", "keep the engine busy"), opt("steps", 60, 4), opt("size", "1024x1024")],
-        fake.member(2, "busy"),
+    busy = await on_fake(
+        fake.slash(
+            "imagine",
+            [opt("prompt", "keep the engine busy"), opt("steps", 60, 4), opt("size", "1024x1024")],
+            fake.member(2, "busy"),
+        )
     )
-    await fake.wait_for(lambda: (m := fake.original(busy)) and "steps" in m["content"], timeout=120)
+    await on_fake(fake.wait_for(lambda: (m := fake.original(busy)) and "steps" in m["content"], timeout=120))
     tokens = []
     for i in range(interactions):
         member = fake.member(1000 + i % users, f"user{i % users}")
-        tokens.append(await fake.slash("imagine", [opt("prompt", f"a cat number {i}")], member))
+        tokens.append(await on_fake(fake.slash("imagine", [opt("prompt", f"a cat number {i}")], member)))
         await asyncio.sleep(0.01)
-    await fake.wait_for(lambda: all(fake.response_to(t) for t in tokens), timeout=300)
+    await on_fake(fake.wait_for(lambda: all(fake.response_to(t) for t in tokens), timeout=300))
     engine_busy = bool(bot.app.queue.running)
     acks = []
     for token in tokens:
@@ -121,13 +132,14 @@ async def duty_cycle(bench: Any, jobs: int) -> tuple[float, float, float, float]
     app = bench.bot.app
     options = [opt("steps", 8, 4), opt("size", "256x256")]
     app.queue.pause()  # the whole backlog is stored first, so the engine never waits for admission
+    fake = bench.fake
     tokens = [
-        await bench.fake.slash(
-            "imagine", [opt("prompt", f"backlog {i}"), *options], bench.fake.member(3, "b")
+        await bench.on_fake(
+            fake.slash("imagine", [opt("prompt", f"backlog {i}"), *options], fake.member(3, "b"))
         )
         for i in range(jobs)
     ]
-    await bench.fake.wait_for(lambda: all(bench.fake.response_to(t) for t in tokens), timeout=120)
+    await bench.on_fake(fake.wait_for(lambda: all(fake.response_to(t) for t in tokens), timeout=120))
     started = time.monotonic()
     app.queue.resume()
     await app.queue.wait_idle(600)
@@ -151,5 +163,6 @@ if __name__ == "__main__":
     parser.add_argument("--interactions", type=int, default=200)
     parser.add_argument("--users", type=int, default=20)
     parser.add_argument("--backlog", type=int, default=30)
+    parser.add_argument("--same-loop", action="store_true", help="the fake Discord on the bot's loop")
     args = parser.parse_args()
-    asyncio.run(main(args.interactions, args.users, args.backlog))
+    asyncio.run(main(args.interactions, args.users, args.backlog, args.same_loop))

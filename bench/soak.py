@@ -20,6 +20,7 @@ from harness import start_bot
 from bot.store.models import JobStatus
 from engine.engine import process_rss
 from fluxbot.settings import LimitSettings
+from tests.discord_support import has_result
 from tests.fake_discord import FakeDiscord
 
 PRESETS = """
@@ -82,7 +83,7 @@ async def main(users: int, seconds: float) -> None:
     jobs = await app.jobs.since(datetime(2000, 1, 1, tzinfo=UTC))
     accepted = len(jobs)
     refused = len(tokens) - accepted
-    shown = {m["id"] for m in fake.messages.values() if m["attachments"]}
+    shown = {m["id"] for m in fake.messages.values() if has_result(m)}
     completed = sum(
         1 for j in jobs if j.status == JobStatus.DONE and j.delivered and str(j.result_message_id) in shown
     )
