@@ -297,3 +297,29 @@ async def test_without_kontext_edit_says_how_to_enable_it(harness: Harness) -> N
     )
 
     await fake.wait_for(lambda: is_ephemeral_error(fake, token, "engine.kontext = "))
+
+
+async def test_upscale_takes_the_chosen_picture_of_a_four_image_job(harness: Harness) -> None:
+    fake = harness.fake
+    token = await fake.slash(
+        "imagine", [opt("prompt", "a kite"), opt("seed", 20, 4)], fake.member(ALICE, "alice")
+    )
+    original = await finished_message(fake, token)
+    four = await finished_message(
+        fake,
+        await fake.click(original["id"], f"fluxbot:vary:{_job_id(original)}", fake.member(ALICE, "alice")),
+    )
+    four_id = _job_id(four)
+
+    third = await fake.slash(
+        "upscale", [opt("job_id", four_id, 4), opt("picture", 3, 4)], fake.member(ALICE, "alice")
+    )
+    upscaled = await finished_message(fake, third)
+    ninth = await fake.slash(
+        "upscale", [opt("job_id", four_id, 4), opt("picture", 9, 4)], fake.member(ALICE, "alice")
+    )
+
+    assert read_recipe(png_of(fake, upscaled)).seed == 23, "seeds 21-24: the third picture's"
+    await fake.wait_for(
+        lambda: is_ephemeral_error(fake, ninth, f"Job {four_id} has 4 picture(s); pick 1 to 4.")
+    )

@@ -127,10 +127,10 @@ def check_attachment(attachment: discord.Attachment, max_mb: float) -> None:
 @app_commands.command(
     name="upscale", description="Upscale one of your results 2x (a light redraw at double size)"
 )
-@app_commands.describe(job_id="The job's number (see /history)")
-async def upscale(interaction: discord.Interaction, job_id: int) -> None:
+@app_commands.describe(job_id="The job's number (see /history)", picture="Which of its pictures (default 1)")
+async def upscale(interaction: discord.Interaction, job_id: int, picture: int = 1) -> None:
     studio = _studio(interaction)
-    await submit(interaction, lambda who, on_stored: studio.upscale(who, job_id, on_stored))
+    await submit(interaction, lambda who, on_stored: studio.upscale(who, job_id, on_stored, picture))
 
 
 def _option_names(message: str) -> str:
@@ -226,12 +226,14 @@ async def _refuse_reaction(
     instruction='What to change, e.g. "make it night" or "replace the hat with a crown"',
     image="The picture to edit (PNG, JPEG or WebP)",
     job_id="Or: the job whose picture to edit (see /history)",
+    picture="With job_id: which of its pictures (default 1)",
 )
 async def edit(
     interaction: discord.Interaction,
     instruction: str,
     image: discord.Attachment | None = None,
     job_id: int | None = None,
+    picture: int = 1,
 ) -> None:
     studio = _studio(interaction)
     try:
@@ -247,7 +249,7 @@ async def edit(
 
     async def create(who: Requester, on_stored: OnStored) -> Ticket:
         stored = await studio.image_prompt(await image.read()) if image is not None else None
-        return await studio.edit(who, instruction, job_id, stored, on_stored)
+        return await studio.edit(who, instruction, job_id, stored, on_stored, picture)
 
     await submit(interaction, create)
 

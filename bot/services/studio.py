@@ -304,10 +304,13 @@ class Studio:
         kind = JobKind.VARY_STRONG if strong else JobKind.VARY_SUBTLE
         return await self.imagine(who, request, kind, parent.id, on_stored)
 
-    async def upscale(self, who: Requester, job_id: int, on_stored: OnStored | None = None) -> Ticket:
-        """Upscale x2 (hi-res fix): the picture resized 2x, then redrawn lightly at that size with the
-        same seed; refused past the preset's megapixel cap."""
-        parent, image = await self._drawn(job_id, who)
+    async def upscale(
+        self, who: Requester, job_id: int, on_stored: OnStored | None = None, picture: int = 1
+    ) -> Ticket:
+        """Upscale x2 (hi-res fix): the job's `picture` (1-based) resized 2x, then redrawn lightly at
+        that size with its seed; refused past the preset's megapixel cap."""
+        parent, image = await self._drawn(job_id, who, picture)
+        seed = parent.images[picture - 1].seed
         request = GenerationRequest.model_validate(parent.request)
         preset = self.resolver.preset(request.preset)
         width, height = 2 * image.width, 2 * image.height
@@ -315,6 +318,7 @@ class Studio:
             raise UserError(f"Upscale x2 would be {width}x{height}: {problem}.")
         upscaled = request.model_copy(
             update={
+                "seed": seed,
                 "size": f"{width}x{height}",
                 "batch_size": 1,
                 "init_image": image.sha256,
@@ -332,6 +336,7 @@ class Studio:
         job_id: int | None = None,
         image: InputImage | None = None,
         on_stored: OnStored | None = None,
+        picture: int = 1,
     ) -> Ticket:
         """A FLUX.1 Kontext edit ("make it night") of a job's picture or of an uploaded image, as the
         asker's own job, with the `kontext` preset where there is one."""
@@ -339,7 +344,7 @@ class Studio:
             raise UserError(EDITS_OFF)
         parent: Job | None = None
         if job_id is not None:
-            parent, image = await self._drawn(job_id, who)
+            parent, image = await self._drawn(job_id, who, picture)
         if image is None:
             raise UserError("Give the image to edit: attach one, or name a job_id.")
         preset = EDIT_PRESET if EDIT_PRESET in self.resolver.presets else None
@@ -353,20 +358,22 @@ class Studio:
         parent_id = parent.id if parent is not None else None
         return await self.imagine(who, request, JobKind.EDIT, parent_id, on_stored)
 
-    async def _drawn(self, job_id: int, who: Requester) -> tuple[Job, InputImage]:
-        """A job's (first) picture as an input image, if `who` may see the job and its picture."""
+    async def _drawn(self, job_id: int, who: Requester, picture: int = 1) -> tuple[Job, InputImage]:
+        """A job's picture (1-based) as an input image, if `who` may see the job and its picture."""
         parent = await self._job(job_id, who)
         if parent.status != JobStatus.DONE or not parent.images:
             raise UserError(f"Job {job_id} has no picture to draw from (it is {parent.status}).")
+        if not 1 <= picture <= len(parent.images):
+            raise UserError(
+                f"Job {job_id} has {len(parent.images)} picture(s); pick 1 to {len(parent.images)}."
+            )
         if parent.withheld and not who.age_restricted:
             raise NotAllowed(f"The picture of job {job_id} was withheld; it can't be drawn from here.")
         files = self._files()
-        data = await asyncio.to_thread(files.read, parent.images[0].path)
+        stored = parent.images[picture - 1]
+        data = await asyncio.to_thread(files.read, stored.path)
         image = await asyncio.to_thread(
-            normalize_input_image,
-            data,
-            max_bytes=len(data) + 1,
-            max_pixels=parent.images[0].width * parent.images[0].height + 1,
+            normalize_input_image, data, max_bytes=len(data) + 1, max_pixels=stored.width * stored.height + 1
         )
         await asyncio.to_thread(files.save_input, image)
         return parent, image
