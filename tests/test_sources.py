@@ -576,17 +576,29 @@ def test_gguf_q4_0_transformer_draws_with_its_own_decoded_weights(
 ) -> None:
     state = _component(tiny_dir, "FluxTransformer2DModel", "transformer").state_dict()
     q4 = write_gguf(state, tmp_path / "flux1-tiny-Q4_0.gguf", "Q4_0")
-    decoded = {name: torch.from_numpy(values.copy()) for name, values in gguf_decoded(q4).items()}
-    reference = tmp_path / "decoded" / "flux1-tiny.safetensors"
-    reference.parent.mkdir()
+
+    drawn, reference = _gguf_and_its_decoded_weights(q4, single_file_settings, split_files, data_dir)
+
+    assert np.abs(drawn - reference).max() <= 1  # GGUF matmuls dequantize on the fly
+
+
+def _gguf_and_its_decoded_weights(
+    path: Path,
+    single_file_settings: Callable[..., EngineSettings],
+    split_files: dict[str, Path],
+    data_dir: Path,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The GGUF drawn, and the same request drawn from its weights as gguf-py decodes them."""
+    decoded = {name: torch.from_numpy(values.copy()) for name, values in gguf_decoded(path).items()}
+    reference = path.parent / "decoded" / path.with_suffix(".safetensors").name
+    reference.parent.mkdir(exist_ok=True)
     save_file(decoded, reference)
     encoders = separate_encoders(split_files)
     request = GenerationRequest(prompt="a windmill", seed=12)
-
-    def draw(path: Path) -> np.ndarray:
-        return draw_with(single_file_settings(model=str(path), **encoders), data_dir, request)
-
-    assert np.abs(draw(q4) - draw(reference)).max() <= 1  # GGUF matmuls dequantize on the fly
+    return tuple(  # type: ignore[return-value]
+        draw_with(single_file_settings(model=str(file), **encoders), data_dir, request)
+        for file in (path, reference)
+    )
 
 
 def test_the_q6_k_writer_is_what_gguf_py_reads_back() -> None:
@@ -614,6 +626,7 @@ def test_gguf_q6_k_transformer_draws_with_its_own_decoded_weights(
     data_dir: Path,
     tmp_path: Path,
 ) -> None:
+    import gguf
     from diffusers import FluxTransformer2DModel
 
     # Q6_K packs rows of 256: the tiny transformer widened to 16 heads (256 wide) so its layers fit.
@@ -621,21 +634,11 @@ def test_gguf_q6_k_transformer_draws_with_its_own_decoded_weights(
     torch.manual_seed(4)
     wide = FluxTransformer2DModel.from_config({**config, "num_attention_heads": 16}).state_dict()
     q6 = write_gguf(wide, tmp_path / "flux1-tiny-wide-Q6_K.gguf", "Q6_K")
-    decoded = {name: torch.from_numpy(values.copy()) for name, values in gguf_decoded(q6).items()}
-    reference = tmp_path / "decoded" / "flux1-tiny-wide.safetensors"
-    reference.parent.mkdir()
-    save_file(decoded, reference)
-    encoders = separate_encoders(split_files)
-    request = GenerationRequest(prompt="a windmill", seed=12)
-
-    def draw(path: Path) -> np.ndarray:
-        return draw_with(single_file_settings(model=str(path), **encoders), data_dir, request)
-
-    import gguf
 
     kinds = {t.tensor_type for t in gguf.GGUFReader(str(q6)).tensors}
     assert gguf.GGMLQuantizationType.Q6_K in kinds
-    assert np.abs(draw(q6) - draw(reference)).max() <= 1  # GGUF matmuls dequantize on the fly
+    drawn, reference = _gguf_and_its_decoded_weights(q6, single_file_settings, split_files, data_dir)
+    assert np.abs(drawn - reference).max() <= 1  # GGUF matmuls dequantize on the fly
 
 
 def test_fp8_scaled_t5_draws_with_its_scales_applied(
