@@ -173,6 +173,8 @@ class FluxEngine:
             if init_image is None:
                 raise RequestError("this job draws from an input image, and none was given to the engine")
             source = decode_input(init_image, first.init_image)
+        if first.kind == "edit" and self.kontext is None:
+            raise RequestError("edits need FLUX.1 Kontext, and this engine has none (engine.kontext)")
         with self._lock:
             started = time.perf_counter()
             # 1. LoRAs: resident adapters, switched not reloaded.
@@ -274,24 +276,20 @@ class FluxEngine:
 
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         pipe, extra = self.pipe, {}
-        if source is not None and params.kind == "edit":
-            if self.kontext is None:
-                raise RequestError("edits need FLUX.1 Kontext, and this engine has none (engine.kontext)")
-            pipe = self.kontext.pipe
-            # Drawn at the job's size: Kontext's own resize to its preferred sizes would ignore it.
-            resized = source.resize((params.width, params.height), Image.Resampling.LANCZOS)
-            # Kontext rescales every request to max_area (1 MP by default): the job's own area keeps its size.
-            extra = {
-                "image": [resized] * len(seeds),
-                "_auto_resize": False,
-                "max_area": params.width * params.height,
-            }
-        elif source is not None:
-            pipe = self._img2img()
+        if source is not None:
             # Resized here to the job's size (Lanczos): an upscale is this resize, then a light redraw.
-            resized = source.resize((params.width, params.height), Image.Resampling.LANCZOS)
-            extra = {"image": [resized] * len(seeds), "strength": params.strength}
-        tiled = params.width * params.height / 1e6 > self.vae_tiling_above_mp
+            images = [source.resize((params.width, params.height), Image.Resampling.LANCZOS)] * len(seeds)
+            if params.kind == "edit":
+                assert self.kontext is not None  # generate_batch refused the edit otherwise
+                pipe = self.kontext.pipe
+                # Kontext would resize to its preferred sizes and rescale to max_area (1 MP): the
+                # job's own size and area keep the picture at the size asked for.
+                extra = {"image": images, "_auto_resize": False, "max_area": params.width * params.height}
+            else:
+                pipe = self._img2img()
+                extra = {"image": images, "strength": params.strength}
+        # Large jobs (upscales) decode in tiles; a plan that tiles everything already is left as it is.
+        tiled = params.width * params.height / 1e6 > self.vae_tiling_above_mp and not pipe.vae.use_tiling
         try:
             if tiled:
                 pipe.vae.enable_tiling()  # large upscales: decode in tiles, not one huge activation

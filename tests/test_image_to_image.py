@@ -343,3 +343,11 @@ def test_vae_tiling_is_on_only_for_jobs_above_the_threshold(engine: FluxEngine, 
 
     assert seen[0] is True and seen[-1] is False
     assert engine.pipe.vae.use_tiling is False, "switched off again after the large job"
+    engine.pipe.vae.enable_tiling()  # as a plan with vae tiling on leaves it
+    try:
+        engine.vae_tiling_above_mp = 0.01
+        engine.generate(upscale, init_image=source.png)
+        assert engine.pipe.vae.use_tiling is True, "the plan's own tiling stays on"
+    finally:
+        engine.pipe.vae.disable_tiling()
+        engine.vae_tiling_above_mp = before
