@@ -323,3 +323,28 @@ async def test_upscale_takes_the_chosen_picture_of_a_four_image_job(harness: Har
     await fake.wait_for(
         lambda: is_ephemeral_error(fake, ninth, f"Job {four_id} has 4 picture(s); pick 1 to 4.")
     )
+
+
+async def test_a_flagged_picture_is_drawn_from_only_where_it_may_be_shown(harness: Harness) -> None:
+    from sqlalchemy import update
+
+    from bot.services.errors import NotAllowed
+    from bot.services.studio import Requester
+    from bot.store.models import Job
+
+    fake, app = harness.fake, harness.app
+    token = await fake.slash(
+        "imagine", [opt("prompt", "a beach"), opt("seed", 4, 4)], fake.member(ALICE, "alice")
+    )
+    job_id = _job_id(await finished_message(fake, token))
+    # As if asked in an age-restricted channel and flagged there (so shown there, not withheld).
+    async with app.db.session() as session, session.begin():
+        await session.execute(
+            update(Job).where(Job.id == job_id).values(safety={"flagged": True}, age_restricted=True)
+        )
+    owner = Requester(user_id=ALICE, guild_id=None)
+
+    with pytest.raises(NotAllowed, match="withheld"):
+        await app.studio.vary(owner, job_id, strong=False)
+    allowed = await app.studio.vary(Requester(user_id=ALICE, age_restricted=True), job_id, strong=False)
+    assert allowed.job_id > job_id

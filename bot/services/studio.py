@@ -257,18 +257,16 @@ class Studio:
     async def image_prompt(self, data: bytes) -> InputImage:
         """An uploaded image checked, normalized and stored (content-addressed) for a job to draw
         from; a refusal is one UserError line. Nothing else is stored for a refused image."""
+        files = self._files()
+        max_bytes, max_pixels = (
+            int(self.images.max_input_mb * 1e6),
+            int(self.images.max_input_megapixels * 1e6),
+        )
         try:
-            image = await asyncio.to_thread(
-                normalize_input_image,
-                data,
-                max_bytes=int(self.images.max_input_mb * 1e6),
-                max_pixels=int(self.images.max_input_megapixels * 1e6),
-            )
+            return await asyncio.to_thread(_kept_input, files, data, max_bytes, max_pixels)
         except RequestError as exc:
             self.metrics.rejections.labels("validation").inc()
             raise UserError(f"That image can't be used: {exc}.") from exc
-        await asyncio.to_thread(self._files().save_input, image)
-        return image
 
     def size_for_input(self, request: GenerationRequest, image: InputImage) -> str:
         """Without a size option, an image prompt keeps its aspect (the preset's nearest allowed one)
@@ -367,16 +365,18 @@ class Studio:
             raise UserError(
                 f"Job {job_id} has {len(parent.images)} picture(s); pick 1 to {len(parent.images)}."
             )
-        if parent.withheld and not who.age_restricted:
+        # A flagged picture is drawn from only where it may be shown (its own channel may have been
+        # age-restricted, the presser's is not necessarily).
+        if parent.safety and parent.safety.get("flagged") and not who.age_restricted:
             raise NotAllowed(f"The picture of job {job_id} was withheld; it can't be drawn from here.")
         files = self._files()
         stored = parent.images[picture - 1]
-        data = await asyncio.to_thread(files.read, stored.path)
-        image = await asyncio.to_thread(
-            normalize_input_image, data, max_bytes=len(data) + 1, max_pixels=stored.width * stored.height + 1
-        )
-        await asyncio.to_thread(files.save_input, image)
-        return parent, image
+
+        def as_input() -> InputImage:  # blocking: read, normalize (the recipe chunks go), store
+            data = files.read(stored.path)
+            return _kept_input(files, data, len(data), stored.width * stored.height)
+
+        return parent, await asyncio.to_thread(as_input)
 
     def _files(self) -> ImageFiles:
         if self.files is None:
@@ -425,6 +425,13 @@ class Studio:
         if job is None or not may_see(job, who):
             raise NotFound(_not_found(job_id))
         return job
+
+
+def _kept_input(files: ImageFiles, data: bytes, max_bytes: int, max_pixels: int) -> InputImage:
+    """An image checked, normalized and stored as an input (content-addressed). Blocking."""
+    image = normalize_input_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    files.save_input(image)
+    return image
 
 
 def _not_found(job_id: int) -> str:
