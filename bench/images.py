@@ -31,7 +31,7 @@ from PIL import Image  # noqa: E402
 from engine.api import GenerationRequest  # noqa: E402
 from engine.engine import FluxEngine  # noqa: E402
 from engine.input_image import normalize_input_image  # noqa: E402
-from engine.preview import PreviewMaker  # noqa: E402
+from engine.preview import PreviewEvery, PreviewMaker  # noqa: E402
 from engine.settings import EngineSettings  # noqa: E402
 
 PRESETS = """
@@ -64,7 +64,7 @@ def preview_cost(engine: FluxEngine, repeats: int) -> None:
     tokens = (height // 16) * (width // 16)
     sigmas = torch.linspace(1.0, 0.0, 29)
     latents = [torch.randn(1, tokens, 64) for _ in range(3)]
-    maker = PreviewMaker(height, width, every_s=0.0)
+    maker = PreviewMaker(height, width, every=PreviewEvery(seconds=0.0))
     maker.after_step(latents[0], sigmas, 1, now=0.0)
     costs = []
     for i in range(max(20, repeats * 5)):
@@ -83,7 +83,9 @@ def preview_cost(engine: FluxEngine, repeats: int) -> None:
     job = interleaved(
         {
             "none": lambda: engine.generate(request, on_step=lambda p: None),
-            "every": lambda: engine.generate(request, on_step=lambda p: None, preview_every_s=0.0),
+            "every": lambda: engine.generate(
+                request, on_step=lambda p: None, preview=PreviewEvery(seconds=0.0)
+            ),
         },
         repeats,
     )

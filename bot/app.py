@@ -29,6 +29,7 @@ from bot.store.database import Database
 from bot.store.files import ImageFiles
 from bot.store.jobs import JobStore
 from engine.engine import FluxEngine, build_resolver
+from engine.preview import PreviewEvery
 from fluxbot.settings import Settings
 
 
@@ -83,20 +84,24 @@ async def build_app(
     redis: ArqRedis | None = None
     executor: Executor
     files = ImageFiles(settings.data_dir)
-    # One preview per progress edit: more would never be shown (edits are throttled to this).
-    preview_every_s = settings.progress_interval_s if settings.images.previews else None
+    # By default one preview per progress edit: more would never be shown (edits are throttled to this).
+    preview = (
+        PreviewEvery(settings.progress_interval_s, settings.images.preview_every_steps)
+        if settings.images.previews
+        else None
+    )
     if settings.uses_redis:
         # Requests are checked here against the same presets and whitelist files the workers load.
         resolver = build_resolver(settings.engine, settings.data_dir, settings.workers_family)
         redis = await create_pool(RedisSettings.from_dsn(settings.queue))
-        executor = RedisExecutor(redis, resolver, settings.workers, files, preview_every_s)
+        executor = RedisExecutor(redis, resolver, settings.workers, files, preview)
         engine = None
     else:
         if engine is None:
             engine = await asyncio.to_thread(FluxEngine.load, settings.engine, settings.data_dir)
         metrics.watch_engine(engine)
         resolver = engine.resolver
-        executor = LocalExecutor(engine, files, preview_every_s)
+        executor = LocalExecutor(engine, files, preview)
     classifier = None
     if settings.safety.classifier:
         classifier = await asyncio.to_thread(ImageClassifier.load, settings.safety)

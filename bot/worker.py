@@ -40,6 +40,7 @@ from engine.errors import EngineError
 from engine.loras import LoraEntry
 from engine.png import png_bytes
 from engine.presets import Preset
+from engine.preview import PreviewEvery
 from fluxbot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -149,12 +150,13 @@ class EngineWorker:
     ) -> WorkerResult:
         request = GenerationRequest.model_validate(job.request)
         init_image = base64.b64decode(job.init_image) if job.init_image else None
+        preview = (
+            None
+            if job.preview_every_s is None
+            else PreviewEvery(job.preview_every_s, job.preview_every_steps)
+        )
         result = self.engine.generate(
-            request,
-            on_step=on_step,
-            cancel=cancel,
-            init_image=init_image,
-            preview_every_s=job.preview_every_s,
+            request, on_step=on_step, cancel=cancel, init_image=init_image, preview=preview
         )
         images = []
         for index, (image, recipe) in enumerate(zip(result.images, result.recipes, strict=True)):

@@ -176,7 +176,7 @@ class StepProgress:
     total: int
     elapsed_s: float
     # A small JPEG of the picture the model predicts at this step (engine/preview.py), every
-    # `preview_every_s`; None on the other steps.
+    # the engine's `preview` schedule; None on the other steps.
     preview: bytes | None = None
 
 

@@ -28,6 +28,7 @@ from engine.loras import LoraWhitelist, ResidentLoras, default_lora_dir
 from engine.presets import load_presets
 from engine.preview import (
     LatentDecoder,
+    PreviewEvery,
     PreviewMaker,
     latent_rgb,
     preview_decoder,
@@ -146,11 +147,11 @@ class FluxEngine:
         on_step: StepCallback | None = None,
         cancel: threading.Event | None = None,
         init_image: bytes | None = None,
-        preview_every_s: float | None = None,
+        preview: PreviewEvery | None = None,
     ) -> GenerationResult:
         """One request (batch_size images) -> images, seeds and recipes. Raises GenerationCancelled.
         `init_image`: the stored PNG whose sha256 the request's `init_image` names."""
-        return self.generate_batch([request], on_step, cancel, init_image, preview_every_s)[0]
+        return self.generate_batch([request], on_step, cancel, init_image, preview)[0]
 
     def generate_batch(
         self,
@@ -158,10 +159,10 @@ class FluxEngine:
         on_step: StepCallback | None = None,
         cancel: threading.Event | None = None,
         init_image: bytes | None = None,
-        preview_every_s: float | None = None,
+        preview: PreviewEvery | None = None,
     ) -> list[GenerationResult]:
         """Several requests of one preset/size/LoRA set (and input image) in a single pipeline call.
-        With `preview_every_s`, `on_step` gets a preview JPEG at most that often (FLUX.1)."""
+        With `preview`, `on_step` gets a JPEG of the picture forming that often."""
         resolved = [self.resolve(r) for r in requests]
         if len({r.batch_key for r in resolved}) != 1:
             raise RequestError(
@@ -195,7 +196,7 @@ class FluxEngine:
             # 3. Denoise and decode: the pipeline's own loop, one generator per image for reproducibility.
             seeds = [s for r in resolved for s in r.seeds]
             images, denoised = self._run(
-                first, concat_embeds(parts), negative, seeds, on_step, cancel, source, preview_every_s
+                first, concat_embeds(parts), negative, seeds, on_step, cancel, source, preview
             )
             finished = time.perf_counter()
         timings = Timings(
@@ -237,7 +238,7 @@ class FluxEngine:
         on_step: StepCallback | None,
         cancel: threading.Event | None,
         source: Image.Image | None = None,
-        preview_every_s: float | None = None,
+        preview: PreviewEvery | None = None,
     ) -> tuple[list[Any], float]:
         start = time.perf_counter()
         last_step = [start]
@@ -245,11 +246,11 @@ class FluxEngine:
             PreviewMaker(
                 params.height,
                 params.width,
-                preview_every_s,
+                preview,
                 self.preview_decoder,
                 unpack_flux2_latents if self.info.family == "flux2" else unpack_latents,
             )
-            if preview_every_s is not None and on_step is not None and self.preview_decoder is not None
+            if preview is not None and on_step is not None and self.preview_decoder is not None
             else None
         )
 
@@ -257,7 +258,7 @@ class FluxEngine:
             last_step[0] = time.perf_counter()
             if on_step is not None:
                 scheduler = pipe.scheduler
-                preview = (
+                shown = (
                     previews.after_step(
                         tensors["latents"], scheduler.sigmas, scheduler.step_index, last_step[0]
                     )
@@ -266,7 +267,7 @@ class FluxEngine:
                 )
                 # img2img runs only the last `strength` part of the schedule.
                 total = getattr(pipe, "num_timesteps", None) or params.steps
-                on_step(StepProgress(index + 1, total, last_step[0] - start, preview))
+                on_step(StepProgress(index + 1, total, last_step[0] - start, shown))
             if cancel is not None and cancel.is_set():
                 # Raising stops the loop now; the pipeline's interrupt flag would still decode.
                 raise GenerationCancelled(index + 1, params.steps)

@@ -174,13 +174,27 @@ def jpeg(image: Image.Image, quality: int = 70) -> bytes:
     return buffer.getvalue()
 
 
+@dataclass(frozen=True)
+class PreviewEvery:
+    """How often a job shows the picture forming: every `steps` denoising steps, or else at most
+    once per `seconds` (the bot's progress interval: more would never reach Discord)."""
+
+    seconds: float = 1.5
+    steps: int | None = None
+
+    def due(self, step_index: int, since_last_s: float) -> bool:
+        if self.steps is not None:
+            return step_index % self.steps == 0
+        return since_last_s >= self.seconds
+
+
 @dataclass
 class PreviewMaker:
     """Follows one denoising loop; `after_step` gives a JPEG when one is due (None otherwise)."""
 
     height: int
     width: int
-    every_s: float
+    every: PreviewEvery
     decode: LatentDecoder = latent_rgb
     unpack: Callable[[torch.Tensor, int, int], torch.Tensor] = unpack_latents
     _previous: tuple[torch.Tensor, float] | None = None
@@ -192,7 +206,7 @@ class PreviewMaker:
         """`latents` after the step that moved them to `sigmas[step_index]`."""
         sigma = float(sigmas[step_index])
         previous, self._previous = self._previous, (latents, sigma)
-        if previous is None or now - self._last_at < self.every_s or sigma <= 0.0:
+        if previous is None or not self.every.due(step_index, now - self._last_at) or sigma <= 0.0:
             return None  # the first step (no velocity yet), not due, or the last (the image is coming)
         before, sigma_before = previous
         velocity = (latents[:1] - before[:1]) / (sigma - sigma_before)

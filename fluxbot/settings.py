@@ -119,6 +119,9 @@ class ImageSettings(BaseModel):
         40.0, gt=0, le=400, description="larger images are refused before they are decoded"
     )
     previews: bool = Field(True, description="show the picture forming in the progress message")
+    preview_every_steps: int | None = Field(
+        None, ge=1, le=200, description="a preview every N steps; unset: one per progress_interval_s"
+    )
 
 
 class Settings(BaseSettings):

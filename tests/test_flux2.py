@@ -56,14 +56,16 @@ def test_flux2_previews_come_from_its_own_32_channel_projection(flux2: FluxEngin
     from PIL import Image
 
     from engine.api import StepProgress
-    from engine.preview import unpack_flux2_latents
+    from engine.preview import PreviewEvery, unpack_flux2_latents
 
     latents = torch.randn(1, 32, 16, 12)
     packed = Flux2KleinPipeline._pack_latents(Flux2KleinPipeline._patchify_latents(latents))
     seen: list[StepProgress] = []
 
     flux2.generate(
-        GenerationRequest(prompt="a fox", seed=1, steps=4), on_step=seen.append, preview_every_s=0.0
+        GenerationRequest(prompt="a fox", seed=1, steps=4),
+        on_step=seen.append,
+        preview=PreviewEvery(seconds=0.0),
     )
 
     assert torch.equal(unpack_flux2_latents(packed, 16 * 8, 12 * 8), latents), "diffusers' packing undone"

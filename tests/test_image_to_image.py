@@ -19,7 +19,7 @@ from engine.engine import FluxEngine
 from engine.errors import ConfigError, RequestError
 from engine.input_image import InputImage, decode_input, normalize_input_image
 from engine.png import read_recipe
-from engine.preview import PreviewMaker, latent_rgb, unpack_latents
+from engine.preview import PreviewEvery, PreviewMaker, latent_rgb, unpack_latents
 from engine.settings import EngineSettings
 from tests.conftest import pixels
 
@@ -217,15 +217,26 @@ def test_previews_come_with_progress_at_the_interval_as_small_jpegs(engine: Flux
     none: list[StepProgress] = []
 
     engine.generate(
-        GenerationRequest(prompt="a cat", seed=2, steps=6), on_step=every_step.append, preview_every_s=0.0
+        GenerationRequest(prompt="a cat", seed=2, steps=6),
+        on_step=every_step.append,
+        preview=PreviewEvery(seconds=0.0),
     )
     engine.generate(
-        GenerationRequest(prompt="a cat", seed=2, steps=6), on_step=none.append, preview_every_s=3600.0
+        GenerationRequest(prompt="a cat", seed=2, steps=6),
+        on_step=none.append,
+        preview=PreviewEvery(seconds=3600.0),
     )
 
     with_preview = [p.step for p in every_step if p.preview]
     assert with_preview == [2, 3, 4, 5], "from the second step (a velocity needs two) to the one before last"
     assert [p.step for p in none if p.preview] == [2], "one, then none until the interval has passed"
+    by_steps: list[StepProgress] = []
+    engine.generate(
+        GenerationRequest(prompt="a cat", seed=2, steps=6),
+        on_step=by_steps.append,
+        preview=PreviewEvery(steps=2),
+    )
+    assert [p.step for p in by_steps if p.preview] == [2, 4], "images.preview_every_steps: every second step"
     preview = Image.open(io.BytesIO(next(p.preview for p in every_step if p.preview)))  # type: ignore[arg-type]
     assert preview.format == "JPEG" and max(preview.size) <= 256
 
@@ -241,7 +252,7 @@ def test_the_preview_is_the_flow_matching_prediction_of_the_clean_latents() -> N
         return x.view(1, 16, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(1, 16, 64)
 
     sigmas = torch.tensor([1.0, 0.75, 0.5, 0.0])
-    maker = PreviewMaker(height=64, width=64, every_s=0.0)
+    maker = PreviewMaker(height=64, width=64, every=PreviewEvery(seconds=0.0))
     at = [packed((1 - s) * clean + s * noise) for s in sigmas.tolist()]
 
     assert maker.after_step(at[1], sigmas, 1, now=0.0) is None
@@ -314,7 +325,7 @@ def test_taef1_previews_decode_with_the_operators_tiny_vae(
     engine.generate(
         GenerationRequest(prompt="a cat", seed=1, steps=4, size="128x128"),
         on_step=steps.append,
-        preview_every_s=0.0,
+        preview=PreviewEvery(seconds=0.0),
     )
 
     preview = Image.open(io.BytesIO(next(p.preview for p in steps if p.preview)))  # type: ignore[arg-type]

@@ -25,6 +25,7 @@ from bot.store.models import Job
 from engine.api import GenerationRequest, StepProgress
 from engine.engine import FluxEngine
 from engine.errors import EngineError, GenerationCancelled, RequestError
+from engine.preview import PreviewEvery
 
 log = logging.getLogger(__name__)
 HANDOFF_DEPTH = 2  # the job drawing and the one waiting beside it
@@ -43,11 +44,11 @@ class _Handed:
 
 class LocalExecutor:
     def __init__(
-        self, engine: FluxEngine, files: ImageFiles | None = None, preview_every_s: float | None = None
+        self, engine: FluxEngine, files: ImageFiles | None = None, preview: PreviewEvery | None = None
     ) -> None:
         self.engine = engine
         self.files = files  # where the input images of img2img jobs are
-        self.preview_every_s = preview_every_s
+        self.preview = preview
         self.family = engine.info.family
         self.throughput = Throughput()
         self._started_at = time.time()
@@ -142,7 +143,7 @@ class LocalExecutor:
                     raise RequestError("this fluxbot keeps no input images")
                 init_image = self.files.read_input(request.init_image)  # the engine thread: may block
             result = self.engine.generate(
-                request, on_step, handed.cancel, init_image=init_image, preview_every_s=self.preview_every_s
+                request, on_step, handed.cancel, init_image=init_image, preview=self.preview
             )
         except GenerationCancelled:
             return Outcome.interrupted() if handed.interrupted else Outcome.cancelled()

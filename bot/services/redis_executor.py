@@ -59,6 +59,7 @@ from bot.store.files import ImageFiles
 from bot.store.models import Job
 from engine.api import Recipe
 from engine.errors import RequestError
+from engine.preview import PreviewEvery
 from engine.resolve import RequestResolver
 from fluxbot.settings import WorkerSettings
 
@@ -98,11 +99,11 @@ class RedisExecutor:
         resolver: RequestResolver,
         settings: WorkerSettings,
         files: ImageFiles | None = None,
-        preview_every_s: float | None = None,
+        preview: PreviewEvery | None = None,
     ) -> None:
         self.redis = redis
         self.files = files  # the input images of img2img jobs travel in the payload
-        self.preview_every_s = preview_every_s
+        self.preview = preview
         self.resolver = resolver
         self.settings = settings
         self.flights: dict[int, Flight] = {}
@@ -258,7 +259,8 @@ class RedisExecutor:
             preset=preset.model_dump(mode="json"),
             loras=[entries[name].model_dump(mode="json") for name in names if name in entries],
             init_image=base64.b64encode(init_image).decode() if init_image is not None else None,
-            preview_every_s=self.preview_every_s,
+            preview_every_s=self.preview.seconds if self.preview is not None else None,
+            preview_every_steps=self.preview.steps if self.preview is not None else None,
         )
 
     async def cancel(self, job_id: int) -> None:

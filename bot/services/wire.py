@@ -38,7 +38,8 @@ class JobPayload(BaseModel):
     preset: dict[str, Any]
     loras: list[dict[str, Any]]
     init_image: str | None = None  # base64 of the input PNG (img2img jobs): workers share no files
-    preview_every_s: float | None = None
+    preview_every_s: float | None = None  # None: no previews (see engine.preview.PreviewEvery)
+    preview_every_steps: int | None = None
 
 
 class Dispatch(BaseModel):
