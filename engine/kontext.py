@@ -116,7 +116,7 @@ def _single_file(path: Path, plan: QuantPlan, configs: Path | None) -> Any:
     FLUX.1 dev config."""
     from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
 
-    from engine.loading import _transformer_input, shipped_configs
+    from engine.loading import shipped_configs, transformer_input_for
 
     quant = (
         GGUFQuantizationConfig(compute_dtype=plan.dtype)
@@ -124,7 +124,7 @@ def _single_file(path: Path, plan: QuantPlan, configs: Path | None) -> Any:
         else transformer_quant_config(plan.transformer if plan.transformer != "gguf" else "bf16", plan.dtype)
     )
     with tempfile.TemporaryDirectory(prefix="fluxbot-kontext-") as scratch:
-        weights, folder = _transformer_input(
+        weights, folder = transformer_input_for(
             path, plan.dtype, configs or shipped_configs("dev"), Path(scratch)
         )
         return FluxTransformer2DModel.from_single_file(

@@ -185,7 +185,7 @@ def _load_single_file(source: ModelSource, plan: QuantPlan, settings: EngineSett
     log.info("loading %s (FLUX.1 %s, %s)", source.transformer.name, variant, plan.transformer)
     try:
         with tempfile.TemporaryDirectory(prefix="fluxbot-config-") as derived:
-            transformer_input, transformer_configs = _transformer_input(
+            transformer_input, transformer_configs = transformer_input_for(
                 source.transformer, plan.dtype, configs, Path(derived)
             )
             transformer = FluxTransformer2DModel.from_single_file(
@@ -246,7 +246,7 @@ def _load_single_file(source: ModelSource, plan: QuantPlan, settings: EngineSett
     return LoadedModel(pipe, "flux1", variant, source.transformer.name)
 
 
-def _transformer_input(
+def transformer_input_for(
     path: Path, dtype: torch.dtype, configs: Path, scratch: Path
 ) -> tuple[str | dict[str, torch.Tensor], Path]:
     """The transformer's weights for from_single_file, and the config folder that fits them: the

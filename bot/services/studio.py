@@ -289,17 +289,9 @@ class Studio:
         as the presser's own job."""
         parent, image = await self._drawn(job_id, who)
         preset = self.resolver.preset(parent.request.get("preset"))
-        request = GenerationRequest.model_validate(parent.request).model_copy(
-            update={
-                "seed": None,
-                "batch_size": 1,
-                "init_image": image.sha256,
-                "strength": preset.vary_strong_strength if strong else preset.vary_subtle_strength,
-                "kind": "vary_strong" if strong else "vary_subtle",
-                "parent_job": parent.id,
-            }
-        )
         kind = JobKind.VARY_STRONG if strong else JobKind.VARY_SUBTLE
+        strength = preset.vary_strong_strength if strong else preset.vary_subtle_strength
+        request = _redraw(parent, image, kind, seed=None, strength=strength)
         return await self.imagine(who, request, kind, parent.id, on_stored)
 
     async def upscale(
@@ -308,24 +300,19 @@ class Studio:
         """Upscale x2 (hi-res fix): the job's `picture` (1-based) resized 2x, then redrawn lightly at
         that size with its seed; refused past the preset's megapixel cap."""
         parent, image = await self._drawn(job_id, who, picture)
-        seed = parent.images[picture - 1].seed
-        request = GenerationRequest.model_validate(parent.request)
-        preset = self.resolver.preset(request.preset)
+        preset = self.resolver.preset(parent.request.get("preset"))
         width, height = 2 * image.width, 2 * image.height
         if (problem := preset.size_problem(width, height)) is not None:
             raise UserError(f"Upscale x2 would be {width}x{height}: {problem}.")
-        upscaled = request.model_copy(
-            update={
-                "seed": seed,
-                "size": f"{width}x{height}",
-                "batch_size": 1,
-                "init_image": image.sha256,
-                "strength": preset.upscale_strength,
-                "kind": "upscale",
-                "parent_job": parent.id,
-            }
+        request = _redraw(
+            parent,
+            image,
+            JobKind.UPSCALE,
+            seed=parent.images[picture - 1].seed,
+            size=f"{width}x{height}",
+            strength=preset.upscale_strength,
         )
-        return await self.imagine(who, upscaled, JobKind.UPSCALE, parent.id, on_stored)
+        return await self.imagine(who, request, JobKind.UPSCALE, parent.id, on_stored)
 
     async def edit(
         self,
@@ -425,6 +412,20 @@ class Studio:
         if job is None or not may_see(job, who):
             raise NotFound(_not_found(job_id))
         return job
+
+
+def _redraw(parent: Job, image: InputImage, kind: JobKind, **update: object) -> GenerationRequest:
+    """The parent's recipe drawing from `image` (one picture), as a job of `kind` (the recipe's kind
+    is the job kind's name: vary_subtle, vary_strong, upscale)."""
+    return GenerationRequest.model_validate(parent.request).model_copy(
+        update={
+            "batch_size": 1,
+            "init_image": image.sha256,
+            "kind": kind.value,
+            "parent_job": parent.id,
+            **update,
+        }
+    )
 
 
 def _kept_input(files: ImageFiles, data: bytes, max_bytes: int, max_pixels: int) -> InputImage:
