@@ -119,6 +119,10 @@ def _imagine(args: argparse.Namespace, settings: Settings) -> int:
             raise EngineError(f"--image: {exc}") from None
     elif args.strength is not None or args.edit:
         raise EngineError("--strength and --edit need --image")
+    if args.edit and settings.engine.kontext is None:  # refused before minutes of model loading
+        raise EngineError(
+            '--edit needs FLUX.1 Kontext: set engine.kontext = "<folder, .safetensors or .gguf>"'
+        )
     request = GenerationRequest(
         prompt=args.prompt,
         preset=args.preset or ("kontext" if args.edit else None),

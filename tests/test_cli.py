@@ -189,6 +189,8 @@ def test_imagine_draws_from_an_image_and_refuses_a_bad_one_in_one_line(
     assert recipe.kind == "img2img" and recipe.strength == 0.5 and recipe.init_image_sha256
     assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0
     assert "--image: the file is not a" in bad.stderr
+    no_kontext = fluxbot(cli_env, "imagine", "make it night", "--image", str(source), "--edit", cwd=tmp_path)
+    assert no_kontext.returncode != 0 and "--edit needs FLUX.1 Kontext" in no_kontext.stderr
 
 
 def test_imagine_with_missing_model_is_one_line(cli_env: dict[str, str], tmp_path: Path) -> None:
