@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import start_bot
 
 from bot.store.models import JobStatus
-from engine.engine import process_rss
+from engine.info import process_rss
 from fluxbot.settings import LimitSettings
 from tests.discord_support import has_result
 from tests.fake_discord import FakeDiscord

@@ -28,8 +28,9 @@ from bot.store.admin import AdminStore
 from bot.store.database import Database
 from bot.store.files import ImageFiles
 from bot.store.jobs import JobStore
-from engine.engine import FluxEngine, build_resolver
+from engine.engine import FluxEngine
 from engine.preview import PreviewEvery
+from engine.resolve import build_resolver
 from fluxbot.settings import Settings
 
 

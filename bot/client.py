@@ -68,7 +68,7 @@ class FluxBot(discord.Client):
         if (port := self.settings.metrics_port) is not None:
             host = self.settings.metrics_host
             try:
-                self.metrics_server = await serve(self.metrics, self.health, host, port)
+                self.metrics_server = await serve(self.metrics, self.health, host, port, self.health_details)
             except OSError as exc:  # not "cannot reach Discord": the CLI's answer for other OSErrors
                 raise ConfigError(
                     f"metrics_port {port} on {host} is not free ({exc.strerror or exc}); set "
@@ -85,6 +85,22 @@ class FluxBot(discord.Client):
         checks = {"process": True, **(await app.health() if app is not None else {"database": False})}
         checks["gateway"] = self.is_ready() and not self.is_closed() and self.ws is not None and self.ws.open
         return checks
+
+    async def health_details(self) -> dict[str, Any]:
+        """What /healthz shows beside the checks: each engine's compile mode, attention backend and
+        the seconds its compile and warm-up took at start (none while it still loads)."""
+        if self.app is None:
+            return {"engines": []}
+        try:
+            workers = await self.app.queue.workers()
+        except Exception:  # Redis away: the checks already say so
+            return {"engines": []}
+        return {
+            "engines": [
+                {"name": w.name, "compile": w.compile, "attention": w.attention, "warmup_s": w.warmup_s}
+                for w in workers
+            ]
+        }
 
     async def _sync_commands(self) -> None:
         if self.settings.guild_ids:

@@ -12,7 +12,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from engine.engine import FluxEngine, process_rss
+from engine.engine import FluxEngine
+from engine.info import process_rss
 
 log = logging.getLogger(__name__)
 STEP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8)
@@ -34,6 +35,12 @@ class Metrics:
         )
         self.rejections = Counter(
             "fluxbot_rejections", "Requests refused, by reason", ["reason"], registry=self.registry
+        )
+        self.steps = Counter(
+            "fluxbot_denoise_steps",
+            "Denoising steps of finished jobs: run in full, or skipped/predicted by a step cache",
+            ["run"],
+            registry=self.registry,
         )
 
     def watch_engine(self, engine: FluxEngine) -> None:
@@ -73,17 +80,22 @@ class _EngineCollector(Collector):
 
 
 HealthCheck = Callable[[], Awaitable[dict[str, bool]]]
+HealthDetails = Callable[[], Awaitable[dict[str, Any]]]
 
 
-async def serve(metrics: Metrics, health: HealthCheck, host: str, port: int) -> web.AppRunner:
-    """GET /metrics (Prometheus text) and GET /healthz (200 when every check passes, else 503)."""
+async def serve(
+    metrics: Metrics, health: HealthCheck, host: str, port: int, details: HealthDetails | None = None
+) -> web.AppRunner:
+    """GET /metrics (Prometheus text) and GET /healthz (200 when every check passes, else 503; the
+    body is every check's boolean, plus `details`, such as the engines' compile and warm-up)."""
 
     async def metrics_view(request: web.Request) -> web.Response:
         return web.Response(body=metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
 
     async def health_view(request: web.Request) -> web.Response:
         checks = await health()
-        return web.json_response(checks, status=200 if all(checks.values()) else 503)
+        extra = await details() if details is not None else {}
+        return web.json_response({**checks, **extra}, status=200 if all(checks.values()) else 503)
 
     app = web.Application()
     app.router.add_get("/metrics", metrics_view)

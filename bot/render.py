@@ -153,9 +153,11 @@ def stats(data: Stats) -> str:
     statuses = ", ".join(f"{n} {status}" for status, n in sorted(data.by_status.items())) or "none"
     speeds = ", ".join(f"{preset} {s:.1f} s" for preset, s in sorted(data.seconds_per_image.items())) or "n/a"
     running = f"{data.running} running" if data.running else "idle"
+    share = f" ({100 * data.steps_cached / data.steps:.0f} %)" if data.steps else ""
     return (
         f"**fluxbot stats**\nqueue: {data.queued} waiting, {running}\njobs today: {data.jobs_today} "
-        f"({statuses})\naverage per image: {speeds}\nuptime: {duration(data.uptime_s)}"
+        f"({statuses})\naverage per image: {speeds}\nsteps skipped by step caches today: "
+        f"{data.steps_cached} of {data.steps}{share}\nuptime: {duration(data.uptime_s)}"
     )
 
 
@@ -168,8 +170,10 @@ def workers(infos: list[WorkerInfo]) -> str:
         state = f"busy with job {w.job_id}" if w.state == "busy" and w.job_id else w.state
         vram = f" · {w.free_vram_gb:.1f} GB VRAM free" if w.free_vram_gb is not None else ""
         loras = f" · LoRAs: {', '.join(w.resident_loras)}" if w.resident_loras else ""
+        speed = f" · {w.compile} compile (warm-up {w.warmup_s:g} s)" if w.warmup_s is not None else ""
+        speed += f" · attention {w.attention}" if w.attention != "native" else ""
         lines.append(
             f"`{w.name}` {state} · {w.model} ({w.family}, {w.quant}) on {w.device}{vram} · "
-            f"{w.jobs_done} done, {w.jobs_failed} failed · {w.jobs_per_min:.1f} jobs/min{loras}"
+            f"{w.jobs_done} done, {w.jobs_failed} failed · {w.jobs_per_min:.1f} jobs/min{speed}{loras}"
         )
     return "\n".join(lines)

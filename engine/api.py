@@ -8,6 +8,7 @@ from typing import Any
 from PIL.Image import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from engine.step_cache import NO_CACHE, StepCacheField
 from engine.text import clean_text
 
 MAX_PROMPT_CHARS = 2000
@@ -47,6 +48,9 @@ class GenerationRequest(BaseModel):
     # Provenance, copied into the recipe: what kind of job made it and from which job.
     kind: str | None = Field(None, max_length=16, pattern=r"^[a-z0-9_]+$")
     parent_job: int | None = Field(None, ge=1)
+    # The step cache (engine/step_cache.py); default: the preset's. Pinned in stored jobs, because
+    # it decides pixels: a rerun draws with the cache the job was drawn with.
+    cache: StepCacheField | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -89,6 +93,7 @@ class ResolvedRequest(BaseModel):
     strength: float | None = None  # set exactly when init_image is
     kind: str = "txt2img"
     parent_job: int | None = None
+    cache: StepCacheField = NO_CACHE
 
     @property
     def batch_key(self) -> tuple[Any, ...]:
@@ -104,6 +109,7 @@ class ResolvedRequest(BaseModel):
             self.loras,
             self.init_image,
             self.strength,
+            self.cache,
         )
 
 
@@ -137,6 +143,10 @@ class Recipe(BaseModel):
     init_image_sha256: str | None = None
     strength: float | None = None
     kontext_files: dict[str, str] | None = None  # edits: the Kontext transformer's file -> sha256
+    # The step cache the job ran with (engine/step_cache.py) and how many of its denoising steps ran
+    # the full transformer (None: recipes from before step caching, all of them).
+    cache: str = "none"
+    computed_steps: int | None = None
 
     def to_request(self, seed: int | None = None) -> GenerationRequest:
         """The request that repeats this image (or rerolls it with another seed)."""
@@ -152,6 +162,7 @@ class Recipe(BaseModel):
             strength=self.strength,
             kind=self.kind if self.kind != "txt2img" else None,
             parent_job=self.parent_job,
+            cache=self.cache,
         )
 
 
@@ -160,12 +171,9 @@ class Timings(BaseModel):
     denoise_s: float
     decode_s: float
     total_s: float
-    steps: int
+    steps: int  # denoising steps run (img2img runs the last `strength` part of the schedule)
     embeds_cached: bool
-
-    @property
-    def s_per_step(self) -> float:
-        return self.denoise_s / max(1, self.steps)
+    computed_steps: int | None = None  # of those, how many ran the full transformer (step caching)
 
 
 @dataclass(frozen=True)

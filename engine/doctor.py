@@ -12,6 +12,7 @@ import torch
 
 from engine.errors import EngineError, LoraError
 from engine.hashing import FileHasher
+from engine.info import last_warmup
 from engine.loading import describe_layout, inspect_checkpoint
 from engine.lora_layout import lora_layout
 from engine.loras import LoraWhitelist, default_lora_dir
@@ -19,6 +20,7 @@ from engine.presets import Preset, load_presets
 from engine.quant import DeviceInfo, auto_tier, plan_quant, probe_device
 from engine.settings import EngineSettings
 from engine.sources import ModelSource, locate_model
+from engine.speed import choose_attention
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -56,6 +58,7 @@ def run_doctor(settings: EngineSettings, data_dir: Path) -> DoctorReport:
     source = _model(report, settings, data_dir)
     if device is not None:
         _quant(report, settings, device, source)
+        _speed(report, settings, device, data_dir)
     presets = _presets(report, settings)
     _loras(report, settings, data_dir, source, presets)
     _images(report, settings)
@@ -147,13 +150,34 @@ def _quant(
     report.add("ok", "quant", f"{plan.describe()}: {plan.reason}")
 
 
+def _speed(report: DoctorReport, settings: EngineSettings, device: DeviceInfo, data_dir: Path) -> None:
+    """Attention backend and compilation: what the engine will use, and what the last warm-up cost."""
+    try:
+        choice = choose_attention(settings.attention, device)
+        report.add("ok", "attention", f"{choice.backend}: {choice.why}")
+    except EngineError as exc:
+        report.add("fail", "attention", str(exc))
+    if settings.compile == "off":
+        report.add("ok", "compile", 'off (engine.compile = "regional" compiles at start, then warms up)')
+        return
+    last = last_warmup(data_dir)
+    seen = (
+        f"; last start ({last.get('at')}): {last.get('warmup_s')} s, {last.get('graphs')} graphs"
+        if last is not None and last.get("compile") == settings.compile
+        else "; not measured here yet"
+    )
+    report.add("ok", "compile", f"{settings.compile}: compiled and warmed up at start, before any job{seen}")
+
+
 def _presets(report: DoctorReport, settings: EngineSettings) -> dict[str, Preset]:
     try:
         presets = load_presets(settings.presets_path)
     except EngineError as exc:
         report.add("fail", "presets", str(exc))
         return {}
-    report.add("ok", "presets", f"{settings.presets_path}: {', '.join(presets)}")
+    cached = [f"{p.name} ({p.cache})" for p in presets.values() if p.cache.on]
+    steps = f"; step caches: {', '.join(cached)}" if cached else ""
+    report.add("ok", "presets", f"{settings.presets_path}: {', '.join(presets)}{steps}")
     return presets
 
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import gc
-import importlib.metadata
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -21,11 +19,19 @@ from engine.embed_cache import PromptEmbedCache
 from engine.errors import ConfigError, GenerationCancelled, OutOfMemory, RequestError
 from engine.families import Embeds, FamilyAdapter, adapter_for, concat_embeds, repeat_embeds
 from engine.hashing import FileHasher
+from engine.info import (
+    EngineInfo,
+    library_versions,
+    make_recipe,
+    model_hashes,
+    process_rss,
+    record_warmup,
+)
 from engine.input_image import decode_input
 from engine.kontext import KontextModel, load_kontext
 from engine.loading import LoadedModel, load_pipeline
-from engine.loras import LoraWhitelist, ResidentLoras, default_lora_dir
-from engine.presets import load_presets
+from engine.lora_slots import lora_switch
+from engine.loras import LoraSwitch
 from engine.preview import (
     LatentDecoder,
     PreviewEvery,
@@ -35,37 +41,22 @@ from engine.preview import (
     unpack_flux2_latents,
     unpack_latents,
 )
-from engine.quant import DeviceInfo, QuantPlan, plan_quant, probe_device
-from engine.resolve import RequestResolver
+from engine.quant import QuantPlan, plan_quant, probe_device
+from engine.resolve import RequestResolver, build_resolver
 from engine.settings import EngineSettings
-from engine.sources import ModelSource, locate_model
+from engine.sources import locate_model
+from engine.speed import (
+    apply_attention,
+    cached_run,
+    choose_attention,
+    compile_transformer,
+    compiled_graphs,
+)
+from engine.step_cache import NO_CACHE, StepCache
 
 log = logging.getLogger(__name__)
 
 StepCallback = Callable[[StepProgress], None]
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    """What the engine holds, for logs, `doctor` and the bot's /stats."""
-
-    model_id: str
-    family: str
-    variant: str
-    device: DeviceInfo
-    plan: QuantPlan
-    model_files: dict[str, str]
-
-
-def library_versions() -> dict[str, str]:
-    names = ("fluxbot", "torch", "diffusers", "transformers", "peft")
-    out = {}
-    for name in names:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "unknown"
-    return out
 
 
 class FluxEngine:
@@ -76,7 +67,7 @@ class FluxEngine:
         loaded: LoadedModel,
         resolver: RequestResolver,
         info: EngineInfo,
-        loras: ResidentLoras,
+        loras: LoraSwitch,
         embed_cache: PromptEmbedCache,
     ) -> None:
         self.pipe = loaded.pipe
@@ -92,13 +83,18 @@ class FluxEngine:
         self.kontext: KontextModel | None = None
         self.preview_decoder: LatentDecoder | None = latent_rgb
         self.vae_tiling_above_mp = 1.6
+        self.warmup_s: float | None = None  # compile + warm-up at start (None: not compiled)
+        self.warmup_graphs = 0  # graphs torch compiled during the warm-up
 
     @classmethod
-    def load(cls, settings: EngineSettings, data_dir: Path) -> FluxEngine:
-        """Load presets, whitelist and the model once; raises an EngineError the operator can act on."""
+    def load(cls, settings: EngineSettings, data_dir: Path, plan: QuantPlan | None = None) -> FluxEngine:
+        """Load presets, whitelist and the model once; raises an EngineError the operator can act on.
+        With `compile`, the transformer is compiled and warmed up here, before any job. `plan`: one
+        made elsewhere (bench/gpu.py's side-by-side runs, tests) instead of the settings' own."""
         device = probe_device(settings.device)
+        attention = choose_attention(settings.attention, device)  # refused before minutes of loading
         source = locate_model(settings, data_dir)
-        plan = plan_quant(settings, device, source.is_gguf)
+        plan = plan or plan_quant(settings, device, source.is_gguf)
         hasher = FileHasher(data_dir / "hashes.json")
         started = time.perf_counter()
         loaded = load_pipeline(source, plan, settings, device)
@@ -106,10 +102,16 @@ class FluxEngine:
             "model %s loaded in %.1fs on %s", loaded.model_id, time.perf_counter() - started, device.device
         )
         info = EngineInfo(
-            loaded.model_id, loaded.family, loaded.variant, device, plan, _model_hashes(source, hasher)
+            loaded.model_id,
+            loaded.family,
+            loaded.variant,
+            device,
+            plan,
+            model_hashes(source, hasher),
+            attention,
         )
         resolver = build_resolver(settings, data_dir, loaded.family, source.models_dir, hasher)
-        loras = ResidentLoras(loaded.pipe, resolver.whitelist, settings.max_resident_loras)
+        loras = lora_switch(loaded.pipe, resolver, settings, plan)
         engine = cls(loaded, resolver, info, loras, PromptEmbedCache(settings.embed_cache_size))
         engine.set_memory_cap(settings.memory_cap_gb)
         engine.vae_tiling_above_mp = settings.vae_tiling_above_megapixels
@@ -125,7 +127,35 @@ class FluxEngine:
             engine.kontext = load_kontext(
                 settings.kontext, loaded.pipe, plan, device, data_dir, hasher, settings.configs
             )
+        engine.speed_up()
+        if engine.warmup_s is not None:
+            record_warmup(data_dir, engine.info, engine.warmup_s, engine.warmup_graphs)
         return engine
+
+    def speed_up(self) -> None:
+        """The attention backend, then compilation and a warm-up (every graph a job will need is
+        compiled now, not in the first user's job)."""
+        transformers = [self.pipe.transformer] + ([self.kontext.pipe.transformer] if self.kontext else [])
+        for transformer in transformers:
+            apply_attention(transformer, self.info.attention)
+        mode = self.info.plan.compile
+        if mode == "off":
+            return
+        from engine.warmup import warm_up
+
+        started, graphs = time.perf_counter(), compiled_graphs()
+        for transformer in transformers:
+            compile_transformer(transformer, mode, self.info.device.is_cuda)
+        warm_up(self)
+        self.warmup_s = time.perf_counter() - started
+        self.warmup_graphs = compiled_graphs() - graphs
+        log.info(
+            "%s compile and warm-up: %.1f s, %d graphs (%s)",
+            mode,
+            self.warmup_s,
+            self.warmup_graphs,
+            self.info.attention.backend,
+        )
 
     def set_memory_cap(self, gigabytes: float | None) -> None:
         """On CPU there is no OOM error before the kernel kills us: fail the job past this RSS instead."""
@@ -163,7 +193,17 @@ class FluxEngine:
     ) -> list[GenerationResult]:
         """Several requests of one preset/size/LoRA set (and input image) in a single pipeline call.
         With `preview`, `on_step` gets a JPEG of the picture forming that often."""
-        resolved = [self.resolve(r) for r in requests]
+        return self.draw([self.resolve(r) for r in requests], on_step, cancel, init_image, preview)
+
+    def draw(
+        self,
+        resolved: Sequence[ResolvedRequest],
+        on_step: StepCallback | None = None,
+        cancel: threading.Event | None = None,
+        init_image: bytes | None = None,
+        preview: PreviewEvery | None = None,
+    ) -> list[GenerationResult]:
+        """Resolved requests (checked against the presets, or the engine's own warm-up) -> results."""
         if len({r.batch_key for r in resolved}) != 1:
             raise RequestError(
                 "only requests with the same preset, size, steps, guidance and LoRAs batch together"
@@ -195,26 +235,25 @@ class FluxEngine:
             encoded = time.perf_counter()
             # 3. Denoise and decode: the pipeline's own loop, one generator per image for reproducibility.
             seeds = [s for r in resolved for s in r.seeds]
-            images, denoised = self._run(
-                first, concat_embeds(parts), negative, seeds, on_step, cancel, source, preview
-            )
+            run = self._run(first, concat_embeds(parts), negative, seeds, on_step, cancel, source, preview)
             finished = time.perf_counter()
         timings = Timings(
             encode_s=encoded - started,
-            denoise_s=denoised - encoded,
-            decode_s=finished - denoised,
+            denoise_s=run.denoised_at - encoded,
+            decode_s=finished - run.denoised_at,
             total_s=finished - started,
-            steps=first.steps,
+            steps=run.steps,
             embeds_cached=all_cached,
+            computed_steps=run.computed_steps,
         )
         results, offset = [], 0
         for r in resolved:
             n = len(r.seeds)
             results.append(
                 GenerationResult(
-                    images=images[offset : offset + n],
+                    images=run.images[offset : offset + n],
                     seeds=list(r.seeds),
-                    recipes=[self._recipe(r, seed) for seed in r.seeds],
+                    recipes=[self._recipe(r, seed, run) for seed in r.seeds],
                     timings=timings,
                     warnings=r.warnings,
                 )
@@ -239,7 +278,7 @@ class FluxEngine:
         cancel: threading.Event | None,
         source: Image.Image | None = None,
         preview: PreviewEvery | None = None,
-    ) -> tuple[list[Any], float]:
+    ) -> _Run:
         start = time.perf_counter()
         last_step = [start]
         previews = (
@@ -291,10 +330,11 @@ class FluxEngine:
                 extra = {"image": images, "strength": params.strength}
         # Large jobs (upscales) decode in tiles; a plan that tiles everything already is left as it is.
         tiled = params.width * params.height / 1e6 > self.vae_tiling_above_mp and not pipe.vae.use_tiling
+        cache = self._cache_for(params, pipe, source is not None)
         try:
             if tiled:
                 pipe.vae.enable_tiling()  # large upscales: decode in tiles, not one huge activation
-            with torch.inference_mode():
+            with torch.inference_mode(), cached_run(pipe.transformer, cache, params.steps) as full_runs:
                 out = pipe(
                     **embeds,
                     **self._family.call_kwargs(params, negative),
@@ -317,7 +357,25 @@ class FluxEngine:
         finally:
             if tiled:
                 pipe.vae.disable_tiling()
-        return list(out.images), last_step[0]
+        steps = int(getattr(pipe, "num_timesteps", 0) or params.steps)
+        computed = steps
+        if full_runs is not None:
+            # true CFG: two transformer calls a step (FluxPipeline caches each on its own)
+            computed = min(steps, round(full_runs.calls / (2 if params.true_cfg > 1.0 else 1)))
+        return _Run(list(out.images), last_step[0], steps, computed, cache)
+
+    def _cache_for(self, params: ResolvedRequest, pipe: Any, from_image: bool) -> StepCache:
+        """The cache this job can run with. img2img and Kontext name no transformer call of their
+        own, so one context serves the whole call: with true CFG (two calls a step) they run
+        uncached. MagCache's ratios follow a full schedule: text-to-image only."""
+        cache = params.cache
+        if not cache.on:
+            return cache
+        if pipe is not self.pipe and params.true_cfg > 1.0:
+            return NO_CACHE
+        if cache.kind == "magcache" and from_image:
+            return NO_CACHE
+        return cache
 
     def _img2img(self) -> Any:
         """diffusers' img2img pipeline over the resident components (from_pipe: the same modules,
@@ -329,71 +387,22 @@ class FluxEngine:
             self._img2img_pipe.set_progress_bar_config(disable=True)
         return self._img2img_pipe
 
+    def _recipe(self, r: ResolvedRequest, seed: int, run: _Run) -> Recipe:
+        kontext = self.kontext.files if r.kind == "edit" and self.kontext is not None else None
+        return make_recipe(self.info, self._versions, r, seed, kontext, str(run.cache), run.computed_steps)
+
     def _free_memory(self) -> None:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _recipe(self, r: ResolvedRequest, seed: int) -> Recipe:
-        info = self.info
-        return Recipe(
-            model=info.model_id,
-            family=info.family,
-            variant=info.variant,
-            model_files=info.model_files,
-            quant=info.plan.transformer,
-            text_encoder_quant=info.plan.text_encoder,
-            device=info.device.device,
-            dtype=str(info.plan.dtype).removeprefix("torch."),
-            preset=r.preset,
-            prompt=r.prompt,
-            final_prompt=r.final_prompt,
-            width=r.width,
-            height=r.height,
-            steps=r.steps,
-            guidance=r.guidance,
-            true_cfg=r.true_cfg,
-            sampler=r.sampler,
-            seed=seed,
-            loras=r.loras,
-            versions=self._versions,
-            kind=r.kind,
-            parent_job=r.parent_job,
-            init_image_sha256=r.init_image,
-            strength=r.strength,
-            kontext_files=self.kontext.files if r.kind == "edit" and self.kontext is not None else None,
-        )
 
+@dataclass(frozen=True)
+class _Run:
+    """One pipeline call: its images, when denoising ended, steps run and how many ran in full."""
 
-def process_rss() -> int:
-    """Resident memory of this process in bytes (Linux /proc; 0 where unknown)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
-    return pages * os.sysconf("SC_PAGE_SIZE")
-
-
-def build_resolver(
-    settings: EngineSettings,
-    data_dir: Path,
-    family: str = "flux1",
-    models_dir: Path | None = None,
-    hasher: FileHasher | None = None,
-) -> RequestResolver:
-    """Presets + whitelist, without a model: checks requests before (or without) loading one."""
-    presets = load_presets(settings.presets_path)
-    hasher = hasher or FileHasher(data_dir / "hashes.json")
-    lora_dir = settings.lora_dir or default_lora_dir(models_dir, data_dir)
-    whitelist = LoraWhitelist.load(settings.loras_path, lora_dir, hasher)
-    return RequestResolver(presets, whitelist, family, settings.max_loras_per_job, settings.max_batch_size)
-
-
-def _model_hashes(source: ModelSource, hasher: FileHasher) -> dict[str, str]:
-    if source.kind == "single_file":
-        return {path.name: hasher.sha256(path) for path in source.files().values()}
-    if source.kind in ("tiny", "diffusers"):
-        root = Path(source.location)
-        weights = sorted((root / "transformer").glob("*.safetensors"))
-        return {f"transformer/{p.name}": hasher.sha256(p) for p in weights}
-    return {}  # hub ids: the id (and the hub's own revision pinning) identify the weights
+    images: list[Any]
+    denoised_at: float
+    steps: int
+    computed_steps: int
+    cache: StepCache

@@ -48,3 +48,9 @@ def first_problem(exc: ValidationError, prefix: str = "") -> str:
     where = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
     msg = err["msg"].removeprefix("Value error, ")
     return f"{where}: {msg}" if where else msg
+
+
+def last_line(exc: BaseException) -> str:
+    """The line of a library's (often multi-line) error message that says what went wrong."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1][:200] if lines else exc.__class__.__name__

@@ -528,6 +528,4 @@ def _place(pipe: Any, plan: QuantPlan, device: DeviceInfo) -> None:
     if plan.vae_tiling:
         pipe.vae.enable_tiling()
         pipe.vae.enable_slicing()
-    if plan.compile:
-        pipe.transformer.compile(mode="max-autotune-no-cudagraphs")
     pipe.set_progress_bar_config(disable=True)

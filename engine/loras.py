@@ -8,7 +8,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -146,6 +146,20 @@ def adapter_name(entry: LoraEntry) -> str:
     # peft adapter names become module-dict keys: keep them to [A-Za-z0-9_], and tie them to the hash
     # so a re-pinned file is a different adapter.
     return "lora_" + re.sub(r"[^A-Za-z0-9_]", "_", entry.name) + "_" + entry.sha256[:8]
+
+
+class LoraSwitch(Protocol):
+    """What the engine needs of its LoRA manager: ResidentLoras, or LoraSlots on a compiled model."""
+
+    loads: int
+    hits: int
+
+    @property
+    def resident(self) -> list[str]: ...
+
+    def activate(self, choices: Sequence[tuple[LoraEntry, float]]) -> None: ...
+
+    def text_encoder_signature(self, choices: Sequence[tuple[LoraEntry, float]]) -> tuple[Any, ...]: ...
 
 
 class ResidentLoras:

@@ -26,6 +26,11 @@ def a1111_parameters(recipe: Recipe) -> str:
     if recipe.guidance is not None:
         fields.append(f"Distilled CFG Scale: {recipe.guidance:g}")
     fields += [f"Seed: {recipe.seed}", f"Size: {recipe.width}x{recipe.height}"]
+    if recipe.cache != "none":
+        # Not A1111 keys: tools show them as they are; what a reader needs to redo the picture.
+        fields.append(f"Step cache: {recipe.cache}")
+        if recipe.computed_steps is not None:
+            fields.append(f"Full steps: {recipe.computed_steps}/{recipe.steps}")
     main = next(iter(recipe.model_files.values()), None)
     if main:
         fields.append(f"Model hash: {main[:10]}")

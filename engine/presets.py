@@ -10,6 +10,7 @@ from typing import Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.errors import ConfigError, RequestError
+from engine.step_cache import NO_CACHE, StepCacheField
 from engine.tomlfile import read_toml, validate_entry
 
 Family = Literal["flux1", "flux2"]
@@ -59,6 +60,8 @@ class Preset(BaseModel):
     upscale_strength: float = Field(0.3, gt=0.0, le=1.0)
     # Made for sexual content: the bot serves it only in age-restricted channels and DMs.
     nsfw: bool = False
+    # Step caching (engine/step_cache.py): "none", "fbcache:0.08", "taylorseer:4", "magcache".
+    cache: StepCacheField = NO_CACHE
 
     @model_validator(mode="after")
     def _defaults_within_bounds(self) -> Self:
@@ -87,6 +90,10 @@ class Preset(BaseModel):
         problem = self.size_problem(self.width, self.height)
         if problem:
             raise ValueError(f"default size {self.width}x{self.height}: {problem}")
+        try:
+            self.cache.check_family(self.family)
+        except RequestError as exc:
+            raise ValueError(str(exc)) from None
         return self
 
     @property

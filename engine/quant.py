@@ -55,25 +55,25 @@ def probe_device(setting: str) -> DeviceInfo:
 class QuantPlan:
     """How the model is held in memory, and why."""
 
-    transformer: str  # bf16 | fp8 | int8 | nf4 | gguf
+    transformer: str  # bf16 | fp8dq | fp8 | int8 | nf4 | gguf
     text_encoder: str  # none | fp8 | int8 | nf4
     dtype: torch.dtype
     cpu_offload: Offload
     vae_tiling: bool
-    compile: bool
+    compile: str  # off | regional | full
     reason: str
 
     def describe(self) -> str:
         extras = [f"offload={self.cpu_offload}"] if self.cpu_offload != "none" else []
         extras += ["vae tiling"] if self.vae_tiling else []
-        extras += ["torch.compile"] if self.compile else []
+        extras += [f"{self.compile} torch.compile"] if self.compile != "off" else []
         te = f", text encoder {self.text_encoder}" if self.text_encoder != "none" else ""
         dtype = str(self.dtype).removeprefix("torch.")
         return f"transformer {self.transformer} ({dtype}){te}" + (f", {', '.join(extras)}" if extras else "")
 
 
 def _fp8_capable(info: DeviceInfo) -> bool:
-    # fp8 weight-only via torchao wants Ada/Hopper (sm_89+); older cards get int8 instead.
+    # fp8 via torchao wants Ada/Hopper (sm_89+: fp8 tensor cores); older cards get int8 instead.
     return info.compute_capability is not None and info.compute_capability >= (8, 9)
 
 
@@ -91,17 +91,20 @@ def auto_tier(info: DeviceInfo) -> tuple[str, str, Offload, bool, str]:
             "CPU: full-precision float32 weights (quantized kernels are no faster here)",
         )
     free = info.free_gb or 0.0
-    eight_bit = "fp8" if _fp8_capable(info) else "int8"
     if free >= 24:
         return "bf16", "none", "none", False, f"{free:.1f} GB free >= 24 GB: bf16 weights"
     if free >= 12:
-        return (
-            eight_bit,
-            eight_bit,
-            "none",
-            False,
-            f"{free:.1f} GB free (12-24 GB): 8-bit {eight_bit} weights",
-        )
+        if _fp8_capable(info):
+            # float8 activations and weights: fp8 tensor-core matmuls, faster than bf16 (weight-only
+            # fp8 only saves memory). The T5 encoder runs once per prompt: weight-only is enough.
+            return (
+                "fp8dq",
+                "fp8",
+                "none",
+                False,
+                f"{free:.1f} GB free (12-24 GB): fp8 dynamic (fp8dq) weights",
+            )
+        return "int8", "int8", "none", False, f"{free:.1f} GB free (12-24 GB): 8-bit int8 weights"
     if free >= 8:
         return "nf4", "nf4", "none", True, f"{free:.1f} GB free (8-12 GB): 4-bit nf4 + VAE tiling/slicing"
     return (
@@ -137,9 +140,7 @@ def plan_quant(settings: EngineSettings, info: DeviceInfo, model_is_gguf: bool) 
     if settings.vae_tiling != "auto":
         tiling = settings.vae_tiling == "on"
     dtype = _dtype(settings, info)
-    plan = QuantPlan(
-        transformer, text_encoder, dtype, offload, tiling, settings.compile and info.is_cuda, reason
-    )
+    plan = QuantPlan(transformer, text_encoder, dtype, offload, tiling, settings.compile, reason)
     log.info("quantization: %s (%s)", plan.describe(), plan.reason)
     return plan
 
@@ -158,7 +159,13 @@ def _check_available(mode: str, info: DeviceInfo) -> None:
             )
         if importlib.util.find_spec("bitsandbytes") is None:
             raise QuantizationError("nf4 needs bitsandbytes: pip install 'fluxbot[cuda]'")
-    if mode in ("fp8", "int8") and importlib.util.find_spec("torchao") is None:
+    if mode == "fp8dq" and not _fp8_capable(info):
+        need = "fp8dq needs an NVIDIA GPU with fp8 tensor cores (sm_89+: Ada, Hopper)"
+        if not info.is_cuda:
+            raise QuantizationError(f"{need}; on this CPU use quant = 'int8' or 'bf16'")
+        sm = "".join(map(str, info.compute_capability or ()))
+        raise QuantizationError(f"{need}; this GPU is sm_{sm}: use quant = 'int8' (or 'fp8', weight-only)")
+    if mode in ("fp8dq", "fp8", "int8") and importlib.util.find_spec("torchao") is None:
         raise QuantizationError(f"{mode} needs torchao: pip install 'fluxbot[quant]'")
     if mode == "gguf" and importlib.util.find_spec("gguf") is None:
         raise QuantizationError("GGUF files need the gguf package: pip install gguf")
@@ -193,6 +200,14 @@ def text_encoder_quant_config(mode: str, dtype: torch.dtype) -> Any:
 
 
 def _torchao_config(mode: str) -> Any:
-    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Float8WeightOnlyConfig,
+        Int8WeightOnlyConfig,
+        PerRow,
+    )
 
+    if mode == "fp8dq":
+        # Row-wise scales: what Hugging Face's fast-FLUX recipes use (per-tensor loses detail).
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
     return Float8WeightOnlyConfig() if mode == "fp8" else Int8WeightOnlyConfig()

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
 from engine.api import MAX_SEED, GenerationRequest, ResolvedLora, ResolvedRequest
 from engine.errors import LoraError, RequestError
-from engine.loras import LoraEntry, LoraWhitelist
-from engine.presets import Preset
+from engine.hashing import FileHasher
+from engine.loras import LoraEntry, LoraWhitelist, default_lora_dir
+from engine.presets import Preset, load_presets
+from engine.settings import EngineSettings
 
 
 @dataclass
@@ -71,6 +74,8 @@ class RequestResolver:
         ]
         final_prompt = ", ".join([*triggers, request.prompt])
         strength = self._strength(preset, request)
+        cache = request.cache if request.cache is not None else preset.cache
+        cache.check_family(self.family)
         return ResolvedRequest(
             prompt=request.prompt,
             final_prompt=final_prompt,
@@ -91,6 +96,7 @@ class RequestResolver:
             strength=strength,
             kind=request.kind or ("img2img" if request.init_image else "txt2img"),
             parent_job=request.parent_job,
+            cache=cache,
         )
 
     def lora_entries(self, resolved: ResolvedRequest) -> list[tuple[LoraEntry, float]]:
@@ -173,3 +179,18 @@ class RequestResolver:
                 )
             chosen.append((entry, weight))
         return chosen
+
+
+def build_resolver(
+    settings: EngineSettings,
+    data_dir: Path,
+    family: str = "flux1",
+    models_dir: Path | None = None,
+    hasher: FileHasher | None = None,
+) -> RequestResolver:
+    """Presets + whitelist, without a model: checks requests before (or without) loading one."""
+    presets = load_presets(settings.presets_path)
+    hasher = hasher or FileHasher(data_dir / "hashes.json")
+    lora_dir = settings.lora_dir or default_lora_dir(models_dir, data_dir)
+    whitelist = LoraWhitelist.load(settings.loras_path, lora_dir, hasher)
+    return RequestResolver(presets, whitelist, family, settings.max_loras_per_job, settings.max_batch_size)

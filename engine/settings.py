@@ -4,12 +4,25 @@ from __future__ import annotations
 
 from importlib.resources import files
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-QuantSetting = Literal["auto", "bf16", "fp8", "int8", "nf4", "gguf"]
+QuantSetting = Literal["auto", "bf16", "fp8dq", "fp8", "int8", "nf4", "gguf"]
 TextEncoderQuantSetting = Literal["auto", "none", "fp8", "int8", "nf4"]
+
+
+def _compile_mode(value: object) -> object:
+    """The old boolean keeps working: true is "regional" (the run time of a full compile for a
+    fraction of its compile time), false is "off"."""
+    if isinstance(value, bool):
+        return "regional" if value else "off"
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return "regional" if value.strip().lower() == "true" else "off"
+    return value
+
+
+CompileMode = Annotated[Literal["off", "regional", "full"], BeforeValidator(_compile_mode)]
 
 
 class EngineSettings(BaseModel):
@@ -44,7 +57,16 @@ class EngineSettings(BaseModel):
     text_encoder_quant: TextEncoderQuantSetting = "auto"
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    compile: bool = Field(False, description="torch.compile the transformer (bf16 tier on >= 24 GB).")
+    compile: CompileMode = Field(
+        "off",
+        description='"regional" (each repeated block: diffusers\' compile_repeated_blocks), "full" (the '
+        'whole transformer) or "off"; compiled and warmed up at start, before any job (true = "regional")',
+    )
+    attention: str = Field(
+        "auto",
+        description='"auto" (FlashAttention 3 on Hopper when installed, else PyTorch SDPA), "native", or a '
+        "diffusers attention backend name (flash, _flash_3, sage, xformers, flex, ...)",
+    )
     cpu_offload: Literal["auto", "none", "model", "sequential"] = "auto"
     vae_tiling: Literal["auto", "on", "off"] = "auto"
     presets_file: Path | None = Field(

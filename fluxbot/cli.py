@@ -96,9 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _imagine(args: argparse.Namespace, settings: Settings) -> int:
     from tqdm import tqdm
 
-    from engine.engine import FluxEngine, build_resolver
+    from engine.engine import FluxEngine
     from engine.input_image import normalize_input_image
     from engine.png import save_png
+    from engine.resolve import build_resolver
 
     if args.out is not None and args.out.suffix.lower() != ".png":
         raise EngineError(f"--out must name a .png file, got {args.out}")

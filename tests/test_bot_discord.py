@@ -369,10 +369,13 @@ async def test_metrics_and_healthz_report_jobs_queue_and_connections(
     assert 'fluxbot_queue_jobs{state="queued"} 0.0' in text
     assert "fluxbot_step_seconds_count" in text and 'fluxbot_engine_memory_bytes{kind="rss"}' in text
     assert 'fluxbot_embed_cache_total{result="miss"}' in text
-    assert health == (
+    status, body = health
+    engines = body.pop("engines")
+    assert (status, body) == (
         200,
         {"process": True, "database": True, "images": True, "engine": True, "gateway": True},
     )
+    assert engines == [{"name": "local", "compile": "off", "attention": "native", "warmup_s": None}]
 
 
 async def test_unknown_interaction_on_delivery_falls_back_to_a_channel_message(harness: Harness) -> None:

@@ -15,6 +15,7 @@ from bot.app import App
 from bot.services.admin import AdminPolicy
 from bot.services.errors import LimitReached, NotAllowed, NotFound, UserError
 from bot.services.studio import Requester
+from bot.store.jobs import JobStore
 from bot.store.models import Delivery, JobStatus
 from engine.api import GenerationRequest
 from engine.png import read_recipe
@@ -400,3 +401,73 @@ async def test_admins_see_and_cancel_only_the_jobs_of_their_own_guild(
     assert [e.job_id for e in view.entries] == [here.job_id] and view.elsewhere == 2
     job = await app[0].jobs.get(here.job_id)
     assert job is not None and job.status == JobStatus.CANCELLED
+
+
+async def test_a_step_cache_an_admin_sets_is_pinned_so_reruns_stay_exact_after_it_changes(
+    app: tuple[App, RecordingEvents],
+) -> None:
+    from bot import render
+
+    the_app = app[0]
+    await the_app.start()
+    with pytest.raises(UserError, match=r"cache 'fbcache:7': threshold: Input should be less than"):
+        await the_app.admin.set_preset(ADMIN, "dev", "cache", "fbcache:7")
+    await the_app.admin.set_preset(ADMIN, "dev", "cache", "fbcache:0.3")
+    cached = await the_app.studio.imagine(ALICE, GenerationRequest(prompt="a fox", seed=5, steps=12))
+    await the_app.queue.wait_idle(60)
+    await the_app.admin.set_preset(ADMIN, "dev", "cache", "none")
+
+    rerun = await the_app.studio.rerun(ALICE, cached.job_id)
+    plain = await the_app.studio.imagine(ALICE, GenerationRequest(prompt="a fox", seed=5, steps=12))
+    await the_app.queue.wait_idle(60)
+
+    jobs = {t: await the_app.jobs.get(t.job_id) for t in (cached, rerun, plain)}
+    first, again, off = (jobs[t] for t in (cached, rerun, plain))
+    assert first is not None and again is not None and off is not None
+    assert (
+        first.request["cache"] == again.request["cache"] == "fbcache:0.3" and off.request["cache"] == "none"
+    )
+    recipe = first.images[0].recipe
+    assert recipe["cache"] == "fbcache:0.3" and recipe["computed_steps"] < 12
+    assert np.array_equal(pixels_of(the_app, first.images[0].path), pixels_of(the_app, again.images[0].path))
+    assert not np.array_equal(
+        pixels_of(the_app, first.images[0].path), pixels_of(the_app, off.images[0].path)
+    )
+    skipped = 2 * (12 - recipe["computed_steps"])
+    stats = await the_app.admin.stats(the_app.started_at)
+    assert (stats.steps, stats.steps_cached) == (36, skipped)
+    assert f"steps skipped by step caches today: {skipped} of 36" in render.stats(stats)
+    metrics = the_app.metrics.render().decode()
+    assert f'fluxbot_denoise_steps_total{{run="cached"}} {float(skipped)}' in metrics
+    assert f'fluxbot_denoise_steps_total{{run="full"}} {float(36 - skipped)}' in metrics
+
+
+async def test_the_migration_pins_no_cache_in_jobs_stored_before_step_caching(tmp_path: Path) -> None:
+    from sqlalchemy import text
+
+    from bot.store.database import Database, upgrade_database
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
+    await asyncio.to_thread(upgrade_database, url, "0005")
+    db = Database(url)
+    async with db.write() as session:
+        await session.execute(
+            text(
+                "INSERT INTO jobs (user_id, kind, request, status, attempts, created_at, delivery, "
+                "delivery_attempts, age_restricted) VALUES (1, 'IMAGINE', :request, 'DONE', 1, "
+                "'2026-12-01 10:00:00', 'DELIVERED', 0, 0)"
+            ),
+            {"request": '{"prompt": "an old fox", "preset": "dev", "seed": 3}'},
+        )
+    try:
+        await db.upgrade()
+        job = await JobStore(db).get(1)
+    finally:
+        await db.close()
+
+    assert job is not None and job.request == {
+        "prompt": "an old fox",
+        "preset": "dev",
+        "seed": 3,
+        "cache": "none",
+    }

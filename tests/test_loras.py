@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from engine.api import GenerationRequest, LoraChoice
 from engine.engine import FluxEngine
@@ -18,41 +16,7 @@ from engine.hashing import FileHasher
 from engine.loras import LoraWhitelist
 from engine.settings import EngineSettings
 from tests.conftest import pixels
-
-
-def make_lora(tiny_dir: Path, folder: Path, name: str, seed: int) -> Path:
-    """A random LoRA for the tiny transformer, made with peft and saved the way diffusers saves LoRAs."""
-    from diffusers import FluxPipeline, FluxTransformer2DModel
-    from peft import LoraConfig, get_peft_model_state_dict
-
-    torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel.from_pretrained(tiny_dir, subfolder="transformer")
-    transformer.add_adapter(
-        LoraConfig(
-            r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"]
-        )
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    FluxPipeline.save_lora_weights(
-        folder,
-        transformer_lora_layers=get_peft_model_state_dict(transformer),
-        weight_name=f"{name}.safetensors",
-    )
-    return folder / f"{name}.safetensors"
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def whitelist_toml(entries: dict[str, dict[str, object]]) -> str:
-    lines = []
-    for name, fields in entries.items():
-        lines.append(f"[{name}]")
-        for key, value in fields.items():
-            rendered = repr(value).replace("'", '"') if not isinstance(value, float) else str(value)
-            lines.append(f"{key} = {rendered}")
-    return "\n".join(lines) + "\n"
+from tests.lora_support import make_lora, sha, whitelist_toml
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,7 +29,8 @@ def gpu(free_gb: float, cc: tuple[int, int] = (8, 9)) -> DeviceInfo:
     [
         (gpu(40), "bf16", "none", "none", False),
         (gpu(24), "bf16", "none", "none", False),
-        (gpu(16, (8, 9)), "fp8", "fp8", "none", False),
+        (gpu(16, (8, 9)), "fp8dq", "fp8", "none", False),
+        (gpu(16, (9, 0)), "fp8dq", "fp8", "none", False),
         (gpu(16, (8, 6)), "int8", "int8", "none", False),
         (gpu(10), "nf4", "nf4", "none", True),
         (gpu(6), "nf4", "nf4", "model", True),
@@ -50,9 +52,36 @@ def test_auto_on_cpu_uses_float32_and_says_why() -> None:
     assert plan.dtype == torch.float32 and plan.reason.startswith("CPU")
 
 
-def test_compile_only_on_the_bf16_cuda_tier_when_asked() -> None:
-    assert plan_quant(EngineSettings(compile=True), gpu(40), False).compile
-    assert not plan_quant(EngineSettings(compile=True), CPU, False).compile
+def test_compile_is_the_operators_choice_and_the_old_boolean_means_regional() -> None:
+    assert plan_quant(EngineSettings(compile=True), gpu(40), False).compile == "regional"
+    assert plan_quant(EngineSettings(compile="full"), CPU, False).compile == "full"
+    assert plan_quant(EngineSettings(compile=False), gpu(40), False).compile == "off"
+    assert plan_quant(EngineSettings(), gpu(40), False).compile == "off"
+
+
+@pytest.mark.parametrize(
+    ("device", "says"),
+    [
+        (CPU, "fp8dq needs an NVIDIA GPU with fp8 tensor cores (sm_89+: Ada, Hopper); on this CPU use quant"),
+        (gpu(40, (8, 6)), "this GPU is sm_86: use quant = 'int8' (or 'fp8', weight-only)"),
+    ],
+)
+def test_fp8dq_is_refused_in_one_line_without_fp8_tensor_cores(device: DeviceInfo, says: str) -> None:
+    with pytest.raises(QuantizationError, match=re.escape(says)) as refused:
+        plan_quant(EngineSettings(quant="fp8dq"), device, model_is_gguf=False)
+
+    assert "\n" not in str(refused.value)
+
+
+def test_fp8dq_on_an_fp8_gpu_is_torchaos_rowwise_float8_dynamic_config() -> None:
+    from engine.quant import transformer_quant_config
+
+    plan = plan_quant(EngineSettings(quant="fp8dq"), gpu(40, (9, 0)), model_is_gguf=False)
+    config = transformer_quant_config(plan.transformer, plan.dtype)
+
+    assert plan.transformer == "fp8dq" and plan.text_encoder == "none"
+    assert type(config.quant_type).__name__ == "Float8DynamicActivationFloat8WeightConfig"
+    assert "PerRow" in repr(config.quant_type.granularity)
 
 
 def test_gguf_file_decides_its_own_quantization() -> None:

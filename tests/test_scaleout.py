@@ -29,9 +29,9 @@ from fluxbot.settings import DeliverySettings, Settings, WorkerSettings
 from tests.bot_support import RecordingEvents, make_settings, until, write_lock
 from tests.discord_support import ADMIN, ALICE, BOB, Harness, has_result, make_bot_settings, opt
 from tests.fake_discord import FakeDiscord
+from tests.lora_support import make_lora, sha, whitelist_toml
 from tests.scaleout_support import DEAD_AFTER_S, HEARTBEAT_S, WorkerProcess, worker_env
 from tests.services import REDIS_URL, create_postgres_database, flush_redis, require_postgres, require_redis
-from tests.test_loras import make_lora, sha, whitelist_toml
 
 CAROL = 111000000000000004
 SLOW = {"size": "512x512", "steps": 50}  # about 1.5 s on one core: long enough to kill a worker mid-job

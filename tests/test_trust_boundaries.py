@@ -37,7 +37,7 @@ from tests.fake_discord import (
     PRIVATE_CHANNEL_ID,
     FakeDiscord,
 )
-from tests.test_loras import make_lora, sha, whitelist_toml
+from tests.lora_support import make_lora, sha, whitelist_toml
 
 pytestmark = pytest.mark.usefixtures("database_backend")  # on SQLite and on PostgreSQL
 

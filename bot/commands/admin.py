@@ -61,9 +61,10 @@ class AdminCommands(app_commands.Group):
                     if p.guidance_range
                     else "no guidance"
                 )
+                cache = f", cache {p.cache}" if p.cache.on else ""
                 lines.append(
                     f"**{name}** ({p.family}): steps {p.steps} in {list(p.steps_range)}, {guidance}, "
-                    f"{p.width}x{p.height}, {list(p.megapixels_range)} MP"
+                    f"{p.width}x{p.height}, {list(p.megapixels_range)} MP{cache}"
                 )
             return "\n".join(lines)
 
@@ -71,7 +72,9 @@ class AdminCommands(app_commands.Group):
 
     @app_commands.command(name="preset-set", description="Change one default or bound of a preset")
     @app_commands.describe(
-        name="Preset", field="e.g. steps, steps_range, guidance, width", value="e.g. 24 or [10, 40]"
+        name="Preset",
+        field="e.g. steps, steps_range, guidance, width, cache",
+        value="e.g. 24, [10, 40] or fbcache:0.08",
     )
     @app_commands.autocomplete(name=preset_autocomplete)
     async def preset_set(self, interaction: discord.Interaction, name: str, field: str, value: str) -> None:

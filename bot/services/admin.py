@@ -38,6 +38,8 @@ class Stats:
     queued: int
     running: int  # jobs running now (one per busy worker)
     uptime_s: float
+    steps: int = 0  # denoising steps of today's finished jobs
+    steps_cached: int = 0  # of those, skipped or predicted by a step cache
 
 
 @dataclass(frozen=True)
@@ -196,11 +198,15 @@ class AdminService:
         jobs = await self.studio.jobs.since(midnight)
         by_status = Counter(job.status.value for job in jobs)
         per_preset: dict[str, list[float]] = {}
+        steps = cached = 0
         for job in jobs:
             if job.timings and job.images:
                 per_preset.setdefault(str(job.request.get("preset")), []).append(
                     float(job.timings["total_s"]) / len(job.images)
                 )
+                ran = int(job.timings.get("steps") or 0)
+                steps += ran
+                cached += max(0, ran - int(job.timings.get("computed_steps") or ran))
         averages = {preset: sum(v) / len(v) for preset, v in per_preset.items()}
         queue = self.studio.queue
         return Stats(
@@ -210,6 +216,8 @@ class AdminService:
             len(queue),
             queue.busy,
             time.time() - started_at,
+            steps,
+            cached,
         )
 
     # queue

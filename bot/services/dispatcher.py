@@ -491,6 +491,10 @@ class JobDispatcher:
         timings = job.timings or {}
         if job.status == JobStatus.DONE and "total_s" in timings:
             self.metrics.job_seconds.observe(float(timings["total_s"]))
+            steps = int(timings.get("steps") or 0)
+            full = int(timings.get("computed_steps") or steps)
+            self.metrics.steps.labels("full").inc(full)
+            self.metrics.steps.labels("cached").inc(max(0, steps - full))
             pixels = job.images[0].width * job.images[0].height if job.images else 0
             self.clock.record_timings(timings, pixels)
         seconds = {k: round(float(v), 3) for k, v in timings.items() if isinstance(v, float)}

@@ -160,6 +160,7 @@ class Studio:
                 "seed": resolved.seeds[0],
                 "steps": resolved.steps,
                 "guidance": resolved.guidance,
+                "cache": resolved.cache,
                 "loras": tuple(
                     LoraChoice(name=lo.name, weight=lo.weight)
                     for lo in resolved.loras

@@ -41,6 +41,10 @@ class WorkerInfo(BaseModel):
     jobs_per_min: float = 0.0
     started_at: float
     seen_at: float
+    # Speed settings in effect: compile mode, attention backend, seconds the compile + warm-up took.
+    compile: str = "off"
+    attention: str = "native"
+    warmup_s: float | None = None
 
     def serves(self, family: str) -> bool:
         return self.family == family and self.state != "draining"
@@ -116,6 +120,9 @@ def describe_engine(
         jobs_per_min=round(throughput.per_minute(), 2),
         started_at=started_at,
         seen_at=time.time(),
+        compile=info.plan.compile,
+        attention=info.attention.backend,
+        warmup_s=None if engine.warmup_s is None else round(engine.warmup_s, 1),
     )
 
 
