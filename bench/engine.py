@@ -5,6 +5,10 @@
 2. Reroll: the same prompt again with cached text embeddings vs cold.
 3. Memory: bytes of a mid-size random FLUX transformer per quant mode vs bf16 (goal Q8 <= 0.55x,
    Q4 <= 0.32x).
+4. Step caches: each cache's share of steps run in full and its wall time against no cache, tiny model,
+   dev's 28 steps, interleaved.
+5. Compilation: regional vs full compile (+ warm-up) time and each one's run time against eager.
+   (CPU figures; the GPU goals, >= 2.5x plain bf16 diffusers and >= 4x with a cache, are bench/gpu.py's.)
 """
 
 from __future__ import annotations
@@ -158,6 +162,57 @@ def memory(work: Path) -> None:
     print("   goals: Q8 <= 0.55x, Q4 <= 0.32x")
 
 
+def step_caches(data_dir: Path, presets: Path, repeats: int) -> None:
+    settings = EngineSettings(
+        model="tiny", presets_file=presets, loras_file=data_dir / "none.toml", embed_cache_size=0
+    )
+    engine = FluxEngine.load(settings, data_dir)
+    caches = ["none", "fbcache:0.08", "fbcache:0.3", "taylorseer:4:1", "taylorseer:6:2", "magcache:0.06"]
+    requests = {
+        c: GenerationRequest(prompt="a red fox in a snowy forest", preset="bench", seed=7, steps=28, cache=c)
+        for c in caches
+    }
+    times: dict[str, list[float]] = {c: [] for c in caches}
+    full: dict[str, int] = {}
+    for cache in caches:  # warm-up
+        engine.generate(requests[cache])
+    for _ in range(repeats):
+        for cache in caches:
+            result = engine.generate(requests[cache])
+            times[cache].append(result.timings.total_s)
+            full[cache] = result.timings.computed_steps or 28
+    base = statistics.median(times["none"])
+    print(f"4. step caches, tiny model 768x768 x 28 steps, median of {repeats} interleaved runs")
+    for cache in caches:
+        t = statistics.median(times[cache])
+        steps = f"{full[cache]:>2}/28 steps in full"
+        print(f"   {cache:<16} {steps}   {t * 1000:8.1f} ms   {base / t:5.2f}x no cache")
+    print("   (random weights: a first-block cache at 0.08 rarely skips; real FLUX.1-dev skips ~30-40 %)")
+
+
+def compilation(data_dir: Path, presets: Path, repeats: int) -> None:
+    base = dict(model="tiny", presets_file=presets, loras_file=data_dir / "none.toml", embed_cache_size=0)
+    request = GenerationRequest(prompt="a red fox in a snowy forest", preset="bench", seed=7)
+    engines = {
+        mode: FluxEngine.load(EngineSettings(**base, compile=mode), data_dir)
+        for mode in ("off", "regional", "full")
+    }
+    times: dict[str, list[float]] = {mode: [] for mode in engines}
+    for engine in engines.values():
+        engine.generate(request)
+    for _ in range(repeats):
+        for mode, engine in engines.items():
+            start = time.perf_counter()
+            engine.generate(request)
+            times[mode].append(time.perf_counter() - start)
+    eager = statistics.median(times["off"])
+    print(f"5. compilation, tiny model 768x768 x 8 steps, median of {repeats} interleaved runs")
+    for mode, engine in engines.items():
+        t = statistics.median(times[mode])
+        took = f"{engine.warmup_s:6.1f} s compile + warm-up" if engine.warmup_s is not None else " " * 26
+        print(f"   {mode:<9} {took}   {t * 1000:8.1f} ms per image   {eager / t:5.2f}x eager")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
@@ -172,6 +227,8 @@ def main() -> None:
         overhead(work, presets, repeats)
         reroll(work, presets, repeats)
         memory(work)
+        step_caches(work, presets, repeats)
+        compilation(work, presets, repeats)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ _WORDS = (  # noqa: SIM905
 ).split()
 
 
-def _tokenizer(max_length: int, bos: str | None) -> Any:
+def word_tokenizer(max_length: int, bos: str | None) -> Any:
+    """A WordLevel tokenizer over a closed list of words, built in memory (no vocabulary download)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -124,9 +125,9 @@ def build_tiny_flux1(guidance_embeds: bool = True) -> Any:
         scheduler=scheduler,
         vae=vae,
         text_encoder=clip,
-        tokenizer=_tokenizer(77, "<s>"),
+        tokenizer=word_tokenizer(77, "<s>"),
         text_encoder_2=t5,
-        tokenizer_2=_tokenizer(512, None),
+        tokenizer_2=word_tokenizer(512, None),
         transformer=transformer,
     )
 
@@ -142,7 +143,7 @@ def build_tiny_flux2_klein() -> Any:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(TINY_SEED)
-    tokenizer = _tokenizer(512, None)
+    tokenizer = word_tokenizer(512, None)
     tokenizer.chat_template = (
         "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"

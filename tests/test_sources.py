@@ -755,3 +755,17 @@ def test_a_gguf_with_bfl_names_as_city96_ships_draws_like_one_with_diffusers_nam
 
     # Q8_0 blocks run along rows, so splitting the fused rows keeps every block: identical weights.
     assert np.array_equal(draw(bfl), draw(split_files["gguf"]))
+
+
+def test_the_q8_0_writer_makes_gguf_pys_own_bytes() -> None:
+    """Q8_0 is packed in torch (a 12B model in seconds on a GPU, for bench/gpu.py); gguf-py's reference
+    quantizer is the proof, ties and zero blocks included."""
+    import gguf
+
+    from engine.gguf_writer import quantize_q8_0
+
+    torch.manual_seed(0)
+    halves = torch.full((2, 32), 0.5) * torch.tensor([[1.0], [-1.0]])
+    for tensor in (torch.randn(64, 96), torch.randn(8, 64) * 1e-3, torch.zeros(4, 32), halves):
+        reference = gguf.quants.quantize(tensor.numpy(), gguf.GGMLQuantizationType.Q8_0)
+        assert np.array_equal(quantize_q8_0(tensor), reference)
