@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import start_bot
 
 from bot.services.studio import Requester
-from engine.api import GenerationRequest
 from fluxbot.settings import LimitSettings
 from tests.discord_support import has_result
 
@@ -150,10 +149,9 @@ async def duty_cycle(bench: Any, jobs: int) -> tuple[float, float, float, float]
     assert first.started_at is not None and last.started_at is not None
     window = (last.started_at - first.started_at).total_seconds() + float((last.timings or {})["total_s"])
 
-    requests = [GenerationRequest.model_validate(job.request) for job in backlog]
     started = time.monotonic()
-    for request in requests:
-        await asyncio.to_thread(app.engine.generate, request)
+    for job in backlog:
+        await asyncio.to_thread(app.engine.draw, [job.spec])
     alone = time.monotonic() - started
     return busy / window, busy / through_bot, through_bot, alone
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from discord.utils import escape_markdown, escape_mentions
 
 from bot.services.admin import QueueView, Stats
 from bot.services.studio import HistoryPage, Ticket
 from bot.services.workers import WorkerInfo
-from bot.store.models import Job, JobStatus
+from bot.store.models import Job, JobKind, JobStatus
 from engine.text import clean_text
 
 BAR_CELLS = 12
@@ -58,47 +57,42 @@ def progress(job: Job, step: int, total: int, eta_s: float) -> str:
     filled = round(BAR_CELLS * step / max(total, 1))
     bar = "█" * filled + "░" * (BAR_CELLS - filled)
     return (
-        f"**{short(job.request['prompt'])}**\n🎨 `{bar}` {step}/{total} steps · "
+        f"**{short(job.spec.prompt)}**\n🎨 `{bar}` {step}/{total} steps · "
         f"~{duration(eta_s)} left · job {job.id}"
     )
 
 
 def started(job: Job) -> str:
-    return f"**{short(job.request['prompt'])}**\n🎨 starting… · job {job.id}"
+    return f"**{short(job.spec.prompt)}**\n🎨 starting… · job {job.id}"
 
 
 def footer(job: Job) -> str:
-    request = job.request
-    seeds = ", ".join(str(image.seed) for image in job.images) or str(request.get("seed"))
+    spec = job.spec
+    seeds = ", ".join(str(image.seed) for image in job.images) or str(spec.seed)
     took = (job.timings or {}).get("total_s", 0.0)
-    loras = ", ".join(
-        f"{lo['name']}:{lo['weight']:g}" for lo in request.get("loras") or [] if lo.get("weight")
-    )
-    parts = [
-        f"seed {seeds}",
-        str(request.get("preset")),
-        str(request.get("size")),
-        f"job {job.id}",
-        f"{took:.1f} s",
-    ]
+    loras = ", ".join(f"{lo.name}:{lo.weight:g}" for lo in spec.loras if lo.weight)
+    parts = [f"seed {seeds}", spec.preset, spec.size, f"job {job.id}", f"{took:.1f} s"]
     if loras:
         parts.insert(3, loras)
-    if (made := _made_from(request)) is not None:
+    if (made := _made_from(job)) is not None:
         parts.insert(0, made)
-    return f"**{short(request['prompt'], 200)}** — <@{job.user_id}>\n-# " + " · ".join(parts)
+    return f"**{short(spec.prompt, 200)}** — <@{job.user_id}>\n-# " + " · ".join(parts)
 
 
-def _made_from(request: dict[str, Any]) -> str | None:
+def _made_from(job: Job) -> str | None:
     """How an image-in job was made: its kind, strength and the job it started from."""
-    if request.get("init_image") is None:
+    spec = job.spec
+    if spec.init_image is None:
         return None
-    parent = f" of job {request['parent_job']}" if request.get("parent_job") else ""
-    if request.get("kind") == "edit":
+    parent = f" of job {job.parent_id}" if job.parent_id else ""
+    if spec.mode == "edit":
         return f"Kontext edit{parent}"
-    kind = {"vary_subtle": "vary (subtle)", "vary_strong": "vary (strong)", "upscale": "upscale x2"}.get(
-        str(request.get("kind")), "from an image"
-    )
-    return f"{kind}{parent}, strength {request.get('strength')}"
+    made = {
+        JobKind.VARY_SUBTLE: "vary (subtle)",
+        JobKind.VARY_STRONG: "vary (strong)",
+        JobKind.UPSCALE: "upscale x2",
+    }.get(job.kind, "from an image")
+    return f"{made}{parent}, strength {spec.strength:g}"
 
 
 SAFETY_NOTES = {
@@ -121,8 +115,8 @@ def final(job: Job, safety_action: str | None = None, as_jpeg: bool = False) -> 
         notes = [SAFETY_NOTES.get(safety_action or ""), JPEG_NOTE.format(job_id=job.id) if as_jpeg else None]
         return footer(job) + "".join(f"\n{note}" for note in notes if note)
     if job.status == JobStatus.CANCELLED:
-        return f"**{short(job.request['prompt'])}**\n🚫 job {job.id} {job.error or 'cancelled'}."
-    return f"**{short(job.request['prompt'])}** — <@{job.user_id}>\n❌ job {job.id} failed: {job.error}"
+        return f"**{short(job.spec.prompt)}**\n🚫 job {job.id} {job.error or 'cancelled'}."
+    return f"**{short(job.spec.prompt)}** — <@{job.user_id}>\n❌ job {job.id} failed: {job.error}"
 
 
 def history(page: HistoryPage, whose: str) -> str:
@@ -130,8 +124,9 @@ def history(page: HistoryPage, whose: str) -> str:
         return f"No jobs yet for {inert(whose)}."
     lines = [f"**Jobs of {inert(whose)}** (page {page.page}/{page.pages}, {page.total} in all)"]
     for job in page.jobs:
-        seed = job.request.get("seed")
-        lines.append(f"`{job.id:>6}` {job.status.value:<9} seed {seed} · {short(job.request['prompt'], 60)}")
+        lines.append(
+            f"`{job.id:>6}` {job.status.value:<9} seed {job.spec.seed} · {short(job.spec.prompt, 60)}"
+        )
     return "\n".join(lines)
 
 

@@ -1,32 +1,6 @@
-"""The image engine: one resident FLUX pipeline behind a small typed API. Never imports bot/ or discord."""
+"""The image engine: one resident FLUX pipeline behind a small typed API. Never imports bot/ or Discord.
 
-from engine.api import GenerationRequest, GenerationResult, LoraChoice, Recipe, ResolvedRequest, StepProgress
-from engine.engine import FluxEngine
-from engine.errors import (
-    ConfigError,
-    EngineError,
-    GenerationCancelled,
-    LoraError,
-    ModelLoadError,
-    QuantizationError,
-    RequestError,
-)
-from engine.settings import EngineSettings
-
-__all__ = [
-    "ConfigError",
-    "EngineError",
-    "EngineSettings",
-    "FluxEngine",
-    "GenerationCancelled",
-    "GenerationRequest",
-    "GenerationResult",
-    "LoraChoice",
-    "LoraError",
-    "ModelLoadError",
-    "QuantizationError",
-    "Recipe",
-    "RequestError",
-    "ResolvedRequest",
-    "StepProgress",
-]
+Importing `engine` loads nothing heavy: the data modules (spec, presets, catalog, resolve, whitelist,
+settings, api) are torch-free, so a bot that only talks to engine workers never imports torch. The
+engine itself is `engine.engine.FluxEngine`.
+"""

@@ -1,19 +1,18 @@
-"""The engine's typed API: what callers send (GenerationRequest) and get back (GenerationResult)."""
+"""The engine's typed API: what someone asks for (GenerationRequest, resolved into a DrawSpec by
+engine/resolve.py) and what comes back (GenerationResult: images, seeds, recipes, timings)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from PIL.Image import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engine.step_cache import NO_CACHE, StepCacheField
+from engine.spec import MAX_SEED, SHA256, DrawSpec, Mode, SpecLora
+from engine.step_cache import StepCache, StepCacheField
 from engine.text import clean_text
 
 MAX_PROMPT_CHARS = 2000
-MAX_SEED = 2**32 - 1  # A1111/Forge seeds are 32-bit; keeping to that makes recipes portable.
-SHA256 = r"^[0-9a-f]{64}$"
 
 
 class LoraChoice(BaseModel):
@@ -45,11 +44,9 @@ class GenerationRequest(BaseModel):
     # caller hands to generate(); strength 1.0 redraws everything, 0.3 keeps the composition.
     init_image: str | None = Field(None, pattern=SHA256)
     strength: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
-    # Provenance, copied into the recipe: what kind of job made it and from which job.
-    kind: str | None = Field(None, max_length=16, pattern=r"^[a-z0-9_]+$")
-    parent_job: int | None = Field(None, ge=1)
-    # The step cache (engine/step_cache.py); default: the preset's. Pinned in stored jobs, because
-    # it decides pixels: a rerun draws with the cache the job was drawn with.
+    # "edit": a Kontext instruction edit of init_image; default: txt2img, or img2img with an image.
+    mode: Mode | None = None
+    # The step cache (engine/step_cache.py); default: the preset's.
     cache: StepCacheField | None = None
 
     @field_validator("prompt")
@@ -60,57 +57,6 @@ class GenerationRequest(BaseModel):
         if not value:
             raise ValueError("the prompt is empty")
         return value
-
-
-class ResolvedLora(BaseModel):
-    model_config = ConfigDict(frozen=True)
-    name: str
-    sha256: str
-    weight: float
-
-
-class ResolvedRequest(BaseModel):
-    """A request with every default filled in and every bound checked: safe to run."""
-
-    model_config = ConfigDict(frozen=True)
-
-    prompt: str  # as typed
-    final_prompt: str  # with LoRA trigger words prepended
-    preset: str
-    width: int
-    height: int
-    steps: int
-    guidance: float | None
-    true_cfg: float
-    sampler: str
-    seeds: tuple[int, ...]
-    loras: tuple[ResolvedLora, ...]
-    max_sequence_length: int
-    warnings: tuple[str, ...] = ()
-    # The preset or LoRAs marked nsfw ("preset 'x'", "LoRA 'y'"): for the bot's channel rule.
-    nsfw: tuple[str, ...] = ()
-    init_image: str | None = None
-    strength: float | None = None  # set exactly when init_image is
-    kind: str = "txt2img"
-    parent_job: int | None = None
-    cache: StepCacheField = NO_CACHE
-
-    @property
-    def batch_key(self) -> tuple[Any, ...]:
-        """Requests with equal keys can share one pipeline call."""
-        return (
-            self.preset,
-            self.width,
-            self.height,
-            self.steps,
-            self.guidance,
-            self.true_cfg,
-            self.max_sequence_length,
-            self.loras,
-            self.init_image,
-            self.strength,
-            self.cache,
-        )
 
 
 class Recipe(BaseModel):
@@ -136,9 +82,9 @@ class Recipe(BaseModel):
     true_cfg: float
     sampler: str
     seed: int
-    loras: tuple[ResolvedLora, ...] = ()
+    loras: tuple[SpecLora, ...] = ()
     versions: dict[str, str] = Field(default_factory=dict)
-    kind: str = "txt2img"
+    kind: str = "txt2img"  # how the job came to be: imagine, reroll, vary_subtle, upscale, edit, ...
     parent_job: int | None = None
     init_image_sha256: str | None = None
     strength: float | None = None
@@ -147,22 +93,35 @@ class Recipe(BaseModel):
     # the full transformer (None: recipes from before step caching, all of them).
     cache: str = "none"
     computed_steps: int | None = None
+    # What the engine did (txt2img, img2img, edit) and the T5 sequence length it padded the prompt
+    # to: with these a recipe is a whole DrawSpec (None: recipes written before they were recorded).
+    mode: Mode | None = None
+    max_sequence_length: int | None = None
 
-    def to_request(self, seed: int | None = None) -> GenerationRequest:
-        """The request that repeats this image (or rerolls it with another seed)."""
-        return GenerationRequest(
-            prompt=self.prompt,
+    def spec(self) -> DrawSpec:
+        """The spec that draws this image again (its own seed, alone): an exact rerun from a PNG."""
+        mode = self.mode or (
+            "edit" if self.kind == "edit" else "img2img" if self.init_image_sha256 else "txt2img"
+        )
+        return DrawSpec(
+            family="flux2" if self.family == "flux2" else "flux1",
+            mode=mode,
             preset=self.preset,
-            size=f"{self.width}x{self.height}",
-            seed=self.seed if seed is None else seed,
+            prompt=self.prompt,
+            final_prompt=self.final_prompt,
+            width=self.width,
+            height=self.height,
             steps=self.steps,
             guidance=self.guidance,
-            loras=tuple(LoraChoice(name=lo.name, weight=lo.weight) for lo in self.loras),
+            true_cfg=self.true_cfg,
+            max_sequence_length=self.max_sequence_length or 512,
+            seed=self.seed,
+            loras=self.loras,
             init_image=self.init_image_sha256,
             strength=self.strength,
-            kind=self.kind if self.kind != "txt2img" else None,
+            cache=StepCache.parse(self.cache),
+            origin=self.kind if self.kind not in ("txt2img", "img2img") else "imagine",
             parent_job=self.parent_job,
-            cache=self.cache,
         )
 
 

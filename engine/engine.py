@@ -7,14 +7,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
-from engine.api import GenerationRequest, GenerationResult, Recipe, ResolvedRequest, StepProgress, Timings
+from engine.api import GenerationRequest, GenerationResult, Recipe, StepProgress, Timings
 from engine.embed_cache import PromptEmbedCache
 from engine.errors import ConfigError, GenerationCancelled, OutOfMemory, RequestError
 from engine.families import Embeds, FamilyAdapter, adapter_for, concat_embeds, repeat_embeds
@@ -34,7 +34,6 @@ from engine.lora_slots import lora_switch
 from engine.loras import LoraSwitch
 from engine.preview import (
     LatentDecoder,
-    PreviewEvery,
     PreviewMaker,
     latent_rgb,
     preview_decoder,
@@ -42,9 +41,10 @@ from engine.preview import (
     unpack_latents,
 )
 from engine.quant import QuantPlan, plan_quant, probe_device
-from engine.resolve import RequestResolver, build_resolver
+from engine.resolve import RequestResolver
 from engine.settings import EngineSettings
 from engine.sources import locate_model
+from engine.spec import DrawSpec, PreviewEvery
 from engine.speed import (
     apply_attention,
     cached_run,
@@ -53,10 +53,13 @@ from engine.speed import (
     compiled_graphs,
 )
 from engine.step_cache import NO_CACHE, StepCache
+from engine.whitelist import LoraFiles, LoraUse, default_lora_dir
 
 log = logging.getLogger(__name__)
 
 StepCallback = Callable[[StepProgress], None]
+GRID = 16  # FLUX latents are 8x smaller than the picture, then packed in 2x2 patches
+MAX_PIXELS = 4096 * 4096  # beyond any preset: a spec from anywhere is refused past it, not drawn
 
 
 class FluxEngine:
@@ -85,6 +88,8 @@ class FluxEngine:
         self.vae_tiling_above_mp = 1.6
         self.warmup_s: float | None = None  # compile + warm-up at start (None: not compiled)
         self.warmup_graphs = 0  # graphs torch compiled during the warm-up
+        self.max_batch_size = 4  # images in one pipeline call (engine.max_batch_size)
+        self.lora_files: LoraFiles | None = None  # the LoRA folder, hash-checked (for admins' additions)
 
     @classmethod
     def load(cls, settings: EngineSettings, data_dir: Path, plan: QuantPlan | None = None) -> FluxEngine:
@@ -110,9 +115,12 @@ class FluxEngine:
             model_hashes(source, hasher),
             attention,
         )
-        resolver = build_resolver(settings, data_dir, loaded.family, source.models_dir, hasher)
-        loras = lora_switch(loaded.pipe, resolver, settings, plan)
+        resolver = RequestResolver.from_settings(settings, loaded.family)
+        files = LoraFiles(settings.lora_dir or default_lora_dir(source.models_dir, data_dir), hasher)
+        loras = lora_switch(loaded.pipe, files, resolver.catalog, settings, plan)
         engine = cls(loaded, resolver, info, loras, PromptEmbedCache(settings.embed_cache_size))
+        engine.max_batch_size = settings.max_batch_size
+        engine.lora_files = files
         engine.set_memory_cap(settings.memory_cap_gb)
         engine.vae_tiling_above_mp = settings.vae_tiling_above_megapixels
         if loaded.family == "flux1" or settings.preview in ("latent", "off"):  # TAEF1 is FLUX.1's
@@ -168,8 +176,9 @@ class FluxEngine:
         free, _ = torch.cuda.mem_get_info(torch.device(self.info.device.device))
         return free / 1024**3
 
-    def resolve(self, request: GenerationRequest) -> ResolvedRequest:
-        return self.resolver.resolve(request)
+    def resolve(self, request: GenerationRequest) -> DrawSpec:
+        """A request checked against the engine's own presets and whitelist files."""
+        return self.resolver.resolve(request).spec
 
     def generate(
         self,
@@ -179,9 +188,11 @@ class FluxEngine:
         init_image: bytes | None = None,
         preview: PreviewEvery | None = None,
     ) -> GenerationResult:
-        """One request (batch_size images) -> images, seeds and recipes. Raises GenerationCancelled.
-        `init_image`: the stored PNG whose sha256 the request's `init_image` names."""
-        return self.generate_batch([request], on_step, cancel, init_image, preview)[0]
+        """A request resolved against the engine's own presets and whitelist files, then drawn (the
+        CLI's and the benchmarks' way in; the bot resolves itself and calls `draw`)."""
+        resolution = self.resolver.resolve(request)
+        result = self.draw([resolution.spec], None, on_step, cancel, init_image, preview)[0]
+        return replace(result, warnings=resolution.warnings)
 
     def generate_batch(
         self,
@@ -191,50 +202,49 @@ class FluxEngine:
         init_image: bytes | None = None,
         preview: PreviewEvery | None = None,
     ) -> list[GenerationResult]:
-        """Several requests of one preset/size/LoRA set (and input image) in a single pipeline call.
-        With `preview`, `on_step` gets a JPEG of the picture forming that often."""
-        return self.draw([self.resolve(r) for r in requests], on_step, cancel, init_image, preview)
+        """Several requests that batch together (same preset, size, LoRAs...) in one pipeline call."""
+        specs = [self.resolve(r) for r in requests]
+        return self.draw(specs, None, on_step, cancel, init_image, preview)
 
     def draw(
         self,
-        resolved: Sequence[ResolvedRequest],
+        specs: Sequence[DrawSpec],
+        loras: Sequence[LoraUse] | None = None,
         on_step: StepCallback | None = None,
         cancel: threading.Event | None = None,
         init_image: bytes | None = None,
         preview: PreviewEvery | None = None,
     ) -> list[GenerationResult]:
-        """Resolved requests (checked against the presets, or the engine's own warm-up) -> results."""
-        if len({r.batch_key for r in resolved}) != 1:
-            raise RequestError(
-                "only requests with the same preset, size, steps, guidance and LoRAs batch together"
-            )
-        first = resolved[0]
+        """Specs (one, or several that batch together) -> images, seeds and recipes, in one pipeline
+        call. Only the engine's own hard limits are checked: presets were the resolver's business.
+        `loras`: the files of the specs' LoRAs (default: the engine's whitelist file); `init_image`:
+        the stored PNG whose sha256 the spec names; with `preview`, `on_step` gets a JPEG of the
+        picture forming that often. Raises GenerationCancelled, OutOfMemory, RequestError."""
+        first = self._check(specs)
+        uses = list(loras) if loras is not None else self.resolver.catalog.lora_uses(first)
         source = None
         if first.init_image is not None:
             if init_image is None:
                 raise RequestError("this job draws from an input image, and none was given to the engine")
             source = decode_input(init_image, first.init_image)
-        if first.kind == "edit" and self.kontext is None:
-            raise RequestError("edits need FLUX.1 Kontext, and this engine has none (engine.kontext)")
         with self._lock:
             started = time.perf_counter()
             # 1. LoRAs: resident adapters, switched not reloaded.
-            lora_choices = self.resolver.lora_entries(first)
-            self.loras.activate(lora_choices)
-            lora_key = self.loras.text_encoder_signature(lora_choices)
+            self.loras.activate(uses)
+            lora_key = self.loras.text_encoder_signature(uses)
             # 2. Prompts -> embeddings, from the cache when this prompt was seen before.
             parts, all_cached = [], True
-            for r in resolved:
+            for r in specs:
                 embeds, cached = self._embeds(r.final_prompt, r.max_sequence_length, lora_key)
                 parts.append(repeat_embeds(embeds, len(r.seeds)))
                 all_cached &= cached
             negative = None
             if first.true_cfg > 1.0:
                 empty, _ = self._embeds("", first.max_sequence_length, lora_key)
-                negative = repeat_embeds(empty, sum(len(r.seeds) for r in resolved))
+                negative = repeat_embeds(empty, sum(len(r.seeds) for r in specs))
             encoded = time.perf_counter()
             # 3. Denoise and decode: the pipeline's own loop, one generator per image for reproducibility.
-            seeds = [s for r in resolved for s in r.seeds]
+            seeds = [s for r in specs for s in r.seeds]
             run = self._run(first, concat_embeds(parts), negative, seeds, on_step, cancel, source, preview)
             finished = time.perf_counter()
         timings = Timings(
@@ -247,7 +257,7 @@ class FluxEngine:
             computed_steps=run.computed_steps,
         )
         results, offset = [], 0
-        for r in resolved:
+        for r in specs:
             n = len(r.seeds)
             results.append(
                 GenerationResult(
@@ -255,11 +265,31 @@ class FluxEngine:
                     seeds=list(r.seeds),
                     recipes=[self._recipe(r, seed, run) for seed in r.seeds],
                     timings=timings,
-                    warnings=r.warnings,
                 )
             )
             offset += n
         return results
+
+    def _check(self, specs: Sequence[DrawSpec]) -> DrawSpec:
+        """The engine's own limits, whoever resolved the specs."""
+        if not specs:
+            raise RequestError("nothing to draw")
+        first = specs[0]
+        if len({s.batch_key for s in specs}) != 1:
+            raise RequestError(
+                "only specs with the same size, steps, guidance, LoRAs and cache batch together"
+            )
+        if first.family != self.info.family:
+            raise RequestError(f"that job needs a {first.family} model; this engine holds {self.info.family}")
+        if first.width % GRID or first.height % GRID:
+            raise RequestError(f"width and height must be multiples of {GRID} (got {first.size})")
+        if first.pixels > MAX_PIXELS:
+            raise RequestError(f"{first.size} is above the engine's limit of {MAX_PIXELS / 1e6:.1f} MP")
+        if sum(s.batch_size for s in specs) > self.max_batch_size:
+            raise RequestError(f"more than {self.max_batch_size} images in one call")
+        if first.mode == "edit" and self.kontext is None:
+            raise RequestError("edits need FLUX.1 Kontext, and this engine has none (engine.kontext)")
+        return first
 
     def _embeds(self, prompt: str, max_len: int, lora_key: tuple[Any, ...]) -> tuple[Embeds, bool]:
         def encode() -> Embeds:
@@ -270,7 +300,7 @@ class FluxEngine:
 
     def _run(
         self,
-        params: ResolvedRequest,
+        params: DrawSpec,
         embeds: Embeds,
         negative: Embeds | None,
         seeds: list[int],
@@ -319,7 +349,7 @@ class FluxEngine:
         if source is not None:
             # Resized here to the job's size (Lanczos): an upscale is this resize, then a light redraw.
             images = [source.resize((params.width, params.height), Image.Resampling.LANCZOS)] * len(seeds)
-            if params.kind == "edit":
+            if params.mode == "edit":
                 assert self.kontext is not None  # generate_batch refused the edit otherwise
                 pipe = self.kontext.pipe
                 # Kontext would resize to its preferred sizes and rescale to max_area (1 MP): the
@@ -364,7 +394,7 @@ class FluxEngine:
             computed = min(steps, round(full_runs.calls / (2 if params.true_cfg > 1.0 else 1)))
         return _Run(list(out.images), last_step[0], steps, computed, cache)
 
-    def _cache_for(self, params: ResolvedRequest, pipe: Any, from_image: bool) -> StepCache:
+    def _cache_for(self, params: DrawSpec, pipe: Any, from_image: bool) -> StepCache:
         """The cache this job can run with. img2img and Kontext name no transformer call of their
         own, so one context serves the whole call: with true CFG (two calls a step) they run
         uncached. MagCache's ratios follow a full schedule: text-to-image only."""
@@ -387,8 +417,8 @@ class FluxEngine:
             self._img2img_pipe.set_progress_bar_config(disable=True)
         return self._img2img_pipe
 
-    def _recipe(self, r: ResolvedRequest, seed: int, run: _Run) -> Recipe:
-        kontext = self.kontext.files if r.kind == "edit" and self.kontext is not None else None
+    def _recipe(self, r: DrawSpec, seed: int, run: _Run) -> Recipe:
+        kontext = self.kontext.files if r.mode == "edit" and self.kontext is not None else None
         return make_recipe(self.info, self._versions, r, seed, kontext, str(run.cache), run.computed_steps)
 
     def _free_memory(self) -> None:

@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 import torch
 
-from engine.api import ResolvedRequest
+from engine.spec import DrawSpec
 
 Embeds = dict[str, torch.Tensor]  # keyword -> tensor with batch dimension 1
 
@@ -15,7 +15,7 @@ Embeds = dict[str, torch.Tensor]  # keyword -> tensor with batch dimension 1
 class FamilyAdapter(Protocol):
     def encode(self, pipe: Any, prompt: str, max_sequence_length: int) -> Embeds: ...
 
-    def call_kwargs(self, resolved: ResolvedRequest, negative: Embeds | None) -> dict[str, Any]: ...
+    def call_kwargs(self, resolved: DrawSpec, negative: Embeds | None) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class Flux1:
         )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
-    def call_kwargs(self, resolved: ResolvedRequest, negative: Embeds | None) -> dict[str, Any]:
+    def call_kwargs(self, resolved: DrawSpec, negative: Embeds | None) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
             # schnell ignores guidance (no guidance embedder); 0.0 keeps the recipe honest.
             "guidance_scale": resolved.guidance if resolved.guidance is not None else 0.0,
@@ -54,7 +54,7 @@ class Flux2:
         embeds = out[0] if isinstance(out, tuple) else out
         return {"prompt_embeds": embeds}
 
-    def call_kwargs(self, resolved: ResolvedRequest, negative: Embeds | None) -> dict[str, Any]:
+    def call_kwargs(self, resolved: DrawSpec, negative: Embeds | None) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
             "guidance_scale": resolved.guidance if resolved.guidance is not None else 1.0,
             "max_sequence_length": resolved.max_sequence_length,

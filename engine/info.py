@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.api import Recipe, ResolvedRequest
+from engine.api import Recipe
 from engine.hashing import FileHasher
 from engine.quant import DeviceInfo, QuantPlan
 from engine.sources import ModelSource
+from engine.spec import DrawSpec
 from engine.speed import NATIVE_ATTENTION, AttentionChoice
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def model_hashes(source: ModelSource, hasher: FileHasher) -> dict[str, str]:
 def make_recipe(
     info: EngineInfo,
     versions: dict[str, str],
-    r: ResolvedRequest,
+    r: DrawSpec,
     seed: int,
     kontext_files: dict[str, str] | None,
     cache: str,
@@ -95,7 +96,9 @@ def make_recipe(
         seed=seed,
         loras=r.loras,
         versions=versions,
-        kind=r.kind,
+        kind=r.origin if r.origin != "imagine" else r.mode,
+        mode=r.mode,
+        max_sequence_length=r.max_sequence_length,
         parent_job=r.parent_job,
         init_image_sha256=r.init_image,
         strength=r.strength,

@@ -25,19 +25,13 @@ from typing import Any
 
 import torch
 
+from engine.catalog import Catalog
 from engine.errors import LoraError
 from engine.lora_layout import LoraTensors, read_lora
-from engine.loras import (
-    LoraEntry,
-    LoraSwitch,
-    LoraWhitelist,
-    ResidentLoras,
-    adapter_name,
-    load_text_encoder_lora,
-)
+from engine.loras import LoraSwitch, ResidentLoras, load_text_encoder_lora
 from engine.quant import QuantPlan
-from engine.resolve import RequestResolver
 from engine.settings import EngineSettings
+from engine.whitelist import LoraEntry, LoraFiles, LoraUse
 
 log = logging.getLogger(__name__)
 SLOT = "slot{}"
@@ -52,14 +46,14 @@ class LoraSlots:
     def __init__(
         self,
         pipe: Any,
-        whitelist: LoraWhitelist,
+        files: LoraFiles,
         max_resident: int,
         slots: int,
         layers: dict[str, torch.nn.Linear],
         rank: int,
     ) -> None:
         self._pipe = pipe
-        self._whitelist = whitelist
+        self._files = files
         self._max_resident = max_resident
         self._layers = layers  # peft module name ("transformer.x.y") -> the layer a slot covers there
         self.rank = rank
@@ -73,15 +67,17 @@ class LoraSlots:
         self.hits = 0
 
     @classmethod
-    def prepare(cls, pipe: Any, whitelist: LoraWhitelist, max_resident: int, slots: int) -> LoraSlots | None:
-        """Read the whitelist's LoRAs, then give the transformer its slots. Call before compiling.
+    def prepare(
+        cls, pipe: Any, files: LoraFiles, entries: dict[str, LoraEntry], max_resident: int, slots: int
+    ) -> LoraSlots | None:
+        """Read the whitelisted LoRAs, then give the transformer its slots. Call before compiling.
         None when no whitelisted LoRA is readable here (nothing to swap: no slot costs anything)."""
         layers: dict[str, torch.nn.Linear] = {}
         rank = 0
         modules = dict(pipe.transformer.named_modules())
-        for entry in whitelist.entries.values():
+        for entry in entries.values():
             try:
-                tensors = read_lora(whitelist.verify(entry), pipe, entry.name)
+                tensors = read_lora(files.verify(entry.name, entry.file, entry.sha256), pipe, entry.name)
             except LoraError as exc:  # it fails the same way when a job asks for it
                 log.warning("compiled LoRA slots: %s is left out (%s)", entry.name, exc)
                 continue
@@ -103,52 +99,52 @@ class LoraSlots:
             slots,
             rank,
             len(layers),
-            len(whitelist.entries),
+            len(entries),
         )
-        return cls(pipe, whitelist, max_resident, slots, layers, rank)
+        return cls(pipe, files, max_resident, slots, layers, rank)
 
     @property
     def resident(self) -> list[str]:
         return [name for name, _ in self._tensors.values()]
 
-    def activate(self, choices: Sequence[tuple[LoraEntry, float]]) -> None:
+    def activate(self, uses: Sequence[LoraUse]) -> None:
         """Exactly these LoRAs at these weights in the slots, the other slots zero."""
-        if len(choices) > len(self._names):
+        if len(uses) > len(self._names):
             raise LoraError(f"at most {len(self._names)} LoRAs per image on this compiled engine")
-        wanted: list[LoraKey] = [(entry.name, entry.sha256, weight) for entry, weight in choices]
+        wanted: list[LoraKey] = [(use.name, use.sha256, use.weight) for use in uses]
         keep = [key if key in wanted else None for key in self._held]
         missing = [key for key in wanted if key not in keep]
-        tensors = {key: self._load(entry) for (entry, _), key in zip(choices, wanted, strict=True)}
+        tensors = {key: self._load(use) for use, key in zip(uses, wanted, strict=True)}
         for slot, held in enumerate(keep):
             target = held if held is not None else (missing.pop(0) if missing else None)
             if target != self._held[slot]:
                 self._swap(slot, None if target is None else (tensors[target], target[2]))
                 self._held[slot] = target
-        self._activate_text_encoder(choices)
+        self._activate_text_encoder(uses)
 
-    def text_encoder_signature(self, choices: Sequence[tuple[LoraEntry, float]]) -> tuple[Any, ...]:
+    def text_encoder_signature(self, uses: Sequence[LoraUse]) -> tuple[Any, ...]:
         """Part of the embed-cache key: non-empty only when active LoRAs change CLIP-L."""
-        touched = any(adapter_name(entry) in self._text_adapters for entry, _ in choices)
-        return tuple((e.name, e.sha256, w) for e, w in choices) if touched else ()
+        touched = any(use.adapter in self._text_adapters for use in uses)
+        return tuple((u.name, u.sha256, u.weight) for u in uses) if touched else ()
 
-    def _load(self, entry: LoraEntry) -> LoraTensors:
-        name = adapter_name(entry)
+    def _load(self, use: LoraUse) -> LoraTensors:
+        name = use.adapter
         if name in self._tensors:
             self._tensors.move_to_end(name)
             self.hits += 1
             return self._tensors[name][1]
-        tensors = read_lora(self._whitelist.verify(entry), self._pipe, entry.name)
-        for key, tensor in _lora_pairs(tensors.transformer, entry.name):
+        tensors = read_lora(self._files.verify(use.name, use.file, use.sha256), self._pipe, use.name)
+        for key, tensor in _lora_pairs(tensors.transformer, use.name):
             module = key.removeprefix("transformer.")
             if module not in self._layers or tensor.shape[0] > self.rank:
                 raise LoraError(
-                    f"LoRA {entry.name} changes layers (or has a rank) the compiled engine did not prepare "
+                    f"LoRA {use.name} changes layers (or has a rank) the compiled engine did not prepare "
                     "at start: it can be used after fluxbot restarts"
                 )
         if tensors.text_encoder:
             load_text_encoder_lora(self._pipe.text_encoder, tensors.text_encoder, name)
             self._text_adapters.add(name)
-        self._tensors[name] = (entry.name, tensors)
+        self._tensors[name] = (use.name, tensors)
         self.loads += 1
         while len(self._tensors) > self._max_resident:
             self._drop(next(iter(self._tensors)))
@@ -174,7 +170,7 @@ class LoraSlots:
             self._held[slot] = None
             raise LoraError(f"a LoRA could not be swapped into the compiled engine ({exc})") from exc
 
-    def _activate_text_encoder(self, choices: Sequence[tuple[LoraEntry, float]]) -> None:
+    def _activate_text_encoder(self, uses: Sequence[LoraUse]) -> None:
         from diffusers.loaders.lora_base import (
             disable_lora_for_text_encoder,
             enable_lora_for_text_encoder,
@@ -182,7 +178,7 @@ class LoraSlots:
         )
 
         text_encoder = getattr(self._pipe, "text_encoder", None)
-        active = [(adapter_name(e), w) for e, w in choices if adapter_name(e) in self._text_adapters]
+        active = [(u.adapter, u.weight) for u in uses if u.adapter in self._text_adapters]
         if text_encoder is None or not self._text_adapters:
             return
         if not active:
@@ -230,15 +226,19 @@ def _zero_lora(layers: dict[str, torch.nn.Linear], rank: int) -> dict[str, torch
 
 
 def lora_switch(
-    pipe: Any, resolver: RequestResolver, settings: EngineSettings, plan: QuantPlan
+    pipe: Any, files: LoraFiles, catalog: Catalog, settings: EngineSettings, plan: QuantPlan
 ) -> LoraSwitch:
     """Resident adapters switched per job; on a compiled transformer, slots that LoRAs are swapped
-    into (engine/lora_slots.py), one per LoRA a job can carry (the preset's included)."""
-    if plan.compile != "off" and resolver.whitelist.entries:
-        preset_loras = max((len(p.loras) for p in resolver.presets.values()), default=0)
+    into (see above), one per LoRA a job can carry (the preset's included)."""
+    if plan.compile != "off" and catalog.loras:
+        preset_loras = max((len(p.loras) for p in catalog.presets.values()), default=0)
         slots = LoraSlots.prepare(
-            pipe, resolver.whitelist, settings.max_resident_loras, settings.max_loras_per_job + preset_loras
+            pipe,
+            files,
+            dict(catalog.loras),
+            settings.max_resident_loras,
+            settings.max_loras_per_job + preset_loras,
         )
         if slots is not None:
             return slots
-    return ResidentLoras(pipe, resolver.whitelist, settings.max_resident_loras)
+    return ResidentLoras(pipe, files, settings.max_resident_loras)

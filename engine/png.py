@@ -62,7 +62,7 @@ def read_recipe(source: Path | bytes) -> Recipe:
     """The recipe written by `png_bytes`; EngineError when the PNG carries none."""
     data = source if isinstance(source, bytes) else source.read_bytes()
     with Image.open(io.BytesIO(data)) as image:
-        text = image.text.get(RECIPE_KEY) if hasattr(image, "text") else None  # type: ignore[attr-defined]
+        text = image.text.get(RECIPE_KEY) if hasattr(image, "text") else None
     if text is None:
         raise EngineError("this PNG carries no fluxbot recipe")
     try:
@@ -74,4 +74,4 @@ def read_recipe(source: Path | bytes) -> Recipe:
 def read_parameters(source: Path | bytes) -> str | None:
     data = source if isinstance(source, bytes) else source.read_bytes()
     with Image.open(io.BytesIO(data)) as image:
-        return image.text.get(PARAMETERS_KEY) if hasattr(image, "text") else None  # type: ignore[attr-defined]
+        return image.text.get(PARAMETERS_KEY) if hasattr(image, "text") else None

@@ -10,10 +10,10 @@ from typing import Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.errors import ConfigError, RequestError
+from engine.spec import Family
 from engine.step_cache import NO_CACHE, StepCacheField
 from engine.tomlfile import read_toml, validate_entry
 
-Family = Literal["flux1", "flux2"]
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX×*]\s*(\d{1,5})\s*$")
 _ASPECT = re.compile(r"^\s*(\d{1,3})\s*:\s*(\d{1,3})\s*$")
 ASPECT_TOLERANCE = 0.03
@@ -95,10 +95,6 @@ class Preset(BaseModel):
         except RequestError as exc:
             raise ValueError(str(exc)) from None
         return self
-
-    @property
-    def has_guidance(self) -> bool:
-        return self.guidance is not None
 
     def size_problem(self, width: int, height: int) -> str | None:
         """Why this size is refused, or None when it is allowed."""

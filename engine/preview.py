@@ -4,7 +4,7 @@ FLUX.1's 16 latent channels map to RGB nearly linearly; ComfyUI publishes the 16
 bias it previews with (comfy/latent_formats.py, class Flux), used here as data. The prediction is the
 flow-matching estimate of the clean latents, x0 = x - sigma * v, with v recovered from two consecutive
 Euler steps (x_next = x + (sigma_next - sigma) * v): exact for diffusers' FlowMatchEulerDiscreteScheduler
-and a matrix product of the latent size, far below one denoising step (bench/previews.py).
+and a matrix product of the latent size, far below one denoising step (bench/images.py measures it).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from engine.errors import ConfigError
+from engine.spec import PreviewEvery
 
 # One latent image (16, h, w), in the model's normalized space, to a picture.
 LatentDecoder = Callable[[torch.Tensor], Image.Image]
@@ -172,20 +173,6 @@ def jpeg(image: Image.Image, quality: int = 70) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
-
-
-@dataclass(frozen=True)
-class PreviewEvery:
-    """How often a job shows the picture forming: every `steps` denoising steps, or else at most
-    once per `seconds` (the bot's progress interval: more would never reach Discord)."""
-
-    seconds: float = 1.5
-    steps: int | None = None
-
-    def due(self, step_index: int, since_last_s: float) -> bool:
-        if self.steps is not None:
-            return step_index % self.steps == 0
-        return since_last_s >= self.seconds
 
 
 @dataclass

@@ -1,55 +1,76 @@
-"""Turn a GenerationRequest into a ResolvedRequest: fill defaults, check preset and whitelist bounds."""
+"""A GenerationRequest (what someone typed) into a DrawSpec (what gets drawn): defaults filled in,
+preset and whitelist bounds checked. Pure and torch-free: the bot resolves before it stores anything."""
 
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 
-from engine.api import MAX_SEED, GenerationRequest, ResolvedLora, ResolvedRequest
+from engine.api import GenerationRequest
+from engine.catalog import Catalog
 from engine.errors import LoraError, RequestError
-from engine.hashing import FileHasher
-from engine.loras import LoraEntry, LoraWhitelist, default_lora_dir
-from engine.presets import Preset, load_presets
+from engine.presets import Preset
 from engine.settings import EngineSettings
+from engine.spec import MAX_SEED, DrawSpec, Mode, SpecLora
+from engine.whitelist import LoraEntry
 
 
-@dataclass
+@dataclass(frozen=True)
+class Resolution:
+    spec: DrawSpec
+    warnings: tuple[str, ...] = ()
+    # What is marked nsfw ("preset 'x'", "LoRA 'y'"): for the bot's age-restricted-channel rule.
+    nsfw: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class RequestResolver:
-    """Pure checks, no model needed: the bot validates requests with it before queueing them."""
+    """Checks requests against one catalog snapshot; a changed catalog is a new resolver (`with_catalog`)."""
 
-    presets: dict[str, Preset]
-    whitelist: LoraWhitelist
+    catalog: Catalog = field(default_factory=Catalog)
     family: str = "flux1"
     max_loras_per_job: int = 3
     max_batch_size: int = 4
 
+    @classmethod
+    def from_settings(cls, settings: EngineSettings, family: str = "flux1") -> RequestResolver:
+        """Presets and whitelist from the settings' files, for a model of `family`."""
+        return cls.with_settings(Catalog.load(settings), settings, family)
+
+    @classmethod
+    def with_settings(
+        cls, catalog: Catalog, settings: EngineSettings, family: str = "flux1"
+    ) -> RequestResolver:
+        return cls(catalog, family, settings.max_loras_per_job, settings.max_batch_size)
+
+    def with_catalog(self, catalog: Catalog) -> RequestResolver:
+        return replace(self, catalog=catalog)
+
+    @property
+    def presets(self) -> dict[str, Preset]:
+        return dict(self.catalog.presets)
+
     @property
     def default_preset(self) -> str:
         """The first preset of the presets file that fits the loaded family."""
-        for name, preset in self.presets.items():
+        for name, preset in self.catalog.presets.items():
             if preset.family == self.family:
                 return name
         raise RequestError(f"no preset in the presets file is for {self.family} models")
 
-    def family_of(self, preset_name: object) -> str:
-        """The model family a stored request needs: its preset's, or the resolver's own."""
-        preset = self.presets.get(str(preset_name))
-        return preset.family if preset is not None else self.family
-
     def preset(self, name: str | None) -> Preset:
         if name is None:
             name = self.default_preset
-        preset = self.presets.get(name)
+        preset = self.catalog.presets.get(name)
         if preset is None:
             raise RequestError(
-                f"unknown preset {name[:40]!r}; choose one of: {', '.join(sorted(self.presets))}"
+                f"unknown preset {name[:40]!r}; choose one of: {', '.join(sorted(self.catalog.presets))}"
             )
         if preset.family != self.family:
             raise RequestError(f"preset {name} is for {preset.family}, but the loaded model is {self.family}")
         return preset
 
-    def resolve(self, request: GenerationRequest) -> ResolvedRequest:
+    def resolve(self, request: GenerationRequest) -> Resolution:
         preset = self.preset(request.preset)
         width, height = (
             (preset.width, preset.height) if request.size is None else preset.parse_size(request.size)
@@ -60,47 +81,77 @@ class RequestResolver:
                 f"{width}x{height} is below {preset.warn_below_megapixels} MP: {preset.name} often gives "
                 "noisy images this small"
             )
-        steps = self._steps(preset, request.steps)
-        guidance = self._guidance(preset, request.guidance)
         if request.batch_size > self.max_batch_size:
             raise RequestError(
                 f"batch size {request.batch_size} is above the maximum of {self.max_batch_size}"
             )
-        loras = self._loras(preset, request)
-        seed = secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed
-        seeds = tuple((seed + i) % (MAX_SEED + 1) for i in range(request.batch_size))
+        mode = self._mode(request)
+        loras = self._loras(preset, request, mode)
         triggers = [
             w for entry, _ in loras for w in entry.trigger_words if w.lower() not in request.prompt.lower()
         ]
-        final_prompt = ", ".join([*triggers, request.prompt])
-        strength = self._strength(preset, request)
         cache = request.cache if request.cache is not None else preset.cache
         cache.check_family(self.family)
-        return ResolvedRequest(
-            prompt=request.prompt,
-            final_prompt=final_prompt,
+        spec = DrawSpec(
+            family=preset.family,
+            mode=mode,
             preset=preset.name,
+            prompt=request.prompt,
+            final_prompt=", ".join([*triggers, request.prompt]),
             width=width,
             height=height,
-            steps=steps,
-            guidance=guidance,
+            steps=self._steps(preset, request.steps),
+            guidance=self._guidance(preset, request.guidance),
             true_cfg=preset.true_cfg,
             sampler=preset.sampler,
-            seeds=seeds,
-            loras=tuple(ResolvedLora(name=e.name, sha256=e.sha256, weight=w) for e, w in loras),
             max_sequence_length=preset.max_sequence_length,
-            warnings=tuple(warnings),
-            nsfw=(f"preset {preset.name!r}",) * preset.nsfw
-            + tuple(f"LoRA {entry.name!r}" for entry, _ in loras if entry.nsfw),
+            seed=secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed,
+            batch_size=request.batch_size,
+            loras=tuple(SpecLora(name=e.name, sha256=e.sha256, weight=w) for e, w in loras),
             init_image=request.init_image,
-            strength=strength,
-            kind=request.kind or ("img2img" if request.init_image else "txt2img"),
-            parent_job=request.parent_job,
+            strength=self._strength(preset, request, mode),
             cache=cache,
         )
+        return Resolution(spec, tuple(warnings), self.nsfw(spec))
 
-    def lora_entries(self, resolved: ResolvedRequest) -> list[tuple[LoraEntry, float]]:
-        return [(self.whitelist.get(lo.name), lo.weight) for lo in resolved.loras]
+    def check(self, request: GenerationRequest, image_coming: bool = False) -> None:
+        """Refuse a request before anything slow happens; `image_coming`: an input image will be
+        attached once it is read (its strength and the model's family are checked now)."""
+        if not image_coming:
+            self.resolve(request)
+            return
+        if self.family != "flux1":
+            raise RequestError(f"image prompts need a FLUX.1 model (the loaded model is {self.family})")
+        self._strength(self.preset(request.preset), request, "img2img")
+        self.resolve(request.model_copy(update={"strength": None}))
+
+    def nsfw(self, spec: DrawSpec) -> tuple[str, ...]:
+        """The parts of a spec marked nsfw in the catalog now (a stored job's too, on a rerun)."""
+        preset = self.catalog.presets.get(spec.preset)
+        marked = (f"preset {spec.preset!r}",) if preset is not None and preset.nsfw else ()
+        return marked + tuple(
+            f"LoRA {lo.name!r}" for lo in spec.loras if (e := self.catalog.loras.get(lo.name)) and e.nsfw
+        )
+
+    def check_stored(self, spec: DrawSpec) -> Preset:
+        """A stored spec (a rerun, a reroll, a button) is drawn as it is, not resolved again: only what
+        an admin may have withdrawn since is checked: its preset, and its LoRAs' whitelist entries."""
+        preset = self.preset(spec.preset)
+        if spec.family != self.family:
+            raise RequestError(f"that job was drawn by a {spec.family} model; this one is {self.family}")
+        self.catalog.lora_uses(spec)
+        return preset
+
+    def _mode(self, request: GenerationRequest) -> Mode:
+        if request.mode == "edit":
+            if request.init_image is None:
+                raise RequestError("an edit needs an image to edit")
+            return "edit"
+        if request.mode == "txt2img" and request.init_image is not None:
+            raise RequestError("text-to-image takes no input image")
+        if request.init_image is not None and self.family != "flux1":
+            raise RequestError(f"image prompts need a FLUX.1 model (the loaded model is {self.family})")
+        return "img2img" if request.init_image is not None else "txt2img"
 
     @staticmethod
     def _steps(preset: Preset, steps: int | None) -> int:
@@ -111,28 +162,21 @@ class RequestResolver:
             raise RequestError(f"steps must be between {lo} and {hi} for preset {preset.name} (got {steps})")
         return steps
 
-    def _strength(self, preset: Preset, request: GenerationRequest) -> float | None:
-        if request.kind == "edit":
-            # Kontext reads the whole input image beside the picture: no strength, no LoRAs.
-            if request.init_image is None:
-                raise RequestError("an edit needs an image to edit")
+    @staticmethod
+    def _strength(preset: Preset, request: GenerationRequest, mode: Mode) -> float | None:
+        if mode == "edit":
+            # Kontext reads the whole input image beside the picture: no strength.
             if request.strength is not None:
                 raise RequestError("edits take no strength (Kontext keeps what the instruction leaves alone)")
-            if request.loras:
-                raise RequestError("edits take no LoRAs")
             return None
-        if request.init_image is None:
+        if mode == "txt2img":
             if request.strength is not None:
                 raise RequestError("strength only applies with an input image")
             return None
-        if self.family != "flux1":
-            raise RequestError(f"image prompts need a FLUX.1 model (the loaded model is {self.family})")
         if request.strength is None:
             return preset.strength
         lo, hi = preset.strength_range
-        # Vary and Upscale strengths are the preset's own and always allowed.
-        own = {preset.vary_subtle_strength, preset.vary_strong_strength, preset.upscale_strength}
-        if not lo <= request.strength <= hi and request.strength not in own:
+        if not lo <= request.strength <= hi:
             raise RequestError(
                 f"strength must be between {lo} and {hi} for preset {preset.name} (got {request.strength})"
             )
@@ -153,11 +197,15 @@ class RequestResolver:
             )
         return guidance
 
-    def _loras(self, preset: Preset, request: GenerationRequest) -> list[tuple[LoraEntry, float]]:
+    def _loras(self, preset: Preset, request: GenerationRequest, mode: Mode) -> list[tuple[LoraEntry, float]]:
+        if mode == "edit":
+            if request.loras:
+                raise RequestError("edits take no LoRAs")
+            return []
         chosen: list[tuple[LoraEntry, float]] = []
         for pl in preset.loras:
             try:
-                chosen.append((self.whitelist.get(pl.name), pl.weight))
+                chosen.append((self.catalog.lora(pl.name), pl.weight))
             except LoraError as exc:
                 raise LoraError(
                     f"preset {preset.name} needs LoRA {pl.name!r}, which is not on the whitelist "
@@ -169,7 +217,7 @@ class RequestResolver:
         if len({c.name for c in user}) != len(user):
             raise LoraError("the same LoRA is listed twice")
         for choice in user:
-            entry = self.whitelist.get(choice.name)
+            entry = self.catalog.lora(choice.name)
             if self.family not in entry.families:
                 raise LoraError(f"LoRA {entry.name} is for {', '.join(entry.families)}, not {self.family}")
             weight = entry.default_weight if choice.weight is None else choice.weight
@@ -179,18 +227,3 @@ class RequestResolver:
                 )
             chosen.append((entry, weight))
         return chosen
-
-
-def build_resolver(
-    settings: EngineSettings,
-    data_dir: Path,
-    family: str = "flux1",
-    models_dir: Path | None = None,
-    hasher: FileHasher | None = None,
-) -> RequestResolver:
-    """Presets + whitelist, without a model: checks requests before (or without) loading one."""
-    presets = load_presets(settings.presets_path)
-    hasher = hasher or FileHasher(data_dir / "hashes.json")
-    lora_dir = settings.lora_dir or default_lora_dir(models_dir, data_dir)
-    whitelist = LoraWhitelist.load(settings.loras_path, lora_dir, hasher)
-    return RequestResolver(presets, whitelist, family, settings.max_loras_per_job, settings.max_batch_size)

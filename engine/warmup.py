@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from engine.api import ResolvedRequest
 from engine.input_image import normalize_input_image
 from engine.presets import Preset
+from engine.spec import DrawSpec
 from engine.step_cache import NO_CACHE, TAYLORSEER_WARMUP_STEPS, StepCache
 
 if TYPE_CHECKING:
@@ -30,24 +30,25 @@ EDIT_PRESET = "kontext"
 def warm_up(engine: FluxEngine) -> None:
     resolver = engine.resolver
     base = resolver.preset(None)
-    caches = {NO_CACHE} | {p.cache for p in resolver.presets.values() if p.family == resolver.family}
+    presets = resolver.catalog.presets
+    caches = {NO_CACHE} | {p.cache for p in presets.values() if p.family == resolver.family}
     # Whether a cache skips a step depends on the pictures; at the largest threshold it skips every
     # step it may, so both paths are compiled whatever the warm-up draws.
     caches |= {c.model_copy(update={"threshold": 1.0}) for c in caches if c.threshold is not None}
     for cache in sorted(caches, key=str):
         for width, height, batch in (*((w, h, 1) for w, h in SIZES), (*SIZES[0], 2)):
-            request = _request(base, width, height, batch, _steps(cache), cache)
+            spec = _spec(base, width, height, batch, _steps(cache), cache)
             log.debug("warm-up: %dx%d x%d, cache %s", width, height, batch, cache)
-            engine.draw([request])
+            engine.draw([spec], loras=())
     if engine.kontext is not None:
-        preset = resolver.presets.get(EDIT_PRESET, base)
+        preset = presets.get(EDIT_PRESET, base)
         gray = Image.new("RGB", SIZES[0], (128, 128, 128))
         source = normalize_input_image(_png(gray), max_bytes=10**7, max_pixels=10**7)
         for width, height in SIZES:
-            request = _request(preset, width, height, 1, 2, NO_CACHE).model_copy(
-                update={"kind": "edit", "init_image": source.sha256}
+            spec = _spec(preset, width, height, 1, 2, NO_CACHE).model_copy(
+                update={"mode": "edit", "init_image": source.sha256}
             )
-            engine.draw([request], init_image=source.png)
+            engine.draw([spec], loras=(), init_image=source.png)
 
 
 def _steps(cache: StepCache) -> int:
@@ -57,11 +58,10 @@ def _steps(cache: StepCache) -> int:
     return 8 if cache.on else 2
 
 
-def _request(
-    preset: Preset, width: int, height: int, batch: int, steps: int, cache: StepCache
-) -> ResolvedRequest:
-    """A request the engine makes itself: outside the preset's bounds on purpose (small and short)."""
-    return ResolvedRequest(
+def _spec(preset: Preset, width: int, height: int, batch: int, steps: int, cache: StepCache) -> DrawSpec:
+    """A spec the engine makes itself: outside the preset's bounds on purpose (small and short)."""
+    return DrawSpec(
+        family=preset.family,
         prompt=PROMPT,
         final_prompt=PROMPT,
         preset=preset.name,
@@ -71,8 +71,8 @@ def _request(
         guidance=preset.guidance,
         true_cfg=preset.true_cfg,
         sampler=preset.sampler,
-        seeds=tuple(range(batch)),
-        loras=(),
+        seed=0,
+        batch_size=batch,
         max_sequence_length=preset.max_sequence_length,
         cache=cache,
     )

@@ -17,6 +17,7 @@ from bot.app import App, build_app
 from bot.store.models import Job
 from engine.engine import FluxEngine
 from engine.settings import EngineSettings
+from engine.spec import DrawSpec
 from fluxbot.settings import LimitSettings, Settings
 from tests.services import database_url_for_test
 
@@ -52,6 +53,14 @@ class RecordingEvents:
         self.finished_jobs.append(job)
         self._next_message += 1
         return self._next_message
+
+
+def spec_for(prompt: str, **fields: Any) -> DrawSpec:
+    """A small stored job's spec, for tests of the store that never draw it."""
+    values: dict[str, Any] = dict(
+        family="flux1", preset="dev", prompt=prompt, final_prompt=prompt, width=64, height=64, steps=4, seed=1
+    )
+    return DrawSpec.model_validate({**values, **fields})
 
 
 def make_settings(

@@ -15,7 +15,6 @@ from bot.app import App
 from bot.services.admin import AdminPolicy
 from bot.services.errors import LimitReached, NotAllowed, NotFound, UserError
 from bot.services.studio import Requester
-from bot.store.jobs import JobStore
 from bot.store.models import Delivery, JobStatus
 from engine.api import GenerationRequest
 from engine.png import read_recipe
@@ -257,8 +256,8 @@ async def test_history_is_paged_and_shows_others_only_what_they_can_see(
     seen_from_a_dm = await studio.history(replace(bob, guild_id=None), ALICE.user_id, 1)
 
     assert (first.total, first.pages, len(first.jobs), len(second.jobs)) == (15, 2, 10, 5)
-    assert first.jobs[0].request["prompt"] == "a DM"  # the owner sees all of their own
-    assert [j.request["prompt"] for j in seen_by_bob.jobs] == ["cat 2", "cat 1", "cat 0"]
+    assert first.jobs[0].spec.prompt == "a DM"  # the owner sees all of their own
+    assert [j.spec.prompt for j in seen_by_bob.jobs] == ["cat 2", "cat 1", "cat 0"]
     assert seen_from_a_dm.total == 0
     with pytest.raises(UserError, match="only 2 pages"):
         await studio.history(ALICE, ALICE.user_id, 5)
@@ -309,7 +308,7 @@ async def test_admin_changes_are_persisted_audited_and_survive_a_restart(
 
     second = await make_app(settings, RecordingEvents(), data_dir)
     try:
-        assert second.studio.resolver.presets["dev"].steps == 6
+        assert second.studio.rules.catalog.presets["dev"].steps == 6
         assert second.studio.limits.max_queued_per_user == 1
         assert [e.action for e in entries] == ["limits.set", "preset.set"]
         assert entries[1].actor_id == ADMIN.user_id and entries[1].detail["after"]["steps"] == 6
@@ -424,9 +423,8 @@ async def test_a_step_cache_an_admin_sets_is_pinned_so_reruns_stay_exact_after_i
     jobs = {t: await the_app.jobs.get(t.job_id) for t in (cached, rerun, plain)}
     first, again, off = (jobs[t] for t in (cached, rerun, plain))
     assert first is not None and again is not None and off is not None
-    assert (
-        first.request["cache"] == again.request["cache"] == "fbcache:0.3" and off.request["cache"] == "none"
-    )
+    assert str(first.spec.cache) == str(again.spec.cache) == "fbcache:0.3"
+    assert str(off.spec.cache) == "none"
     recipe = first.images[0].recipe
     assert recipe["cache"] == "fbcache:0.3" and recipe["computed_steps"] < 12
     assert np.array_equal(pixels_of(the_app, first.images[0].path), pixels_of(the_app, again.images[0].path))
@@ -440,34 +438,3 @@ async def test_a_step_cache_an_admin_sets_is_pinned_so_reruns_stay_exact_after_i
     metrics = the_app.metrics.render().decode()
     assert f'fluxbot_denoise_steps_total{{run="cached"}} {float(skipped)}' in metrics
     assert f'fluxbot_denoise_steps_total{{run="full"}} {float(36 - skipped)}' in metrics
-
-
-async def test_the_migration_pins_no_cache_in_jobs_stored_before_step_caching(tmp_path: Path) -> None:
-    from sqlalchemy import text
-
-    from bot.store.database import Database, upgrade_database
-
-    url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
-    await asyncio.to_thread(upgrade_database, url, "0005")
-    db = Database(url)
-    async with db.write() as session:
-        await session.execute(
-            text(
-                "INSERT INTO jobs (user_id, kind, request, status, attempts, created_at, delivery, "
-                "delivery_attempts, age_restricted) VALUES (1, 'IMAGINE', :request, 'DONE', 1, "
-                "'2026-12-01 10:00:00', 'DELIVERED', 0, 0)"
-            ),
-            {"request": '{"prompt": "an old fox", "preset": "dev", "seed": 3}'},
-        )
-    try:
-        await db.upgrade()
-        job = await JobStore(db).get(1)
-    finally:
-        await db.close()
-
-    assert job is not None and job.request == {
-        "prompt": "an old fox",
-        "preset": "dev",
-        "seed": 3,
-        "cache": "none",
-    }

@@ -47,7 +47,7 @@ def test_different_seeds_give_different_pixels(engine: FluxEngine) -> None:
 
 def test_no_seed_gets_a_random_one_that_reproduces(engine: FluxEngine) -> None:
     first = engine.generate(GenerationRequest(prompt="a castle"))
-    again = engine.generate(first.recipes[0].to_request())
+    (again,) = engine.draw([first.recipes[0].spec()])
 
     assert np.array_equal(pixels(first.images[0]), pixels(again.images[0]))
 
@@ -120,7 +120,7 @@ def test_batched_requests_equal_unbatched_within_tolerance(engine: FluxEngine) -
 
 
 def test_requests_with_different_settings_do_not_batch(engine: FluxEngine) -> None:
-    with pytest.raises(RequestError, match="same preset"):
+    with pytest.raises(RequestError, match="same size, steps"):
         engine.generate_batch(
             [GenerationRequest(prompt="a", steps=3), GenerationRequest(prompt="b", steps=4)]
         )

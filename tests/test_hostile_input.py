@@ -12,11 +12,11 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from engine.api import GenerationRequest
+from engine.catalog import Catalog
 from engine.errors import ConfigError, EngineError, RequestError
-from engine.hashing import FileHasher
-from engine.loras import LoraWhitelist
 from engine.presets import load_presets
 from engine.resolve import RequestResolver
+from engine.whitelist import load_whitelist
 from tests.conftest import REPO
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -42,9 +42,8 @@ floats = st.none() | st.floats(allow_nan=True, allow_infinity=True)
 
 
 @pytest.fixture(scope="module")
-def resolver(tmp_path_factory: pytest.TempPathFactory) -> RequestResolver:
-    presets = load_presets(REPO / "config" / "presets.toml")
-    return RequestResolver(presets, LoraWhitelist({}, tmp_path_factory.mktemp("l"), FileHasher(None)))
+def resolver() -> RequestResolver:
+    return RequestResolver(Catalog(load_presets(REPO / "config" / "presets.toml")))
 
 
 def admit(resolver: RequestResolver, fields: dict[str, Any]) -> str:
@@ -167,7 +166,7 @@ def test_any_presets_or_whitelist_file_loads_or_names_the_problem(
 ) -> None:
     path = tmp_path / "data.toml"
     path.write_text(to_toml(data), encoding="utf-8")
-    for load in (lambda: load_presets(path), lambda: LoraWhitelist.load(path, tmp_path, FileHasher(None))):
+    for load in (lambda: load_presets(path), lambda: load_whitelist(path)):
         try:
             load()
         except ConfigError as exc:

@@ -77,7 +77,7 @@ async def test_an_attached_image_is_drawn_from_and_reruns_exactly(harness: Harne
     job = await harness.app.jobs.get(job_id)
     assert job is not None and job.kind == JobKind.IMAGINE
     assert recipe.kind == "img2img" and recipe.strength == 0.6 and recipe.init_image_sha256
-    assert job.request["init_image"] == recipe.init_image_sha256
+    assert job.spec.init_image == recipe.init_image_sha256
     assert (harness.app.settings.data_dir / "inputs" / recipe.init_image_sha256[:2]).is_dir()
     # 96x64 is 3:2: without a size option the picture keeps the input's aspect where the preset's
     # 16 px grid allows it (at 64x64 pixels it does not: the nearest allowed aspect that fits is used).

@@ -70,20 +70,20 @@ def test_img2img_draws_from_the_input_and_repeats_exactly(engine: FluxEngine, so
 def test_the_recipe_names_the_input_and_reruns_the_same_picture(
     engine: FluxEngine, source: InputImage
 ) -> None:
-    request = GenerationRequest(
-        prompt="a red barn", seed=4, init_image=source.sha256, strength=0.5, parent_job=7
-    )
-    result = engine.generate(request, init_image=source.png)
+    request = GenerationRequest(prompt="a red barn", seed=4, init_image=source.sha256, strength=0.5)
+    spec = engine.resolve(request).model_copy(update={"origin": "vary_subtle", "parent_job": 7})
+    (result,) = engine.draw([spec], init_image=source.png)
     recipe = read_recipe(_png_with_recipe(result.images[0], result.recipes[0]))
 
     assert recipe is not None
-    assert (recipe.kind, recipe.init_image_sha256, recipe.strength, recipe.parent_job) == (
+    assert (recipe.kind, recipe.mode, recipe.init_image_sha256, recipe.strength, recipe.parent_job) == (
+        "vary_subtle",
         "img2img",
         source.sha256,
         0.5,
         7,
     )
-    again = engine.generate(recipe.to_request(), init_image=source.png).images[0]
+    again = engine.draw([recipe.spec()], init_image=source.png)[0].images[0]
     assert np.array_equal(pixels(again), pixels(result.images[0]))
 
 
@@ -282,7 +282,7 @@ def test_kontext_edits_share_the_resident_vae_and_text_encoders_and_load_from_a_
     from tests.layouts import diffusers_to_bfl
 
     engine = FluxEngine.load(make_settings(kontext="tiny"), data_dir)
-    edit = GenerationRequest(prompt="make it night", seed=4, kind="edit", init_image=source.sha256)
+    edit = GenerationRequest(prompt="make it night", seed=4, mode="edit", init_image=source.sha256)
     result = engine.generate(edit, init_image=source.png)
     assert engine.kontext is not None
     kontext = engine.kontext.pipe

@@ -22,7 +22,7 @@ from bot.store.models import Delivery, JobKind, JobStatus
 from engine.api import GenerationRequest
 from engine.settings import EngineSettings
 from fluxbot.settings import LimitSettings, Settings
-from tests.bot_support import RecordingEvents, make_app, until, write_lock
+from tests.bot_support import RecordingEvents, make_app, spec_for, until, write_lock
 from tests.bot_support import make_settings as app_settings
 
 pytestmark = pytest.mark.usefixtures("database_backend")
@@ -115,7 +115,7 @@ async def test_two_bot_processes_admitting_at_once_cannot_both_pass_a_cap(
     quota = Quota(per_user=4, waiting=100, per_window=100, window_s=60)
 
     def new(i: int) -> NewJob:
-        return NewJob(7, "carol", 500, 600, JobKind.IMAGINE, {"prompt": f"p{i}"})
+        return NewJob(7, "carol", 500, 600, JobKind.IMAGINE, spec_for(f"p{i}"))
 
     try:
         stores = [JobStore(first), JobStore(second)]
@@ -140,7 +140,7 @@ async def test_one_burst_admitted_in_one_transaction_takes_each_limit_in_arrival
     store = JobStore(db)
 
     def new(user_id: int, at: int) -> NewJob:
-        return NewJob(user_id, f"u{user_id}", 500, 600, JobKind.IMAGINE, {"prompt": "p"}, interaction_id=at)
+        return NewJob(user_id, f"u{user_id}", 500, 600, JobKind.IMAGINE, spec_for("p"), interaction_id=at)
 
     try:
         (earlier,) = await store.admit_many([(new(1, 10), quota)])

@@ -13,8 +13,8 @@ from engine.api import GenerationRequest, LoraChoice
 from engine.engine import FluxEngine
 from engine.errors import ConfigError, LoraError
 from engine.hashing import FileHasher
-from engine.loras import LoraWhitelist
 from engine.settings import EngineSettings
+from engine.whitelist import LoraFiles, load_whitelist
 from tests.conftest import pixels
 from tests.lora_support import make_lora, sha, whitelist_toml
 
@@ -104,7 +104,7 @@ def test_trigger_words_are_prepended_and_recorded(lora_engine: FluxEngine) -> No
 
     assert result.recipes[0].final_prompt == "inkstyle, a cat"
     assert result.recipes[0].prompt == "a cat"
-    assert result.recipes[0].loras[0].sha256 == lora_engine.resolver.whitelist.get("inky").sha256
+    assert result.recipes[0].loras[0].sha256 == lora_engine.resolver.catalog.lora("inky").sha256
 
 
 def test_hash_mismatch_is_refused(lora_engine: FluxEngine) -> None:
@@ -141,7 +141,7 @@ def test_whitelist_file_paths_must_stay_inside_the_lora_folder(tmp_path: Path, f
     path.write_text(f'[bad]\nfile = "{file}"\nsha256 = "{"a" * 64}"\n')
 
     with pytest.raises(ConfigError, match=r"\[bad\]\.file"):
-        LoraWhitelist.load(path, tmp_path, FileHasher(None))
+        load_whitelist(path)
 
 
 def test_symlink_out_of_the_lora_folder_is_refused(tmp_path: Path) -> None:
@@ -150,12 +150,10 @@ def test_symlink_out_of_the_lora_folder_is_refused(tmp_path: Path) -> None:
     lora_dir = tmp_path / "Lora"
     lora_dir.mkdir()
     os.symlink(outside, lora_dir / "link.safetensors")
-    whitelist = LoraWhitelist.load(
-        _one_entry(tmp_path, "link.safetensors", sha(outside)), lora_dir, FileHasher(None)
-    )
+    entry = load_whitelist(_one_entry(tmp_path, "link.safetensors", sha(outside)))["x"]
 
     with pytest.raises(LoraError, match="outside the LoRA folder"):
-        whitelist.verify(whitelist.get("x"))
+        LoraFiles(lora_dir, FileHasher(None)).verify(entry.name, entry.file, entry.sha256)
 
 
 def _one_entry(tmp_path: Path, file: str, digest: str) -> Path:

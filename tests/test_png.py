@@ -47,7 +47,7 @@ def test_recipe_from_png_regenerates_identical_pixels(engine: FluxEngine) -> Non
     first = engine.generate(GenerationRequest(prompt="a snowy forest", seed=5))
     data = png_bytes(first.images[0], first.recipes[0])
 
-    again = engine.generate(read_recipe(data).to_request())
+    (again,) = engine.draw([read_recipe(data).spec()])
 
     assert np.array_equal(pixels(first.images[0]), pixels(again.images[0]))
 

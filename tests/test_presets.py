@@ -7,30 +7,27 @@ from pathlib import Path
 import pytest
 
 from engine.api import GenerationRequest, LoraChoice
+from engine.catalog import Catalog
 from engine.errors import ConfigError, RequestError
-from engine.hashing import FileHasher
-from engine.loras import LoraWhitelist
 from engine.presets import load_presets
 from engine.resolve import RequestResolver
 from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
-def resolver(tmp_path_factory: pytest.TempPathFactory) -> RequestResolver:
-    presets = load_presets(REPO / "config" / "presets.toml")
-    empty = LoraWhitelist({}, tmp_path_factory.mktemp("loras"), FileHasher(None))
-    return RequestResolver(presets, empty)
+def resolver() -> RequestResolver:
+    return RequestResolver(Catalog(load_presets(REPO / "config" / "presets.toml")))
 
 
 def test_shipped_dev_preset_has_flux_dev_settings(resolver: RequestResolver) -> None:
-    dev = resolver.resolve(GenerationRequest(prompt="a cat", preset="dev"))
+    dev = resolver.resolve(GenerationRequest(prompt="a cat", preset="dev")).spec
 
     assert (dev.guidance, dev.true_cfg, dev.sampler, dev.steps) == (3.5, 1.0, "euler", 28)
-    assert (dev.width, dev.height) == (1024, 1024)
+    assert (dev.width, dev.height, dev.max_sequence_length) == (1024, 1024, 512)
 
 
 def test_shipped_schnell_preset_has_four_steps_and_no_guidance(resolver: RequestResolver) -> None:
-    schnell = resolver.resolve(GenerationRequest(prompt="a cat", preset="schnell"))
+    schnell = resolver.resolve(GenerationRequest(prompt="a cat", preset="schnell")).spec
 
     assert (schnell.steps, schnell.guidance) == (4, None)
 
@@ -70,7 +67,7 @@ def test_requests_outside_preset_bounds_are_refused(
 
 
 def test_aspect_is_turned_into_a_size_on_the_grid(resolver: RequestResolver) -> None:
-    wide = resolver.resolve(GenerationRequest(prompt="a cat", size="16:9"))
+    wide = resolver.resolve(GenerationRequest(prompt="a cat", size="16:9")).spec
 
     assert wide.width % 16 == 0 and wide.height % 16 == 0
     assert abs(wide.width / wide.height - 16 / 9) < 0.03

@@ -168,7 +168,7 @@ def test_forge_models_folder_is_searched_by_role(
         models / "text_encoder" / "clip_l.safetensors",
         models / "text_encoder" / "t5xxl_fp8_e4m3fn.safetensors",
     )
-    assert forge_engine.resolver.whitelist.lora_dir == models / "Lora"
+    assert forge_engine.lora_files is not None and forge_engine.lora_files.lora_dir == models / "Lora"
     assert forge_engine.generate(GenerationRequest(prompt="a dog", seed=1)).images
 
 

@@ -85,7 +85,7 @@ def test_the_png_records_the_cache_and_how_many_steps_ran_in_full(engine: FluxEn
 def test_a_cached_recipe_reruns_to_the_same_pixels(engine: FluxEngine) -> None:
     first = draw(engine, "taylorseer:3")
 
-    again = engine.generate(first.recipes[0].to_request())
+    (again,) = engine.draw([first.recipes[0].spec()])
 
     assert same(first, again) and again.recipes[0].cache == "taylorseer:3:1"
 

@@ -83,7 +83,8 @@ async def test_rerun_reaches_only_jobs_the_asker_may_see(harness: Harness) -> No
     # Bob in the public channel: the public job only. Hidden channel, other guild, DM, and an id that
     # never existed all get the same "not found".
     assert (await finished_message(fake, await rerun(bob(fake), public.id)))["attachments"]
-    for job_id in (private.id, elsewhere.id, in_dm.id, 987654):
+    # (2**64 and -1: Discord sends no such integers, but nothing may depend on that.)
+    for job_id in (private.id, elsewhere.id, in_dm.id, 987654, 2**64, -1):
         assert await refused(fake, await rerun(bob(fake), job_id))
     # From another guild the public job of this guild is not found either; from a DM neither.
     assert await refused(fake, await rerun(bob(fake), public.id, OTHER_CHANNEL_ID))
@@ -177,7 +178,7 @@ async def test_mentions_markdown_and_bidi_in_prompts_are_echoed_inert(harness: H
     history = await fake.slash("history", [], alice(fake))
     await fake.wait_for(lambda: fake.original(history))
 
-    stored = (await job_of(harness, result)).request["prompt"]
+    stored = (await job_of(harness, result)).spec.prompt
     assert "\x00" not in stored and "\u202e" not in stored
     recipe = read_recipe(png_of(fake, result))
     assert recipe.prompt == stored

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -19,8 +20,8 @@ from bot.services.visibility import may_moderate
 from bot.services.workers import WorkerInfo
 from bot.store.admin import AdminStore
 from engine.errors import EngineError, first_problem
-from engine.loras import LoraEntry
 from engine.presets import Preset
+from engine.whitelist import LoraEntry, LoraFiles
 from fluxbot.settings import LimitSettings
 
 PRESET_KEY = "preset:"
@@ -61,10 +62,16 @@ class AdminPolicy:
 
 
 class AdminService:
-    def __init__(self, studio: Studio, store: AdminStore, policy: AdminPolicy) -> None:
+    """Changes to presets and the whitelist are stored and audited first, then published as a new
+    catalog snapshot (bot/services/rules.py): nothing a job is being resolved against changes under it."""
+
+    def __init__(
+        self, studio: Studio, store: AdminStore, policy: AdminPolicy, lora_files: LoraFiles | None = None
+    ) -> None:
         self.studio = studio
         self.store = store
         self.policy = policy
+        self.lora_files = lora_files  # the bot's own LoRA folder: a LoRA is hash-checked before it is listed
 
     def require(self, who: Requester, role_ids: Iterable[int]) -> None:
         if not self.policy.allows(who.user_id, role_ids):
@@ -72,16 +79,16 @@ class AdminService:
 
     async def load_overrides(self) -> None:
         """Apply what admins changed earlier (presets, LoRAs, limits) on top of the config files."""
-        resolver = self.studio.resolver
-        for key, value in (await self.store.settings_with_prefix(PRESET_KEY)).items():
-            name = key.removeprefix(PRESET_KEY)
-            resolver.presets[name] = Preset.model_validate(value)
+        catalog = self.studio.rules.catalog
+        for value in (await self.store.settings_with_prefix(PRESET_KEY)).values():
+            catalog = catalog.with_preset(Preset.model_validate(value))
         for key, value in (await self.store.settings_with_prefix(LORA_KEY)).items():
             name = key.removeprefix(LORA_KEY)
             if value.get("removed"):
-                resolver.whitelist.entries.pop(name, None)
+                catalog = catalog.without_lora(name)
             else:
-                resolver.whitelist.entries[name] = LoraEntry.model_validate(value)
+                catalog = catalog.with_lora(LoraEntry.model_validate(value))
+        self.studio.rules.publish(catalog)
         limits = await self.store.setting(LIMITS_KEY)
         if limits:
             self.studio.set_limits(LimitSettings.model_validate(limits))
@@ -94,10 +101,10 @@ class AdminService:
 
     # presets
     def presets(self) -> dict[str, Preset]:
-        return dict(self.studio.resolver.presets)
+        return dict(self.studio.rules.catalog.presets)
 
     async def set_preset(self, who: Requester, name: str, field: str, value: str) -> Preset:
-        current = self.studio.resolver.presets.get(name)
+        current = self.studio.rules.catalog.presets.get(name)
         if current is None:
             raise NotFound(f"There is no preset {name!r}.")
         if field not in Preset.model_fields or field in ("name", "family", "loras"):
@@ -111,35 +118,36 @@ class AdminService:
         await self.store.put_setting(
             PRESET_KEY + name, updated.model_dump(mode="json"), who.user_id, who.guild_id, "preset.set"
         )
-        self.studio.resolver.presets[name] = updated
+        self.studio.rules.publish(self.studio.rules.catalog.with_preset(updated))
         return updated
 
     # LoRA whitelist
     def loras(self) -> list[LoraEntry]:
-        return list(self.studio.resolver.whitelist.entries.values())
+        return list(self.studio.rules.catalog.loras.values())
 
     async def add_lora(self, who: Requester, fields: dict[str, Any]) -> LoraEntry:
         try:
             entry = LoraEntry.model_validate({k: v for k, v in fields.items() if v is not None})
         except ValidationError as exc:
             raise UserError(first_problem(exc)) from exc
-        try:
-            self.studio.resolver.whitelist.verify(entry)  # file present, hash matches: before it is listed
-        except EngineError as exc:
-            raise UserError(str(exc)) from exc
+        if self.lora_files is not None:
+            try:  # file present, hash matches: before it is listed (hashing: in a thread)
+                await asyncio.to_thread(self.lora_files.verify, entry.name, entry.file, entry.sha256)
+            except EngineError as exc:
+                raise UserError(str(exc)) from exc
         await self.store.put_setting(
             LORA_KEY + entry.name, entry.model_dump(mode="json"), who.user_id, who.guild_id, "lora.add"
         )
-        self.studio.resolver.whitelist.entries[entry.name] = entry
+        self.studio.rules.publish(self.studio.rules.catalog.with_lora(entry))
         return entry
 
     async def remove_lora(self, who: Requester, name: str) -> None:
-        if name not in self.studio.resolver.whitelist.entries:
+        if name not in self.studio.rules.catalog.loras:
             raise NotFound(f"LoRA {name!r} is not on the whitelist.")
         await self.store.put_setting(
             LORA_KEY + name, {"removed": True}, who.user_id, who.guild_id, "lora.remove"
         )
-        del self.studio.resolver.whitelist.entries[name]
+        self.studio.rules.publish(self.studio.rules.catalog.without_lora(name))
 
     # limits and users
     async def set_limit(self, who: Requester, field: str, value: float) -> LimitSettings:
@@ -201,7 +209,7 @@ class AdminService:
         steps = cached = 0
         for job in jobs:
             if job.timings and job.images:
-                per_preset.setdefault(str(job.request.get("preset")), []).append(
+                per_preset.setdefault(job.spec.preset, []).append(
                     float(job.timings["total_s"]) / len(job.images)
                 )
                 ran = int(job.timings.get("steps") or 0)

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from bot.observability import Metrics
 from bot.services.deliveries import Deliveries
@@ -26,12 +26,15 @@ from bot.services.events import JobEvents
 from bot.services.execution import Artifact, CannotRun, Executor, ImageMissing, Outcome
 from bot.services.fair_queue import FairQueue
 from bot.services.faults import Faults, Stopping, is_disk_fault
-from bot.services.image_safety import ImageClassifier
+from bot.services.tasks import TaskSet
 from bot.services.workers import WorkerInfo
 from bot.store.files import ImageFiles
 from bot.store.jobs import JobStore, StoredImage
 from bot.store.models import Job, JobStatus
 from fluxbot.settings import DeliverySettings
+
+if TYPE_CHECKING:
+    from bot.services.image_safety import ImageClassifier
 
 log = logging.getLogger(__name__)
 INTERRUPT_S = 10.0  # after the grace period: how long a stopped engine may take to reach its next step
@@ -84,7 +87,6 @@ class JobDispatcher:
         events: JobEvents,
         metrics: Metrics,
         faults: Faults,
-        family_of: Callable[[dict[str, Any]], str],
         delivery: DeliverySettings,
         classifier: ImageClassifier | None = None,
     ) -> None:
@@ -95,7 +97,6 @@ class JobDispatcher:
         self.events = events
         self.metrics = metrics
         self.faults = faults
-        self.family_of = family_of
         self.deliveries = Deliveries(store, events, faults, delivery, self._changed)
         self.clock = StepClock()
         self.fair = FairQueue()
@@ -108,7 +109,7 @@ class JobDispatcher:
         self._draining = False
         self._wake = asyncio.Event()  # something to launch, or an engine free
         self._change = asyncio.Event()  # any state change (drain and wait_idle watch it)
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet()
         self._loop: asyncio.Task[None] | None = None
 
     # start and stop
@@ -177,10 +178,7 @@ class JobDispatcher:
             self._loop = None
         await self.deliveries.stop()
         await self.executor.stop()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._tasks.cancel_all()
 
     # admission's side
 
@@ -203,8 +201,8 @@ class JobDispatcher:
         self._changed()
 
     def _describe(self, job: Job) -> Waiting:
-        steps, pixels = job_cost(job.request)
-        return Waiting(job.user_id, steps, pixels, self.family_of(job.request), job.guild_id)
+        steps, pixels = job_cost(job.spec)
+        return Waiting(job.user_id, steps, pixels, job.spec.family, job.guild_id)
 
     def _estimate(self, waiting: Waiting) -> float:
         return self.clock.estimate(waiting.steps, waiting.pixels)
@@ -546,6 +544,4 @@ class JobDispatcher:
             except Exception as exc:  # best effort: progress and worker names are not the outcome
                 log.info("%s failed: %s", what, exc)
 
-        task = asyncio.create_task(guarded())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(guarded())

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-DEFAULT_COST = (28, 1024 * 1024)
+from engine.spec import DrawSpec
 
 
 @dataclass
@@ -32,15 +32,9 @@ class StepClock:
             self.record(int(timings.get("steps", 1)), pixels, denoise, float(timings["total_s"]) - denoise)
 
 
-def job_cost(request: dict[str, Any]) -> tuple[int, int]:
-    """(steps, pixels) of a stored request, for ETAs."""
-    steps = int(request.get("steps") or DEFAULT_COST[0])
-    size = str(request.get("size") or "1024x1024")
-    try:
-        width, height = (int(x) for x in size.lower().split("x"))
-    except ValueError:
-        width, height = 1024, 1024
-    return steps * int(request.get("batch_size") or 1), width * height
+def job_cost(spec: DrawSpec) -> tuple[int, int]:
+    """(steps, pixels) of a job, for ETAs: every image of a batch is steps on the engine."""
+    return spec.steps * spec.batch_size, spec.pixels
 
 
 def etas(busy_s: Iterable[float], engines: int, waiting: Iterable[float]) -> list[float]:

@@ -17,15 +17,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bot.services.execution import INTERNAL_ERROR, EngineImage, Outcome, Report, Restored
+from bot.services.execution import INTERNAL_ERROR, CannotRun, EngineImage, Outcome, Report, Restored
 from bot.services.faults import Stopping
+from bot.services.rules import LiveRules
+from bot.services.tasks import TaskSet
 from bot.services.workers import Throughput, WorkerInfo, describe_engine
 from bot.store.files import ImageFiles
 from bot.store.models import Job
-from engine.api import GenerationRequest, StepProgress
+from engine.api import StepProgress
 from engine.engine import FluxEngine
 from engine.errors import EngineError, GenerationCancelled, RequestError
-from engine.preview import PreviewEvery
+from engine.spec import PreviewEvery
+from engine.whitelist import LoraUse
 
 log = logging.getLogger(__name__)
 HANDOFF_DEPTH = 2  # the job drawing and the one waiting beside it
@@ -37,6 +40,7 @@ class _Handed:
     """A job handed to the engine thread."""
 
     job: Job
+    loras: list[LoraUse]  # the files of its LoRAs, looked up when it was handed out
     cancel: threading.Event = field(default_factory=threading.Event)
     interrupted: bool = False  # stopped by a shutdown, not by a person
     began: bool = False
@@ -44,9 +48,14 @@ class _Handed:
 
 class LocalExecutor:
     def __init__(
-        self, engine: FluxEngine, files: ImageFiles | None = None, preview: PreviewEvery | None = None
+        self,
+        engine: FluxEngine,
+        rules: LiveRules,
+        files: ImageFiles | None = None,
+        preview: PreviewEvery | None = None,
     ) -> None:
         self.engine = engine
+        self.rules = rules  # where a job's LoRA files are looked up when it is handed out
         self.files = files  # where the input images of img2img jobs are
         self.preview = preview
         self.family = engine.info.family
@@ -58,7 +67,7 @@ class LocalExecutor:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._report: Report | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet()
 
     async def start(self, report: Report, unfinished: Sequence[Job]) -> Restored:
         self._report = report
@@ -73,9 +82,7 @@ class LocalExecutor:
             self._handoff.put(None)
             await asyncio.to_thread(self._thread.join, THREAD_JOIN_S)
             self._thread = None
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel_all()
 
     def free_families(self) -> set[str]:
         return set() if len(self._handed) >= HANDOFF_DEPTH else {self.family}
@@ -84,7 +91,11 @@ class LocalExecutor:
         return 1
 
     async def launch(self, job: Job) -> str | None:
-        handed = _Handed(job)
+        try:
+            loras = self.rules.lora_uses(job.spec)
+        except EngineError as exc:
+            raise CannotRun(f"It can't run: {exc}.") from exc
+        handed = _Handed(job, loras)
         self._handed.append(handed)
         self._handoff.put(handed)
         return None  # in-process: no worker name
@@ -136,14 +147,14 @@ class LocalExecutor:
         if handed.cancel.is_set():  # cancelled or stopped while it waited beside the last one
             return Outcome.interrupted() if handed.interrupted else Outcome.cancelled()
         try:
-            request = GenerationRequest.model_validate(job.request)
+            spec = job.spec
             init_image = None
-            if request.init_image is not None:
+            if spec.init_image is not None:
                 if self.files is None:
                     raise RequestError("this fluxbot keeps no input images")
-                init_image = self.files.read_input(request.init_image)  # the engine thread: may block
-            result = self.engine.generate(
-                request, on_step, handed.cancel, init_image=init_image, preview=self.preview
+                init_image = self.files.read_input(spec.init_image)  # the engine thread: may block
+            (result,) = self.engine.draw(
+                [spec], handed.loras, on_step, handed.cancel, init_image=init_image, preview=self.preview
             )
         except GenerationCancelled:
             return Outcome.interrupted() if handed.interrupted else Outcome.cancelled()
@@ -182,11 +193,7 @@ class LocalExecutor:
         self._resident = self.engine.loras.resident
         self.throughput.record(outcome.kind == "done")
         self._report.engine_free()
-        task = asyncio.create_task(
-            self._record(handed.job.id, outcome), name=f"fluxbot-record-{handed.job.id}"
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self._record(handed.job.id, outcome), f"fluxbot-record-{handed.job.id}")
 
     async def _record(self, job_id: int, outcome: Outcome) -> None:
         assert self._report is not None

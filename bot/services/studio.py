@@ -3,9 +3,9 @@ and reruns. Everything a user asks for that makes a job comes through `imagine`.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -16,16 +16,19 @@ from bot.services.admissions import GroupAdmission
 from bot.services.content_policy import BlockedTerms
 from bot.services.dispatcher import JobDispatcher
 from bot.services.errors import LimitReached, NotAllowed, NotFound, StoreBusy, UserError
+from bot.services.pictures import Pictures, size_for
+from bot.services.rules import LiveRules
 from bot.services.visibility import ChannelCheck, may_moderate, may_see, no_channel
-from bot.store.admin import AdminStore
 from bot.store.database import is_store_fault
 from bot.store.files import ImageFiles
 from bot.store.jobs import Admission, JobStore, NewJob, Quota
-from bot.store.models import Job, JobKind, JobStatus
-from engine.api import MAX_SEED, GenerationRequest, LoraChoice
+from bot.store.models import Job, JobKind
+from engine.api import GenerationRequest
 from engine.errors import RequestError, first_problem
-from engine.input_image import InputImage, normalize_input_image
+from engine.input_image import InputImage
+from engine.presets import Preset
 from engine.resolve import RequestResolver
+from engine.spec import MAX_SEED, DrawSpec
 from fluxbot.settings import ImageSettings, LimitSettings
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,7 @@ EDITS_OFF = (
     'engine.kontext = "<Kontext diffusers folder, .safetensors or .gguf>" (see the README).'
 )
 VARIATIONS = 4
+MAX_JOB_ID = 2**31 - 1  # Postgres' integer; SQLite's is wider, but no job id gets there
 # Called with the new job's id after it is stored and before it can start (the Discord layer holds
 # the job's progress and result until its first answer is out).
 OnStored = Callable[[int], None]
@@ -81,9 +85,8 @@ class HistoryPage:
 class Studio:
     def __init__(
         self,
-        resolver: RequestResolver,
+        rules: LiveRules,
         jobs: JobStore,
-        admin: AdminStore,
         queue: JobDispatcher,
         limits: LimitSettings,
         metrics: Metrics,
@@ -93,17 +96,21 @@ class Studio:
         edits: bool = False,
     ) -> None:
         self.edits = edits  # engine.kontext is set: /edit and the Edit button work
-        self.files = files
         self.images = images or ImageSettings()
+        self.pictures = Pictures(files, self.images, metrics)
         self.metrics = metrics
         self.blocked = blocked or BlockedTerms()
-        self.resolver = resolver
+        self.rules = rules
         self.jobs = jobs
         self.admissions = GroupAdmission(jobs)
-        self.admin = admin
         self.queue = queue
         self.limits = limits
         self.accepting = True  # False while shutting down
+
+    @property
+    def resolver(self) -> RequestResolver:
+        """The presets and whitelist in force now (admins replace them, see bot/services/rules.py)."""
+        return self.rules.resolver
 
     def set_limits(self, limits: LimitSettings) -> None:
         self.limits = limits
@@ -111,70 +118,62 @@ class Studio:
     def set_blocked(self, blocked: BlockedTerms) -> None:
         self.blocked = blocked
 
-    def validate(self, **fields: object) -> GenerationRequest:
-        """Build a request from command options; a bad option becomes a UserError naming it."""
+    def validate(self, image_coming: bool = False, **fields: object) -> GenerationRequest:
+        """Build a request from command options and check it before anything slow happens; a bad
+        option becomes a UserError naming it. `image_coming`: an attachment will be the input image."""
         try:
             request = GenerationRequest.model_validate({k: v for k, v in fields.items() if v is not None})
+            self.resolver.check(request, image_coming)
         except ValidationError as exc:
             self.metrics.rejections.labels("validation").inc()
             raise UserError(first_problem(exc)) from exc
-        try:
-            self.resolver.resolve(request)
         except RequestError as exc:
             self.metrics.rejections.labels("validation").inc()
             raise UserError(str(exc)) from exc
         return request
 
     async def imagine(
-        self,
-        who: Requester,
-        request: GenerationRequest,
-        kind: JobKind = JobKind.IMAGINE,
-        parent_id: int | None = None,
-        on_stored: OnStored | None = None,
+        self, who: Requester, request: GenerationRequest, on_stored: OnStored | None = None
     ) -> Ticket:
-        """Check, store (with the limits taken in the same transaction), then queue. A job is never
-        queued, or answered as queued, before it is committed."""
-        if not self.accepting:
-            raise LimitReached("fluxbot is restarting; try again in a minute.")
+        """What someone asked for, resolved into a spec, checked, stored, queued."""
         try:
-            resolved = self.resolver.resolve(request)
+            resolution = self.resolver.resolve(request)
         except RequestError as exc:
             self.metrics.rejections.labels("validation").inc()
             raise UserError(str(exc)) from exc
-        if (term := self.blocked.find(request.prompt)) is not None:
+        kind = JobKind.EDIT if resolution.spec.mode == "edit" else JobKind.IMAGINE
+        return await self.admit(who, resolution.spec, kind, None, on_stored, resolution.warnings)
+
+    async def admit(
+        self,
+        who: Requester,
+        spec: DrawSpec,
+        kind: JobKind,
+        parent_id: int | None = None,
+        on_stored: OnStored | None = None,
+        warnings: tuple[str, ...] = (),
+    ) -> Ticket:
+        """Check the policy, then store (with the limits taken in the same transaction), then queue. A
+        job is never queued, or answered as queued, before it is committed."""
+        if not self.accepting:
+            raise LimitReached("fluxbot is restarting; try again in a minute.")
+        if (term := self.blocked.find(spec.prompt)) is not None:
             self.metrics.rejections.labels("policy").inc()
             raise NotAllowed(f"Your prompt contains a term that is blocked here ({term!r}). Rephrase it.")
-        if resolved.nsfw and not who.age_restricted:
+        nsfw = self.resolver.nsfw(spec)
+        if nsfw and not who.age_restricted:
             self.metrics.rejections.labels("policy").inc()
             raise NotAllowed(
-                f"The {' and the '.join(resolved.nsfw)} can only be used in age-restricted channels "
+                f"The {' and the '.join(nsfw)} can only be used in age-restricted channels "
                 "(or in a DM with fluxbot)."
             )
-        # Everything that decides the pixels is pinned, so /rerun repeats the image even after
-        # an admin changes a preset's defaults.
-        pinned = request.model_copy(
-            update={
-                "preset": resolved.preset,
-                "size": f"{resolved.width}x{resolved.height}",
-                "seed": resolved.seeds[0],
-                "steps": resolved.steps,
-                "guidance": resolved.guidance,
-                "cache": resolved.cache,
-                "loras": tuple(
-                    LoraChoice(name=lo.name, weight=lo.weight)
-                    for lo in resolved.loras
-                    if lo.name in {c.name for c in request.loras}
-                ),
-            }
-        )
         new = NewJob(
             user_id=who.user_id,
             user_name=who.user_name,
             guild_id=who.guild_id,
             channel_id=who.channel_id,
             kind=kind,
-            request=pinned.model_dump(mode="json"),
+            spec=spec.model_copy(update={"origin": kind.value, "parent_job": parent_id}),
             parent_id=parent_id,
             application_id=who.application_id,
             interaction_id=who.interaction_id,
@@ -202,9 +201,7 @@ class Studio:
                 on_stored(job.id)
             entry = self.queue.push(job)
         position, eta = (entry.position, entry.eta_s) if entry is not None else (0, 0.0)
-        return Ticket(
-            job.id, position, eta, int(job.request["seed"]), job.request["prompt"], resolved.warnings
-        )
+        return Ticket(job.id, position, eta, job.spec.seed, job.spec.prompt, warnings)
 
     def _quota(self) -> Quota:
         limits = self.limits
@@ -228,92 +225,57 @@ class Studio:
         per = f"{window:g} s" if window < 120 else f"{window / 60:g} min"
         raise LimitReached(f"Slow down: at most {admission.limit} jobs per {per}. Try again shortly.")
 
+    # Jobs made from a stored one: its spec, with a field or two changed.
+
     async def reroll(self, who: Requester, job_id: int, on_stored: OnStored | None = None) -> Ticket:
-        """Same recipe, new seed, as a new job of whoever asked."""
-        parent = await self._job(job_id, who)
-        request = GenerationRequest.model_validate(parent.request).model_copy(update={"seed": None})
-        return await self.imagine(who, request, JobKind.REROLL, parent.id, on_stored)
+        """Same spec, new seed, as a new job of whoever asked."""
+        parent, _ = await self._stored(job_id, who)
+        spec = parent.spec.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
+        return await self.admit(who, spec, JobKind.REROLL, parent.id, on_stored)
 
     async def rerun(
         self, who: Requester, job_id: int, seed: int | None = None, on_stored: OnStored | None = None
     ) -> Ticket:
         """The stored job again; without a seed it is the identical image."""
-        parent = await self._job(job_id, who)
         if seed is not None and not 0 <= seed <= MAX_SEED:
             raise UserError(f"seed must be between 0 and {MAX_SEED}")
-        request = GenerationRequest.model_validate(parent.request)
-        if seed is not None:
-            request = request.model_copy(update={"seed": seed})
-        return await self.imagine(who, request, JobKind.RERUN, parent.id, on_stored)
+        parent, _ = await self._stored(job_id, who)
+        spec = parent.spec if seed is None else parent.spec.model_copy(update={"seed": seed})
+        return await self.admit(who, spec, JobKind.RERUN, parent.id, on_stored)
 
     async def variations(self, who: Requester, job_id: int, on_stored: OnStored | None = None) -> Ticket:
         """A batch of images from the seeds right after the original's."""
-        parent = await self._job(job_id, who)
-        request = GenerationRequest.model_validate(parent.request)
-        seed = ((request.seed or 0) + 1) % (MAX_SEED + 1)
+        parent, _ = await self._stored(job_id, who)
+        spec = parent.spec
         batch = min(VARIATIONS, self.resolver.max_batch_size)
-        variation = request.model_copy(update={"seed": seed, "batch_size": batch})
-        return await self.imagine(who, variation, JobKind.VARIATION, parent.id, on_stored)
-
-    async def image_prompt(self, data: bytes) -> InputImage:
-        """An uploaded image checked, normalized and stored (content-addressed) for a job to draw
-        from; a refusal is one UserError line. Nothing else is stored for a refused image."""
-        files = self._files()
-        max_bytes, max_pixels = (
-            int(self.images.max_input_mb * 1e6),
-            int(self.images.max_input_megapixels * 1e6),
-        )
-        try:
-            return await asyncio.to_thread(_kept_input, files, data, max_bytes, max_pixels)
-        except RequestError as exc:
-            self.metrics.rejections.labels("validation").inc()
-            raise UserError(f"That image can't be used: {exc}.") from exc
-
-    def size_for_input(self, request: GenerationRequest, image: InputImage) -> str:
-        """Without a size option, an image prompt keeps its aspect (the preset's nearest allowed one)
-        at the preset's pixel count."""
-        preset = self.resolver.preset(request.preset)
-        aspects = [tuple(int(x) for x in a.split(":")) for a in preset.aspects] or [
-            (image.width, image.height)
-        ]
-        ratio = image.width / image.height
-        for aw, ah in sorted(aspects, key=lambda a: abs(math.log(a[0] / a[1] / ratio))):
-            width, height = preset.size_for_aspect(aw, ah)
-            if preset.size_problem(width, height) is None:  # tiny grids can round the aspect off
-                return f"{width}x{height}"
-        return f"{preset.width}x{preset.height}"
+        variation = spec.model_copy(update={"seed": (spec.seed + 1) % (MAX_SEED + 1), "batch_size": batch})
+        return await self.admit(who, variation, JobKind.VARIATION, parent.id, on_stored)
 
     async def vary(
         self, who: Requester, job_id: int, strong: bool, on_stored: OnStored | None = None
     ) -> Ticket:
         """Vary (Subtle / Strong): img2img from the job's picture at the preset's strength, new seed,
         as the presser's own job."""
-        parent, image = await self._drawn(job_id, who)
-        preset = self.resolver.preset(parent.request.get("preset"))
+        parent, preset = await self._stored(job_id, who)
+        image = await self._drawn(parent, who)
         kind = JobKind.VARY_STRONG if strong else JobKind.VARY_SUBTLE
         strength = preset.vary_strong_strength if strong else preset.vary_subtle_strength
-        request = _redraw(parent, image, kind, seed=None, strength=strength)
-        return await self.imagine(who, request, kind, parent.id, on_stored)
+        spec = _redraw(parent.spec, image, strength, secrets.randbelow(MAX_SEED + 1))
+        return await self.admit(who, spec, kind, parent.id, on_stored)
 
     async def upscale(
         self, who: Requester, job_id: int, on_stored: OnStored | None = None, picture: int = 1
     ) -> Ticket:
         """Upscale x2 (hi-res fix): the job's `picture` (1-based) resized 2x, then redrawn lightly at
         that size with its seed; refused past the preset's megapixel cap."""
-        parent, image = await self._drawn(job_id, who, picture)
-        preset = self.resolver.preset(parent.request.get("preset"))
+        parent, preset = await self._stored(job_id, who)
+        image = await self._drawn(parent, who, picture)
         width, height = 2 * image.width, 2 * image.height
         if (problem := preset.size_problem(width, height)) is not None:
             raise UserError(f"Upscale x2 would be {width}x{height}: {problem}.")
-        request = _redraw(
-            parent,
-            image,
-            JobKind.UPSCALE,
-            seed=parent.images[picture - 1].seed,
-            size=f"{width}x{height}",
-            strength=preset.upscale_strength,
-        )
-        return await self.imagine(who, request, JobKind.UPSCALE, parent.id, on_stored)
+        spec = _redraw(parent.spec, image, preset.upscale_strength, parent.images[picture - 1].seed)
+        spec = spec.model_copy(update={"width": width, "height": height})
+        return await self.admit(who, spec, JobKind.UPSCALE, parent.id, on_stored)
 
     async def edit(
         self,
@@ -330,46 +292,46 @@ class Studio:
             raise UserError(EDITS_OFF)
         parent: Job | None = None
         if job_id is not None:
-            parent, image = await self._drawn(job_id, who, picture)
+            parent = await self._job(job_id, who)
+            image = await self._drawn(parent, who, picture)
         if image is None:
             raise UserError("Give the image to edit: attach one, or name a job_id.")
-        preset = EDIT_PRESET if EDIT_PRESET in self.resolver.presets else None
+        preset = EDIT_PRESET if EDIT_PRESET in self.resolver.catalog.presets else None
         try:
             request = GenerationRequest(
-                prompt=instruction, preset=preset, kind="edit", init_image=image.sha256, parent_job=job_id
+                prompt=instruction, preset=preset, mode="edit", init_image=image.sha256
             )
+            request = request.model_copy(update={"size": self.size_for_input(request, image)})
+            resolution = self.resolver.resolve(request)
         except ValidationError as exc:
             raise UserError(first_problem(exc)) from exc
-        request = request.model_copy(update={"size": self.size_for_input(request, image)})
+        except RequestError as exc:
+            raise UserError(str(exc)) from exc
         parent_id = parent.id if parent is not None else None
-        return await self.imagine(who, request, JobKind.EDIT, parent_id, on_stored)
+        return await self.admit(who, resolution.spec, JobKind.EDIT, parent_id, on_stored, resolution.warnings)
 
-    async def _drawn(self, job_id: int, who: Requester, picture: int = 1) -> tuple[Job, InputImage]:
-        """A job's picture (1-based) as an input image, if `who` may see the job and its picture."""
-        parent = await self._job(job_id, who)
-        if parent.status != JobStatus.DONE or not parent.images:
-            raise UserError(f"Job {job_id} has no picture to draw from (it is {parent.status}).")
-        if not 1 <= picture <= len(parent.images):
-            raise UserError(
-                f"Job {job_id} has {len(parent.images)} picture(s); pick 1 to {len(parent.images)}."
-            )
-        # A flagged picture is drawn from only where it may be shown (its own channel may have been
-        # age-restricted, the presser's is not necessarily).
-        if parent.safety and parent.safety.get("flagged") and not who.age_restricted:
-            raise NotAllowed(f"The picture of job {job_id} was withheld; it can't be drawn from here.")
-        files = self._files()
-        stored = parent.images[picture - 1]
+    async def _stored(self, job_id: int, who: Requester) -> tuple[Job, Preset]:
+        """A job `who` may see, whose spec may still be drawn (its preset and LoRAs not withdrawn)."""
+        job = await self._job(job_id, who)
+        try:
+            return job, self.resolver.check_stored(job.spec)
+        except RequestError as exc:
+            raise UserError(f"Job {job_id} can't be drawn again: {exc}.") from exc
 
-        def as_input() -> InputImage:  # blocking: read, normalize (the recipe chunks go), store
-            data = files.read(stored.path)
-            return _kept_input(files, data, len(data), stored.width * stored.height)
+    # Image prompts (bot/services/pictures.py)
 
-        return parent, await asyncio.to_thread(as_input)
+    async def image_prompt(self, data: bytes) -> InputImage:
+        """An uploaded image checked, normalized and stored; a refusal is one UserError line."""
+        return await self.pictures.upload(data)
 
-    def _files(self) -> ImageFiles:
-        if self.files is None:
-            raise UserError("Image prompts are not set up in this fluxbot.")
-        return self.files
+    def size_for_input(self, request: GenerationRequest, image: InputImage) -> str:
+        try:
+            return size_for(self.resolver.preset(request.preset), image)
+        except RequestError as exc:
+            raise UserError(str(exc)) from exc
+
+    async def _drawn(self, parent: Job, who: Requester, picture: int = 1) -> InputImage:
+        return await self.pictures.of_job(parent, who.age_restricted, picture)
 
     async def job_on_message(self, who: Requester, message_id: int) -> Job | None:
         """The job a message shows (for 🔁 reactions), if `who` may see it."""
@@ -398,7 +360,7 @@ class Studio:
 
     async def cancel(self, who: Requester, job_id: int) -> None:
         """The owner's own job, or (an admin) any job asked in the admin's guild."""
-        job = await self.jobs.get(job_id)
+        job = await self.jobs.get(job_id) if 1 <= job_id <= MAX_JOB_ID else None
         if job is None or not (
             job.user_id == who.user_id or (who.is_admin and may_moderate(job.guild_id, who))
         ):
@@ -408,32 +370,27 @@ class Studio:
             raise UserError(f"Job {job_id} is not queued or running (it is {job.status}).")
 
     async def _job(self, job_id: int, who: Requester) -> Job:
-        """A job `who` refers to; one they may not see is as missing as one that never was."""
-        job = await self.jobs.get(job_id)
+        """A job `who` refers to; one they may not see is as missing as one that never was (an id no
+        database could hold, too: a client may send any number)."""
+        job = await self.jobs.get(job_id) if 1 <= job_id <= MAX_JOB_ID else None
         if job is None or not may_see(job, who):
             raise NotFound(_not_found(job_id))
         return job
 
 
-def _redraw(parent: Job, image: InputImage, kind: JobKind, **update: object) -> GenerationRequest:
-    """The parent's recipe drawing from `image` (one picture), as a job of `kind` (the recipe's kind
-    is the job kind's name: vary_subtle, vary_strong, upscale)."""
-    return GenerationRequest.model_validate(parent.request).model_copy(
+def _redraw(spec: DrawSpec, image: InputImage, strength: float, seed: int) -> DrawSpec:
+    """A job's spec redrawing one of its pictures (img2img at `strength`), one image."""
+    return spec.model_copy(
         update={
-            "batch_size": 1,
+            "mode": "img2img",
             "init_image": image.sha256,
-            "kind": kind.value,
-            "parent_job": parent.id,
-            **update,
+            "strength": strength,
+            "seed": seed,
+            "batch_size": 1,
+            "width": image.width,
+            "height": image.height,
         }
     )
-
-
-def _kept_input(files: ImageFiles, data: bytes, max_bytes: int, max_pixels: int) -> InputImage:
-    """An image checked, normalized and stored as an input (content-addressed). Blocking."""
-    image = normalize_input_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
-    files.save_input(image)
-    return image
 
 
 def _not_found(job_id: int) -> str:

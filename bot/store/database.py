@@ -68,9 +68,10 @@ class Database:
                 await session.execute(lock, {"key": SERIALIZED_LOCK_KEY})
             yield session
 
-    async def upgrade(self) -> None:
-        """Apply alembic migrations up to head (alembic's env runs its own loop, so in a thread)."""
-        await asyncio.to_thread(upgrade_database, self.url)
+    async def upgrade(self, catalog: dict[str, Any] | None = None) -> None:
+        """Apply alembic migrations up to head (alembic's env runs its own loop, so in a thread).
+        `catalog`: the presets and whitelist in use, for migrations that convert stored jobs."""
+        await asyncio.to_thread(upgrade_database, self.url, "head", catalog)
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -95,11 +96,12 @@ def _ensure_sqlite_folder(url: str) -> None:
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets /history read while a job is recorded; busy_timeout rides out short write locks.
     cursor = dbapi_connection.cursor()
+    # First: setting the journal mode needs a lock another process (a second bot) may be holding.
+    cursor.execute(f"PRAGMA busy_timeout={LOCK_WAIT_MS}")
     cursor.execute("PRAGMA journal_mode=WAL")
     # In WAL mode NORMAL syncs at checkpoints, not on every commit: a commit is still durable when the
     # process is killed (kill -9 loses nothing), only a power cut can lose the last commits.
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute(f"PRAGMA busy_timeout={LOCK_WAIT_MS}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
     # SQLAlchemy emits BEGIN itself (below), so a transaction can ask for BEGIN IMMEDIATE.
@@ -120,9 +122,12 @@ def alembic_config(url: str) -> Any:
     return config
 
 
-def upgrade_database(url: str, revision: str = "head") -> None:
+def upgrade_database(url: str, revision: str = "head", catalog: dict[str, Any] | None = None) -> None:
     from alembic import command
 
     _ensure_sqlite_folder(url)
     log.info("migrating the database to %s", revision)
-    command.upgrade(alembic_config(url), revision)
+    config = alembic_config(url)
+    if catalog is not None:
+        config.attributes["fluxbot_catalog"] = catalog
+    command.upgrade(config, revision)

@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import Update, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.store.database import Database
 from bot.store.models import FINISHED, UNFINISHED, Delivery, Image, Job, JobKind, JobStatus, User, utcnow
+from engine.spec import DrawSpec
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class NewJob:
     guild_id: int | None
     channel_id: int | None
     kind: JobKind
-    request: dict[str, Any]
+    spec: DrawSpec
     parent_id: int | None = None
     application_id: int | None = None
     interaction_id: int | None = None
@@ -97,7 +98,7 @@ def _new_job(new: NewJob) -> Job:
         channel_id=new.channel_id,
         kind=new.kind,
         parent_id=new.parent_id,
-        request=new.request,
+        spec=new.spec,
         status=JobStatus.QUEUED,
         attempts=0,
         application_id=new.application_id,
@@ -111,6 +112,12 @@ def _new_job(new: NewJob) -> Job:
         delivery_attempts=0,
         images=[],
     )
+
+
+async def _updated(session: AsyncSession, statement: Update) -> int:
+    """Rows an UPDATE changed (what a conditional transition checks)."""
+    connection = await session.connection()  # the session's own transaction; a Core result has rowcount
+    return (await connection.execute(statement)).rowcount
 
 
 class JobStore:
@@ -244,12 +251,12 @@ class JobStore:
     async def requeue_interrupted(self, keep: Collection[int] = ()) -> int:
         """After a restart: every `running` job but those still held by an engine goes back in line."""
         async with self.db.write() as session:
-            result = await session.execute(
+            return await _updated(
+                session,
                 update(Job)
                 .where(Job.status == JobStatus.RUNNING, Job.id.not_in(list(keep)))
-                .values(status=JobStatus.QUEUED, started_at=None)
+                .values(status=JobStatus.QUEUED, started_at=None),
             )
-            return int(result.rowcount)  # type: ignore[attr-defined]
 
     async def finish(
         self,
@@ -274,10 +281,8 @@ class JobStore:
                 values["worker"] = worker
             if images:
                 values["recipe"] = images[0].recipe
-            result = await session.execute(
-                update(Job).where(Job.id == job_id, Job.status.in_(UNFINISHED)).values(**values)
-            )
-            if result.rowcount != 1:  # type: ignore[attr-defined]
+            statement = update(Job).where(Job.id == job_id, Job.status.in_(UNFINISHED)).values(**values)
+            if await _updated(session, statement) != 1:
                 return None
             for image in images:
                 session.add(Image(job_id=job_id, **image.__dict__))
@@ -285,10 +290,8 @@ class JobStore:
 
     async def _transition(self, job_id: int, allowed: Collection[JobStatus], **values: Any) -> bool:
         async with self.db.write() as session:
-            result = await session.execute(
-                update(Job).where(Job.id == job_id, Job.status.in_(list(allowed))).values(**values)
-            )
-            return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+            statement = update(Job).where(Job.id == job_id, Job.status.in_(list(allowed))).values(**values)
+            return await _updated(session, statement) == 1
 
     # delivery
 

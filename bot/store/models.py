@@ -21,16 +21,38 @@ from sqlalchemy import (
     or_,
 )
 from sqlalchemy import false as sa_false
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.hybrid import hybrid_property
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+from engine.spec import DrawSpec
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class SpecJSON(TypeDecorator[DrawSpec]):
+    """A DrawSpec stored as its JSON (the same text in SQLite and Postgres), read back validated: code
+    reads typed fields, never `request["size"]` by string key."""
+
+    impl = JSON
+    cache_ok = True
+
+    def process_bind_param(self, value: DrawSpec | None, dialect: Dialect) -> Any:
+        return None if value is None else value.model_dump(mode="json")
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> DrawSpec | None:
+        return None if value is None else DrawSpec.model_validate(value)
+
+
 class Base(DeclarativeBase):
-    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        dict[str, Any]: JSON,
+        list[Any]: JSON,
+        DrawSpec: SpecJSON,
+    }
 
 
 class JobStatus(enum.StrEnum):
@@ -72,6 +94,8 @@ class Delivery(enum.StrEnum):
 
 
 class JobKind(enum.StrEnum):
+    """How a job came to be (provenance, shown and recorded); what it draws is its spec's `mode`."""
+
     IMAGINE = "imagine"  # from text, or from an attached image (img2img)
     REROLL = "reroll"
     RERUN = "rerun"
@@ -103,7 +127,7 @@ class Job(Base):
     channel_id: Mapped[int | None] = mapped_column(BigInteger)
     kind: Mapped[JobKind] = mapped_column(Enum(JobKind, native_enum=False, length=16))
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"))
-    request: Mapped[dict[str, Any]] = mapped_column(JSON)  # GenerationRequest as JSON, seed filled in
+    spec: Mapped[DrawSpec] = mapped_column(SpecJSON)  # what it draws: resolved, seed included
     recipe: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     status: Mapped[JobStatus] = mapped_column(
         Enum(JobStatus, native_enum=False, length=16), default=JobStatus.QUEUED, index=True

@@ -1,0 +1,117 @@
+"""What a job is: one typed spec from the command to the engine and into the database.
+
+`DrawSpec` is a request with every default filled in and every preset bound checked (engine/resolve.py
+makes it from what a user typed). The bot stores it as it is, Reroll/Vary/Upscale are copies of it with
+a field or two changed, scale-out workers receive it, and the engine draws it checking only its own
+hard limits. This module imports neither torch nor discord: the bot process reads it without either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from engine.step_cache import NO_CACHE, StepCacheField
+
+MAX_SEED = 2**32 - 1  # A1111/Forge seeds are 32-bit; keeping to that makes recipes portable.
+SHA256 = r"^[0-9a-f]{64}$"
+Family = Literal["flux1", "flux2"]
+# What the engine does with a spec: draw from text, redraw an input image (img2img: Vary, Upscale,
+# image prompts), or edit one with an instruction (Kontext).
+Mode = Literal["txt2img", "img2img", "edit"]
+
+
+class SpecLora(BaseModel):
+    """A LoRA as a job uses it: pinned by its file's sha256, at the weight the job asked for."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+    sha256: str = Field(pattern=SHA256)
+    weight: float = Field(ge=-4.0, le=4.0, allow_inf_nan=False)
+
+
+class DrawSpec(BaseModel):
+    """Everything that decides a job's pixels, and where it came from. Immutable: change it with
+    `model_copy(update=...)`, which the bot does for rerolls, variations, Vary and Upscale."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    family: Family
+    mode: Mode = "txt2img"
+    preset: str = Field(min_length=1, max_length=64)
+    prompt: str = Field(min_length=1, max_length=2000)  # as typed (cleaned); what people are shown
+    final_prompt: str = Field(min_length=1, max_length=4000)  # what the model reads: trigger words first
+    width: int = Field(ge=16, le=8192)
+    height: int = Field(ge=16, le=8192)
+    steps: int = Field(ge=1, le=200)
+    guidance: float | None = Field(None, ge=0.0, le=30.0)  # FLUX.1 dev's distilled guidance
+    true_cfg: float = Field(1.0, ge=1.0, le=10.0)
+    sampler: Literal["euler"] = "euler"
+    max_sequence_length: int = Field(512, ge=16, le=512)
+    seed: int = Field(ge=0, le=MAX_SEED)
+    batch_size: int = Field(1, ge=1, le=16)  # images, seeds seed, seed + 1, ...
+    loras: tuple[SpecLora, ...] = ()
+    init_image: str | None = Field(None, pattern=SHA256)  # img2img and edits: the input PNG's sha256
+    strength: float | None = Field(None, gt=0.0, le=1.0)  # img2img: how much is redrawn
+    cache: StepCacheField = NO_CACHE
+    # Provenance, copied into the recipe: the bot's job kind (imagine, reroll, upscale, ...) and the
+    # job it was made from. Nothing in the engine depends on them.
+    origin: str = Field("imagine", max_length=16, pattern=r"^[a-z0-9_]+$")
+    parent_job: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _mode_fits_its_inputs(self) -> Self:
+        if self.mode == "txt2img" and (self.init_image is not None or self.strength is not None):
+            raise ValueError("a txt2img spec has no input image or strength")
+        if self.mode == "img2img" and (self.init_image is None or self.strength is None):
+            raise ValueError("an img2img spec needs an input image and a strength")
+        if self.mode == "edit" and (self.init_image is None or self.strength is not None or self.loras):
+            raise ValueError("an edit spec needs an input image, and takes no strength and no LoRAs")
+        return self
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        return tuple((self.seed + i) % (MAX_SEED + 1) for i in range(self.batch_size))
+
+    @property
+    def size(self) -> str:
+        return f"{self.width}x{self.height}"
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    @property
+    def batch_key(self) -> tuple[Any, ...]:
+        """Specs with equal keys can share one pipeline call (their prompts and seeds may differ)."""
+        return (
+            self.family,
+            self.mode,
+            self.width,
+            self.height,
+            self.steps,
+            self.guidance,
+            self.true_cfg,
+            self.max_sequence_length,
+            self.loras,
+            self.init_image,
+            self.strength,
+            self.cache,
+        )
+
+
+@dataclass(frozen=True)
+class PreviewEvery:
+    """How often a job shows the picture forming: every `steps` denoising steps, or else at most
+    once per `seconds` (the bot's progress interval: more would never reach Discord)."""
+
+    seconds: float = 1.5
+    steps: int | None = None
+
+    def due(self, step_index: int, since_last_s: float) -> bool:
+        if self.steps is not None:
+            return step_index % self.steps == 0
+        return since_last_s >= self.seconds
