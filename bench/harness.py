@@ -16,7 +16,7 @@ from fluxbot.logs import quiet
 
 quiet("discord", "alembic", "aiohttp.access", "bot", "engine")
 
-from bot.client import FluxBot, point_at  # noqa: E402
+from bot.client import FluxBot, build_bot  # noqa: E402
 from engine.engine import FluxEngine  # noqa: E402
 from engine.settings import EngineSettings  # noqa: E402
 from fluxbot.settings import LimitSettings, Settings  # noqa: E402
@@ -78,8 +78,7 @@ async def start_bot(
         limits=limits,
     )
     engine = await asyncio.to_thread(FluxEngine.load, settings.engine, work)
-    point_at(fake.api_base, fake.gateway_url)
-    bot = FluxBot(settings, engine=engine)
+    bot = await build_bot(settings, engine)
     task = asyncio.create_task(bot.start("bench-token"))
     await asyncio.wait_for(bot.wait_until_ready(), 120)
     return BenchBot(fake, bot, task, fake_loop, fake_thread)

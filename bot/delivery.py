@@ -66,7 +66,6 @@ class DiscordDelivery:
         self._last_edit: dict[int, float] = {}
         # Recently finished jobs, to drop progress events that arrive after the result (bounded).
         self._finished: OrderedDict[int, None] = OrderedDict()
-        self._started: set[int] = set()
         # One lock per job: edits of one message go out in order.
         self._locks: dict[int, asyncio.Lock] = {}
         # Jobs whose first answer (the queued message) is still going out: their progress and result
@@ -111,7 +110,6 @@ class DiscordDelivery:
     async def started(self, job: Job) -> None:
         async with self._lock(job.id):
             await self._after_answer(job.id)
-            self._started.add(job.id)
             self._last_edit[job.id] = time.monotonic()
             await self._edit_status(job, render.started(job))
 
@@ -136,7 +134,6 @@ class DiscordDelivery:
             self._finished[job.id] = None
             while len(self._finished) > 10_000:
                 self._finished.popitem(last=False)
-            self._started.discard(job.id)
             self._last_edit.pop(job.id, None)
             self._previews.pop(job.id, None)
             message_id = await self._deliver(job)
@@ -177,11 +174,8 @@ class DiscordDelivery:
             ]
         try:
             if (target := self._webhook_message(job)) is not None:
-                await self._webhook(job).edit_message(
-                    target,  # type: ignore[arg-type]
-                    content=text,
-                    allowed_mentions=owner_only(job.user_id),
-                    **extra,
+                await self._edit_webhook_message(
+                    job, target, content=text, allowed_mentions=owner_only(job.user_id), **extra
                 )
             elif message_id and job.channel_id:
                 channel = self._client.get_partial_messageable(job.channel_id)
@@ -226,7 +220,7 @@ class DiscordDelivery:
                 }
                 if view is not None:
                     kwargs["view"] = view
-                message = await self._webhook(job).edit_message(target, **kwargs)  # type: ignore[arg-type]
+                message = await self._edit_webhook_message(job, target, **kwargs)
                 return message.id
             except discord.NotFound:
                 log.info("job %d: interaction expired; posting in the channel instead", job.id)
@@ -242,6 +236,14 @@ class DiscordDelivery:
             kwargs["view"] = view
         posted = await channel.send(**kwargs)
         return posted.id
+
+    async def _edit_webhook_message(
+        self, job: Job, target: int | str, **kwargs: Any
+    ) -> discord.WebhookMessage:
+        """A message of the interaction's webhook: by id, or "@original" (the interaction's first
+        answer, while the job's message id is not stored yet), which Discord's API takes in place of
+        an id and discord.py passes through, though it types the argument as an int."""
+        return await self._webhook(job).edit_message(target, **kwargs)  # type: ignore[arg-type]
 
     def _webhook(self, job: Job) -> discord.Webhook:
         assert job.application_id is not None and job.interaction_token is not None

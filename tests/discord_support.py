@@ -7,7 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bot.client import FluxBot, point_at
+from bot.app import App
+from bot.client import FluxBot, build_bot
 from engine.engine import FluxEngine
 from engine.settings import EngineSettings
 from fluxbot.settings import LimitSettings, Settings
@@ -27,11 +28,10 @@ class Harness:
         self.bot: FluxBot | None = None
         self.task: asyncio.Task[None] | None = None
 
-    async def start(self) -> FluxBot:
-        point_at(self.fake.api_base, self.fake.gateway_url)
+    async def start(self, token: str = "fake-token") -> FluxBot:
         self.fake.identified.clear()
-        self.bot = FluxBot(self.settings, engine=self.engine)
-        self.task = asyncio.create_task(self.bot.start("fake-token"))
+        self.bot = await build_bot(self.settings, self.engine)
+        self.task = asyncio.create_task(self.bot.start(token))
         await asyncio.wait_for(self.bot.wait_until_ready(), 60)
         return self.bot
 
@@ -43,8 +43,8 @@ class Harness:
         self.bot = self.task = None
 
     @property
-    def app(self) -> Any:
-        assert self.bot is not None and self.bot.app is not None
+    def app(self) -> App:
+        assert self.bot is not None
         return self.bot.app
 
 

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bot.client import FluxBot, point_at
 from bot.store.models import JobStatus
 from engine.engine import FluxEngine
 from engine.png import read_recipe
@@ -324,11 +323,8 @@ async def test_the_token_never_reaches_the_logs(
     engine = await asyncio.to_thread(FluxEngine.load, settings.engine, data_dir)
     caplog.set_level(logging.DEBUG)
     h = Harness(fake, settings, engine)
-    point_at(fake.api_base, fake.gateway_url)
-    h.bot = FluxBot(settings, engine=engine)
-    h.task = asyncio.create_task(h.bot.start(secret))
+    await h.start(secret)
     try:
-        await asyncio.wait_for(h.bot.wait_until_ready(), 60)
         token = await fake.slash("imagine", [opt("prompt", "a secret garden")], fake.member(ALICE, "alice"))
         await finished_message(fake, token)
     finally:

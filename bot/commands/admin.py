@@ -4,6 +4,7 @@ checked again here against the configured admin users and roles."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
@@ -16,11 +17,14 @@ from bot.services.admin import AdminService
 from bot.services.errors import UserError
 from bot.services.studio import Requester
 
+if TYPE_CHECKING:
+    from bot.client import FluxBot
+
 
 async def _run(
-    interaction: discord.Interaction, action: Callable[[AdminService, Requester], Awaitable[str]]
+    interaction: discord.Interaction[FluxBot], action: Callable[[AdminService, Requester], Awaitable[str]]
 ) -> None:
-    service: AdminService = interaction.client.app.admin  # type: ignore[attr-defined]
+    service = interaction.client.app.admin
     who = requester(interaction, with_token=False)
     try:
         service.require(who, role_ids(interaction))
@@ -52,7 +56,7 @@ class AdminCommands(app_commands.Group):
         )
 
     @app_commands.command(name="presets", description="Show presets with their defaults and bounds")
-    async def presets(self, interaction: discord.Interaction) -> None:
+    async def presets(self, interaction: discord.Interaction[FluxBot]) -> None:
         async def show(service: AdminService, who: Requester) -> str:
             lines = []
             for name, p in service.presets().items():
@@ -77,7 +81,9 @@ class AdminCommands(app_commands.Group):
         value="e.g. 24, [10, 40] or fbcache:0.08",
     )
     @app_commands.autocomplete(name=preset_autocomplete)
-    async def preset_set(self, interaction: discord.Interaction, name: str, field: str, value: str) -> None:
+    async def preset_set(
+        self, interaction: discord.Interaction[FluxBot], name: str, field: str, value: str
+    ) -> None:
         async def change(service: AdminService, who: Requester) -> str:
             preset = await service.set_preset(who, name, field, value)
             return f"Preset **{name}**: {field} = {getattr(preset, field)!r}"
@@ -85,7 +91,7 @@ class AdminCommands(app_commands.Group):
         await _run(interaction, change)
 
     @app_commands.command(name="loras", description="List the LoRA whitelist")
-    async def loras(self, interaction: discord.Interaction) -> None:
+    async def loras(self, interaction: discord.Interaction[FluxBot]) -> None:
         async def show(service: AdminService, who: Requester) -> str:
             entries = service.loras()
             return (
@@ -107,7 +113,7 @@ class AdminCommands(app_commands.Group):
     )
     async def lora_add(
         self,
-        interaction: discord.Interaction,
+        interaction: discord.Interaction[FluxBot],
         name: str,
         file: str,
         sha256: str,
@@ -134,7 +140,7 @@ class AdminCommands(app_commands.Group):
 
     @app_commands.command(name="lora-remove", description="Remove a LoRA from the whitelist")
     @app_commands.autocomplete(name=lora_autocomplete)
-    async def lora_remove(self, interaction: discord.Interaction, name: str) -> None:
+    async def lora_remove(self, interaction: discord.Interaction[FluxBot], name: str) -> None:
         async def remove(service: AdminService, who: Requester) -> str:
             await service.remove_lora(who, name)
             return f"LoRA **{name}** removed from the whitelist."
@@ -146,7 +152,7 @@ class AdminCommands(app_commands.Group):
         field="jobs_per_window, window_s, max_queued_per_user or max_queue", value="New value"
     )
     async def limits(
-        self, interaction: discord.Interaction, field: str | None = None, value: float | None = None
+        self, interaction: discord.Interaction[FluxBot], field: str | None = None, value: float | None = None
     ) -> None:
         async def change(service: AdminService, who: Requester) -> str:
             if field is not None:
@@ -160,7 +166,7 @@ class AdminCommands(app_commands.Group):
 
     @app_commands.command(name="ban", description="Stop a user from making images")
     async def ban(
-        self, interaction: discord.Interaction, user: discord.User, reason: str | None = None
+        self, interaction: discord.Interaction[FluxBot], user: discord.User, reason: str | None = None
     ) -> None:
         async def do(service: AdminService, who: Requester) -> str:
             await service.ban(who, user.id, reason)
@@ -169,7 +175,7 @@ class AdminCommands(app_commands.Group):
         await _run(interaction, do)
 
     @app_commands.command(name="unban", description="Let a banned user make images again")
-    async def unban(self, interaction: discord.Interaction, user: discord.User) -> None:
+    async def unban(self, interaction: discord.Interaction[FluxBot], user: discord.User) -> None:
         async def do(service: AdminService, who: Requester) -> str:
             await service.unban(who, user.id)
             return f"{user.mention} is no longer banned."
@@ -177,8 +183,8 @@ class AdminCommands(app_commands.Group):
         await _run(interaction, do)
 
     @app_commands.command(name="stats", description="Queue, jobs today, seconds per image, uptime")
-    async def stats(self, interaction: discord.Interaction) -> None:
-        started_at = interaction.client.app.started_at  # type: ignore[attr-defined]
+    async def stats(self, interaction: discord.Interaction[FluxBot]) -> None:
+        started_at = interaction.client.app.started_at
 
         async def show(service: AdminService, who: Requester) -> str:
             return render.stats(await service.stats(started_at))
@@ -186,21 +192,21 @@ class AdminCommands(app_commands.Group):
         await _run(interaction, show)
 
     @app_commands.command(name="queue", description="Show the queue")
-    async def queue(self, interaction: discord.Interaction) -> None:
+    async def queue(self, interaction: discord.Interaction[FluxBot]) -> None:
         async def show(service: AdminService, who: Requester) -> str:
             return render.queue(service.queue(who))
 
         await _run(interaction, show)
 
     @app_commands.command(name="workers", description="Engine workers: what they serve, state, throughput")
-    async def workers(self, interaction: discord.Interaction) -> None:
+    async def workers(self, interaction: discord.Interaction[FluxBot]) -> None:
         async def show(service: AdminService, who: Requester) -> str:
             return render.workers(await service.workers())
 
         await _run(interaction, show)
 
     @app_commands.command(name="cancel", description="Cancel a queued or running job")
-    async def cancel(self, interaction: discord.Interaction, job_id: int) -> None:
+    async def cancel(self, interaction: discord.Interaction[FluxBot], job_id: int) -> None:
         async def do(service: AdminService, who: Requester) -> str:
             await service.cancel(who, job_id)
             return f"Job {job_id} cancelled."
@@ -208,7 +214,7 @@ class AdminCommands(app_commands.Group):
         await _run(interaction, do)
 
     @app_commands.command(name="pause", description="Stop starting new jobs (the running one finishes)")
-    async def pause(self, interaction: discord.Interaction) -> None:
+    async def pause(self, interaction: discord.Interaction[FluxBot]) -> None:
         async def do(service: AdminService, who: Requester) -> str:
             await service.pause(who, True)
             return "Queue paused."
@@ -216,7 +222,7 @@ class AdminCommands(app_commands.Group):
         await _run(interaction, do)
 
     @app_commands.command(name="resume", description="Start jobs again")
-    async def resume(self, interaction: discord.Interaction) -> None:
+    async def resume(self, interaction: discord.Interaction[FluxBot]) -> None:
         async def do(service: AdminService, who: Requester) -> str:
             await service.pause(who, False)
             return "Queue resumed."
@@ -225,7 +231,7 @@ class AdminCommands(app_commands.Group):
 
     @blocklist.command(name="add", description="Refuse prompts containing this word or phrase")
     @app_commands.describe(term="A word or phrase; spacing, case, accents and leetspeak are undone")
-    async def blocklist_add(self, interaction: discord.Interaction, term: str) -> None:
+    async def blocklist_add(self, interaction: discord.Interaction[FluxBot], term: str) -> None:
         async def do(service: AdminService, who: Requester) -> str:
             stored = await service.block_term(who, term)
             return f"Blocked: {render.inert(stored)}"
@@ -233,7 +239,7 @@ class AdminCommands(app_commands.Group):
         await _run(interaction, do)
 
     @blocklist.command(name="remove", description="Allow a blocked term again")
-    async def blocklist_remove(self, interaction: discord.Interaction, term: str) -> None:
+    async def blocklist_remove(self, interaction: discord.Interaction[FluxBot], term: str) -> None:
         async def do(service: AdminService, who: Requester) -> str:
             removed = await service.unblock_term(who, term)
             return f"No longer blocked: {render.inert(removed)}"
@@ -241,7 +247,7 @@ class AdminCommands(app_commands.Group):
         await _run(interaction, do)
 
     @blocklist.command(name="list", description="Show the blocked terms")
-    async def blocklist_list(self, interaction: discord.Interaction) -> None:
+    async def blocklist_list(self, interaction: discord.Interaction[FluxBot]) -> None:
         async def show(service: AdminService, who: Requester) -> str:
             terms = service.blocked_terms()
             if not terms:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import discord
 
 from bot.commands.submit import submit
+
+if TYPE_CHECKING:
+    from bot.client import FluxBot
 
 # action -> (label, emoji). "more" is the next seeds of the same recipe; Vary redraws the picture itself.
 ACTIONS = {
@@ -39,12 +42,14 @@ class JobButton(
 
     @classmethod
     async def from_custom_id(
-        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str], /
+        cls, interaction: discord.Interaction[Any], item: discord.ui.Item[Any], match: re.Match[str], /
     ) -> JobButton:
         return cls(match["action"], int(match["job"]))
 
-    async def callback(self, interaction: discord.Interaction) -> None:
-        studio = interaction.client.app.studio  # type: ignore[attr-defined]
+    async def callback(self, interaction: discord.Interaction[Any]) -> None:
+        # discord.py types an item's interaction by the view's client type; this one is always FluxBot.
+        client: FluxBot = interaction.client
+        studio = client.app.studio
         job_id, action = self.job_id, self.action
         if action == "reroll":
             await submit(interaction, lambda who, on_stored: studio.reroll(who, job_id, on_stored))
@@ -72,8 +77,9 @@ class EditModal(discord.ui.Modal):
         super().__init__(title=f"Edit job {job_id}", custom_id=f"fluxbot:edit-form:{job_id}")
         self.job_id = job_id
 
-    async def on_submit(self, interaction: discord.Interaction) -> None:
-        studio = interaction.client.app.studio  # type: ignore[attr-defined]
+    async def on_submit(self, interaction: discord.Interaction[Any]) -> None:
+        client: FluxBot = interaction.client
+        studio = client.app.studio
         text, job_id = self.instruction.value, self.job_id
         await submit(interaction, lambda who, on_stored: studio.edit(who, text, job_id, None, on_stored))
 

@@ -1,34 +1,35 @@
-"""/imagine, /history, /rerun and the 🔁 reaction."""
+"""/imagine, /upscale, /rerun, /history and /edit: parse the options, call the Studio, render."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import discord
 from discord import app_commands
 
 from bot import render
-from bot.commands.context import age_restricted, channel_check, reply_error, requester
+from bot.commands.context import reply_error, requester
 from bot.commands.submit import submit
-from bot.delivery import REROLL_EMOJI
-from bot.mentions import NOBODY, owner_only
+from bot.mentions import NOBODY
 from bot.services.errors import UserError
 from bot.services.studio import EDITS_OFF, OnStored, Requester, Studio, Ticket
+
+if TYPE_CHECKING:
+    from bot.client import FluxBot
 
 log = logging.getLogger(__name__)
 SIZES = ["1024x1024", "1:1", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16", "1216x832", "832x1216"]
 
 
-def _studio(interaction: discord.Interaction) -> Studio:
-    return interaction.client.app.studio  # type: ignore[attr-defined,no-any-return]
+def _studio(interaction: discord.Interaction[FluxBot]) -> Studio:
+    return interaction.client.app.studio
 
 
 async def preset_autocomplete(
-    interaction: discord.Interaction, current: str
+    interaction: discord.Interaction[FluxBot], current: str
 ) -> list[app_commands.Choice[str]]:
-    presets = _studio(interaction).resolver.presets
+    presets = _studio(interaction).rules.catalog.presets
     return [
         app_commands.Choice(name=f"{name}: {p.description}"[:100], value=name)
         for name, p in presets.items()
@@ -36,8 +37,10 @@ async def preset_autocomplete(
     ][:25]
 
 
-async def lora_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
-    entries = _studio(interaction).resolver.whitelist.entries
+async def lora_autocomplete(
+    interaction: discord.Interaction[FluxBot], current: str
+) -> list[app_commands.Choice[str]]:
+    entries = _studio(interaction).rules.catalog.loras
     return [
         app_commands.Choice(name=name, value=name)
         for name in sorted(entries)
@@ -45,7 +48,9 @@ async def lora_autocomplete(interaction: discord.Interaction, current: str) -> l
     ][:25]
 
 
-async def size_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+async def size_autocomplete(
+    interaction: discord.Interaction[FluxBot], current: str
+) -> list[app_commands.Choice[str]]:
     return [app_commands.Choice(name=s, value=s) for s in SIZES if current in s][:25]
 
 
@@ -64,7 +69,7 @@ async def size_autocomplete(interaction: discord.Interaction, current: str) -> l
 )
 @app_commands.autocomplete(preset=preset_autocomplete, lora=lora_autocomplete, size=size_autocomplete)
 async def imagine(
-    interaction: discord.Interaction,
+    interaction: discord.Interaction[FluxBot],
     prompt: str,
     preset: str | None = None,
     size: str | None = None,
@@ -81,6 +86,7 @@ async def imagine(
     loras = ({"name": lora[:64], "weight": lora_weight},) if lora else None
     try:
         request = studio.validate(
+            image_coming=image is not None,
             prompt=prompt,
             preset=preset,
             size=size,
@@ -88,8 +94,6 @@ async def imagine(
             steps=steps,
             guidance=guidance,
             loras=loras,
-            # Checked now with a stand-in hash; the real one exists once the image is read.
-            init_image=PENDING_IMAGE if image is not None else None,
             strength=strength,
         )
         if image is not None:
@@ -110,11 +114,6 @@ async def imagine(
     await submit(interaction, create)
 
 
-# A syntactically valid sha256 that names no image: lets validate() check an image prompt's options
-# before the upload is read.
-PENDING_IMAGE = "0" * 64
-
-
 def check_attachment(attachment: discord.Attachment, max_mb: float) -> None:
     """What Discord says about an attachment, checked before it is downloaded (the bytes decide later)."""
     if attachment.size > max_mb * 1e6:
@@ -128,7 +127,7 @@ def check_attachment(attachment: discord.Attachment, max_mb: float) -> None:
     name="upscale", description="Upscale one of your results 2x (a light redraw at double size)"
 )
 @app_commands.describe(job_id="The job's number (see /history)", picture="Which of its pictures (default 1)")
-async def upscale(interaction: discord.Interaction, job_id: int, picture: int = 1) -> None:
+async def upscale(interaction: discord.Interaction[FluxBot], job_id: int, picture: int = 1) -> None:
     studio = _studio(interaction)
     await submit(interaction, lambda who, on_stored: studio.upscale(who, job_id, on_stored, picture))
 
@@ -144,14 +143,16 @@ def _option_names(message: str) -> str:
 @app_commands.describe(
     job_id="The job's number (see /history)", seed="A new seed; without one: the same picture"
 )
-async def rerun(interaction: discord.Interaction, job_id: int, seed: int | None = None) -> None:
+async def rerun(interaction: discord.Interaction[FluxBot], job_id: int, seed: int | None = None) -> None:
     studio = _studio(interaction)
     await submit(interaction, lambda who, on_stored: studio.rerun(who, job_id, seed, on_stored))
 
 
 @app_commands.command(name="history", description="Your recent jobs (or someone else's)")
 @app_commands.describe(user="Whose jobs (default: yours)", page="Page number")
-async def history(interaction: discord.Interaction, user: discord.User | None = None, page: int = 1) -> None:
+async def history(
+    interaction: discord.Interaction[FluxBot], user: discord.User | None = None, page: int = 1
+) -> None:
     target = user or interaction.user
     try:
         result = await _studio(interaction).history(requester(interaction, with_token=False), target.id, page)
@@ -163,64 +164,6 @@ async def history(interaction: discord.Interaction, user: discord.User | None = 
     )
 
 
-async def on_reaction(client: discord.Client, payload: discord.RawReactionActionEvent) -> None:
-    """Anyone reacting 🔁 on a result rerolls it as their own job, delivered as a new message."""
-    if str(payload.emoji) != REROLL_EMOJI or client.user is None or payload.user_id == client.user.id:
-        return
-    studio: Studio = client.app.studio  # type: ignore[attr-defined]
-    delivery = client.delivery  # type: ignore[attr-defined]
-    member = payload.member
-    guild = client.get_guild(payload.guild_id) if payload.guild_id is not None else None
-    who = Requester(
-        user_id=payload.user_id,
-        user_name=member.name if member else "",
-        guild_id=payload.guild_id,
-        channel_id=payload.channel_id,
-        can_view=channel_check(guild, member),
-        age_restricted=age_restricted(client.get_channel(payload.channel_id), payload.guild_id),
-    )
-    job = await studio.job_on_message(who, payload.message_id)
-    if job is None:
-        return
-    channel = client.get_partial_messageable(payload.channel_id)
-    held: list[int] = []
-
-    def on_stored(job_id: int) -> None:
-        held.append(job_id)
-        delivery.hold(job_id)
-
-    message_id: int | None = None
-    try:
-        ticket = await studio.reroll(who, job.id, on_stored)
-    except UserError as exc:
-        await _refuse_reaction(client, payload, exc)
-        return
-    try:
-        message = await channel.send(
-            f"<@{payload.user_id}> 🔁 {render.queued(ticket.prompt, ticket)}",
-            allowed_mentions=owner_only(payload.user_id),
-        )
-        message_id = message.id
-        await studio.jobs.set_message(ticket.job_id, message.id)
-    finally:
-        for job_id in held:
-            delivery.release(job_id, message_id)
-
-
-async def _refuse_reaction(
-    client: discord.Client, payload: discord.RawReactionActionEvent, exc: UserError
-) -> None:
-    """No interaction to answer privately: the reaction is taken off (where the bot may), and a short
-    mention in the channel says why, at most once per user per window (NoticeThrottle)."""
-    channel = client.get_partial_messageable(payload.channel_id)
-    with contextlib.suppress(discord.HTTPException):  # needs Manage Messages; the notice still goes out
-        await channel.get_partial_message(payload.message_id).remove_reaction(
-            payload.emoji, discord.Object(payload.user_id)
-        )
-    if client.reaction_notices.allow(payload.user_id):  # type: ignore[attr-defined]
-        await channel.send(f"<@{payload.user_id}> {exc}", allowed_mentions=owner_only(payload.user_id))
-
-
 @app_commands.command(name="edit", description="Edit a picture with an instruction (FLUX.1 Kontext)")
 @app_commands.describe(
     instruction='What to change, e.g. "make it night" or "replace the hat with a crown"',
@@ -229,7 +172,7 @@ async def _refuse_reaction(
     picture="With job_id: which of its pictures (default 1)",
 )
 async def edit(
-    interaction: discord.Interaction,
+    interaction: discord.Interaction[FluxBot],
     instruction: str,
     image: discord.Attachment | None = None,
     job_id: int | None = None,
