@@ -1,7 +1,7 @@
 """`fluxbot worker`: one resident engine taking jobs from its own arq queue (queue = "redis://...").
 
 The bot admits and orders jobs and picks a worker for each; a worker only renders. It needs no
-database and no Discord: the job carries the request, the preset and the LoRA entries; progress goes
+database and no Discord: the job carries its spec and its LoRAs' files; progress goes
 out on a pub/sub channel and the PNGs come back in the arq result (or in a shared data_dir).
 """
 
@@ -22,6 +22,7 @@ from typing import Any
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.worker import Worker, func
 
+from bot.services.tasks import TaskSet
 from bot.services.wire import (
     EVENTS_CHANNEL,
     GENERATE,
@@ -29,18 +30,18 @@ from bot.services.wire import (
     RenderedImage,
     WorkerEvent,
     WorkerResult,
+    image_key,
     queue_name,
     worker_key,
 )
 from bot.services.workers import Throughput, WorkerInfo, WorkerState, default_worker_name, describe_engine
 from bot.store.files import ImageFiles
-from engine.api import GenerationRequest, StepProgress
+from engine.api import StepProgress
 from engine.engine import FluxEngine
 from engine.errors import EngineError
-from engine.loras import LoraEntry
 from engine.png import png_bytes
-from engine.presets import Preset
-from engine.preview import PreviewEvery
+from engine.spec import PreviewEvery
+from engine.whitelist import LoraUse
 from fluxbot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -62,23 +63,26 @@ class EngineWorker:
         self.throughput = Throughput()
         self.started_at = time.time()
         self._resident: list[str] = engine.loras.resident
-        self._pending: set[asyncio.Task[Any]] = set()
+        self._pending = TaskSet()
 
     def arq_worker(self) -> Worker:
         options = self.settings.workers
         return Worker(
-            functions=[func(self.generate, name=GENERATE, max_tries=options.max_tries)],
+            # One more run than ours: the job's last try comes to `generate`, which says it is given up
+            # (a typed result), instead of arq failing it with an exception the bot must read.
+            functions=[func(self.generate, name=GENERATE, max_tries=options.max_tries + 1)],
             redis_settings=RedisSettings.from_dsn(self.settings.queue),
             queue_name=queue_name(self.name),
             max_jobs=1,  # one resident engine: one job at a time
             job_timeout=options.job_timeout_s,
-            max_tries=options.max_tries,
+            max_tries=options.max_tries + 1,
             keep_result=KEEP_RESULT_S,
             poll_delay=0.02,  # how soon an idle worker sees a new job (one cheap ZRANGEBYSCORE)
             allow_abort_jobs=True,  # /admin cancel of a running job
-            handle_signals=False,  # `serve` drains on SIGTERM itself
+            handle_signals=False,  # `serve` asks arq to drain on SIGTERM (after saying it is draining)
+            job_completion_wait=int(self.settings.shutdown_grace_s),
             after_job_end=self._after_job_end,
-            log_results=False,  # a result holds PNG bytes
+            log_results=False,
         )
 
     def info(self) -> WorkerInfo:
@@ -103,8 +107,10 @@ class EngineWorker:
     async def generate(self, ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
         """The arq job: render one stored job; an engine refusal is a result, not an arq failure."""
         job = JobPayload.model_validate(payload)
-        arq_id = str(ctx["job_id"])
-        self._apply_admin_changes(job)
+        arq_id, job_try = str(ctx["job_id"]), int(ctx["job_try"])
+        if job_try > self.settings.workers.max_tries:
+            log.warning("job %d: run %d of at most %d; given up", job.job_id, job_try, job_try - 1)
+            return WorkerResult(worker=self.name, exhausted=True, tries=job_try - 1).model_dump()
         self.state, self.job_id = "busy", job.job_id
         await self.advertise()
         await self._publish(WorkerEvent(kind="started", job_id=job.job_id, arq_id=arq_id, worker=self.name))
@@ -126,7 +132,9 @@ class EngineWorker:
 
         work = asyncio.ensure_future(asyncio.to_thread(self._render, job, on_step, cancel))
         try:
-            result = await asyncio.shield(work)
+            result, pngs = await asyncio.shield(work)
+            for index, png in pngs.items():  # the PNGs beside arq's result, under our own keys
+                await self.redis.set(image_key(arq_id, index), png, ex=KEEP_RESULT_S)
         except asyncio.CancelledError:
             # Aborted, timed out or shutting down: stop at the next step, so the engine is free again
             # before arq hands this worker its next job.
@@ -147,18 +155,23 @@ class EngineWorker:
 
     def _render(
         self, job: JobPayload, on_step: Callable[[StepProgress], None], cancel: threading.Event
-    ) -> WorkerResult:
-        request = GenerationRequest.model_validate(job.request)
+    ) -> tuple[WorkerResult, dict[int, bytes]]:
+        """Draw in the engine's thread; the PNGs come back for `generate` to put in Redis."""
+        spec = job.spec
         init_image = base64.b64decode(job.init_image) if job.init_image else None
         preview = (
             None
             if job.preview_every_s is None
             else PreviewEvery(job.preview_every_s, job.preview_every_steps)
         )
-        result = self.engine.generate(
-            request, on_step=on_step, cancel=cancel, init_image=init_image, preview=preview
+        loras = [
+            LoraUse(lora.name, job.lora_files.get(lora.name, ""), lora.sha256, lora.weight)
+            for lora in spec.loras
+        ]
+        (result,) = self.engine.draw(
+            [spec], loras, on_step=on_step, cancel=cancel, init_image=init_image, preview=preview
         )
-        images = []
+        images, pngs = [], {}
         for index, (image, recipe) in enumerate(zip(result.images, result.recipes, strict=True)):
             data = png_bytes(image, recipe)
             if self.settings.workers.images == "shared":
@@ -169,17 +182,10 @@ class EngineWorker:
             else:
                 recipe_json = recipe.model_dump(mode="json")
                 sha256 = hashlib.sha256(data).hexdigest()
-                images.append(RenderedImage(index=index, recipe=recipe_json, sha256=sha256, png=data))
-        return WorkerResult(worker=self.name, images=images, timings=result.timings.model_dump())
-
-    def _apply_admin_changes(self, job: JobPayload) -> None:
-        """The preset and LoRA entries as the bot's admins have them now (the engine's files may be older)."""
-        resolver = self.engine.resolver
-        preset = Preset.model_validate(job.preset)
-        resolver.presets[preset.name] = preset
-        for data in job.loras:
-            entry = LoraEntry.model_validate(data)
-            resolver.whitelist.entries[entry.name] = entry
+                images.append(RenderedImage(index=index, recipe=recipe_json, sha256=sha256))
+                pngs[index] = data
+        result_ = WorkerResult(worker=self.name, images=images, timings=result.timings.model_dump())
+        return result_, pngs
 
     async def _after_job_end(self, ctx: dict[str, Any]) -> None:
         # arq has stored the result by now: tell the bot so it need not wait for its next poll.
@@ -196,9 +202,7 @@ class EngineWorker:
             log.warning("could not publish %s for job %d: %s", event.kind, event.job_id, exc)
 
     def _publish_soon(self, event: WorkerEvent) -> None:
-        task = asyncio.ensure_future(self._publish(event))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        self._pending.spawn(self._publish(event))
 
     async def _heartbeat(self) -> None:
         while True:
@@ -224,13 +228,13 @@ class EngineWorker:
             if main.done():
                 main.result()  # arq stopped by itself: raise what stopped it
             self.state, self.draining = "draining", True
-            arq_worker.allow_pick_jobs = False
             await self.advertise()
-            deadline = time.monotonic() + self.settings.shutdown_grace_s
-            # arq's job_counter drops only after the result is stored: the job's own end is too early.
-            while arq_worker.job_counter and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            if arq_worker.job_counter and self.job_id is not None:
+            # arq's own drain: no new job, the running one gets job_completion_wait (shutdown_grace_s)
+            # to finish and store its result, then it is cancelled (and kept queued for a retry).
+            arq_worker.handle_sig_wait_for_completion(signal.SIGTERM)
+            with contextlib.suppress(asyncio.CancelledError):
+                await main
+            if self.job_id is not None:
                 log.info(
                     "worker %s: job %d did not finish in time; it goes to another worker",
                     self.name,
@@ -240,8 +244,10 @@ class EngineWorker:
             stopping.cancel()
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await arq_worker.close()  # cancels what still runs: arq keeps it queued for a retry
-                await main
+                await arq_worker.close()
+                if not main.done():
+                    await main
+            await self._pending.cancel_all(timeout=2)
             await self.redis.delete(worker_key(self.name))  # the bot moves anything left at once
 
 

@@ -49,6 +49,11 @@ class WorkerProcess:
         self.proc: asyncio.subprocess.Process | None = None
 
     @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.returncode is None
 

@@ -15,21 +15,13 @@ import base64
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from arq.connections import ArqRedis
-from arq.constants import (
-    abort_jobs_ss,
-    in_progress_key_prefix,
-    job_key_prefix,
-    result_key_prefix,
-    retry_key_prefix,
-)
 from arq.jobs import Job as ArqJob
-from arq.jobs import JobResult
-from arq.utils import timestamp_ms
+from arq.jobs import JobResult, JobStatus
 from arq.worker import JobExecutionFailed
 
 from bot.services.execution import (
@@ -43,6 +35,8 @@ from bot.services.execution import (
     SharedPng,
 )
 from bot.services.faults import Stopping
+from bot.services.rules import LiveRules
+from bot.services.tasks import TaskSet
 from bot.services.wire import (
     DISPATCH_KEY,
     EVENTS_CHANNEL,
@@ -52,15 +46,15 @@ from bot.services.wire import (
     WorkerEvent,
     WorkerResult,
     arq_job_id,
+    image_key,
     queue_name,
 )
 from bot.services.workers import WorkerInfo, advertised_workers
 from bot.store.files import ImageFiles
 from bot.store.models import Job
 from engine.api import Recipe
-from engine.errors import RequestError
-from engine.preview import PreviewEvery
-from engine.resolve import RequestResolver
+from engine.errors import EngineError, RequestError
+from engine.spec import PreviewEvery
 from fluxbot.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -77,8 +71,9 @@ WRONG_FAMILY = (
     "worker %s serves %s models but this bot admits %s jobs: it gets none "
     "(set workers.family, or point the worker at a %s model)"
 )
-PRESET_GONE = "Its preset was removed before it could run."
+IMAGE_EXPIRED = "The worker's pictures expired in Redis before the bot collected them. Try again."
 POLL_S = 0.2
+ABORT_WAIT_S = 5.0  # how long an abort waits for the worker to confirm (the outcome comes anyway)
 
 
 @dataclass
@@ -96,7 +91,7 @@ class RedisExecutor:
     def __init__(
         self,
         redis: ArqRedis,
-        resolver: RequestResolver,
+        rules: LiveRules,
         settings: WorkerSettings,
         files: ImageFiles | None = None,
         preview: PreviewEvery | None = None,
@@ -104,7 +99,7 @@ class RedisExecutor:
         self.redis = redis
         self.files = files  # the input images of img2img jobs travel in the payload
         self.preview = preview
-        self.resolver = resolver
+        self.rules = rules
         self.settings = settings
         self.flights: dict[int, Flight] = {}
         self.worker_table: dict[str, WorkerInfo] = {}
@@ -112,8 +107,8 @@ class RedisExecutor:
         self._last_assigned: dict[str, float] = {}
         self._report: Report | None = None
         self._poke = asyncio.Event()  # a worker says a job finished
-        self._loops: list[asyncio.Task[None]] = []
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._loops = TaskSet()
+        self._tasks = TaskSet()
 
     # lifecycle
 
@@ -137,21 +132,17 @@ class RedisExecutor:
                 front.append(job.id)
         for stale in records:  # finished while the bot was away and already recorded
             await self.redis.hdel(DISPATCH_KEY, str(stale))
-        self._loops = [
-            asyncio.create_task(self._watch_loop(), name="fluxbot-watch"),
-            asyncio.create_task(self._listen_loop(), name="fluxbot-events"),
-        ]
+        self._loops.spawn(self._watch_loop(), "fluxbot-watch")
+        self._loops.spawn(self._listen_loop(), "fluxbot-events")
         return Restored(running, tuple(front))
 
     async def stop(self) -> None:
-        tasks = [*self._loops, *self._tasks]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            _, stuck = await asyncio.wait(tasks, timeout=5)
-            for task in stuck:  # a Redis call that ignores cancellation must not hold up shutdown
-                log.warning("%s did not stop within 5 s", task.get_name())
-        self._loops.clear()
+        # A Redis call that ignores cancellation must not hold up shutdown: 5 s at most.
+        await self._loops.cancel_all(timeout=5)
+        await self._tasks.cancel_all(timeout=5)
+
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        self._tasks.spawn(work, name)
 
     # capacity
 
@@ -187,8 +178,8 @@ class RedisExecutor:
         self.worker_table = table
         for name in appeared:
             log.info("worker up: %s", name)
-            if table[name].family != self.resolver.family:
-                family = self.resolver.family
+            if table[name].family != self.rules.resolver.family:
+                family = self.rules.resolver.family
                 log.warning(WRONG_FAMILY, name, table[name].family, family, family)
         if appeared and self._report is not None:
             self._report.engine_free()
@@ -196,13 +187,13 @@ class RedisExecutor:
     # handing a job to a worker
 
     async def launch(self, job: Job) -> str | None:
-        family = self.resolver.family_of(job.request.get("preset"))
+        family = job.spec.family
         free = [w for w in self._free() if w.family == family]
         if not free:
             raise RuntimeError(f"no free {family} worker any more")
         worker = self._choose(free, job)
         init_image = None
-        if (sha256 := job.request.get("init_image")) is not None:
+        if (sha256 := job.spec.init_image) is not None:
             if self.files is None:
                 raise CannotRun("This fluxbot keeps no input images.")
             try:
@@ -240,35 +231,46 @@ class RedisExecutor:
 
     def _choose(self, free: list[WorkerInfo], job: Job) -> WorkerInfo:
         """Affinity: the worker holding most of the job's LoRAs; on a tie, the one idle longest."""
-        wanted = {str(lora["name"]) for lora in job.request.get("loras") or ()}
+        wanted = {lora.name for lora in job.spec.loras}
         return max(
             free,
             key=lambda w: (len(wanted & set(w.resident_loras)), -self._last_assigned.get(w.name, 0.0)),
         )
 
     def _payload(self, job: Job, init_image: bytes | None = None) -> JobPayload:
-        """Workers never read the bot's database: the preset and LoRA entries travel with the job."""
-        preset = self.resolver.presets.get(str(job.request.get("preset")))
-        if preset is None:
-            raise CannotRun(PRESET_GONE)
-        entries = self.resolver.whitelist.entries
-        names = [str(lora["name"]) for lora in job.request.get("loras") or ()]
+        """Workers never read the bot's database: the spec and its LoRA files travel with the job."""
+        try:
+            uses = self.rules.lora_uses(job.spec)
+        except EngineError as exc:
+            raise CannotRun(f"It can't run: {exc}.") from exc
         return JobPayload(
             job_id=job.id,
-            request=job.request,
-            preset=preset.model_dump(mode="json"),
-            loras=[entries[name].model_dump(mode="json") for name in names if name in entries],
+            spec=job.spec,
+            lora_files={use.name: use.file for use in uses},
             init_image=base64.b64encode(init_image).decode() if init_image is not None else None,
             preview_every_s=self.preview.seconds if self.preview is not None else None,
             preview_every_steps=self.preview.steps if self.preview is not None else None,
         )
 
+    def _arq_job(self, dispatch: Dispatch) -> ArqJob:
+        return ArqJob(dispatch.arq_id, self.redis, _queue_name=queue_name(dispatch.worker))
+
     async def cancel(self, job_id: int) -> None:
         flight = self.flights.get(job_id)
         if flight is not None:
             flight.cancelled = True
-            # arq's abort: the worker cancels the task, the engine stops between two steps.
-            await self.redis.zadd(abort_jobs_ss, {flight.dispatch.arq_id: timestamp_ms()})
+            self._abort(flight.dispatch)
+
+    def _abort(self, dispatch: Dispatch) -> None:
+        """arq's abort: a worker cancels the job's task (the engine stops between two steps), or skips
+        it when it comes to it. Job.abort waits for the outcome; the watch loop collects that anyway,
+        so the wait runs in its own task and ends with the worker's next poll or a few seconds."""
+
+        async def abort() -> None:
+            with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+                await self._arq_job(dispatch).abort(timeout=ABORT_WAIT_S, poll_delay=POLL_S)
+
+        self._spawn(abort(), f"fluxbot-abort-{dispatch.job_id}")
 
     # supervising
 
@@ -287,22 +289,24 @@ class RedisExecutor:
                 await asyncio.wait_for(self._poke.wait(), POLL_S)
 
     async def _check(self, flight: Flight) -> None:
-        arq_id = flight.dispatch.arq_id
-        # arq deletes the job key and writes the result in one transaction: read them in this order,
-        # and "no job, no result" can only mean the job was lost before a worker saw it.
-        if await self.redis.exists(job_key_prefix + arq_id):
-            worker = self.worker_table.get(flight.dispatch.worker)
-            if worker is None or worker.incarnation != flight.dispatch.incarnation:  # died or restarted
-                self._settle(flight, self._take_back(flight, ran=None))
-            return
-        info = await ArqJob(arq_id, self.redis).result_info()
-        if info is None:
+        arq_job = self._arq_job(flight.dispatch)
+        status = await arq_job.status()  # one atomic read of arq's own state
+        if status == JobStatus.complete:
+            info = await arq_job.result_info()
+            if info is not None:  # None: the result expired between the two reads; lost, below
+                self._settle(flight, self._collect(flight, info))
+                return
+        if status == JobStatus.not_found or status == JobStatus.complete:
             log.warning("job %d: its arq job vanished before it ran; dispatching it again", flight.job.id)
             self._settle(flight, self._take_back(flight, ran=False))
-        else:
-            self._settle(flight, self._collect(flight, info))
+            return
+        worker = self.worker_table.get(flight.dispatch.worker)
+        if worker is None or worker.incarnation != flight.dispatch.incarnation:  # died or restarted
+            # In progress means a worker had begun it: that run counts as a try.
+            ran = flight.started or status == JobStatus.in_progress
+            self._settle(flight, self._take_back(flight, ran=ran))
 
-    def _settle(self, flight: Flight, work: Any) -> None:
+    def _settle(self, flight: Flight, work: Coroutine[Any, Any, None]) -> None:
         """Outcomes and take-backs wait on the store: each in its own task, so watching goes on."""
         flight.settling = True
 
@@ -315,21 +319,23 @@ class RedisExecutor:
                 log.exception("job %d: handling its outcome failed; looking again shortly", flight.job.id)
                 flight.settling = False
 
-        task = asyncio.create_task(run(), name=f"fluxbot-settle-{flight.job.id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(run(), f"fluxbot-settle-{flight.job.id}")
 
     async def _collect(self, flight: Flight, info: JobResult) -> None:
         job_id = flight.dispatch.job_id
         assert self._report is not None
         del self.flights[job_id]  # the worker is free: the next job need not wait for the recording
         self._report.engine_free()
-        await self._report.finished(job_id, self._outcome(flight, info))
-        # The database is the record now: drop the result (it may hold megabytes of PNG).
-        await self.redis.delete(result_key_prefix + flight.dispatch.arq_id)
+        outcome = await self._outcome(flight, info)
+        await self._report.finished(job_id, outcome)
+        # The database is the record now: drop the PNGs the worker left in Redis for it (our keys;
+        # arq's own small result expires by itself).
+        images = [image_key(flight.dispatch.arq_id, i) for i in range(len(outcome.images))]
+        if images:
+            await self.redis.delete(*images)
         await self.redis.hdel(DISPATCH_KEY, str(job_id))
 
-    def _outcome(self, flight: Flight, info: JobResult) -> Outcome:
+    async def _outcome(self, flight: Flight, info: JobResult) -> Outcome:
         worker = flight.dispatch.worker
         if not info.success:
             error = info.result
@@ -337,35 +343,36 @@ class RedisExecutor:
                 return Outcome.cancelled(worker)
             if isinstance(error, TimeoutError):  # arq's job_timeout (workers.job_timeout_s)
                 return Outcome.failed(TIMED_OUT, worker)
-            if isinstance(error, JobExecutionFailed) and "retries" in str(error):
-                return Outcome.failed(WORKERS_DIED.format(tries=flight.dispatch.job_try - 1), worker)
+            if isinstance(error, JobExecutionFailed) and info.job_try > self.settings.max_tries:
+                # arq's own limit (a worker's is one more than ours): normally the worker says so first
+                return Outcome.failed(WORKERS_DIED.format(tries=self.settings.max_tries), worker)
             log.error("job %d failed on worker %s: %r", flight.job.id, worker, error)
             return Outcome.failed(INTERNAL_ERROR, worker)
         result = WorkerResult.model_validate(info.result)
+        if result.exhausted:
+            return Outcome.failed(WORKERS_DIED.format(tries=result.tries), result.worker)
         if result.error is not None:
             return Outcome.failed(result.error, result.worker)
         images: list[Artifact] = []
         for image in result.images:
             recipe = Recipe.model_validate(image.recipe)
-            if image.png is not None:
-                images.append(EncodedPng(image.index, image.png, recipe))
-            else:
-                assert image.path is not None
+            if image.path is not None:
                 images.append(SharedPng(image.index, image.path, recipe, SHARED_IMAGE_MISSING))
+                continue
+            png = await self.redis.get(image_key(flight.dispatch.arq_id, image.index))
+            if png is None:
+                return Outcome.failed(IMAGE_EXPIRED, result.worker)
+            images.append(EncodedPng(image.index, bytes(png), recipe))
         return Outcome.done(images, result.timings, result.worker)
 
-    async def _take_back(self, flight: Flight, ran: bool | None) -> None:
+    async def _take_back(self, flight: Flight, ran: bool) -> None:
         """The worker holding this job is gone: another one gets it, or it fails past max_tries."""
         assert self._report is not None
         dispatch = flight.dispatch
-        job_id, arq_id = dispatch.job_id, dispatch.arq_id
-        if ran is None:
-            ran = flight.started or bool(await self.redis.exists(retry_key_prefix + arq_id))
-        # Nobody may start the old arq job later (a worker that was only cut off, say).
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(job_key_prefix + arq_id, in_progress_key_prefix + arq_id, retry_key_prefix + arq_id)
-            pipe.zrem(queue_name(dispatch.worker), arq_id)
-            await pipe.execute()
+        job_id = dispatch.job_id
+        # Nobody may run the old arq job later (a worker that was only cut off, or one restarted under
+        # the same name, finding it in its queue): aborted, it is skipped when a worker comes to it.
+        self._abort(dispatch)
         next_try = dispatch.job_try + 1 if ran else dispatch.job_try
         if flight.cancelled or next_try > self.settings.max_tries:
             if not flight.cancelled:

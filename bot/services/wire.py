@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from engine.spec import DrawSpec
+
 GENERATE = "generate"  # the arq function every worker registers
 EVENTS_CHANNEL = "fluxbot:events"
 WORKER_KEY_PREFIX = "fluxbot:worker:"
@@ -18,6 +20,12 @@ DISPATCH_KEY = "fluxbot:dispatch"  # hash: job id -> Dispatch, so a restarted bo
 
 def worker_key(name: str) -> str:
     return WORKER_KEY_PREFIX + name
+
+
+def image_key(arq_id: str, index: int) -> str:
+    """Where a worker leaves a PNG for the bot (workers.images = "redis"), beside arq's small result:
+    the bot deletes it once the image is in its images folder; it expires otherwise."""
+    return f"fluxbot:image:{arq_id}:{index}"
 
 
 def queue_name(worker: str) -> str:
@@ -30,13 +38,12 @@ def arq_job_id(job_id: int, dispatch_no: int) -> str:
 
 
 class JobPayload(BaseModel):
-    """Everything a worker needs, so workers never read the bot's database: the pinned request plus
-    the preset and LoRA entries as admins have them now."""
+    """Everything a worker needs, so workers never read the bot's database: the job's spec, and the
+    files of its LoRAs (inside the worker's LoRA folder) as the whitelist has them now."""
 
     job_id: int
-    request: dict[str, Any]
-    preset: dict[str, Any]
-    loras: list[dict[str, Any]]
+    spec: DrawSpec
+    lora_files: dict[str, str] = {}  # LoRA name -> file; the worker checks each file's sha256
     init_image: str | None = None  # base64 of the input PNG (img2img jobs): workers share no files
     preview_every_s: float | None = None  # None: no previews (see engine.preview.PreviewEvery)
     preview_every_steps: int | None = None
@@ -66,8 +73,8 @@ class RenderedImage(BaseModel):
     index: int
     recipe: dict[str, Any]
     sha256: str
-    png: bytes | None = None  # workers.images = "redis"
-    path: str | None = None  # workers.images = "shared": relative to the shared data_dir
+    # workers.images = "shared": relative to the shared data_dir; else the PNG is at image_key(...)
+    path: str | None = None
 
 
 class WorkerResult(BaseModel):
@@ -75,3 +82,7 @@ class WorkerResult(BaseModel):
     images: list[RenderedImage] = []
     timings: dict[str, Any] = {}
     error: str | None = None  # the engine refused or failed this job: the user sees this text
+    # The job came back more often than workers.max_tries (its workers kept stopping under it): given
+    # up without running it again; `tries`: the runs it had.
+    exhausted: bool = False
+    tries: int = 0
