@@ -9,7 +9,7 @@ $(BIN)/fluxbot: pyproject.toml
 	$(PY) -m venv $(VENV)
 	# The CPU wheel of torch is on the dev machines; on a GPU host install the CUDA build first.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[quant,postgres,dev]"
+	$(BIN)/pip install -q -e ".[engine,quant,postgres,dev]"
 	touch $(BIN)/fluxbot
 
 setup: $(BIN)/fluxbot

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from sqlalchemy import text
@@ -20,18 +21,22 @@ from bot.services.dispatcher import JobDispatcher
 from bot.services.events import JobEvents
 from bot.services.execution import Executor
 from bot.services.faults import Faults
-from bot.services.image_safety import ImageClassifier
-from bot.services.local_executor import LocalExecutor
 from bot.services.redis_executor import RedisExecutor
+from bot.services.rules import LiveRules
 from bot.services.studio import Studio
 from bot.store.admin import AdminStore
 from bot.store.database import Database
 from bot.store.files import ImageFiles
 from bot.store.jobs import JobStore
-from engine.engine import FluxEngine
-from engine.preview import PreviewEvery
-from engine.resolve import build_resolver
+from engine.catalog import Catalog
+from engine.hashing import FileHasher
+from engine.resolve import RequestResolver
+from engine.spec import PreviewEvery
+from engine.whitelist import LoraFiles, bot_lora_dir
 from fluxbot.settings import Settings
+
+if TYPE_CHECKING:
+    from engine.engine import FluxEngine
 
 
 @dataclass
@@ -77,9 +82,11 @@ class App:
 async def build_app(
     settings: Settings, events: JobEvents, engine: FluxEngine | None = None, metrics: Metrics | None = None
 ) -> App:
-    """Migrate the database, load the engine (once, off the loop) or reach Redis, restore admin changes."""
+    """Migrate the database, load the engine (once, off the loop) or reach Redis, restore admin changes.
+    In scale-out mode nothing here imports torch: the engine modules are imported only for `local`."""
+    catalog = await asyncio.to_thread(Catalog.load, settings.engine)
     db = Database(settings.resolved_database_url)
-    await db.upgrade()
+    await db.upgrade(catalog.as_json())
     jobs, admin_store = JobStore(db), AdminStore(db)
     metrics = metrics or Metrics()
     redis: ArqRedis | None = None
@@ -92,36 +99,36 @@ async def build_app(
         else None
     )
     if settings.uses_redis:
-        # Requests are checked here against the same presets and whitelist files the workers load.
-        resolver = build_resolver(settings.engine, settings.data_dir, settings.workers_family)
+        # Requests are resolved here; the workers draw the specs with the LoRA files named in each job.
+        rules = LiveRules(RequestResolver.with_settings(catalog, settings.engine, settings.workers_family))
         redis = await create_pool(RedisSettings.from_dsn(settings.queue))
-        executor = RedisExecutor(redis, resolver, settings.workers, files, preview)
+        executor = RedisExecutor(redis, rules, settings.workers, files, preview)
+        lora_files: LoraFiles | None = LoraFiles(
+            bot_lora_dir(settings.engine, settings.data_dir), FileHasher(settings.data_dir / "hashes.json")
+        )
         engine = None
     else:
+        from bot.services.local_executor import LocalExecutor
+        from engine.engine import FluxEngine
+
         if engine is None:
             engine = await asyncio.to_thread(FluxEngine.load, settings.engine, settings.data_dir)
         metrics.watch_engine(engine)
-        resolver = engine.resolver
-        executor = LocalExecutor(engine, files, preview)
+        rules = LiveRules(RequestResolver.with_settings(catalog, settings.engine, engine.info.family))
+        executor = LocalExecutor(engine, rules, files, preview)
+        lora_files = engine.lora_files
     classifier = None
     if settings.safety.classifier:
+        from bot.services.image_safety import ImageClassifier
+
         classifier = await asyncio.to_thread(ImageClassifier.load, settings.safety)
     dispatcher = JobDispatcher(
-        jobs,
-        files,
-        executor,
-        events,
-        metrics,
-        Faults(),
-        lambda request: resolver.family_of(request.get("preset")),
-        settings.delivery,
-        classifier,
+        jobs, files, executor, events, metrics, Faults(), settings.delivery, classifier
     )
     blocked = BlockedTerms.of(settings.safety.blocked_terms)
     studio = Studio(
-        resolver,
+        rules,
         jobs,
-        admin_store,
         dispatcher,
         settings.limits,
         metrics,
@@ -131,6 +138,6 @@ async def build_app(
         edits=settings.engine.kontext is not None,
     )
     policy = AdminPolicy(frozenset(settings.admin_user_ids), frozenset(settings.admin_role_ids))
-    admin = AdminService(studio, admin_store, policy)
+    admin = AdminService(studio, admin_store, policy, lora_files)
     await admin.load_overrides()
     return App(settings, db, engine, jobs, files, dispatcher, studio, admin, metrics, redis)

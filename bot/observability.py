@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
-import torch
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
 
-from engine.engine import FluxEngine
-from engine.info import process_rss
+if TYPE_CHECKING:
+    from engine.engine import FluxEngine
 
 log = logging.getLogger(__name__)
 STEP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8)
@@ -44,39 +41,13 @@ class Metrics:
         )
 
     def watch_engine(self, engine: FluxEngine) -> None:
-        self.registry.register(_EngineCollector(engine))
+        """The in-process engine's own counters (memory, caches), read at scrape time."""
+        from bot.engine_metrics import EngineCollector  # torch: only where an engine runs
+
+        self.registry.register(EngineCollector(engine))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-class _EngineCollector(Collector):
-    """Read at scrape time from the engine's own counters, so nothing is counted twice."""
-
-    def __init__(self, engine: FluxEngine) -> None:
-        self.engine = engine
-
-    def collect(self) -> Iterator[Any]:
-        memory = GaugeMetricFamily(
-            "fluxbot_engine_memory_bytes", "VRAM allocated on CUDA, else process RSS", labels=["kind"]
-        )
-        if self.engine.info.device.is_cuda:
-            memory.add_metric(["vram"], float(torch.cuda.memory_allocated()))
-        memory.add_metric(["rss"], float(process_rss()))
-        yield memory
-        cache = self.engine.embed_cache
-        embeds = CounterMetricFamily(
-            "fluxbot_embed_cache", "Prompt-embedding cache lookups", labels=["result"]
-        )
-        embeds.add_metric(["hit"], cache.hits)
-        embeds.add_metric(["miss"], cache.misses)
-        yield embeds
-        loras = CounterMetricFamily(
-            "fluxbot_lora_cache", "LoRA activations: resident hit or load", labels=["result"]
-        )
-        loras.add_metric(["hit"], self.engine.loras.hits)
-        loras.add_metric(["load"], self.engine.loras.loads)
-        yield loras
 
 
 HealthCheck = Callable[[], Awaitable[dict[str, bool]]]

@@ -10,17 +10,17 @@ from typing import Literal
 
 import torch
 
+from engine.checkpoints import describe_layout, inspect_checkpoint
 from engine.errors import EngineError, LoraError
 from engine.hashing import FileHasher
 from engine.info import last_warmup
-from engine.loading import describe_layout, inspect_checkpoint
 from engine.lora_layout import lora_layout
-from engine.loras import LoraWhitelist, default_lora_dir
 from engine.presets import Preset, load_presets
 from engine.quant import DeviceInfo, auto_tier, plan_quant, probe_device
 from engine.settings import EngineSettings
 from engine.sources import ModelSource, locate_model
 from engine.speed import choose_attention
+from engine.whitelist import LoraFiles, default_lora_dir, load_whitelist
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -190,14 +190,12 @@ def _loras(
 ) -> None:
     lora_dir = settings.lora_dir or default_lora_dir(source.models_dir if source else None, data_dir)
     try:
-        whitelist = LoraWhitelist.load(settings.loras_path, lora_dir, FileHasher(data_dir / "hashes.json"))
+        entries = load_whitelist(settings.loras_path)
     except EngineError as exc:
         report.add("fail", "loras", str(exc))
         return
-    report.add(
-        "ok", "loras", f"{len(whitelist.entries)} whitelisted in {settings.loras_path}, folder {lora_dir}"
-    )
-    for check in whitelist.check_all():
+    report.add("ok", "loras", f"{len(entries)} whitelisted in {settings.loras_path}, folder {lora_dir}")
+    for check in LoraFiles(lora_dir, FileHasher(data_dir / "hashes.json")).check(entries):
         if check.ok:
             readable, layout = _layout_of(check.path)
             report.add(
@@ -209,7 +207,7 @@ def _loras(
             report.add("fail", f"lora {check.name}", check.problem or "unusable")
     for preset in presets.values():
         for pl in preset.loras:
-            if pl.name not in whitelist.entries:
+            if pl.name not in entries:
                 report.add(
                     "warn",
                     f"preset {preset.name}",

@@ -11,30 +11,18 @@ from typing import Any
 
 import torch
 
+from engine.checkpoints import EMBEDDED_KEY_PREFIXES, inspect_checkpoint, read_layout
 from engine.errors import ModelLoadError, QuantizationError
 from engine.quant import DeviceInfo, QuantPlan, text_encoder_quant_config, transformer_quant_config
 from engine.settings import EngineSettings
-from engine.sources import NO_TEXT_ENCODERS, ModelSource
+from engine.sources import ModelSource
+from engine.text_encoders import load_text_encoder, load_tokenizers, read_prefixed, upcast
 from engine.transformer_layout import bfl_to_diffusers, is_bfl_layout, write_config_folder
 
 log = logging.getLogger(__name__)
 
 FLUX1_PIPELINES = {"FluxPipeline"}
 FLUX2_PIPELINES = {"Flux2Pipeline", "Flux2KleinPipeline"}
-DEFAULT_TOKENIZERS = "black-forest-labs/FLUX.1-dev"
-# Comfy/Forge all-in-one checkpoints carry these prefixes beside the transformer.
-EMBEDDED_PREFIXES = {
-    "clip_l": ("text_encoders.clip_l.transformer.", "text_encoders.clip_l."),
-    "t5xxl": ("text_encoders.t5xxl.transformer.", "text_encoders.t5xxl."),
-    "vae": ("vae.", "first_stage_model."),
-}
-# Keys of an all-in-one file that belong to other components than the transformer.
-EMBEDDED_KEY_PREFIXES = (
-    *(p for prefixes in EMBEDDED_PREFIXES.values() for p in prefixes),
-    "text_encoders.",
-    "conditioner.",
-    "cond_stage_model.",
-)
 
 
 @dataclass
@@ -99,82 +87,6 @@ def _variant_of(pipe: Any, family: str, class_name: str) -> str:
     return "dev" if pipe.transformer.config.guidance_embeds else "schnell"
 
 
-# Scale tensors of other fp8 schemes (ModelOpt, DeepSeek-style block scales): not applied by the
-# loader, so a file carrying them is refused.
-UNSUPPORTED_SCALES = ("weight_scale", "input_scale", "weight_scale_inv", ".scale_inv")
-
-
-def checkpoint_keys(path: Path) -> list[str]:
-    """Tensor names of a .safetensors or .gguf file, without loading the tensors."""
-    try:
-        if path.suffix == ".gguf":
-            from gguf import GGUFReader
-
-            return [t.name for t in GGUFReader(str(path)).tensors]
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as fh:
-            return list(fh.keys())
-    except Exception as exc:  # any parser error means the same thing to the operator
-        raise ModelLoadError(f"{path.name} is not a readable {path.suffix} checkpoint: {exc}") from exc
-
-
-def describe_layout(path: Path) -> str:
-    """What `fluxbot doctor` says about a transformer file: its layout and what loading will do."""
-    keys = checkpoint_keys(path)
-    if path.suffix == ".gguf":
-        kind = "GGUF (city96), loaded quantized"
-    else:
-        kind = "BFL layout" if any("double_blocks." in k for k in keys) else "diffusers layout"
-        if any(k.endswith(".scale_weight") or k == "scaled_fp8" for k in keys):
-            kind += ", fp8_scaled: its per-tensor scales are multiplied in on load"
-        if any(k.endswith(".absmax") for k in keys):
-            kind += ", bitsandbytes NF4: dequantized on load, then quantized per the plan"
-        if path.suffix == ".sft":
-            kind += ", .sft (read as safetensors)"
-    doubles = {k.split(".")[1] for k in keys if k.startswith(("double_blocks.", "transformer_blocks."))}
-    singles = {
-        k.split(".")[1] for k in keys if k.startswith(("single_blocks.", "single_transformer_blocks."))
-    }
-    return f"{kind}; {len(doubles)} double + {len(singles)} single blocks (the config follows the file)"
-
-
-@dataclass(frozen=True)
-class CheckpointFacts:
-    variant: str  # dev | schnell
-    embedded: dict[str, bool]  # role -> carried inside the checkpoint
-
-
-def inspect_checkpoint(source: ModelSource, settings: EngineSettings) -> CheckpointFacts:
-    """Read a single-file checkpoint's tensor names and refuse what cannot load, before loading anything."""
-    assert source.transformer is not None
-    keys = checkpoint_keys(source.transformer)
-    if any(k.endswith("single_stream_modulation.lin.weight") for k in keys):
-        raise ModelLoadError(
-            "FLUX.2 single-file checkpoints are not supported: use a FLUX.2 diffusers folder"
-        )
-    if not any("double_blocks." in k or "transformer_blocks." in k for k in keys):
-        raise ModelLoadError(f"{source.transformer.name} does not look like a FLUX transformer checkpoint")
-    embedded = {
-        role: any(k.startswith(p) for k in keys for p in prefixes)
-        for role, prefixes in EMBEDDED_PREFIXES.items()
-    }
-    lacking = [role for role in ("clip_l", "t5xxl") if getattr(source, role) is None and not embedded[role]]
-    if len(lacking) == 2:
-        raise ModelLoadError(f"{source.transformer.name}: {NO_TEXT_ENCODERS}")
-    if lacking:
-        raise ModelLoadError(
-            f"{source.transformer.name}: no {lacking[0]} text encoder found (the other one is): "
-            f"set engine.{lacking[0]} to its file (.safetensors, or .gguf for T5)"
-        )
-    if source.vae is None and not embedded["vae"]:
-        raise ModelLoadError(f"{source.transformer.name}: no VAE found: set engine.vae to ae.safetensors")
-    variant = settings.variant
-    if variant == "auto":
-        variant = "dev" if any("guidance_in" in k or "guidance_embedder" in k for k in keys) else "schnell"
-    return CheckpointFacts(variant, embedded)
-
-
 def _load_single_file(source: ModelSource, plan: QuantPlan, settings: EngineSettings) -> LoadedModel:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
@@ -199,7 +111,7 @@ def _load_single_file(source: ModelSource, plan: QuantPlan, settings: EngineSett
         vae_checkpoint: Any = (
             _single_file_input(source.vae, plan.dtype)
             if source.vae
-            else _read_prefixed(source.transformer, "vae")
+            else read_prefixed(source.transformer, "vae")
         )
         vae = AutoencoderKL.from_single_file(
             vae_checkpoint,
@@ -218,10 +130,10 @@ def _load_single_file(source: ModelSource, plan: QuantPlan, settings: EngineSett
                 f"matches it ({text.splitlines()[0][:160]})"
             ) from exc
         raise ModelLoadError(f"cannot load {source.transformer.name}: {text}") from exc
-    clip = _load_text_encoder(
+    clip = load_text_encoder(
         "clip_l", source.clip_l, source.transformer, common_configs / "text_encoder", plan.dtype
     )
-    t5 = _load_text_encoder(
+    t5 = load_text_encoder(
         "t5xxl", source.t5xxl, source.transformer, common_configs / "text_encoder_2", plan.dtype
     )
     if plan.text_encoder in ("fp8", "int8"):
@@ -232,7 +144,7 @@ def _load_single_file(source: ModelSource, plan: QuantPlan, settings: EngineSett
         raise QuantizationError(
             "nf4 text encoders need a diffusers folder; with single files use int8 or fp8"
         )
-    tokenizer, tokenizer_2 = _load_tokenizers(settings, source)
+    tokenizer, tokenizer_2 = load_tokenizers(settings, source)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(configs), subfolder="scheduler")
     pipe = FluxPipeline(
         scheduler=scheduler,
@@ -302,13 +214,11 @@ def _single_file_input(path: Path, dtype: torch.dtype) -> str | dict[str, torch.
     tensors and draws a wrong picture), whose scales are multiplied in here."""
     if path.suffix == ".gguf":
         return str(path)
-    keys = checkpoint_keys(path)
-    packed_4bit = any(k.endswith(".absmax") for k in keys)
-    scaled = any(k.endswith(".scale_weight") or k == "scaled_fp8" for k in keys)
-    foreign = [k for k in keys if k.endswith(UNSUPPORTED_SCALES)]
-    if foreign:
+    layout = read_layout(path)
+    packed_4bit, scaled = layout.has("bnb_4bit"), layout.has("fp8_scaled")
+    if (foreign := layout.foreign_scale()) is not None:
         raise ModelLoadError(
-            f"{path.name} holds quantization scales fluxbot cannot apply ({foreign[0]}): it would draw "
+            f"{path.name} holds quantization scales fluxbot cannot apply ({foreign}): it would draw "
             "wrong pictures, so it is refused; use a bf16, fp8 (e4m3fn), fp8_scaled or GGUF file"
         )
     if path.suffix == ".safetensors" and not scaled and not packed_4bit:
@@ -316,7 +226,7 @@ def _single_file_input(path: Path, dtype: torch.dtype) -> str | dict[str, torch.
     state = _read_all(path)
     if packed_4bit:
         state = dequantize_bnb_4bit(state, dtype, path.name)
-    return _upcast(state, dtype) if scaled else state
+    return upcast(state, dtype) if scaled else state
 
 
 # The tensors bitsandbytes stores beside each packed 4-bit weight (QuantState.as_dict(packed=True)).
@@ -353,169 +263,6 @@ def dequantize_bnb_4bit(
         except Exception as exc:  # a layout bitsandbytes cannot read: refused, never drawn wrong
             raise ModelLoadError(f"{name}: {weight} cannot be decoded as bitsandbytes 4-bit ({exc})") from exc
     return out
-
-
-def _read_prefixed(path: Path, role: str) -> dict[str, torch.Tensor]:
-    """The tensors of one embedded component of an all-in-one checkpoint, prefix stripped."""
-    from safetensors import safe_open
-
-    out: dict[str, torch.Tensor] = {}
-    with safe_open(str(path), framework="pt") as fh:
-        for key in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
-            for prefix in EMBEDDED_PREFIXES[role]:
-                if key.startswith(prefix):
-                    out[key[len(prefix) :]] = fh.get_tensor(key)
-                    break
-    return out
-
-
-def _load_text_encoder(
-    role: str, file: Path | None, checkpoint: Path, config_dir: Path, dtype: torch.dtype
-) -> Any:
-    """CLIP-L or T5-XXL from a Forge/ComfyUI file (fp16, bf16 or fp8 e4m3fn; fp8 is upcast on load)."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, CLIPTextModel, T5EncoderModel
-
-    cls = CLIPTextModel if role == "clip_l" else T5EncoderModel
-    config = AutoConfig.from_pretrained(str(config_dir), local_files_only=True)
-    with torch.device("meta"):
-        model = cls(config)
-    if file is not None and file.suffix == ".gguf":
-        raw = _read_gguf_text_encoder(file, role, set(model.state_dict()), config)
-    else:
-        try:
-            raw = load_file(str(file)) if file is not None else _read_prefixed(checkpoint, role)
-        except Exception as exc:
-            raise ModelLoadError(f"engine.{role}: {file} is not a readable .safetensors file: {exc}") from exc
-    state = _upcast(raw, dtype)
-    state = _match_keys(state, set(model.state_dict()))
-    missing, _ = model.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in missing if not k.endswith(("position_ids", "embed_tokens.weight"))]
-    if missing:
-        raise ModelLoadError(
-            f"engine.{role}: {file or checkpoint} does not look like a {role} text encoder "
-            f"({len(missing)} weights missing, e.g. {missing[0]})"
-        )
-    if role == "t5xxl" and "encoder.embed_tokens.weight" not in state:
-        model.encoder.embed_tokens = model.shared  # tied in T5; files often store it once
-    for module in model.modules():
-        for name, buffer in list(module.named_buffers(recurse=False)):
-            if buffer.is_meta and name == "position_ids":  # not stored in files: rebuilt, as at init
-                module.register_buffer(
-                    name, torch.arange(buffer.shape[-1]).expand(buffer.shape), persistent=False
-                )
-    return model.eval()
-
-
-def _read_gguf_text_encoder(
-    path: Path, role: str, expected: set[str], config: Any
-) -> dict[str, torch.Tensor]:
-    """city96's T5 encoder GGUF (t5-v1_1-xxl-encoder-Q8_0.gguf...), read with gguf-py and dequantized,
-    under the names the model expects: llama.cpp's tensor-name table (gguf-py's, which wrote those
-    files) run backwards. Not transformers' own GGUF loader: for T5 v1.1 it sets the gated
-    feed-forward but keeps the relu activation, so its embeddings are wrong."""
-    import gguf
-
-    if role != "t5xxl":
-        # Neither gguf-py's tensor tables nor transformers' GGUF support know a CLIP text layout.
-        raise ModelLoadError(
-            f"engine.{role}: {path.name}: CLIP-L has no GGUF layout fluxbot (or gguf-py, or transformers) "
-            "reads; use clip_l.safetensors (about 250 MB, fp16)"
-        )
-    try:
-        reader = gguf.GGUFReader(str(path))
-        architecture = bytes(reader.fields["general.architecture"].parts[-1]).decode()
-    except Exception as exc:  # any parser error means the same to the operator
-        raise ModelLoadError(f"engine.{role}: {path.name} is not a readable GGUF file: {exc}") from exc
-    if architecture not in ("t5encoder", "t5"):
-        raise ModelLoadError(f"engine.{role}: {path.name} holds a {architecture!r} model, not a T5 encoder")
-    field = reader.fields.get(f"{architecture}.block_count")
-    blocks = int(field.parts[-1][0]) if field is not None else config.num_layers
-    if blocks != config.num_layers:
-        raise ModelLoadError(
-            f"engine.{role}: {path.name} has {blocks} blocks, the T5 config {config.num_layers}: "
-            "set engine.configs to a folder whose text_encoder_2 config matches it"
-        )
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.T5ENCODER, blocks)
-    to_model = {
-        gguf_name: key
-        for key in expected
-        if (gguf_name := names.get_name(key, try_suffixes=(".weight", ".bias"))) is not None
-    }
-    state: dict[str, torch.Tensor] = {}
-    for tensor in reader.tensors:
-        key = to_model.get(tensor.name)
-        if key is None:
-            raise ModelLoadError(f"engine.{role}: {path.name}: unexpected tensor {tensor.name}")
-        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions innermost first
-        state[key] = torch.from_numpy(values.reshape(shape).copy())
-    return state
-
-
-def _match_keys(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
-    """File keys in the layout the model expects: transformers 4 and 5, Comfy's `transformer.` prefix."""
-    out = {}
-    for key, tensor in state.items():
-        bare = key.removeprefix("transformer.")
-        for candidate in (bare, bare.removeprefix("text_model."), "text_model." + bare):
-            if candidate in expected:
-                out[candidate] = tensor
-                break
-        else:
-            out[bare] = tensor
-    return out
-
-
-def _upcast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """fp8 files (e4m3fn, Comfy's 'scaled' variant too) become `dtype`; the rest is cast as usual.
-    A scale is applied per tensor (one value) or per output row (one per row); any other shape is
-    refused: multiplying it in some other way would draw a wrong picture."""
-    out = {}
-    for key, tensor in state.items():
-        if key.endswith((".scale_weight", ".scale_input")) or key == "scaled_fp8":
-            continue  # scale_input scales fp8 activations: computing in `dtype` needs none
-        scale = state.get(key.removesuffix(".weight") + ".scale_weight") if key.endswith(".weight") else None
-        if scale is None:
-            out[key] = tensor.to(dtype)
-            continue
-        wide = tensor.to(torch.float32)
-        if scale.numel() == 1:
-            factor = scale.reshape(()).to(torch.float32)
-        elif scale.numel() == wide.shape[0]:
-            factor = scale.reshape(-1, *([1] * (wide.dim() - 1))).to(torch.float32)
-        else:
-            raise ModelLoadError(
-                f"{key}: a scale of shape {tuple(scale.shape)} for a weight of shape {tuple(wide.shape)} "
-                "cannot be applied; the file is refused rather than drawn wrong"
-            )
-        out[key] = (wide * factor).to(dtype)
-    return out
-
-
-def _load_tokenizers(settings: EngineSettings, source: ModelSource) -> tuple[Any, Any]:
-    from transformers import AutoTokenizer
-
-    candidates = [settings.tokenizers] if settings.tokenizers else []
-    if source.models_dir is not None:
-        candidates.append(str(source.models_dir / "tokenizers"))
-    candidates.append(DEFAULT_TOKENIZERS)
-    problems = []
-    for location in candidates:
-        local = Path(location).exists()
-        if not local and location != DEFAULT_TOKENIZERS:
-            continue
-        try:
-            return (
-                AutoTokenizer.from_pretrained(location, subfolder="tokenizer", local_files_only=local),
-                AutoTokenizer.from_pretrained(location, subfolder="tokenizer_2", local_files_only=local),
-            )
-        except (OSError, ValueError) as exc:
-            problems.append(f"{location}: {str(exc).splitlines()[0][:120]}")
-    raise ModelLoadError(
-        "tokenizers not found: set engine.tokenizers to a folder holding tokenizer/ and tokenizer_2/ "
-        "(any FLUX.1 diffusers download has them)" + (f" [{'; '.join(problems)}]" if problems else "")
-    )
 
 
 def _place(pipe: Any, plan: QuantPlan, device: DeviceInfo) -> None:

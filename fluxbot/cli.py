@@ -64,15 +64,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What the "engine" extra brings: a bot in scale-out mode runs without any of it.
+ENGINE_PACKAGES = {
+    "torch",
+    "diffusers",
+    "transformers",
+    "accelerate",
+    "peft",
+    "safetensors",
+    "gguf",
+    "tokenizers",
+}
+NO_ENGINE = "the engine: pip install 'fluxbot[engine]' (a bot with queue = redis://... runs without it)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(logging.INFO if args.verbose else logging.WARNING, json_lines=False)
     if not args.verbose:
         # arq logs each retry while Redis is unreachable; the one-line error below says it once.
         quiet_loggers("arq.connections")
-    _quiet_libraries(args.verbose)
+    engine_here = args.command in ("imagine", "worker", "doctor")
     try:
         settings = Settings()
+        if engine_here or (args.command == "run" and not settings.uses_redis):
+            _quiet_libraries(args.verbose)  # only where the engine runs: a scale-out bot imports no torch
         if args.command == "imagine":
             return _imagine(args, settings)
         if args.command == "run":
@@ -82,6 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "db":
             return _db(settings)
         return _doctor(settings)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in ENGINE_PACKAGES:
+            raise
+        print(f"fluxbot: {args.command} needs {NO_ENGINE} ({exc.name} is not installed)", file=sys.stderr)
     except ValidationError as exc:
         print(f"fluxbot: {first_problem(exc)}", file=sys.stderr)
     except EngineError as exc:
@@ -99,7 +119,7 @@ def _imagine(args: argparse.Namespace, settings: Settings) -> int:
     from engine.engine import FluxEngine
     from engine.input_image import normalize_input_image
     from engine.png import save_png
-    from engine.resolve import build_resolver
+    from engine.resolve import RequestResolver
 
     if args.out is not None and args.out.suffix.lower() != ".png":
         raise EngineError(f"--out must name a .png file, got {args.out}")
@@ -135,20 +155,21 @@ def _imagine(args: argparse.Namespace, settings: Settings) -> int:
         batch_size=args.batch,
         init_image=source.sha256 if source else None,
         strength=args.strength,
-        kind="edit" if args.edit else None,
+        mode="edit" if args.edit else None,
     )
-    build_resolver(settings.engine, settings.data_dir).resolve(request)  # refuse bad input before loading
+    RequestResolver.from_settings(settings.engine).resolve(request)  # refuse bad input before loading
     print("loading the model (once per process)...", file=sys.stderr)
     engine = FluxEngine.load(settings.engine, settings.data_dir)
-    resolved = engine.resolve(request)
-    for warning in resolved.warnings:
+    resolution = engine.resolver.resolve(request)
+    for warning in resolution.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    with tqdm(total=resolved.steps, desc="denoising", unit="step", file=sys.stderr) as bar:
+    spec = resolution.spec
+    with tqdm(total=spec.steps, desc="denoising", unit="step", file=sys.stderr) as bar:
 
         def on_step(progress: StepProgress) -> None:
             bar.update(progress.step - bar.n)
 
-        result = engine.generate(request, on_step=on_step, init_image=source.png if source else None)
+        (result,) = engine.draw([spec], on_step=on_step, init_image=source.png if source else None)
     for index, (image, recipe) in enumerate(zip(result.images, result.recipes, strict=True)):
         path = _out_path(args.out, recipe.seed, index, len(result.images))
         save_png(image, recipe, path)

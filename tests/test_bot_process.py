@@ -303,3 +303,26 @@ async def test_a_busy_metrics_port_is_named_in_one_line(bot_process: BotProcess,
     assert proc.returncode == 1, err.decode()
     assert len(errors) == 1 and "metrics_port" in errors[0] and "not free" in errors[0], errors
     assert "cannot reach Discord" not in err.decode()
+
+
+def mapped_libraries(pid: int) -> str:
+    """The shared libraries a running process has loaded (Linux)."""
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+async def test_the_bot_in_redis_mode_never_loads_torch(
+    bot_process: BotProcess, fake: FakeDiscord, redis_worker: WorkerProcess
+) -> None:
+    """With the engines in workers, the bot only talks to Discord, Redis and the database: a job goes
+    all the way through it, and torch was never imported (its libraries are never mapped into the
+    process; diffusers and transformers import torch themselves)."""
+    bot_process.env["FLUXBOT_LOG_LEVEL"] = "DEBUG"
+    await bot_process.start()
+    token = await fake.slash("imagine", [opt("prompt", "a fox without torch")], fake.member(ALICE, "alice"))
+    assert await delivered(fake, [token])
+    assert bot_process.proc is not None
+
+    maps = mapped_libraries(bot_process.proc.pid)
+
+    assert "libtorch" not in maps and "libc10" not in maps, "the bot process loaded torch"
+    assert "libtorch" in mapped_libraries(redis_worker.pid), "the check itself sees torch where it is"

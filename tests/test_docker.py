@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import REPO
@@ -17,12 +18,19 @@ def hadolint() -> str:
     return found
 
 
-def test_dockerfile_passes_hadolint() -> None:
-    run = subprocess.run(
-        [hadolint(), "docker/Dockerfile"], cwd=REPO, capture_output=True, text=True, timeout=60
-    )
+@pytest.mark.parametrize("dockerfile", ["docker/Dockerfile", "docker/Dockerfile.bot"])
+def test_dockerfiles_pass_hadolint(dockerfile: str) -> None:
+    run = subprocess.run([hadolint(), dockerfile], cwd=REPO, capture_output=True, text=True, timeout=60)
 
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_the_bot_image_installs_fluxbot_without_its_engine() -> None:
+    text = (REPO / "docker" / "Dockerfile.bot").read_text()
+
+    installs = [line for line in text.splitlines() if "pip install" in line]
+    assert installs == ['RUN pip install "./[postgres]" \\'], "no engine extra, no torch"
+    assert "USER 10001" in text and "/healthz" in text
 
 
 def test_dockerfile_runs_fluxbot_as_non_root_with_a_healthcheck_and_volumes() -> None:
@@ -55,6 +63,7 @@ def test_compose_scale_profile_runs_a_bot_redis_postgres_and_a_worker_per_gpu() 
     assert {"redis", "postgres", "scale-bot"} <= scale.keys() and len(workers) >= 2
     bot = scale["scale-bot"]
     assert "deploy" not in bot, "the bot holds no engine: no GPU for it"
+    assert bot["build"]["dockerfile"] == "docker/Dockerfile.bot", "and no torch in its image"
     assert bot["environment"]["FLUXBOT_QUEUE"] == "redis://redis:6379/0"
     assert bot["environment"]["FLUXBOT_DATABASE_URL"].startswith("postgresql+asyncpg://")
     gpus = [w["environment"]["CUDA_VISIBLE_DEVICES"] for w in workers.values()]

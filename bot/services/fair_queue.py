@@ -56,18 +56,5 @@ class FairQueue:
             depth += 1
         return out
 
-    def position(self, job_id: int) -> int | None:
-        """1 = next to run."""
-        try:
-            return self.order().index(job_id) + 1
-        except ValueError:
-            return None
-
-    def count(self, user_id: int) -> int:
-        return len(self._by_user.get(user_id, ()))
-
     def __len__(self) -> int:
         return sum(len(jobs) for jobs in self._by_user.values())
-
-    def __contains__(self, job_id: object) -> bool:
-        return any(job_id in jobs for jobs in self._by_user.values())

@@ -40,9 +40,6 @@ class Faults:
     def ok(self, kind: FaultKind) -> bool:
         return kind not in self._active
 
-    def problem(self, kind: FaultKind) -> str | None:
-        return self._active.get(kind)
-
     async def persist(
         self,
         operation: Callable[[], Awaitable[T]],

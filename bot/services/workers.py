@@ -8,12 +8,14 @@ import re
 import socket
 import time
 from collections import deque
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel
 
 from bot.services.wire import WORKER_KEY_PREFIX
-from engine.engine import FluxEngine
+
+if TYPE_CHECKING:
+    from engine.engine import FluxEngine
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +47,6 @@ class WorkerInfo(BaseModel):
     compile: str = "off"
     attention: str = "native"
     warmup_s: float | None = None
-
-    def serves(self, family: str) -> bool:
-        return self.family == family and self.state != "draining"
 
 
 async def advertised_workers(redis: Any) -> dict[str, WorkerInfo]:

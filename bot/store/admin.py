@@ -15,10 +15,6 @@ class AdminStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    async def user(self, user_id: int) -> User | None:
-        async with self.db.session() as session:
-            return await session.get(User, user_id)
-
     async def set_ban(
         self, user_id: int, banned: bool, reason: str | None, actor_id: int, guild_id: int | None
     ) -> None:
