@@ -48,7 +48,7 @@ async def on_reaction(client: FluxBot, payload: discord.RawReactionActionEvent) 
             allowed_mentions=owner_only(payload.user_id),
         )
         held.message_id = message.id
-        await remember_message(client.app.jobs, ticket.job_id, message.id)
+        await remember_message(client.app.studio, ticket.job_id, message.id)
 
 
 async def _refuse(client: FluxBot, payload: discord.RawReactionActionEvent, exc: UserError) -> None:

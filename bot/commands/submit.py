@@ -22,9 +22,8 @@ from bot import render
 from bot.commands.context import reply_error, requester
 from bot.delivery import DiscordDelivery
 from bot.mentions import NOBODY
-from bot.services.studio import OnStored, Requester, Ticket
+from bot.services.studio import OnStored, Requester, Studio, Ticket
 from bot.store.database import is_store_fault
-from bot.store.jobs import JobStore
 
 if TYPE_CHECKING:
     from bot.client import FluxBot
@@ -73,7 +72,7 @@ async def submit(interaction: discord.Interaction[FluxBot], create: Create) -> N
             else:
                 callback = await interaction.response.send_message(text, allowed_mentions=NOBODY)
                 held.message_id = callback.message_id or (await interaction.original_response()).id
-            await remember_message(client.app.jobs, ticket.job_id, held.message_id)
+            await remember_message(client.app.studio, ticket.job_id, held.message_id)
         except Exception as exc:
             if interaction.response.is_done():  # our public "saving…" message: the refusal is private
                 with contextlib.suppress(discord.HTTPException):
@@ -81,10 +80,10 @@ async def submit(interaction: discord.Interaction[FluxBot], create: Create) -> N
             await reply_error(interaction, exc)
 
 
-async def remember_message(jobs: JobStore, job_id: int, message_id: int) -> None:
+async def remember_message(studio: Studio, job_id: int, message_id: int) -> None:
     """Which message shows the job (for 🔁 reactions, and for edits after the token expires)."""
     try:
-        await jobs.set_message(job_id, message_id)
+        await studio.admissions.remember_message(job_id, message_id)
     except Exception as exc:
         if not is_store_fault(exc):
             raise

@@ -219,13 +219,37 @@ class JobDispatcher:
         return len(self.running)
 
     def entry(self, job_id: int) -> QueueEntry | None:
-        return next((e for e in self.snapshot() if e.job_id == job_id), None)
+        """One job's place and ETA (what each admission answers with): the line up to that job only,
+        not a snapshot of all of it: under a burst of N requests that is N small walks, not N²."""
+        running = self.running.get(job_id)
+        if running is not None and running.started is not None:
+            return QueueEntry(
+                0, job_id, running.job.user_id, running.remaining_s(), "running", running.job.guild_id
+            )
+        if job_id in self._recording:
+            return next((e for e in self.snapshot() if e.job_id == job_id), None)
+        drawing, line = self._line()
+        for position, (candidate, _) in enumerate(line, start=1):
+            if candidate == job_id:
+                ahead = [self._estimate(waiting) for _, waiting in line[:position]]
+                eta = etas([r.remaining_s() for r in drawing], self.executor.engines(), ahead)[-1]
+                waiting = line[position - 1][1]
+                return QueueEntry(position, job_id, waiting.user_id, eta, guild_id=waiting.guild_id)
+        return None
+
+    def _line(self) -> tuple[list[Running], list[tuple[int, Waiting]]]:
+        """Jobs drawing now, and the line in the order it will run."""
+        drawing = [r for r in self.running.values() if r.started is not None]
+        line = [(r.job.id, r.waiting) for r in self.running.values() if r.started is None]
+        line += [self._handing_out] if self._handing_out is not None else []
+        line += [(job_id, self._waiting[job_id]) for job_id in self.fair.order()]
+        return drawing, line
 
     def snapshot(self) -> list[QueueEntry]:
         """Drawing now first, then outcomes being saved, then the line in the order it will run: jobs
         handed to an engine that has not begun them yet (the next one waits beside the current one)
         stand first in line, not as running."""
-        drawing = [r for r in self.running.values() if r.started is not None]
+        drawing, line = self._line()
         entries = [
             QueueEntry(0, r.job.id, r.job.user_id, r.remaining_s(), "running", r.job.guild_id)
             for r in drawing
@@ -234,9 +258,6 @@ class JobDispatcher:
             QueueEntry(0, j, w.user_id if w else 0, 0.0, "saving", w.guild_id if w else None)
             for j, w in self._recording.items()
         ]
-        line = [(r.job.id, r.waiting) for r in self.running.values() if r.started is None]
-        line += [self._handing_out] if self._handing_out is not None else []
-        line += [(job_id, self._waiting[job_id]) for job_id in self.fair.order()]
         finish = etas(
             [r.remaining_s() for r in drawing],
             self.executor.engines(),

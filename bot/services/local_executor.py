@@ -9,8 +9,11 @@ the dispatcher as PIL images, so PNG encoding, writing and delivery happen off t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -32,6 +35,7 @@ from engine.whitelist import LoraUse
 
 log = logging.getLogger(__name__)
 HANDOFF_DEPTH = 2  # the job drawing and the one waiting beside it
+ENGINE_NICE = 10  # the engine thread's nice value: the event loop (0) gets ~10x its share when both run
 THREAD_JOIN_S = 15.0  # on stop: how long the engine thread may take to notice
 
 
@@ -44,6 +48,16 @@ class _Handed:
     cancel: threading.Event = field(default_factory=threading.Event)
     interrupted: bool = False  # stopped by a shutdown, not by a person
     began: bool = False
+
+
+def lower_own_priority() -> None:
+    """The drawing thread (and the compute threads torch starts from it) yields the CPU to the event
+    loop when both want it: on a host where torch's threads fill every core, a burst of interactions
+    otherwise waits for the scheduler behind the engine (bench/bot.py's ack latency). It costs the
+    engine nothing when the loop is idle. Linux sets a nice value per thread; elsewhere, nothing."""
+    if hasattr(os, "setpriority") and sys.platform == "linux":
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), ENGINE_NICE)
 
 
 class LocalExecutor:
@@ -133,6 +147,7 @@ class LocalExecutor:
     # the engine's thread
 
     def _engine_thread(self) -> None:
+        lower_own_priority()
         while (handed := self._handoff.get()) is not None:
             self._to_loop(self._began, handed)
             outcome = self._draw(handed)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Update, func, or_, select, update
+from sqlalchemy import Update, bindparam, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.store.database import Database
@@ -131,14 +131,27 @@ class JobStore:
         (admission,) = await self.admit_many([(new, quota)])
         return admission
 
-    async def admit_many(self, asks: Sequence[tuple[NewJob, Quota]]) -> list[Admission]:
+    async def admit_many(
+        self, asks: Sequence[tuple[NewJob, Quota]], messages: Sequence[tuple[int, int]] = ()
+    ) -> list[Admission]:
         """Check and store several requests, in order, in one transaction that no other admission
         (of this process or another) can interleave with: the limits are counted once, then taken
         request by request inside it, so 20 requests at once take exactly the slots there are.
         Committed before anyone is told a job is queued; one commit for a burst is what keeps the
-        acknowledgement fast while the engine is busy."""
+        acknowledgement fast while the engine is busy. `messages`: (job id, message id) pairs to
+        record in the same commit (see GroupAdmission)."""
         results: list[Admission | None] = [None] * len(asks)
         async with self.db.serialized() as session:
+            if messages:
+                connection = await session.connection()
+                await connection.execute(
+                    update(Job)
+                    .where(Job.id == bindparam("job"))
+                    .values(result_message_id=bindparam("message")),
+                    [{"job": job_id, "message": message_id} for job_id, message_id in messages],
+                )
+            if not asks:
+                return []
             interactions = [n.interaction_id for n, _ in asks if n.interaction_id is not None]
             stored: dict[int, Job] = {}
             if interactions:
