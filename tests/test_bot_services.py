@@ -369,7 +369,7 @@ async def test_each_job_logs_one_structured_line(
 
     from fluxbot.logs import JsonFormatter
 
-    caplog.set_level(logging.INFO, logger="bot.services.dispatcher")
+    caplog.set_level(logging.INFO, logger="bot.services.outcomes")
     ticket = await app[0].studio.imagine(ALICE, GenerationRequest(prompt="a logged cat", seed=3))
     await app[0].start()
     await app[0].queue.wait_idle(60)

@@ -3,8 +3,8 @@
     admitted (stored) -> fair order -> handed to an engine -> outcome recorded -> delivered once
 
 An Executor (the engine thread in this process, or arq workers) only runs jobs and reports back; the
-dispatcher does the rest once for both: round-robin order, restore on start, recording images and
-outcomes, the outcome log and metrics, deliveries, cancel, pause and the drain on shutdown. Store and
+dispatcher does the rest once for both: round-robin order, restore on start, having outcomes recorded
+(bot.services.outcomes), deliveries, cancel, pause and the drain on shutdown. Store and
 disk faults are waited out (bot.services.faults): a job is put back or held, never failed for them.
 """
 
@@ -15,7 +15,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -23,13 +23,14 @@ from bot.observability import Metrics
 from bot.services.deliveries import Deliveries
 from bot.services.eta import StepClock, etas, job_cost
 from bot.services.events import JobEvents
-from bot.services.execution import Artifact, CannotRun, Executor, ImageMissing, Outcome
+from bot.services.execution import CannotRun, Executor, Outcome
 from bot.services.fair_queue import FairQueue
-from bot.services.faults import Faults, Stopping, is_disk_fault
+from bot.services.faults import Faults, Stopping
+from bot.services.outcomes import OutcomeRecorder
 from bot.services.tasks import TaskSet
 from bot.services.workers import WorkerInfo
 from bot.store.files import ImageFiles
-from bot.store.jobs import JobStore, StoredImage
+from bot.store.jobs import JobStore
 from bot.store.models import Job, JobStatus
 from fluxbot.settings import DeliverySettings
 
@@ -91,8 +92,6 @@ class JobDispatcher:
         classifier: ImageClassifier | None = None,
     ) -> None:
         self.store = store
-        self.classifier = classifier  # the optional image safety check, between storing and delivery
-        self.files = files
         self.executor = executor
         self.events = events
         self.metrics = metrics
@@ -109,6 +108,7 @@ class JobDispatcher:
         self._draining = False
         self._wake = asyncio.Event()  # something to launch, or an engine free
         self._change = asyncio.Event()  # any state change (drain and wait_idle watch it)
+        self.outcomes = OutcomeRecorder(store, files, faults, metrics, self.clock, classifier, self._wake.set)
         self._tasks = TaskSet()
         self._loop: asyncio.Task[None] | None = None
 
@@ -306,11 +306,7 @@ class JobDispatcher:
         if waiting is not None:
             self.fair.remove(job_id)
             self._changed()
-            job = await self.faults.persist(
-                lambda: self.store.finish(job_id, JobStatus.CANCELLED, error=f"cancelled by {by}")
-            )
-            if job is not None:
-                self._count(job)
+            if await self.outcomes.cancel_waiting(job_id, by) is not None:
                 self.deliveries.submit(job_id)
             return True
         running = self.running.get(job_id)
@@ -439,100 +435,9 @@ class JobDispatcher:
     # recording outcomes
 
     async def _record(self, job_id: int, running: Running | None, outcome: Outcome) -> None:
-        if outcome.kind == "interrupted":
-            await self.faults.persist(lambda: self.store.requeue(job_id))
-            log.info("job %d stopped by the shutdown; it runs again after the restart", job_id)
-            return
-        status, error = JobStatus.FAILED, outcome.error
-        stored: list[StoredImage] = []
-        safety: dict[str, Any] | None = None
-        if outcome.kind == "cancelled":
-            by = running.cancelled_by if running is not None and running.cancelled_by else "an admin"
-            status, error = JobStatus.CANCELLED, f"cancelled by {by}"
-        elif outcome.kind == "done":
-            try:
-                stored = await self._save_images(job_id, outcome.images)
-                status = JobStatus.DONE
-                safety = await self._check_images(stored)
-            except ImageMissing as exc:
-                error = str(exc)
-        job = await self.faults.persist(
-            lambda: self.store.finish(
-                job_id,
-                status,
-                images=stored,
-                timings=outcome.timings or None,
-                error=error,
-                worker=outcome.worker,
-                safety=safety,
-            )
-        )
-        if job is None:
-            log.info("job %d had already finished; this later outcome (%s) is dropped", job_id, outcome.kind)
-            return
-        self._count(job)
-        self.deliveries.submit(job_id)
-
-    async def _save_images(self, job_id: int, images: Sequence[Artifact]) -> list[StoredImage]:
-        """Encode and write the PNGs in a thread. An unwritable folder holds the job (and stops new
-        ones starting, see _launch_ready) until it can be written, as /healthz reports."""
-
-        def write() -> Awaitable[list[StoredImage]]:
-            return asyncio.to_thread(lambda: [image.store(self.files, job_id) for image in images])
-
-        saved = await self.faults.persist(write, kind="images", is_fault=is_disk_fault, max_s=10.0)
-        self._wake.set()  # the folder works (again): launches may go on
-        return saved
-
-    async def _check_images(self, stored: Sequence[StoredImage]) -> dict[str, Any] | None:
-        """The classifier's verdict (in a thread: torch), or None when none is configured."""
-        classifier = self.classifier
-        if classifier is None or not stored:
-            return None
-
-        def check() -> dict[str, Any]:
-            try:
-                pngs = [self.files.read(image.path) for image in stored]
-            except OSError as exc:  # unchecked is flagged, as in ImageClassifier.verdict
-                return {
-                    "flagged": True,
-                    "classifier": classifier.source,
-                    "error": str(exc)[:200],
-                    "images": [],
-                }
-            return classifier.verdict(pngs)
-
-        return await asyncio.to_thread(check)
-
-    def _count(self, job: Job) -> None:
-        """The outcome log line and metrics, once per job, whichever executor ran it."""
-        self.metrics.jobs.labels(job.status.value).inc()
-        timings = job.timings or {}
-        if job.status == JobStatus.DONE and "total_s" in timings:
-            self.metrics.job_seconds.observe(float(timings["total_s"]))
-            steps = int(timings.get("steps") or 0)
-            full = int(timings.get("computed_steps") or steps)
-            self.metrics.steps.labels("full").inc(full)
-            self.metrics.steps.labels("cached").inc(max(0, steps - full))
-            pixels = job.images[0].width * job.images[0].height if job.images else 0
-            self.clock.record_timings(timings, pixels)
-        seconds = {k: round(float(v), 3) for k, v in timings.items() if isinstance(v, float)}
-        log.info(
-            "job %d user %d %s on %s in %.2fs%s",
-            job.id,
-            job.user_id,
-            job.status.value,
-            job.worker or "the local engine",
-            seconds.get("total_s", 0.0),
-            f": {job.error}" if job.error else "",
-            extra={
-                "job_id": job.id,
-                "user_id": job.user_id,
-                "outcome": job.status.value,
-                "worker": job.worker,
-                "timings": seconds,
-            },
-        )
+        by = running.cancelled_by if running is not None else None
+        if await self.outcomes.record(job_id, outcome, cancelled_by=by) is not None:
+            self.deliveries.submit(job_id)
 
     # plumbing
 
