@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run test lint bench bench-scale soak
+.PHONY: setup run test lint bench bench-scale soak i18n
 
 $(BIN)/fluxbot: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -36,3 +36,7 @@ bench-scale: setup
 
 soak: setup
 	$(BIN)/python bench/soak.py
+
+i18n: setup
+	# the catalog template from the code and the slash commands, merged into every bot/locale/*/LC_MESSAGES/fluxbot.po
+	$(BIN)/python -m bot.locale_tools

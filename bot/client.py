@@ -21,6 +21,7 @@ from bot.commands.imagine import COMMANDS
 from bot.commands.reactions import on_reaction
 from bot.delivery import DiscordDelivery
 from bot.discord_endpoint import point_client_at
+from bot.i18n import CommandTranslator, Languages
 from bot.mentions import NOBODY
 from bot.observability import Metrics, serve
 from bot.services.notices import NoticeThrottle
@@ -37,6 +38,7 @@ class FluxBot(discord.Client):
         app: App,
         delivery: DiscordDelivery,
         metrics_server: web.AppRunner | None = None,
+        languages: Languages | None = None,
         **options: Any,
     ) -> None:
         intents = discord.Intents.default()  # guilds + reactions; no message content needed
@@ -46,6 +48,7 @@ class FluxBot(discord.Client):
         self.settings = settings
         self.app = app
         self.delivery = delivery
+        self.languages = languages or delivery.languages
         self.metrics_server = metrics_server
         self.reaction_notices = NoticeThrottle(settings.limits.window_s)
         self.tree: app_commands.CommandTree[FluxBot] = app_commands.CommandTree(self)
@@ -59,6 +62,7 @@ class FluxBot(discord.Client):
     async def setup_hook(self) -> None:
         self.add_dynamic_items(JobButton)
         await self.app.start()
+        await self.tree.set_translator(CommandTranslator(self.languages))  # names and descriptions too
         await self._sync_commands()
 
     async def health(self) -> dict[str, bool]:
@@ -146,7 +150,9 @@ async def build_bot(settings: Settings, engine: Any = None) -> FluxBot:
                 "FLUXBOT_METRICS_PORT to a free port, or leave metrics_port unset to turn it off"
             ) from exc
     try:
+        languages = await asyncio.to_thread(Languages.load)
         delivery = DiscordDelivery(
+            languages,
             settings.data_dir,
             settings.progress_interval_s,
             settings.safety.flagged_action,
@@ -160,7 +166,7 @@ async def build_bot(settings: Settings, engine: Any = None) -> FluxBot:
         if server is not None:
             await server.cleanup()
         raise
-    starting.bot = FluxBot(settings, app, delivery, server)
+    starting.bot = FluxBot(settings, app, delivery, server, languages)
     return starting.bot
 
 

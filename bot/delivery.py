@@ -15,6 +15,7 @@ from typing import Any
 import discord
 
 from bot import render
+from bot.i18n import Language, Languages
 from bot.mentions import owner_only
 from bot.store.models import Job, JobStatus
 
@@ -51,6 +52,7 @@ class DiscordDelivery:
 
     def __init__(
         self,
+        languages: Languages,
         data_dir: Path,
         min_interval_s: float,
         flagged_action: str = "withhold",
@@ -58,6 +60,7 @@ class DiscordDelivery:
         edits: bool = False,
     ) -> None:
         self.client: discord.Client | None = None
+        self.languages = languages  # a job's messages are public: in its server's language (job.locale)
         self.edits = edits  # FLUX.1 Kontext is loaded: results get an Edit button
         self.previews_everywhere = previews_everywhere
         self.data_dir = data_dir
@@ -111,7 +114,7 @@ class DiscordDelivery:
         async with self._lock(job.id):
             await self._after_answer(job.id)
             self._last_edit[job.id] = time.monotonic()
-            await self._edit_status(job, render.started(job))
+            await self._edit_status(job, render.started(self._language(job), job))
 
     async def progress(
         self, job: Job, step: int, total: int, eta_s: float, preview: bytes | None = None
@@ -126,7 +129,9 @@ class DiscordDelivery:
             await self._after_answer(job.id)
             if job.id not in self._finished:
                 shown = self._previews.pop(job.id, None)
-                await self._edit_status(job, render.progress(job, step, total, eta_s), shown)
+                await self._edit_status(
+                    job, render.progress(self._language(job), job, step, total, eta_s), shown
+                )
 
     async def finished(self, job: Job) -> int | None:
         async with self._lock(job.id):
@@ -144,14 +149,18 @@ class DiscordDelivery:
     async def _deliver(self, job: Job) -> int | None:
         from bot.commands.buttons import result_view
 
-        view = result_view(job.id, self.edits) if job.status == JobStatus.DONE else None
+        tr = self._language(job)
+        view = result_view(tr, job.id, self.edits) if job.status == JobStatus.DONE else None
         uploads = await asyncio.to_thread(self._uploads, job)
         as_jpeg = any(isinstance(content, bytes) for _, content in uploads)
-        text = render.final(job, self.flagged_action if job.withheld else None, as_jpeg)
+        text = render.final(tr, job, self.flagged_action if job.withheld else None, as_jpeg)
         message_id = await self._edit_or_post(job, text, view, uploads)
         if message_id is not None and job.status == JobStatus.DONE and job.channel_id:
             await self._client.http.add_reaction(job.channel_id, message_id, REROLL_EMOJI)
         return message_id
+
+    def _language(self, job: Job) -> Language:
+        return self.languages.for_locale(job.locale)
 
     @property
     def _client(self) -> discord.Client:

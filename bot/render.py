@@ -1,4 +1,5 @@
-"""How jobs look in Discord: short texts, progress bars and footers. Pure functions, no I/O."""
+"""How jobs look in Discord: short texts, progress bars and footers, in the reader's language (`tr`).
+Pure functions, no I/O."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import re
 
 from discord.utils import escape_markdown, escape_mentions
 
+from bot.i18n import Language
 from bot.services.admin import QueueView, Stats
 from bot.services.studio import HistoryPage, Ticket
 from bot.services.workers import WorkerInfo
@@ -34,141 +36,227 @@ def short(prompt: str, limit: int = 80) -> str:
     return _escaped(prompt if len(prompt) <= limit else prompt[: limit - 1] + "…")
 
 
-def duration(seconds: float) -> str:
-    seconds = max(0, round(seconds))
-    return f"{seconds} s" if seconds < 90 else f"{seconds // 60} min {seconds % 60:02d} s"
+def saving(tr: Language) -> str:
+    return tr.tr("⏳ Saving your request… (fluxbot's database is slow right now)")
 
 
-def saving() -> str:
-    return "⏳ Saving your request… (fluxbot's database is slow right now)"
-
-
-def queued(prompt: str, ticket: Ticket) -> str:
+def queued(tr: Language, prompt: str, ticket: Ticket) -> str:
     if ticket.position == 0:
-        where = "starting"
+        where = tr.tr("starting")
+    elif ticket.position == 1:
+        where = tr.tr("next in line")
     else:
-        where = "next in line" if ticket.position == 1 else f"#{ticket.position} in the queue"
-    lines = [f"**{short(prompt)}**", f"⏳ {where} · ETA ~{duration(ticket.eta_s)} · job {ticket.job_id}"]
-    lines += [f"⚠️ {w}" for w in ticket.warnings]
+        where = tr.tr("#{position} in the queue", position=ticket.position)
+    status = tr.tr(
+        "⏳ {where} · ETA ~{eta} · job {job}", where=where, eta=tr.duration(ticket.eta_s), job=ticket.job_id
+    )
+    lines = [f"**{short(prompt)}**", status]
+    lines += [f"⚠️ {tr.message(w)}" for w in ticket.warnings]
     return "\n".join(lines)
 
 
-def progress(job: Job, step: int, total: int, eta_s: float) -> str:
+def progress(tr: Language, job: Job, step: int, total: int, eta_s: float) -> str:
     filled = round(BAR_CELLS * step / max(total, 1))
     bar = "█" * filled + "░" * (BAR_CELLS - filled)
-    return (
-        f"**{short(job.spec.prompt)}**\n🎨 `{bar}` {step}/{total} steps · "
-        f"~{duration(eta_s)} left · job {job.id}"
+    status = tr.tr(
+        "{step}/{total} steps · ~{eta} left · job {job}",
+        step=step,
+        total=total,
+        eta=tr.duration(eta_s),
+        job=job.id,
     )
+    return f"**{short(job.spec.prompt)}**\n🎨 `{bar}` {status}"
 
 
-def started(job: Job) -> str:
-    return f"**{short(job.spec.prompt)}**\n🎨 starting… · job {job.id}"
+def started(tr: Language, job: Job) -> str:
+    return f"**{short(job.spec.prompt)}**\n🎨 " + tr.tr("starting… · job {job}", job=job.id)
 
 
-def footer(job: Job) -> str:
+def footer(tr: Language, job: Job) -> str:
     spec = job.spec
     seeds = ", ".join(str(image.seed) for image in job.images) or str(spec.seed)
     took = (job.timings or {}).get("total_s", 0.0)
     loras = ", ".join(f"{lo.name}:{lo.weight:g}" for lo in spec.loras if lo.weight)
-    parts = [f"seed {seeds}", spec.preset, spec.size, f"job {job.id}", f"{took:.1f} s"]
+    parts = [
+        tr.tr("seed {seeds}", seeds=seeds),
+        spec.preset,
+        spec.size,
+        tr.tr("job {job}", job=job.id),
+        tr.tr("{seconds:.1f} s", seconds=float(took)),
+    ]
     if loras:
         parts.insert(3, loras)
-    if (made := _made_from(job)) is not None:
+    if (made := _made_from(tr, job)) is not None:
         parts.insert(0, made)
     return f"**{short(spec.prompt, 200)}** — <@{job.user_id}>\n-# " + " · ".join(parts)
 
 
-def _made_from(job: Job) -> str | None:
+def _made_from(tr: Language, job: Job) -> str | None:
     """How an image-in job was made: its kind, strength and the job it started from."""
     spec = job.spec
     if spec.init_image is None:
         return None
-    parent = f" of job {job.parent_id}" if job.parent_id else ""
     if spec.mode == "edit":
-        return f"Kontext edit{parent}"
+        if job.parent_id:
+            return tr.tr("Kontext edit of job {job}", job=job.parent_id)
+        return tr.tr("Kontext edit")
     made = {
-        JobKind.VARY_SUBTLE: "vary (subtle)",
-        JobKind.VARY_STRONG: "vary (strong)",
-        JobKind.UPSCALE: "upscale x2",
-    }.get(job.kind, "from an image")
-    return f"{made}{parent}, strength {spec.strength:g}"
-
-
-SAFETY_NOTES = {
-    "withhold": "🛡️ The image was withheld: the safety filter flagged it, and this channel is not "
-    "age-restricted.",
-    "spoiler": "🛡️ Flagged by the safety filter: shown as a spoiler.",
-}
-
-
-JPEG_NOTE = (
-    "📎 Too large for this channel's upload limit as PNG: sent as JPEG. The PNG, with its recipe, is "
-    "kept (/rerun {job_id} draws it again)."
-)
-
-
-def final(job: Job, safety_action: str | None = None, as_jpeg: bool = False) -> str:
-    """The result message. `safety_action`: what the delivery did with flagged images, if anything;
-    `as_jpeg`: the PNGs were over the upload limit and JPEG copies went out instead."""
-    if job.status == JobStatus.DONE:
-        notes = [SAFETY_NOTES.get(safety_action or ""), JPEG_NOTE.format(job_id=job.id) if as_jpeg else None]
-        return footer(job) + "".join(f"\n{note}" for note in notes if note)
-    if job.status == JobStatus.CANCELLED:
-        return f"**{short(job.spec.prompt)}**\n🚫 job {job.id} {job.error or 'cancelled'}."
-    return f"**{short(job.spec.prompt)}** — <@{job.user_id}>\n❌ job {job.id} failed: {job.error}"
-
-
-def history(page: HistoryPage, whose: str) -> str:
-    if not page.jobs:
-        return f"No jobs yet for {inert(whose)}."
-    lines = [f"**Jobs of {inert(whose)}** (page {page.page}/{page.pages}, {page.total} in all)"]
-    for job in page.jobs:
-        lines.append(
-            f"`{job.id:>6}` {job.status.value:<9} seed {job.spec.seed} · {short(job.spec.prompt, 60)}"
+        JobKind.VARY_SUBTLE: tr.tr("vary (subtle)"),
+        JobKind.VARY_STRONG: tr.tr("vary (strong)"),
+        JobKind.UPSCALE: tr.tr("upscale x2"),
+    }.get(job.kind) or tr.tr("from an image")
+    strength = float(spec.strength or 0.0)
+    if job.parent_id:
+        return tr.tr(
+            "{made} of job {job}, strength {strength:g}", made=made, job=job.parent_id, strength=strength
         )
-    return "\n".join(lines)
+    return tr.tr("{made}, strength {strength:g}", made=made, strength=strength)
 
 
-def queue(view: QueueView) -> str:
-    head = "⏸️ queue paused" if view.paused else "▶️ queue running"
-    entries = view.entries
-    elsewhere = f" (+{view.elsewhere} from other servers or DMs)" if view.elsewhere else ""
-    if not entries:
-        return f"{head}: nothing from this server{elsewhere}."
-    lines = [f"{head}: {sum(1 for e in entries if e.state == 'waiting')} waiting here{elsewhere}"]
-    for entry in entries[:20]:
-        where = entry.state if entry.state != "waiting" else f"#{entry.position}"
-        eta = f" · ETA ~{duration(entry.eta_s)}" if entry.state != "saving" else ""
-        lines.append(f"{where:>8} · job {entry.job_id} · <@{entry.user_id}>{eta}")
-    return "\n".join(lines)
+def safety_note(tr: Language, action: str | None) -> str | None:
+    if action == "withhold":
+        return tr.tr(
+            "🛡️ The image was withheld: the safety filter flagged it, and this channel is not age-restricted."
+        )
+    if action == "spoiler":
+        return tr.tr("🛡️ Flagged by the safety filter: shown as a spoiler.")
+    return None
 
 
-def stats(data: Stats) -> str:
-    statuses = ", ".join(f"{n} {status}" for status, n in sorted(data.by_status.items())) or "none"
-    speeds = ", ".join(f"{preset} {s:.1f} s" for preset, s in sorted(data.seconds_per_image.items())) or "n/a"
-    running = f"{data.running} running" if data.running else "idle"
-    share = f" ({100 * data.steps_cached / data.steps:.0f} %)" if data.steps else ""
-    return (
-        f"**fluxbot stats**\nqueue: {data.queued} waiting, {running}\njobs today: {data.jobs_today} "
-        f"({statuses})\naverage per image: {speeds}\nsteps skipped by step caches today: "
-        f"{data.steps_cached} of {data.steps}{share}\nuptime: {duration(data.uptime_s)}"
+def jpeg_note(tr: Language, job_id: int) -> str:
+    return tr.tr(
+        "📎 Too large for this channel's upload limit as PNG: sent as JPEG. The PNG, with its recipe, is "
+        "kept (/rerun {job} draws it again).",
+        job=job_id,
     )
 
 
-def workers(infos: list[WorkerInfo]) -> str:
+def final(tr: Language, job: Job, safety_action: str | None = None, as_jpeg: bool = False) -> str:
+    """The result message. `safety_action`: what the delivery did with flagged images, if anything;
+    `as_jpeg`: the PNGs were over the upload limit and JPEG copies went out instead."""
+    if job.status == JobStatus.DONE:
+        notes = [safety_note(tr, safety_action), jpeg_note(tr, job.id) if as_jpeg else None]
+        return footer(tr, job) + "".join(f"\n{note}" for note in notes if note)
+    if job.status == JobStatus.CANCELLED:
+        # job.error is the stored, English reason ("cancelled by its owner"): the database stays English.
+        reasons = {
+            "cancelled by its owner": tr.tr("cancelled by its owner"),
+            "cancelled by an admin": tr.tr("cancelled by an admin"),
+        }
+        reason = reasons.get(job.error or "", job.error) or tr.tr("cancelled")
+        return f"**{short(job.spec.prompt)}**\n🚫 " + tr.tr("job {job} {reason}.", job=job.id, reason=reason)
+    failed = tr.tr("job {job} failed: {error}", job=job.id, error=job.error)
+    return f"**{short(job.spec.prompt)}** — <@{job.user_id}>\n❌ {failed}"
+
+
+def history(tr: Language, page: HistoryPage, whose: str) -> str:
+    if not page.jobs:
+        return tr.tr("No jobs yet for {who}.", who=inert(whose))
+    lines = [
+        tr.tr(
+            "**Jobs of {who}** (page {page}/{pages}, {total} in all)",
+            who=inert(whose),
+            page=page.page,
+            pages=page.pages,
+            total=page.total,
+        )
+    ]
+    for job in page.jobs:
+        status = status_name(tr, job.status)
+        seed = tr.tr("seed {seed}", seed=job.spec.seed)
+        lines.append(f"`{job.id:>6}` {status:<9} {seed} · {short(job.spec.prompt, 60)}")
+    return "\n".join(lines)
+
+
+def status_name(tr: Language, status: JobStatus) -> str:
+    names = {
+        JobStatus.QUEUED: tr.ctext("job status", "queued"),
+        JobStatus.RUNNING: tr.ctext("job status", "running"),
+        JobStatus.DONE: tr.ctext("job status", "done"),
+        JobStatus.FAILED: tr.ctext("job status", "failed"),
+        JobStatus.CANCELLED: tr.ctext("job status", "cancelled"),
+    }
+    return names.get(status, status.value)
+
+
+def queue(tr: Language, view: QueueView) -> str:
+    head = tr.tr("⏸️ queue paused") if view.paused else tr.tr("▶️ queue running")
+    entries = view.entries
+    elsewhere = (
+        " " + tr.tr("(+{count} from other servers or DMs)", count=view.elsewhere) if view.elsewhere else ""
+    )
+    if not entries:
+        return tr.tr("{head}: nothing from this server", head=head) + elsewhere + "."
+    waiting = sum(1 for e in entries if e.state == "waiting")
+    lines = [tr.tr("{head}: {count} waiting here", head=head, count=waiting) + elsewhere]
+    for entry in entries[:20]:
+        where = _entry_state(tr, entry.state) if entry.state != "waiting" else f"#{entry.position}"
+        eta = " · " + tr.tr("ETA ~{eta}", eta=tr.duration(entry.eta_s)) if entry.state != "saving" else ""
+        job = tr.tr("job {job}", job=entry.job_id)
+        lines.append(f"{where:>8} · {job} · <@{entry.user_id}>{eta}")
+    return "\n".join(lines)
+
+
+def _entry_state(tr: Language, state: str) -> str:
+    return {"running": tr.ctext("job status", "running"), "saving": tr.tr("saving")}.get(state, state)
+
+
+def stats(tr: Language, data: Stats) -> str:
+    statuses = ", ".join(
+        f"{n} {status_name(tr, JobStatus(status))}" for status, n in sorted(data.by_status.items())
+    ) or tr.tr("none")
+    speeds = ", ".join(
+        f"{preset} " + tr.tr("{seconds:.1f} s", seconds=s)
+        for preset, s in sorted(data.seconds_per_image.items())
+    ) or tr.tr("n/a")
+    running = tr.tr("{count} running", count=data.running) if data.running else tr.tr("idle")
+    share = tr.tr(" ({percent:.0f} %)", percent=100 * data.steps_cached / data.steps) if data.steps else ""
+    return tr.tr(
+        "**fluxbot stats**\nqueue: {queued} waiting, {running}\njobs today: {today} ({statuses})\n"
+        "average per image: {speeds}\nsteps skipped by step caches today: {cached} of {steps}{share}\n"
+        "uptime: {uptime}",
+        queued=data.queued,
+        running=running,
+        today=data.jobs_today,
+        statuses=statuses,
+        speeds=speeds,
+        cached=data.steps_cached,
+        steps=data.steps,
+        share=share,
+        uptime=tr.duration(data.uptime_s),
+    )
+
+
+def workers(tr: Language, infos: list[WorkerInfo]) -> str:
     if not infos:
-        return "No engine worker is up: start one with `fluxbot worker` (same FLUXBOT_QUEUE as the bot)."
+        return tr.tr(
+            "No engine worker is up: start one with `fluxbot worker` (same FLUXBOT_QUEUE as the bot)."
+        )
     busy = sum(1 for w in infos if w.state == "busy")
-    lines = [f"**{len(infos)} worker{'s' if len(infos) != 1 else ''}** ({busy} busy)"]
+    lines = [
+        tr.plural("**{n} worker** ({busy} busy)", "**{n} workers** ({busy} busy)", len(infos), busy=busy)
+    ]
     for w in infos[:20]:
-        state = f"busy with job {w.job_id}" if w.state == "busy" and w.job_id else w.state
-        vram = f" · {w.free_vram_gb:.1f} GB VRAM free" if w.free_vram_gb is not None else ""
+        if w.state == "busy" and w.job_id:
+            state = tr.tr("busy with job {job}", job=w.job_id)
+        else:
+            state = {"busy": tr.tr("busy"), "idle": tr.tr("idle")}.get(w.state, w.state)
+        vram = " · " + tr.tr("{gb:.1f} GB VRAM free", gb=w.free_vram_gb) if w.free_vram_gb is not None else ""
         loras = f" · LoRAs: {', '.join(w.resident_loras)}" if w.resident_loras else ""
-        speed = f" · {w.compile} compile (warm-up {w.warmup_s:g} s)" if w.warmup_s is not None else ""
-        speed += f" · attention {w.attention}" if w.attention != "native" else ""
+        speed = (
+            " · " + tr.tr("{mode} compile (warm-up {seconds:g} s)", mode=w.compile, seconds=float(w.warmup_s))
+            if w.warmup_s is not None
+            else ""
+        )
+        speed += " · " + tr.tr("attention {backend}", backend=w.attention) if w.attention != "native" else ""
+        counts = tr.tr(
+            "{done} done, {failed} failed · {rate:.1f} jobs/min",
+            done=w.jobs_done,
+            failed=w.jobs_failed,
+            rate=float(w.jobs_per_min),
+        )
+        where = tr.tr("on {device}", device=w.device)
         lines.append(
-            f"`{w.name}` {state} · {w.model} ({w.family}, {w.quant}) on {w.device}{vram} · "
-            f"{w.jobs_done} done, {w.jobs_failed} failed · {w.jobs_per_min:.1f} jobs/min{speed}{loras}"
+            f"`{w.name}` {state} · {w.model} ({w.family}, {w.quant}) {where}{vram} · {counts}{speed}{loras}"
         )
     return "\n".join(lines)

@@ -61,7 +61,7 @@ class Catalog:
     def lora(self, name: str) -> LoraEntry:
         entry = self.loras.get(name)
         if entry is None:
-            raise LoraError(f"LoRA {name[:64]!r} is not on the whitelist")
+            raise LoraError("LoRA {lora!r} is not on the whitelist", lora=name[:64])
         return entry
 
     def lora_uses(self, spec: DrawSpec) -> list[LoraUse]:
@@ -71,8 +71,10 @@ class Catalog:
         for lora in spec.loras:
             entry = self.loras.get(lora.name)
             if entry is None:
-                raise LoraError(f"LoRA {lora.name} was removed from the whitelist")
+                raise LoraError("LoRA {lora} was removed from the whitelist", lora=lora.name)
             if entry.sha256 != lora.sha256:
-                raise LoraError(f"LoRA {lora.name} was re-pinned to another file since this job was made")
+                raise LoraError(
+                    "LoRA {lora} was re-pinned to another file since this job was made", lora=lora.name
+                )
             uses.append(LoraUse(entry.name, entry.file, entry.sha256, lora.weight))
         return uses

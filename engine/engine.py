@@ -192,7 +192,7 @@ class FluxEngine:
         CLI's and the benchmarks' way in; the bot resolves itself and calls `draw`)."""
         resolution = self.resolver.resolve(request)
         result = self.draw([resolution.spec], None, on_step, cancel, init_image, preview)[0]
-        return replace(result, warnings=resolution.warnings)
+        return replace(result, warnings=tuple(str(w) for w in resolution.warnings))
 
     def generate_batch(
         self,

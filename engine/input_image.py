@@ -32,7 +32,9 @@ class InputImage:
 def normalize_input_image(data: bytes, *, max_bytes: int, max_pixels: int) -> InputImage:
     """The upload as a normalized PNG, or a RequestError saying in one line why not. Blocking."""
     if len(data) > max_bytes:
-        raise RequestError(f"the image is {len(data) / 1e6:.1f} MB; the limit is {max_bytes / 1e6:g} MB")
+        raise RequestError(
+            "the image is {mb:.1f} MB; the limit is {limit:g} MB", mb=len(data) / 1e6, limit=max_bytes / 1e6
+        )
     try:
         with warnings.catch_warnings():
             # PIL's own bomb check warns below twice its limit; here any bomb is an error.
@@ -41,12 +43,15 @@ def normalize_input_image(data: bytes, *, max_bytes: int, max_pixels: int) -> In
             name = ACCEPTED_FORMATS.get(opened.format or "")
             if name is None:
                 kind = opened.format or "unknown"
-                raise RequestError(f"the file is not a PNG, JPEG or WebP image (it is {kind})")
+                raise RequestError("the file is not a PNG, JPEG or WebP image (it is {kind})", kind=kind)
             width, height = opened.size
             if width * height > max_pixels:
                 raise RequestError(
-                    f"the image is {width}x{height} ({width * height / 1e6:.0f} MP); the limit is "
-                    f"{max_pixels / 1e6:g} MP"
+                    "the image is {width}x{height} ({mp:.0f} MP); the limit is {limit:g} MP",
+                    width=width,
+                    height=height,
+                    mp=width * height / 1e6,
+                    limit=max_pixels / 1e6,
                 )
             opened.load()
     except RequestError:
@@ -54,13 +59,14 @@ def normalize_input_image(data: bytes, *, max_bytes: int, max_pixels: int) -> In
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         # PIL stops at open() past twice its own limit, before the size can be read here.
         raise RequestError(
-            f"the image has far more pixels than the limit of {max_pixels / 1e6:g} MP"
+            "the image has far more pixels than the limit of {limit:g} MP", limit=max_pixels / 1e6
         ) from None
     except (OSError, SyntaxError, ValueError) as exc:  # PIL's errors for unknown, damaged or truncated files
-        problem = (
-            "damaged or truncated" if isinstance(exc, OSError) and "truncated" in str(exc) else "unreadable"
-        )
-        raise RequestError(f"the file is not a readable PNG, JPEG or WebP image ({problem})") from None
+        if isinstance(exc, OSError) and "truncated" in str(exc):
+            raise RequestError(
+                "the file is not a readable PNG, JPEG or WebP image (damaged or truncated)"
+            ) from None
+        raise RequestError("the file is not a readable PNG, JPEG or WebP image (unreadable)") from None
     oriented = ImageOps.exif_transpose(opened).convert("RGB")
     clean = Image.new("RGB", oriented.size)
     clean.paste(oriented)  # a fresh image: no EXIF, ICC, text chunks or XMP carried over

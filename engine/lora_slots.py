@@ -138,8 +138,9 @@ class LoraSlots:
             module = key.removeprefix("transformer.")
             if module not in self._layers or tensor.shape[0] > self.rank:
                 raise LoraError(
-                    f"LoRA {use.name} changes layers (or has a rank) the compiled engine did not prepare "
-                    "at start: it can be used after fluxbot restarts"
+                    "LoRA {lora} changes layers (or has a rank) the compiled engine did not prepare "
+                    "at start: it can be used after fluxbot restarts",
+                    lora=use.name,
                 )
         if tensors.text_encoder:
             load_text_encoder_lora(self._pipe.text_encoder, tensors.text_encoder, name)
@@ -196,8 +197,10 @@ def _lora_pairs(state: dict[str, torch.Tensor], name: str) -> list[tuple[str, to
             pairs.append((key.removesuffix(".lora_A.weight"), tensor))
         elif not key.endswith((".lora_B.weight", ".alpha")):
             raise LoraError(
-                f"LoRA {name}: its tensor {key} cannot be hot-swapped into a compiled engine (set "
-                "engine.compile = 'off' to use it)"
+                "LoRA {lora}: its tensor {key} cannot be hot-swapped into a compiled engine (set "
+                "engine.compile = 'off' to use it)",
+                lora=name,
+                key=key,
             )
     return pairs
 

@@ -10,6 +10,7 @@ from typing import Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.errors import ConfigError, RequestError
+from engine.messages import Message
 from engine.spec import Family
 from engine.step_cache import NO_CACHE, StepCacheField
 from engine.tomlfile import read_toml, validate_entry
@@ -96,19 +97,28 @@ class Preset(BaseModel):
             raise ValueError(str(exc)) from None
         return self
 
-    def size_problem(self, width: int, height: int) -> str | None:
+    def size_problem(self, width: int, height: int) -> Message | None:
         """Why this size is refused, or None when it is allowed."""
         m = self.size_multiple
         if width % m or height % m:
-            return f"width and height must be multiples of {m}"
+            return Message("width and height must be multiples of {m}", m=m)
         mp = width * height / 1e6
         lo, hi = self.megapixels_range
         if mp < lo:
-            return f"{mp:.2f} MP is below this preset's minimum of {lo} MP (Flux turns to noise when small)"
+            return Message(
+                "{mp:.2f} MP is below this preset's minimum of {lo} MP (Flux turns to noise when small)",
+                mp=mp,
+                lo=lo,
+            )
         if mp > hi:
-            return f"{mp:.2f} MP is above this preset's maximum of {hi} MP"
+            return Message("{mp:.2f} MP is above this preset's maximum of {hi} MP", mp=mp, hi=hi)
         if self.aspects and not any(_close_aspect(width, height, a) for a in self.aspects):
-            return f"aspect {width}:{height} is not one of {', '.join(self.aspects)}"
+            return Message(
+                "aspect {width}:{height} is not one of {aspects}",
+                width=width,
+                height=height,
+                aspects=", ".join(self.aspects),
+            )
         return None
 
     def parse_size(self, text: str) -> tuple[int, int]:
@@ -118,13 +128,19 @@ class Preset(BaseModel):
         elif m := _ASPECT.match(text):
             aw, ah = int(m[1]), int(m[2])
             if aw == 0 or ah == 0:
-                raise RequestError(f"aspect {text[:32]!r} must have two positive numbers")
+                raise RequestError("aspect {text!r} must have two positive numbers", text=text[:32])
             width, height = self.size_for_aspect(aw, ah)
         else:
-            raise RequestError(f"size {text[:32]!r} must look like 1024x768 or an aspect like 16:9")
+            raise RequestError("size {text!r} must look like 1024x768 or an aspect like 16:9", text=text[:32])
         problem = self.size_problem(width, height)
         if problem:
-            raise RequestError(f"size {width}x{height} for preset {self.name}: {problem}")
+            raise RequestError(
+                "size {width}x{height} for preset {preset}: {problem}",
+                width=width,
+                height=height,
+                preset=self.name,
+                problem=problem,
+            )
         return width, height
 
     def size_for_aspect(self, aw: int, ah: int) -> tuple[int, int]:

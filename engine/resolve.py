@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from engine.api import GenerationRequest
 from engine.catalog import Catalog
 from engine.errors import LoraError, RequestError
+from engine.messages import Message
 from engine.presets import Preset
 from engine.settings import EngineSettings
 from engine.spec import MAX_SEED, DrawSpec, Mode, SpecLora
@@ -18,9 +19,9 @@ from engine.whitelist import LoraEntry
 @dataclass(frozen=True)
 class Resolution:
     spec: DrawSpec
-    warnings: tuple[str, ...] = ()
+    warnings: tuple[Message, ...] = ()
     # What is marked nsfw ("preset 'x'", "LoRA 'y'"): for the bot's age-restricted-channel rule.
-    nsfw: tuple[str, ...] = ()
+    nsfw: tuple[Message, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class RequestResolver:
         for name, preset in self.catalog.presets.items():
             if preset.family == self.family:
                 return name
-        raise RequestError(f"no preset in the presets file is for {self.family} models")
+        raise RequestError("no preset in the presets file is for {family} models", family=self.family)
 
     def preset(self, name: str | None) -> Preset:
         if name is None:
@@ -64,10 +65,17 @@ class RequestResolver:
         preset = self.catalog.presets.get(name)
         if preset is None:
             raise RequestError(
-                f"unknown preset {name[:40]!r}; choose one of: {', '.join(sorted(self.catalog.presets))}"
+                "unknown preset {preset!r}; choose one of: {presets}",
+                preset=name[:40],
+                presets=", ".join(sorted(self.catalog.presets)),
             )
         if preset.family != self.family:
-            raise RequestError(f"preset {name} is for {preset.family}, but the loaded model is {self.family}")
+            raise RequestError(
+                "preset {preset} is for {family}, but the loaded model is {loaded}",
+                preset=name,
+                family=preset.family,
+                loaded=self.family,
+            )
         return preset
 
     def resolve(self, request: GenerationRequest) -> Resolution:
@@ -75,15 +83,22 @@ class RequestResolver:
         width, height = (
             (preset.width, preset.height) if request.size is None else preset.parse_size(request.size)
         )
-        warnings = []
+        warnings: list[Message] = []
         if preset.warn_below_megapixels and width * height / 1e6 < preset.warn_below_megapixels:
             warnings.append(
-                f"{width}x{height} is below {preset.warn_below_megapixels} MP: {preset.name} often gives "
-                "noisy images this small"
+                Message(
+                    "{width}x{height} is below {mp} MP: {preset} often gives noisy images this small",
+                    width=width,
+                    height=height,
+                    mp=preset.warn_below_megapixels,
+                    preset=preset.name,
+                )
             )
         if request.batch_size > self.max_batch_size:
             raise RequestError(
-                f"batch size {request.batch_size} is above the maximum of {self.max_batch_size}"
+                "batch size {batch} is above the maximum of {most}",
+                batch=request.batch_size,
+                most=self.max_batch_size,
             )
         mode = self._mode(request)
         loras = self._loras(preset, request, mode)
@@ -121,16 +136,22 @@ class RequestResolver:
             self.resolve(request)
             return
         if self.family != "flux1":
-            raise RequestError(f"image prompts need a FLUX.1 model (the loaded model is {self.family})")
+            raise RequestError(
+                "image prompts need a FLUX.1 model (the loaded model is {family})", family=self.family
+            )
         self._strength(self.preset(request.preset), request, "img2img")
         self.resolve(request.model_copy(update={"strength": None}))
 
-    def nsfw(self, spec: DrawSpec) -> tuple[str, ...]:
+    def nsfw(self, spec: DrawSpec) -> tuple[Message, ...]:
         """The parts of a spec marked nsfw in the catalog now (a stored job's too, on a rerun)."""
         preset = self.catalog.presets.get(spec.preset)
-        marked = (f"preset {spec.preset!r}",) if preset is not None and preset.nsfw else ()
+        marked = (
+            (Message("preset {preset!r}", preset=spec.preset),) if preset is not None and preset.nsfw else ()
+        )
         return marked + tuple(
-            f"LoRA {lo.name!r}" for lo in spec.loras if (e := self.catalog.loras.get(lo.name)) and e.nsfw
+            Message("LoRA {lora!r}", lora=lo.name)
+            for lo in spec.loras
+            if (e := self.catalog.loras.get(lo.name)) and e.nsfw
         )
 
     def check_stored(self, spec: DrawSpec) -> Preset:
@@ -138,7 +159,11 @@ class RequestResolver:
         an admin may have withdrawn since is checked: its preset, and its LoRAs' whitelist entries."""
         preset = self.preset(spec.preset)
         if spec.family != self.family:
-            raise RequestError(f"that job was drawn by a {spec.family} model; this one is {self.family}")
+            raise RequestError(
+                "that job was drawn by a {family} model; this one is {loaded}",
+                family=spec.family,
+                loaded=self.family,
+            )
         self.catalog.lora_uses(spec)
         return preset
 
@@ -150,7 +175,9 @@ class RequestResolver:
         if request.mode == "txt2img" and request.init_image is not None:
             raise RequestError("text-to-image takes no input image")
         if request.init_image is not None and self.family != "flux1":
-            raise RequestError(f"image prompts need a FLUX.1 model (the loaded model is {self.family})")
+            raise RequestError(
+                "image prompts need a FLUX.1 model (the loaded model is {family})", family=self.family
+            )
         return "img2img" if request.init_image is not None else "txt2img"
 
     @staticmethod
@@ -159,7 +186,13 @@ class RequestResolver:
             return preset.steps
         lo, hi = preset.steps_range
         if not lo <= steps <= hi:
-            raise RequestError(f"steps must be between {lo} and {hi} for preset {preset.name} (got {steps})")
+            raise RequestError(
+                "steps must be between {lo} and {hi} for preset {preset} (got {steps})",
+                lo=lo,
+                hi=hi,
+                preset=preset.name,
+                steps=steps,
+            )
         return steps
 
     @staticmethod
@@ -178,7 +211,11 @@ class RequestResolver:
         lo, hi = preset.strength_range
         if not lo <= request.strength <= hi:
             raise RequestError(
-                f"strength must be between {lo} and {hi} for preset {preset.name} (got {request.strength})"
+                "strength must be between {lo} and {hi} for preset {preset} (got {strength})",
+                lo=lo,
+                hi=hi,
+                preset=preset.name,
+                strength=request.strength,
             )
         return request.strength
 
@@ -186,14 +223,20 @@ class RequestResolver:
     def _guidance(preset: Preset, guidance: float | None) -> float | None:
         if preset.guidance_range is None:
             if guidance is not None:
-                raise RequestError(f"preset {preset.name} takes no guidance (it is guidance-distilled)")
+                raise RequestError(
+                    "preset {preset} takes no guidance (it is guidance-distilled)", preset=preset.name
+                )
             return None
         if guidance is None:
             return preset.guidance
         lo, hi = preset.guidance_range
         if not lo <= guidance <= hi:
             raise RequestError(
-                f"guidance must be between {lo} and {hi} for preset {preset.name} (got {guidance})"
+                "guidance must be between {lo} and {hi} for preset {preset} (got {guidance})",
+                lo=lo,
+                hi=hi,
+                preset=preset.name,
+                guidance=guidance,
             )
         return guidance
 
@@ -208,22 +251,34 @@ class RequestResolver:
                 chosen.append((self.catalog.lora(pl.name), pl.weight))
             except LoraError as exc:
                 raise LoraError(
-                    f"preset {preset.name} needs LoRA {pl.name!r}, which is not on the whitelist "
-                    "(config/loras.toml); an admin must add it"
+                    "preset {preset} needs LoRA {lora!r}, which is not on the whitelist "
+                    "(config/loras.toml); an admin must add it",
+                    preset=preset.name,
+                    lora=pl.name,
                 ) from exc
         user = [c for c in request.loras if c.name not in {e.name for e, _ in chosen}]
         if len(user) > self.max_loras_per_job:
-            raise LoraError(f"at most {self.max_loras_per_job} LoRAs per image (got {len(user)})")
+            raise LoraError(
+                "at most {most} LoRAs per image (got {count})", most=self.max_loras_per_job, count=len(user)
+            )
         if len({c.name for c in user}) != len(user):
             raise LoraError("the same LoRA is listed twice")
         for choice in user:
             entry = self.catalog.lora(choice.name)
             if self.family not in entry.families:
-                raise LoraError(f"LoRA {entry.name} is for {', '.join(entry.families)}, not {self.family}")
+                raise LoraError(
+                    "LoRA {lora} is for {families}, not {family}",
+                    lora=entry.name,
+                    families=", ".join(entry.families),
+                    family=self.family,
+                )
             weight = entry.default_weight if choice.weight is None else choice.weight
             if abs(weight) > entry.max_weight:
                 raise LoraError(
-                    f"LoRA {entry.name}: weight must be within ±{entry.max_weight} (got {weight})"
+                    "LoRA {lora}: weight must be within ±{most} (got {weight})",
+                    lora=entry.name,
+                    most=entry.max_weight,
+                    weight=weight,
                 )
             chosen.append((entry, weight))
         return chosen

@@ -52,7 +52,7 @@ class StepCache(BaseModel):
             if kind == "taylorseer" and first is not None:
                 return cls(kind=kind, interval=int(first), order=int(second) if second is not None else 1)
         except ValidationError as exc:  # a number out of range
-            raise ValueError(f"cache {text[:40]!r}: {first_problem(exc)}") from None
+            raise ValueError(f"cache {text[:40]!r}: {first_problem(exc)!s}") from None
         except ValueError:  # not a number
             raise ValueError(
                 f"cache {text[:40]!r}: numbers expected (a threshold like fbcache:0.08, whole numbers "
@@ -75,7 +75,8 @@ class StepCache(BaseModel):
         if self.kind == "magcache" and family != "flux1":
             raise RequestError(
                 "magcache needs magnitude ratios calibrated for the model, and diffusers ships them for "
-                f"FLUX.1 only (this model is {family}): use fbcache or taylorseer"
+                "FLUX.1 only (this model is {family}): use fbcache or taylorseer",
+                family=family,
             )
 
 

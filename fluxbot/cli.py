@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"fluxbot: {args.command} needs {NO_ENGINE} ({exc.name} is not installed)", file=sys.stderr)
     except ValidationError as exc:
-        print(f"fluxbot: {first_problem(exc)}", file=sys.stderr)
+        print(f"fluxbot: {first_problem(exc)!s}", file=sys.stderr)
     except EngineError as exc:
         print(f"fluxbot: {exc}", file=sys.stderr)
     except KeyboardInterrupt:

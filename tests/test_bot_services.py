@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from bot.app import App
+from bot.i18n import Languages
 from bot.services.admin import AdminPolicy
 from bot.services.errors import LimitReached, NotAllowed, NotFound, UserError
 from bot.services.studio import Requester
@@ -21,6 +22,8 @@ from engine.png import read_recipe
 from engine.settings import EngineSettings
 from fluxbot.settings import DeliverySettings, LimitSettings, Settings
 from tests.bot_support import RecordingEvents, make_app, make_settings, until
+
+ENGLISH = Languages.load().for_locale(None)
 
 pytestmark = pytest.mark.usefixtures("database_backend")  # on SQLite and on PostgreSQL
 
@@ -358,7 +361,7 @@ async def test_stats_show_todays_jobs_speed_per_preset_and_uptime(app: tuple[App
 
     assert (stats.jobs_today, stats.by_status, stats.queued, stats.running) == (2, {"done": 2}, 0, False)
     assert set(stats.seconds_per_image) == {"dev"} and stats.seconds_per_image["dev"] > 0
-    assert "jobs today: 2 (2 done)" in render.stats(stats)
+    assert "jobs today: 2 (2 done)" in render.stats(ENGLISH, stats)
 
 
 async def test_each_job_logs_one_structured_line(
@@ -434,7 +437,7 @@ async def test_a_step_cache_an_admin_sets_is_pinned_so_reruns_stay_exact_after_i
     skipped = 2 * (12 - recipe["computed_steps"])
     stats = await the_app.admin.stats(the_app.started_at)
     assert (stats.steps, stats.steps_cached) == (36, skipped)
-    assert f"steps skipped by step caches today: {skipped} of 36" in render.stats(stats)
+    assert f"steps skipped by step caches today: {skipped} of 36" in render.stats(ENGLISH, stats)
     metrics = the_app.metrics.render().decode()
     assert f'fluxbot_denoise_steps_total{{run="cached"}} {float(skipped)}' in metrics
     assert f'fluxbot_denoise_steps_total{{run="full"}} {float(36 - skipped)}' in metrics

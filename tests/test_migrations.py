@@ -76,8 +76,11 @@ async def test_jobs_of_every_kind_stored_by_the_previous_schema_rerun_to_identic
         assert job is not None and original is not None and job.status == JobStatus.DONE, name
         assert len(job.images) == len(original.images), name
         for before, after in zip(original.images, job.images, strict=True):
-            same = np.array_equal(pixels(legacy / "data" / before.path), pixels(legacy / "data" / after.path))
-            assert same, f"{name}: the rerun drew other pixels"
+            # The fixture was drawn on another machine: a CPU with other vector units rounds a float sum
+            # differently now and then (seen: the LoRA job, 1 of 12,288 values off by one level). Same
+            # spec, same machine is bit-exact (tests/test_bot_discord.py); here: the same picture.
+            diff = np.abs(pixels(legacy / "data" / before.path) - pixels(legacy / "data" / after.path))
+            assert diff.max() <= 1 and (diff > 0).mean() < 0.001, f"{name}: the rerun drew other pixels"
     assert queued is not None and queued.status == JobStatus.DONE, "a job left queued ran after the upgrade"
     specs = {name: job.spec for name, job in originals.items() if job is not None}
     assert specs["imagine_lora"].final_prompt == "inkstyle, a cat"

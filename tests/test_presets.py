@@ -77,7 +77,7 @@ def test_aspect_is_turned_into_a_size_on_the_grid(resolver: RequestResolver) -> 
 def test_small_dev_image_is_allowed_with_a_noise_warning(resolver: RequestResolver) -> None:
     small = resolver.resolve(GenerationRequest(prompt="a cat", size="512x512"))
 
-    assert small.warnings and "noisy" in small.warnings[0]
+    assert small.warnings and "noisy" in str(small.warnings[0])
 
 
 def test_empty_prompt_and_negative_seed_are_invalid_requests() -> None:

@@ -10,8 +10,9 @@ import discord
 from discord import app_commands
 
 from bot import render
-from bot.commands.context import reply_error, requester, role_ids
+from bot.commands.context import private, reply_error, requester, role_ids
 from bot.commands.imagine import lora_autocomplete, preset_autocomplete
+from bot.i18n import Language
 from bot.mentions import NOBODY
 from bot.services.admin import AdminService
 from bot.services.errors import UserError
@@ -22,8 +23,10 @@ if TYPE_CHECKING:
 
 
 async def _run(
-    interaction: discord.Interaction[FluxBot], action: Callable[[AdminService, Requester], Awaitable[str]]
+    interaction: discord.Interaction[FluxBot],
+    action: Callable[[AdminService, Requester, Language], Awaitable[str]],
 ) -> None:
+    """Every /admin answer is private: in the admin's own language."""
     service = interaction.client.app.admin
     who = requester(interaction, with_token=False)
     try:
@@ -34,10 +37,11 @@ async def _run(
     # Answered first ("thinking…", private), then the work: it may wait on a busy store or on a job's
     # delivery, and Discord drops an interaction left unanswered for 3 s.
     await interaction.response.defer(ephemeral=True, thinking=True)
+    tr = private(interaction)
     try:
-        text = await action(service, who)
+        text = await action(service, who, tr)
     except UserError as exc:
-        text = str(exc)
+        text = tr.message(exc.message)
     await interaction.edit_original_response(content=text[:1990], allowed_mentions=NOBODY)
 
 
@@ -57,17 +61,18 @@ class AdminCommands(app_commands.Group):
 
     @app_commands.command(name="presets", description="Show presets with their defaults and bounds")
     async def presets(self, interaction: discord.Interaction[FluxBot]) -> None:
-        async def show(service: AdminService, who: Requester) -> str:
+        async def show(service: AdminService, who: Requester, tr: Language) -> str:
             lines = []
             for name, p in service.presets().items():
                 guidance = (
-                    f"guidance {p.guidance} in {list(p.guidance_range)}"
+                    tr.tr("guidance {value} in {range}", value=p.guidance, range=list(p.guidance_range))
                     if p.guidance_range
-                    else "no guidance"
+                    else tr.tr("no guidance")
                 )
-                cache = f", cache {p.cache}" if p.cache.on else ""
+                cache = ", " + tr.tr("cache {cache}", cache=str(p.cache)) if p.cache.on else ""
+                steps = tr.tr("steps {value} in {range}", value=p.steps, range=list(p.steps_range))
                 lines.append(
-                    f"**{name}** ({p.family}): steps {p.steps} in {list(p.steps_range)}, {guidance}, "
+                    f"**{name}** ({p.family}): {steps}, {guidance}, "
                     f"{p.width}x{p.height}, {list(p.megapixels_range)} MP{cache}"
                 )
             return "\n".join(lines)
@@ -84,24 +89,26 @@ class AdminCommands(app_commands.Group):
     async def preset_set(
         self, interaction: discord.Interaction[FluxBot], name: str, field: str, value: str
     ) -> None:
-        async def change(service: AdminService, who: Requester) -> str:
+        async def change(service: AdminService, who: Requester, tr: Language) -> str:
             preset = await service.set_preset(who, name, field, value)
-            return f"Preset **{name}**: {field} = {getattr(preset, field)!r}"
+            return tr.tr(
+                "Preset **{preset}**: {field} = {value!r}",
+                preset=name,
+                field=field,
+                value=getattr(preset, field),
+            )
 
         await _run(interaction, change)
 
     @app_commands.command(name="loras", description="List the LoRA whitelist")
     async def loras(self, interaction: discord.Interaction[FluxBot]) -> None:
-        async def show(service: AdminService, who: Requester) -> str:
+        async def show(service: AdminService, who: Requester, tr: Language) -> str:
             entries = service.loras()
-            return (
-                "\n".join(
-                    f"**{e.name}**: {e.file} sha256 {e.sha256[:12]}… weight {e.default_weight} "
-                    f"(max {e.max_weight})"
-                    for e in entries
-                )
-                or "The whitelist is empty."
-            )
+            return "\n".join(
+                f"**{e.name}**: {e.file} sha256 {e.sha256[:12]}… "
+                + tr.tr("weight {weight} (max {most})", weight=e.default_weight, most=e.max_weight)
+                for e in entries
+            ) or tr.tr("The whitelist is empty.")
 
         await _run(interaction, show)
 
@@ -121,7 +128,7 @@ class AdminCommands(app_commands.Group):
         default_weight: float | None = None,
         max_weight: float | None = None,
     ) -> None:
-        async def add(service: AdminService, who: Requester) -> str:
+        async def add(service: AdminService, who: Requester, tr: Language) -> str:
             words = [w.strip() for w in trigger_words.split(",") if w.strip()] if trigger_words else None
             entry = await service.add_lora(
                 who,
@@ -134,27 +141,33 @@ class AdminCommands(app_commands.Group):
                     "max_weight": max_weight,
                 },
             )
-            return f"LoRA **{entry.name}** whitelisted (hash checked)."
+            return tr.tr("LoRA **{lora}** whitelisted (hash checked).", lora=entry.name)
 
         await _run(interaction, add)
 
     @app_commands.command(name="lora-remove", description="Remove a LoRA from the whitelist")
     @app_commands.autocomplete(name=lora_autocomplete)
     async def lora_remove(self, interaction: discord.Interaction[FluxBot], name: str) -> None:
-        async def remove(service: AdminService, who: Requester) -> str:
+        async def remove(service: AdminService, who: Requester, tr: Language) -> str:
             await service.remove_lora(who, name)
-            return f"LoRA **{name}** removed from the whitelist."
+            return tr.tr("LoRA **{lora}** removed from the whitelist.", lora=name)
 
         await _run(interaction, remove)
 
     @app_commands.command(name="limits", description="Show or change the limits")
-    @app_commands.describe(
-        field="jobs_per_window, window_s, max_queued_per_user or max_queue", value="New value"
+    @app_commands.describe(field="Which limit to change", value="New value")
+    @app_commands.choices(
+        field=[
+            app_commands.Choice(name="jobs per window", value="jobs_per_window"),
+            app_commands.Choice(name="window (seconds)", value="window_s"),
+            app_commands.Choice(name="max queued per user", value="max_queued_per_user"),
+            app_commands.Choice(name="max queue (all users)", value="max_queue"),
+        ]
     )
     async def limits(
         self, interaction: discord.Interaction[FluxBot], field: str | None = None, value: float | None = None
     ) -> None:
-        async def change(service: AdminService, who: Requester) -> str:
+        async def change(service: AdminService, who: Requester, tr: Language) -> str:
             if field is not None:
                 if value is None:
                     raise UserError("Give a value to set.")
@@ -168,17 +181,17 @@ class AdminCommands(app_commands.Group):
     async def ban(
         self, interaction: discord.Interaction[FluxBot], user: discord.User, reason: str | None = None
     ) -> None:
-        async def do(service: AdminService, who: Requester) -> str:
+        async def do(service: AdminService, who: Requester, tr: Language) -> str:
             await service.ban(who, user.id, reason)
-            return f"{user.mention} is banned."
+            return tr.tr("{user} is banned.", user=user.mention)
 
         await _run(interaction, do)
 
     @app_commands.command(name="unban", description="Let a banned user make images again")
     async def unban(self, interaction: discord.Interaction[FluxBot], user: discord.User) -> None:
-        async def do(service: AdminService, who: Requester) -> str:
+        async def do(service: AdminService, who: Requester, tr: Language) -> str:
             await service.unban(who, user.id)
-            return f"{user.mention} is no longer banned."
+            return tr.tr("{user} is no longer banned.", user=user.mention)
 
         await _run(interaction, do)
 
@@ -186,72 +199,77 @@ class AdminCommands(app_commands.Group):
     async def stats(self, interaction: discord.Interaction[FluxBot]) -> None:
         started_at = interaction.client.app.started_at
 
-        async def show(service: AdminService, who: Requester) -> str:
-            return render.stats(await service.stats(started_at))
+        async def show(service: AdminService, who: Requester, tr: Language) -> str:
+            return render.stats(tr, await service.stats(started_at))
 
         await _run(interaction, show)
 
     @app_commands.command(name="queue", description="Show the queue")
     async def queue(self, interaction: discord.Interaction[FluxBot]) -> None:
-        async def show(service: AdminService, who: Requester) -> str:
-            return render.queue(service.queue(who))
+        async def show(service: AdminService, who: Requester, tr: Language) -> str:
+            return render.queue(tr, service.queue(who))
 
         await _run(interaction, show)
 
     @app_commands.command(name="workers", description="Engine workers: what they serve, state, throughput")
     async def workers(self, interaction: discord.Interaction[FluxBot]) -> None:
-        async def show(service: AdminService, who: Requester) -> str:
-            return render.workers(await service.workers())
+        async def show(service: AdminService, who: Requester, tr: Language) -> str:
+            return render.workers(tr, await service.workers())
 
         await _run(interaction, show)
 
     @app_commands.command(name="cancel", description="Cancel a queued or running job")
     async def cancel(self, interaction: discord.Interaction[FluxBot], job_id: int) -> None:
-        async def do(service: AdminService, who: Requester) -> str:
+        async def do(service: AdminService, who: Requester, tr: Language) -> str:
             await service.cancel(who, job_id)
-            return f"Job {job_id} cancelled."
+            return tr.tr("Job {job} cancelled.", job=job_id)
 
         await _run(interaction, do)
 
     @app_commands.command(name="pause", description="Stop starting new jobs (the running one finishes)")
     async def pause(self, interaction: discord.Interaction[FluxBot]) -> None:
-        async def do(service: AdminService, who: Requester) -> str:
+        async def do(service: AdminService, who: Requester, tr: Language) -> str:
             await service.pause(who, True)
-            return "Queue paused."
+            return tr.tr("Queue paused.")
 
         await _run(interaction, do)
 
     @app_commands.command(name="resume", description="Start jobs again")
     async def resume(self, interaction: discord.Interaction[FluxBot]) -> None:
-        async def do(service: AdminService, who: Requester) -> str:
+        async def do(service: AdminService, who: Requester, tr: Language) -> str:
             await service.pause(who, False)
-            return "Queue resumed."
+            return tr.tr("Queue resumed.")
 
         await _run(interaction, do)
 
     @blocklist.command(name="add", description="Refuse prompts containing this word or phrase")
     @app_commands.describe(term="A word or phrase; spacing, case, accents and leetspeak are undone")
     async def blocklist_add(self, interaction: discord.Interaction[FluxBot], term: str) -> None:
-        async def do(service: AdminService, who: Requester) -> str:
+        async def do(service: AdminService, who: Requester, tr: Language) -> str:
             stored = await service.block_term(who, term)
-            return f"Blocked: {render.inert(stored)}"
+            return tr.tr("Blocked: {term}", term=render.inert(stored))
 
         await _run(interaction, do)
 
     @blocklist.command(name="remove", description="Allow a blocked term again")
     async def blocklist_remove(self, interaction: discord.Interaction[FluxBot], term: str) -> None:
-        async def do(service: AdminService, who: Requester) -> str:
+        async def do(service: AdminService, who: Requester, tr: Language) -> str:
             removed = await service.unblock_term(who, term)
-            return f"No longer blocked: {render.inert(removed)}"
+            return tr.tr("No longer blocked: {term}", term=render.inert(removed))
 
         await _run(interaction, do)
 
     @blocklist.command(name="list", description="Show the blocked terms")
     async def blocklist_list(self, interaction: discord.Interaction[FluxBot]) -> None:
-        async def show(service: AdminService, who: Requester) -> str:
+        async def show(service: AdminService, who: Requester, tr: Language) -> str:
             terms = service.blocked_terms()
             if not terms:
-                return "No blocked terms."
-            return f"**{len(terms)} blocked terms:** " + ", ".join(render.inert(t) for t in terms)
+                return tr.tr("No blocked terms.")
+            return tr.plural(
+                "**{n} blocked term:** {terms}",
+                "**{n} blocked terms:** {terms}",
+                len(terms),
+                terms=", ".join(render.inert(t) for t in terms),
+            )
 
         await _run(interaction, show)

@@ -7,32 +7,46 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
+from bot.commands.context import private
 from bot.commands.submit import submit
+from bot.i18n import Language
 
 if TYPE_CHECKING:
     from bot.client import FluxBot
 
-# action -> (label, emoji). "more" is the next seeds of the same recipe; Vary redraws the picture itself.
+# action -> emoji. "vary" is the next seeds of the same recipe; Subtle/Strong redraw the picture itself.
 ACTIONS = {
-    "reroll": ("Reroll", "🔁"),
-    "vary": ("4 more seeds", "🎲"),
-    "subtle": ("Vary (Subtle)", "🪶"),
-    "strong": ("Vary (Strong)", "🌪️"),
-    "upscale": ("Upscale x2", "🔍"),
-    "edit": ("Edit", "✏️"),  # only when FLUX.1 Kontext is loaded
+    "reroll": "🔁",
+    "vary": "🎲",
+    "subtle": "🪶",
+    "strong": "🌪️",
+    "upscale": "🔍",
+    "edit": "✏️",  # only when FLUX.1 Kontext is loaded
 }
+
+
+def label(tr: Language, action: str) -> str:
+    """A button's label in the result message's language (Discord: at most 80 characters)."""
+    labels = {
+        "reroll": tr.ctext("button", "Reroll"),
+        "vary": tr.ctext("button", "4 more seeds"),
+        "subtle": tr.ctext("button", "Vary (Subtle)"),
+        "strong": tr.ctext("button", "Vary (Strong)"),
+        "upscale": tr.ctext("button", "Upscale x2"),
+        "edit": tr.ctext("button", "Edit"),
+    }
+    return labels[action]
 
 
 class JobButton(
     discord.ui.DynamicItem[discord.ui.Button[Any]],
     template=r"fluxbot:(?P<action>reroll|vary|subtle|strong|upscale|edit):(?P<job>\d+)",
 ):
-    def __init__(self, action: str, job_id: int) -> None:
-        label, emoji = ACTIONS[action]
+    def __init__(self, action: str, job_id: int, text: str | None = None) -> None:
         super().__init__(
             discord.ui.Button(
-                label=label,
-                emoji=emoji,
+                label=text or action,  # a pressed button is rebuilt from its custom_id: no label needed
+                emoji=ACTIONS[action],
                 style=discord.ButtonStyle.secondary,
                 custom_id=f"fluxbot:{action}:{job_id}",
             )
@@ -56,7 +70,7 @@ class JobButton(
         elif action == "vary":
             await submit(interaction, lambda who, on_stored: studio.variations(who, job_id, on_stored))
         elif action == "edit":
-            await interaction.response.send_modal(EditModal(job_id))
+            await interaction.response.send_modal(EditModal(job_id, private(interaction)))
         elif action in ("subtle", "strong"):
             strong = action == "strong"
             await submit(interaction, lambda who, on_stored: studio.vary(who, job_id, strong, on_stored))
@@ -67,15 +81,22 @@ class JobButton(
 class EditModal(discord.ui.Modal):
     """The Edit button's form: one instruction, then a Kontext edit of that job's picture."""
 
-    instruction: discord.ui.TextInput[EditModal] = discord.ui.TextInput(
-        label="What to change",
-        placeholder="make it night · replace the hat with a crown · turn it into a watercolor",
-        max_length=500,
-    )
-
-    def __init__(self, job_id: int) -> None:
-        super().__init__(title=f"Edit job {job_id}", custom_id=f"fluxbot:edit-form:{job_id}")
+    def __init__(self, job_id: int, tr: Language) -> None:
+        # In the presser's language; Discord: title and label at most 45 characters, placeholder 100.
+        super().__init__(
+            title=tr.ctext("modal title", "Edit job {job}", job=job_id),
+            custom_id=f"fluxbot:edit-form:{job_id}",
+        )
         self.job_id = job_id
+        self.instruction: discord.ui.TextInput[EditModal] = discord.ui.TextInput(
+            label=tr.ctext("modal label", "What to change"),
+            placeholder=tr.ctext(
+                "modal placeholder",
+                "make it night · replace the hat with a crown · turn it into a watercolor",
+            ),
+            max_length=500,
+        )
+        self.add_item(self.instruction)
 
     async def on_submit(self, interaction: discord.Interaction[Any]) -> None:
         client: FluxBot = interaction.client
@@ -84,9 +105,9 @@ class EditModal(discord.ui.Modal):
         await submit(interaction, lambda who, on_stored: studio.edit(who, text, job_id, None, on_stored))
 
 
-def result_view(job_id: int, edits: bool = False) -> discord.ui.View:
+def result_view(tr: Language, job_id: int, edits: bool = False) -> discord.ui.View:
     view = discord.ui.View(timeout=None)
     for action in ACTIONS:
         if action != "edit" or edits:
-            view.add_item(JobButton(action, job_id))
+            view.add_item(JobButton(action, job_id, label(tr, action)))
     return view

@@ -1,21 +1,43 @@
-"""Turning a discord.py Interaction into the service-level Requester, and answering errors."""
+"""Turning a discord.py Interaction into the service-level Requester, its languages, and answering
+errors."""
 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Any
 
 import discord
 
+from bot.i18n import Language
 from bot.mentions import NOBODY
 from bot.services.errors import UserError
 from bot.services.studio import Requester
 from bot.services.visibility import ChannelCheck, no_channel
 
+if TYPE_CHECKING:
+    from bot.client import FluxBot
+
 log = logging.getLogger(__name__)
-GENERIC_ERROR = "Sorry, something went wrong on our side. It has been logged."
 
 
-def requester(interaction: discord.Interaction, with_token: bool = True) -> Requester:
+def private(interaction: discord.Interaction[FluxBot] | discord.Interaction[Any]) -> Language:
+    """The language of answers only the asker sees: their own Discord locale."""
+    client: FluxBot = interaction.client
+    return client.languages.for_locale(interaction.locale)
+
+
+def public(interaction: discord.Interaction[FluxBot] | discord.Interaction[Any]) -> Language:
+    """The language of messages the channel sees: the server's locale (the asker's in a DM)."""
+    client: FluxBot = interaction.client
+    return client.languages.for_locale(public_locale(interaction))
+
+
+def public_locale(interaction: discord.Interaction[Any]) -> str:
+    where = interaction.guild_locale if interaction.guild_id is not None else None
+    return str((where or interaction.locale).value)
+
+
+def requester(interaction: discord.Interaction[Any], with_token: bool = True) -> Requester:
     user = interaction.user
     return Requester(
         user_id=user.id,
@@ -28,6 +50,8 @@ def requester(interaction: discord.Interaction, with_token: bool = True) -> Requ
         can_view=channel_check(interaction.guild, user),
         age_restricted=age_restricted(interaction.channel, interaction.guild_id),
         upload_limit=interaction.filesize_limit,
+        locale=str(interaction.locale.value),
+        public_locale=public_locale(interaction),
     )
 
 
@@ -54,14 +78,19 @@ def age_restricted(channel: object, guild_id: int | None) -> bool:
     return bool(is_nsfw()) if callable(is_nsfw) else False
 
 
-def role_ids(interaction: discord.Interaction) -> list[int]:
+def role_ids(interaction: discord.Interaction[Any]) -> list[int]:
     user = interaction.user
     return [role.id for role in user.roles] if isinstance(user, discord.Member) else []
 
 
-async def reply_error(interaction: discord.Interaction, error: Exception) -> None:
-    """Every interaction gets an answer: the user's error as is, anything else as a short apology."""
-    text = str(error) if isinstance(error, UserError) else GENERIC_ERROR
+async def reply_error(interaction: discord.Interaction[Any], error: Exception) -> None:
+    """Every interaction gets an answer, in the asker's language: the user's error as is, anything else
+    as a short apology."""
+    tr = private(interaction)
+    if isinstance(error, UserError):
+        text = tr.message(error.message)
+    else:
+        text = tr.tr("Sorry, something went wrong on our side. It has been logged.")
     if not isinstance(error, UserError):
         log.error("interaction %s failed", interaction.id, exc_info=error)
     try:

@@ -9,11 +9,13 @@ import discord
 from discord import app_commands
 
 from bot import render
-from bot.commands.context import reply_error, requester
+from bot.commands.context import private, reply_error, requester
 from bot.commands.submit import submit
+from bot.i18n import Language
 from bot.mentions import NOBODY
 from bot.services.errors import UserError
 from bot.services.studio import EDITS_OFF, OnStored, Requester, Studio, Ticket
+from engine.messages import Message
 
 if TYPE_CHECKING:
     from bot.client import FluxBot
@@ -99,7 +101,7 @@ async def imagine(
         if image is not None:
             check_attachment(image, studio.images.max_input_mb)
     except UserError as exc:
-        await reply_error(interaction, UserError(_option_names(str(exc))))
+        await reply_error(interaction, UserError(_option_names(exc.message, private(interaction))))
         return
 
     async def create(who: Requester, on_stored: OnStored) -> Ticket:
@@ -117,10 +119,14 @@ async def imagine(
 def check_attachment(attachment: discord.Attachment, max_mb: float) -> None:
     """What Discord says about an attachment, checked before it is downloaded (the bytes decide later)."""
     if attachment.size > max_mb * 1e6:
-        raise UserError(f"That image is {attachment.size / 1e6:.1f} MB; the limit is {max_mb:g} MB.")
+        raise UserError(
+            "That image is {mb:.1f} MB; the limit is {limit:g} MB.",
+            mb=attachment.size / 1e6,
+            limit=float(max_mb),
+        )
     kind = (attachment.content_type or "").split(";")[0].strip().lower()
     if kind and kind not in {"image/png", "image/jpeg", "image/webp"}:
-        raise UserError(f"That file is {kind[:40]}, not a PNG, JPEG or WebP image.")
+        raise UserError("That file is {kind}, not a PNG, JPEG or WebP image.", kind=kind[:40])
 
 
 @app_commands.command(
@@ -132,11 +138,16 @@ async def upscale(interaction: discord.Interaction[FluxBot], job_id: int, pictur
     await submit(interaction, lambda who, on_stored: studio.upscale(who, job_id, on_stored, picture))
 
 
-def _option_names(message: str) -> str:
-    """The request's field paths as the command's option names the user typed."""
-    for field, option in (("loras.0.weight", "lora_weight"), ("loras.0.name", "lora")):
-        message = message.replace(field, option)
-    return message
+_OPTIONS = {"loras.0.weight": "lora_weight", "loras.0.name": "lora"}
+
+
+def _option_names(message: Message, tr: Language) -> Message:
+    """A request field a refusal names (`where`), as the option the user typed, in their language."""
+    where = message.values.get("where")
+    if not isinstance(where, str):
+        return message
+    option = _OPTIONS.get(where, where)
+    return Message(message.template, **{**message.values, "where": tr.name(option) or option})
 
 
 @app_commands.command(name="rerun", description="Run one of the stored jobs again")
@@ -160,7 +171,9 @@ async def history(
         await reply_error(interaction, exc)
         return
     await interaction.response.send_message(
-        render.history(result, target.display_name), ephemeral=True, allowed_mentions=NOBODY
+        render.history(private(interaction), result, target.display_name),
+        ephemeral=True,
+        allowed_mentions=NOBODY,
     )
 
 

@@ -25,7 +25,11 @@ async def on_reaction(client: FluxBot, payload: discord.RawReactionActionEvent) 
     studio = client.app.studio
     member = payload.member
     guild = client.get_guild(payload.guild_id) if payload.guild_id is not None else None
+    # No interaction, no locale: the post is public, in the server's language (the user's is unknown).
+    locale = str(guild.preferred_locale.value) if guild is not None else None
     who = Requester(
+        locale=locale,
+        public_locale=locale,
         user_id=payload.user_id,
         user_name=member.name if member else "",
         guild_id=payload.guild_id,
@@ -41,17 +45,20 @@ async def on_reaction(client: FluxBot, payload: discord.RawReactionActionEvent) 
         try:
             ticket = await studio.reroll(who, job.id, held.on_stored)
         except UserError as exc:
-            await _refuse(client, payload, exc)
+            await _refuse(client, payload, exc, locale)
             return
+        queued = render.queued(client.languages.for_locale(locale), ticket.prompt, ticket)
         message = await channel.send(
-            f"<@{payload.user_id}> 🔁 {render.queued(ticket.prompt, ticket)}",
+            f"<@{payload.user_id}> 🔁 {queued}",
             allowed_mentions=owner_only(payload.user_id),
         )
         held.message_id = message.id
         await remember_message(client.app.studio, ticket.job_id, message.id)
 
 
-async def _refuse(client: FluxBot, payload: discord.RawReactionActionEvent, exc: UserError) -> None:
+async def _refuse(
+    client: FluxBot, payload: discord.RawReactionActionEvent, exc: UserError, locale: str | None
+) -> None:
     """No interaction to answer privately: the reaction is taken off (where the bot may), and a short
     mention in the channel says why, at most once per user per window (NoticeThrottle)."""
     channel = client.get_partial_messageable(payload.channel_id)
@@ -60,4 +67,5 @@ async def _refuse(client: FluxBot, payload: discord.RawReactionActionEvent, exc:
             payload.emoji, discord.Object(payload.user_id)
         )
     if client.reaction_notices.allow(payload.user_id):
-        await channel.send(f"<@{payload.user_id}> {exc}", allowed_mentions=owner_only(payload.user_id))
+        text = client.languages.for_locale(locale).message(exc.message)
+        await channel.send(f"<@{payload.user_id}> {text}", allowed_mentions=owner_only(payload.user_id))

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import discord
 
 from bot import render
-from bot.commands.context import reply_error, requester
+from bot.commands.context import public, reply_error, requester
 from bot.delivery import DiscordDelivery
 from bot.mentions import NOBODY
 from bot.services.studio import OnStored, Requester, Studio, Ticket
@@ -58,14 +58,15 @@ class Held:
 
 async def submit(interaction: discord.Interaction[FluxBot], create: Create) -> None:
     client = interaction.client
+    tr = public(interaction)  # the queued message is public: the server's language
     with Held(client.delivery) as held:
         admission = asyncio.ensure_future(create(requester(interaction), held.on_stored))
         try:
             done, _ = await asyncio.wait({admission}, timeout=ANSWER_WITHIN_S)
             if not done:
-                await interaction.response.send_message(render.saving(), allowed_mentions=NOBODY)
+                await interaction.response.send_message(render.saving(tr), allowed_mentions=NOBODY)
             ticket = await admission
-            text = render.queued(ticket.prompt, ticket)
+            text = render.queued(tr, ticket.prompt, ticket)
             if interaction.response.is_done():
                 message = await interaction.edit_original_response(content=text, allowed_mentions=NOBODY)
                 held.message_id = message.id

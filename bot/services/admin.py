@@ -106,9 +106,9 @@ class AdminService:
     async def set_preset(self, who: Requester, name: str, field: str, value: str) -> Preset:
         current = self.studio.rules.catalog.presets.get(name)
         if current is None:
-            raise NotFound(f"There is no preset {name!r}.")
+            raise NotFound("There is no preset {preset!r}.", preset=name)
         if field not in Preset.model_fields or field in ("name", "family", "loras"):
-            raise UserError(f"{field!r} is not a preset field admins can change")
+            raise UserError("{field!r} is not a preset field admins can change", field=field)
         data = current.model_dump()
         data[field] = _parse_value(value)
         try:
@@ -134,7 +134,7 @@ class AdminService:
             try:  # file present, hash matches: before it is listed (hashing: in a thread)
                 await asyncio.to_thread(self.lora_files.verify, entry.name, entry.file, entry.sha256)
             except EngineError as exc:
-                raise UserError(str(exc)) from exc
+                raise UserError.of(exc) from exc
         await self.store.put_setting(
             LORA_KEY + entry.name, entry.model_dump(mode="json"), who.user_id, who.guild_id, "lora.add"
         )
@@ -143,7 +143,7 @@ class AdminService:
 
     async def remove_lora(self, who: Requester, name: str) -> None:
         if name not in self.studio.rules.catalog.loras:
-            raise NotFound(f"LoRA {name!r} is not on the whitelist.")
+            raise NotFound("LoRA {lora!r} is not on the whitelist.", lora=name)
         await self.store.put_setting(
             LORA_KEY + name, {"removed": True}, who.user_id, who.guild_id, "lora.remove"
         )
@@ -152,7 +152,11 @@ class AdminService:
     # limits and users
     async def set_limit(self, who: Requester, field: str, value: float) -> LimitSettings:
         if field not in LimitSettings.model_fields:
-            raise UserError(f"{field!r} is not a limit; one of: {', '.join(LimitSettings.model_fields)}")
+            raise UserError(
+                "{field!r} is not a limit; one of: {limits}",
+                field=field,
+                limits=", ".join(LimitSettings.model_fields),
+            )
         try:
             limits = LimitSettings.model_validate({**self.studio.limits.model_dump(), field: value})
         except ValidationError as exc:
@@ -171,14 +175,14 @@ class AdminService:
         if not normalized or len(normalized) > 100:
             raise UserError("A blocked term needs letters or digits (at most 100 characters).")
         if normalized in self.studio.blocked.terms:
-            raise UserError(f"{normalized!r} is already blocked.")
+            raise UserError("{term!r} is already blocked.", term=normalized)
         await self._store_blocked(who, self.studio.blocked.with_term(normalized), "blocklist.add", normalized)
         return normalized
 
     async def unblock_term(self, who: Requester, term: str) -> str:
         normalized = normalize_term(term)
         if normalized not in self.studio.blocked.terms:
-            raise NotFound(f"{normalized or term!r} is not on the blocklist.")
+            raise NotFound("{term!r} is not on the blocklist.", term=normalized or term)
         await self._store_blocked(
             who, self.studio.blocked.without(normalized), "blocklist.remove", normalized
         )

@@ -34,21 +34,27 @@ class Pictures:
             return await asyncio.to_thread(_kept_input, files, data, max_bytes, max_pixels)
         except RequestError as exc:
             self.metrics.rejections.labels("validation").inc()
-            raise UserError(f"That image can't be used: {exc}.") from exc
+            raise UserError("That image can't be used: {problem}.", problem=exc.message) from exc
 
     async def of_job(self, parent: Job, age_restricted: bool, picture: int = 1) -> InputImage:
         """A job's picture (1-based) as an input image, where it may be shown."""
         job_id = parent.id
         if parent.status != JobStatus.DONE or not parent.images:
-            raise UserError(f"Job {job_id} has no picture to draw from (it is {parent.status}).")
+            raise UserError(
+                "Job {job} has no picture to draw from (it is {status}).",
+                job=job_id,
+                status=parent.status.value,
+            )
         if not 1 <= picture <= len(parent.images):
             raise UserError(
-                f"Job {job_id} has {len(parent.images)} picture(s); pick 1 to {len(parent.images)}."
+                "Job {job} has {count} picture(s); pick 1 to {count}.", job=job_id, count=len(parent.images)
             )
         # A flagged picture is drawn from only where it may be shown (its own channel may have been
         # age-restricted, the presser's is not necessarily).
         if parent.safety and parent.safety.get("flagged") and not age_restricted:
-            raise NotAllowed(f"The picture of job {job_id} was withheld; it can't be drawn from here.")
+            raise NotAllowed(
+                "The picture of job {job} was withheld; it can't be drawn from here.", job=job_id
+            )
         files = self._files()
         stored = parent.images[picture - 1]
 

@@ -3,6 +3,7 @@ and reruns. Everything a user asks for that makes a job comes through `imagine`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import secrets
@@ -26,6 +27,7 @@ from bot.store.models import Job, JobKind
 from engine.api import GenerationRequest
 from engine.errors import RequestError, first_problem
 from engine.input_image import InputImage
+from engine.messages import Message
 from engine.presets import Preset
 from engine.resolve import RequestResolver
 from engine.spec import MAX_SEED, DrawSpec
@@ -34,7 +36,7 @@ from fluxbot.settings import ImageSettings, LimitSettings
 log = logging.getLogger(__name__)
 HISTORY_PAGE = 10
 EDIT_PRESET = "kontext"
-EDITS_OFF = (
+EDITS_OFF = Message(
     "Edits need FLUX.1 Kontext, which this fluxbot has not loaded. An admin enables them with "
     'engine.kontext = "<Kontext diffusers folder, .safetensors or .gguf>" (see the README).'
 )
@@ -62,6 +64,8 @@ class Requester:
     can_view: ChannelCheck = field(default=no_channel, compare=False)
     age_restricted: bool = False  # asked in an age-restricted channel or a DM (the nsfw rule)
     upload_limit: int | None = None  # bytes Discord takes per upload where they asked
+    locale: str | None = None  # the asker's Discord locale: their private answers' language
+    public_locale: str | None = None  # the job's public messages: the server's locale (theirs in a DM)
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,7 @@ class Ticket:
     eta_s: float
     seed: int
     prompt: str
-    warnings: tuple[str, ...] = ()
+    warnings: tuple[Message, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -129,7 +133,7 @@ class Studio:
             raise UserError(first_problem(exc)) from exc
         except RequestError as exc:
             self.metrics.rejections.labels("validation").inc()
-            raise UserError(str(exc)) from exc
+            raise UserError.of(exc) from exc
         return request
 
     async def imagine(
@@ -140,7 +144,7 @@ class Studio:
             resolution = self.resolver.resolve(request)
         except RequestError as exc:
             self.metrics.rejections.labels("validation").inc()
-            raise UserError(str(exc)) from exc
+            raise UserError.of(exc) from exc
         kind = JobKind.EDIT if resolution.spec.mode == "edit" else JobKind.IMAGINE
         return await self.admit(who, resolution.spec, kind, None, on_stored, resolution.warnings)
 
@@ -151,7 +155,7 @@ class Studio:
         kind: JobKind,
         parent_id: int | None = None,
         on_stored: OnStored | None = None,
-        warnings: tuple[str, ...] = (),
+        warnings: tuple[Message, ...] = (),
     ) -> Ticket:
         """Check the policy, then store (with the limits taken in the same transaction), then queue. A
         job is never queued, or answered as queued, before it is committed."""
@@ -159,13 +163,15 @@ class Studio:
             raise LimitReached("fluxbot is restarting; try again in a minute.")
         if (term := self.blocked.find(spec.prompt)) is not None:
             self.metrics.rejections.labels("policy").inc()
-            raise NotAllowed(f"Your prompt contains a term that is blocked here ({term!r}). Rephrase it.")
+            raise NotAllowed(
+                "Your prompt contains a term that is blocked here ({term!r}). Rephrase it.", term=term
+            )
         nsfw = self.resolver.nsfw(spec)
         if nsfw and not who.age_restricted:
             self.metrics.rejections.labels("policy").inc()
             raise NotAllowed(
-                f"The {' and the '.join(nsfw)} can only be used in age-restricted channels "
-                "(or in a DM with fluxbot)."
+                "The {parts} can only be used in age-restricted channels (or in a DM with fluxbot).",
+                parts=functools.reduce(_and_the, nsfw),
             )
         new = NewJob(
             user_id=who.user_id,
@@ -181,6 +187,7 @@ class Studio:
             result_message_id=who.message_id,
             age_restricted=who.age_restricted,
             upload_limit=who.upload_limit,
+            locale=who.public_locale,
         )
         try:
             admission = await self.admissions.admit(new, self._quota())
@@ -215,15 +222,27 @@ class Studio:
         if admission.refused == "banned":
             raise NotAllowed("You can't use fluxbot: an admin has banned you.")
         if admission.refused == "queue_full":
-            raise LimitReached(f"The queue is full ({admission.limit} jobs). Try again in a few minutes.")
+            raise LimitReached(
+                "The queue is full ({limit} jobs). Try again in a few minutes.", limit=admission.limit
+            )
         if admission.refused == "user_cap":
             raise LimitReached(
-                f"You have {admission.count} jobs queued (max {admission.limit}). "
-                "Try again when one finishes."
+                "You have {count} jobs queued (max {limit}). Try again when one finishes.",
+                count=admission.count,
+                limit=admission.limit,
             )
         window = self.limits.window_s
-        per = f"{window:g} s" if window < 120 else f"{window / 60:g} min"
-        raise LimitReached(f"Slow down: at most {admission.limit} jobs per {per}. Try again shortly.")
+        if window < 120:
+            raise LimitReached(
+                "Slow down: at most {limit} jobs per {seconds:g} s. Try again shortly.",
+                limit=admission.limit,
+                seconds=window,
+            )
+        raise LimitReached(
+            "Slow down: at most {limit} jobs per {minutes:g} min. Try again shortly.",
+            limit=admission.limit,
+            minutes=window / 60,
+        )
 
     # Jobs made from a stored one: its spec, with a field or two changed.
 
@@ -238,7 +257,7 @@ class Studio:
     ) -> Ticket:
         """The stored job again; without a seed it is the identical image."""
         if seed is not None and not 0 <= seed <= MAX_SEED:
-            raise UserError(f"seed must be between 0 and {MAX_SEED}")
+            raise UserError("seed must be between 0 and {most}", most=MAX_SEED)
         parent, _ = await self._stored(job_id, who)
         spec = parent.spec if seed is None else parent.spec.model_copy(update={"seed": seed})
         return await self.admit(who, spec, JobKind.RERUN, parent.id, on_stored)
@@ -272,7 +291,12 @@ class Studio:
         image = await self._drawn(parent, who, picture)
         width, height = 2 * image.width, 2 * image.height
         if (problem := preset.size_problem(width, height)) is not None:
-            raise UserError(f"Upscale x2 would be {width}x{height}: {problem}.")
+            raise UserError(
+                "Upscale x2 would be {width}x{height}: {problem}.",
+                width=width,
+                height=height,
+                problem=problem,
+            )
         spec = _redraw(parent.spec, image, preset.upscale_strength, parent.images[picture - 1].seed)
         spec = spec.model_copy(update={"width": width, "height": height})
         return await self.admit(who, spec, JobKind.UPSCALE, parent.id, on_stored)
@@ -306,7 +330,7 @@ class Studio:
         except ValidationError as exc:
             raise UserError(first_problem(exc)) from exc
         except RequestError as exc:
-            raise UserError(str(exc)) from exc
+            raise UserError.of(exc) from exc
         parent_id = parent.id if parent is not None else None
         return await self.admit(who, resolution.spec, JobKind.EDIT, parent_id, on_stored, resolution.warnings)
 
@@ -316,7 +340,9 @@ class Studio:
         try:
             return job, self.resolver.check_stored(job.spec)
         except RequestError as exc:
-            raise UserError(f"Job {job_id} can't be drawn again: {exc}.") from exc
+            raise UserError(
+                "Job {job} can't be drawn again: {problem}.", job=job_id, problem=exc.message
+            ) from exc
 
     # Image prompts (bot/services/pictures.py)
 
@@ -328,7 +354,7 @@ class Studio:
         try:
             return size_for(self.resolver.preset(request.preset), image)
         except RequestError as exc:
-            raise UserError(str(exc)) from exc
+            raise UserError.of(exc) from exc
 
     async def _drawn(self, parent: Job, who: Requester, picture: int = 1) -> InputImage:
         return await self.pictures.of_job(parent, who.age_restricted, picture)
@@ -355,7 +381,7 @@ class Studio:
             )
         pages = max(1, math.ceil(total / HISTORY_PAGE))
         if page > pages and total:
-            raise UserError(f"there are only {pages} pages")
+            raise UserError("there are only {pages} pages", pages=pages)
         return HistoryPage(jobs, page, pages, total)
 
     async def cancel(self, who: Requester, job_id: int) -> None:
@@ -367,7 +393,9 @@ class Studio:
             raise NotFound(_not_found(job_id))
         by = "an admin" if job.user_id != who.user_id else "its owner"
         if not await self.queue.cancel(job_id, by):
-            raise UserError(f"Job {job_id} is not queued or running (it is {job.status}).")
+            raise UserError(
+                "Job {job} is not queued or running (it is {status}).", job=job_id, status=job.status.value
+            )
 
     async def _job(self, job_id: int, who: Requester) -> Job:
         """A job `who` refers to; one they may not see is as missing as one that never was (an id no
@@ -393,8 +421,12 @@ def _redraw(spec: DrawSpec, image: InputImage, strength: float, seed: int) -> Dr
     )
 
 
-def _not_found(job_id: int) -> str:
-    return f"There is no job {job_id} that you can see (see /history for yours)."
+def _and_the(first: Message, then: Message) -> Message:
+    return Message("{a} and the {b}", a=first, b=then)
+
+
+def _not_found(job_id: int) -> Message:
+    return Message("There is no job {job} that you can see (see /history for yours).", job=job_id)
 
 
 _REJECTION_LABEL = {

@@ -35,6 +35,7 @@ class NewJob:
     result_message_id: int | None = None
     age_restricted: bool = False
     upload_limit: int | None = None
+    locale: str | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ def _new_job(new: NewJob) -> Job:
         result_message_id=new.result_message_id,
         age_restricted=new.age_restricted,
         upload_limit=new.upload_limit,
+        locale=new.locale,
         delivery=Delivery.PENDING,
         delivery_attempts=0,
         images=[],

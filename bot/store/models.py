@@ -158,6 +158,9 @@ class Job(Base):
     # Discord's attachment limit where it was asked (interaction.attachment_size_limit): a larger PNG
     # goes out as a JPEG copy, the PNG stays for /rerun.
     upload_limit: Mapped[int | None] = mapped_column(BigInteger)
+    # The Discord locale of its public messages (queued, progress, result): the server's, the asker's
+    # in a DM; None: English. Only the language of those messages: the job itself stays English.
+    locale: Mapped[str | None] = mapped_column(String(16))
 
     images: Mapped[list[Image]] = relationship(back_populates="job", order_by="Image.index", lazy="selectin")
 
