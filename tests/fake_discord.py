@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -93,6 +94,7 @@ class FakeDiscord:
         # Discord's per-file limit where interactions come from (interaction.attachment_size_limit);
         # a larger file is answered 413, as Discord does.
         self.upload_limit = 25 * 1024 * 1024
+        self.guild_locale = "en-US"  # the fake servers' language (guild_locale, preferred_locale)
         self.refused_uploads = 0
         self.cdn_files: dict[str, bytes] = {}  # what users attached: served at /attachments/<id>/<name>
 
@@ -191,7 +193,7 @@ class FakeDiscord:
             "mfa_level": 0,
             "system_channel_flags": 0,
             "premium_tier": 0,
-            "preferred_locale": "en-US",
+            "preferred_locale": self.guild_locale,
             "nsfw_level": 0,
             "features": [],
             "emojis": [],
@@ -272,8 +274,15 @@ class FakeDiscord:
         }
 
     def _interaction(
-        self, kind: int, data: dict[str, Any], member: dict[str, Any], channel_id: int, **extra: Any
+        self,
+        kind: int,
+        data: dict[str, Any],
+        member: dict[str, Any],
+        channel_id: int,
+        locale: str = "en-US",
+        **extra: Any,
     ) -> dict[str, Any]:
+        """`locale`: the user's Discord language; the server's is `self.guild_locale` (absent in DMs)."""
         interaction_id = snowflake()
         guild_id = self.guild_of(channel_id)
         token = f"token-{interaction_id}"
@@ -294,8 +303,8 @@ class FakeDiscord:
             "token": token,
             "version": 1,
             "app_permissions": "2147483647",
-            "locale": "en-US",
-            "guild_locale": "en-US",
+            "locale": locale,
+            **({"guild_locale": self.guild_locale} if guild_id is not None else {}),
             "entitlements": [],
             "authorizing_integration_owners": {"0": str(guild_id or GUILD_ID)},
             "attachment_size_limit": self.upload_limit,
@@ -310,6 +319,7 @@ class FakeDiscord:
         channel_id: int = CHANNEL_ID,
         users: list[dict[str, Any]] = (),  # type: ignore[assignment]
         attachments: list[dict[str, Any]] = (),  # type: ignore[assignment]
+        locale: str = "en-US",
     ) -> str:
         """Send a slash command (in `channel_id`: a guild channel, or a dm_channel); returns its token.
         `users`: member payloads that user options name (Discord sends them as resolved data);
@@ -332,7 +342,7 @@ class FakeDiscord:
             }
         if attachments:
             data.setdefault("resolved", {})["attachments"] = {a["id"]: a for a in attachments}
-        payload = self._interaction(2, data, member, channel_id)
+        payload = self._interaction(2, data, member, channel_id, locale)
         self.interaction_sent_at[payload["token"]] = time.monotonic()
         await self.dispatch("INTERACTION_CREATE", payload)
         return str(payload["token"])
@@ -358,16 +368,20 @@ class FakeDiscord:
             return web.Response(status=404)
         return web.Response(body=data, content_type="application/octet-stream")
 
-    async def click(self, message_id: str, custom_id: str, member: dict[str, Any]) -> str:
+    async def click(
+        self, message_id: str, custom_id: str, member: dict[str, Any], locale: str = "en-US"
+    ) -> str:
         """Press a button on a message, in the message's channel."""
         data = {"custom_id": custom_id, "component_type": 2}
         message = self.messages[message_id]
-        payload = self._interaction(3, data, member, int(message["channel_id"]), message=message)
+        payload = self._interaction(3, data, member, int(message["channel_id"]), locale, message=message)
         self.interaction_sent_at[payload["token"]] = time.monotonic()
         await self.dispatch("INTERACTION_CREATE", payload)
         return str(payload["token"])
 
-    async def submit_modal(self, opened_by: str, values: list[str], member: dict[str, Any]) -> str:
+    async def submit_modal(
+        self, opened_by: str, values: list[str], member: dict[str, Any], locale: str = "en-US"
+    ) -> str:
         """Fill in and send the modal the bot answered interaction `opened_by` with (its text inputs
         in order); returns the submit interaction's token."""
         call = self.callbacks.get(opened_by)
@@ -379,7 +393,7 @@ class FakeDiscord:
             for c, v in zip(inputs, values, strict=True)
         ]
         data = {"custom_id": modal["custom_id"], "components": rows}
-        payload = self._interaction(5, data, member, self.interaction_channels[opened_by])
+        payload = self._interaction(5, data, member, self.interaction_channels[opened_by], locale)
         self.interaction_sent_at[payload["token"]] = time.monotonic()
         await self.dispatch("INTERACTION_CREATE", payload)
         return str(payload["token"])
@@ -498,6 +512,9 @@ class FakeDiscord:
         return None
 
     def _sync_commands(self, path: str, body: Any, files: list[tuple[str, bytes]]) -> web.Response:
+        problems = [p for command in body for p in command_problems(command)]
+        if problems:  # what Discord answers a bulk overwrite it cannot take
+            return _json({"message": "Invalid Form Body", "code": 50035, "errors": problems}, 400)
         self.commands = [
             {**c, "id": snowflake(), "application_id": str(APP_ID), "version": snowflake()} for c in body
         ]
@@ -662,6 +679,47 @@ async def _read_body(request: web.Request) -> tuple[Any, list[tuple[str, bytes]]
         return body, files
     raw = await request.read()
     return (json.loads(raw) if raw else None), []
+
+
+# Discord's rules for application commands (discord-api-spec: ApplicationCommand*): names and their
+# localizations 1-32 lowercase word characters, descriptions 1-100 (a subcommand's too), at most 25
+# options and 25 choices, choice names 1-100.
+_NAME = re.compile(r"^[-_\w]{1,32}$")
+
+
+def command_problems(command: dict[str, Any], where: str = "") -> list[str]:
+    """What real Discord refuses in one command (or option) payload; [] when it takes it."""
+    here = f"{where}/{command.get('name')}"
+    problems = []
+    names = [command.get("name", ""), *(command.get("name_localizations") or {}).values()]
+    problems += [f"{here}: bad name {n!r}" for n in names if not _NAME.match(n) or n != n.lower()]
+    if command.get("type", 1) in (1, 2) or "description" in command:
+        descriptions = [
+            command.get("description", ""),
+            *(command.get("description_localizations") or {}).values(),
+        ]
+        problems += [
+            f"{here}: description of {len(d)} characters" for d in descriptions if not 1 <= len(d) <= 100
+        ]
+    options = command.get("options") or []
+    choices = command.get("choices") or []
+    if len(options) > 25 or len(choices) > 25:
+        problems.append(f"{here}: more than 25 options or choices")
+    for choice in choices:
+        labels = [choice["name"], *(choice.get("name_localizations") or {}).values()]
+        problems += [f"{here}: choice name {n!r}" for n in labels if not 1 <= len(n) <= 100]
+    for option in options:
+        problems += command_problems(option, here)
+    shown: dict[str, list[str]] = {}  # what each locale shows as the option names: unique per command
+    for option in options:
+        for locale, name in {"": option["name"], **(option.get("name_localizations") or {})}.items():
+            shown.setdefault(locale, []).append(name)
+    for locale, names in shown.items():
+        if locale and len(names) < len(options):  # names a locale lacks fall back to the default
+            names += [o["name"] for o in options if locale not in (o.get("name_localizations") or {})]
+        if len(set(names)) != len(names):
+            problems.append(f"{here}: two options named alike in {locale or 'the default locale'}")
+    return problems
 
 
 def _role(role_id: int, name: str, position: int, permissions: int = 0) -> dict[str, Any]:

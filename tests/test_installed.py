@@ -79,6 +79,21 @@ def test_the_wheel_carries_migrations_and_defaults_not_the_repository(installed:
     assert migrations == "bot.migrations:"
 
 
+def test_the_wheel_carries_compiled_spanish_catalogs(installed: Path) -> None:
+    python = installed.parent / "python"
+    probe = _run(
+        python,
+        "-c",
+        "from importlib.resources import files; from bot.i18n import Languages; "
+        "print((files('bot') / 'locale' / 'es' / 'LC_MESSAGES' / 'fluxbot.mo').is_file()); "
+        "print(Languages.load().for_locale('es-419').tr('job {job}', job=7))",
+        cwd=installed.parent,
+        env=clean_env(),
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.split() == ["True", "trabajo", "7"]
+
+
 def test_doctor_from_an_empty_folder_passes_and_writes_nothing(installed: Path, empty_folder: Path) -> None:
     run = _run(installed, "doctor", cwd=empty_folder, env=clean_env())
 
