@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,21 @@ def test_dockerfiles_pass_hadolint(dockerfile: str) -> None:
     run = subprocess.run([hadolint(), dockerfile], cwd=REPO, capture_output=True, text=True, timeout=60)
 
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("dockerfile", ["docker/Dockerfile", "docker/Dockerfile.bot"])
+def test_the_images_copy_everything_the_wheel_build_reads(dockerfile: str) -> None:
+    # pip builds the wheel inside the image: pyproject's build_py hook (the compiled translation
+    # catalogs) and every package folder must be in the build context it copied.
+    copied = {
+        word
+        for line in (REPO / dockerfile).read_text().splitlines()
+        if line.startswith("COPY")
+        for word in line.split()
+    }
+    hook = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["cmdclass"]["build_py"]
+    assert hook.split(".")[0] + ".py" in copied
+    assert {"engine", "bot", "fluxbot", "migrations", "config", "pyproject.toml"} <= copied
 
 
 def test_the_bot_image_installs_fluxbot_without_its_engine() -> None:
