@@ -280,13 +280,23 @@ class FluxEngine:
                 "only specs with the same size, steps, guidance, LoRAs and cache batch together"
             )
         if first.family != self.info.family:
-            raise RequestError(f"that job needs a {first.family} model; this engine holds {self.info.family}")
+            raise RequestError(
+                "that job needs a {family} model; this engine holds {loaded}",
+                family=first.family,
+                loaded=self.info.family,
+            )
         if first.width % GRID or first.height % GRID:
-            raise RequestError(f"width and height must be multiples of {GRID} (got {first.size})")
+            raise RequestError(
+                "width and height must be multiples of {m} (got {size})", m=GRID, size=first.size
+            )
         if first.pixels > MAX_PIXELS:
-            raise RequestError(f"{first.size} is above the engine's limit of {MAX_PIXELS / 1e6:.1f} MP")
+            raise RequestError(
+                "{size} is above the engine's limit of {limit:.1f} MP",
+                size=first.size,
+                limit=MAX_PIXELS / 1e6,
+            )
         if sum(s.batch_size for s in specs) > self.max_batch_size:
-            raise RequestError(f"more than {self.max_batch_size} images in one call")
+            raise RequestError("more than {most} images in one call", most=self.max_batch_size)
         if first.mode == "edit" and self.kontext is None:
             raise RequestError("edits need FLUX.1 Kontext, and this engine has none (engine.kontext)")
         return first

@@ -87,7 +87,11 @@ class ResidentLoras:
                 self._pipe.load_lora_weights(tensors.transformer, adapter_name=name)
         except (ValueError, KeyError, RuntimeError) as exc:
             self._remove(name)  # a half-loaded LoRA would stay active in one component
-            raise LoraError(f"LoRA {use.name}: does not fit this model ({exc.__class__.__name__})") from exc
+            raise LoraError(
+                "LoRA {lora}: does not fit this model ({problem})",
+                lora=use.name,
+                problem=exc.__class__.__name__,
+            ) from exc
         self._loaded[name] = use.name
         self.loads += 1
         return name

@@ -117,7 +117,7 @@ class LoraFiles:
         base = self.lora_dir.resolve()
         path = (base / file).resolve()
         if not path.is_relative_to(base):  # a symlink pointing out of the folder
-            raise LoraError(f"LoRA {name}: its file resolves outside the LoRA folder")
+            raise LoraError("LoRA {lora}: its file resolves outside the LoRA folder", lora=name)
         return path
 
     def verify(self, name: str, file: str, sha256: str) -> Path:
@@ -126,12 +126,21 @@ class LoraFiles:
         if (file, sha256) in self._verified:
             return path
         if not path.is_file():
-            raise LoraError(f"LoRA {name}: file {file} is missing from {self.lora_dir}")
+            raise LoraError(
+                "LoRA {lora}: file {file} is missing from {folder}",
+                lora=name,
+                file=file,
+                folder=str(self.lora_dir),
+            )
         actual = self._hasher.sha256(path)
         if actual != sha256:
             raise LoraError(
-                f"LoRA {name}: sha256 of {file} is {actual[:12]}..., whitelist says {sha256[:12]}...; "
-                "refusing to load it"
+                "LoRA {lora}: sha256 of {file} is {actual}..., whitelist says {pinned}...; "
+                "refusing to load it",
+                lora=name,
+                file=file,
+                actual=actual[:12],
+                pinned=sha256[:12],
             )
         self._verified.add((file, sha256))
         return path

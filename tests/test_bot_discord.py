@@ -281,7 +281,9 @@ async def test_result_after_the_token_expired_is_posted_in_the_channel_with_a_me
 
     posted = await fake.wait_for(lambda: [m for m in fake.messages.values() if has_result(m)])
     assert f"<@{ALICE}>" in posted[0]["content"] and "a late owl" in posted[0]["content"]
-    assert not (fake.original(token) or {}).get("attachments")
+    # The dead token's message kept its progress (a preview of the picture forming, on a slow machine);
+    # the result went to the channel.
+    assert not has_result(fake.original(token))
 
 
 async def test_result_arrives_after_the_gateway_drops_mid_job(harness: Harness) -> None:

@@ -5,14 +5,16 @@ members. Public messages (queued, progress, result, buttons) follow the server's
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from engine.engine import FluxEngine
 from engine.settings import EngineSettings
-from tests.discord_support import ADMIN, ALICE, BOB, Harness, finished_message, make_bot_settings, opt
+from tests.discord_support import ADMIN, ALICE, BOB, Harness, finished_message, make_bot_settings, opt, png_of
 from tests.fake_discord import FakeDiscord
 
 pytestmark = pytest.mark.usefixtures("database_backend")  # on SQLite and on PostgreSQL
@@ -85,6 +87,17 @@ async def test_a_job_in_a_spanish_server_is_public_in_spanish_and_private_in_eac
     assert "semilla 7" in message["content"] and "trabajo" in message["content"]
     labels = [c.get("label") for row in message["components"] for c in row["components"]]
     assert {"Otra tirada", "Variar (sutil)", "Ampliar x2"} <= set(labels)
+
+    with Image.open(io.BytesIO(png_of(fake, message))) as png:
+        parameters = png.text["parameters"]  # type: ignore[attr-defined]
+    assert parameters.startswith("un gato rojo\nSteps: 24"), "recipes stay English (A1111 reads them)"
+    job_id = int(message["components"][0]["components"][0]["custom_id"].split(":")[-1])
+    pressed = await fake.click(
+        message["id"], f"fluxbot:subtle:{job_id}", fake.member(BOB, "bob"), locale="en-US"
+    )
+    varied = await fake.wait_for(lambda: fake.response_to(pressed))
+    assert "trabajo" in varied["data"]["content"], "a Vary press's queued message is public: Spanish"
+    assert "variar (sutil) del trabajo" in (await finished_message(fake, pressed))["content"]
 
     spanish = await fake.slash("history", [], fake.member(ALICE, "alice"), locale="es-419")
     english = await fake.slash("history", [], fake.member(ALICE, "alice"), locale="en-US")

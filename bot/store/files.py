@@ -47,7 +47,9 @@ class ImageFiles:
             return (self.data_dir / input_path(sha256)).read_bytes()
         except OSError as exc:
             raise RequestError(
-                f"the input image {sha256[:12]}... is no longer stored ({exc.strerror})"
+                "the input image {image}... is no longer stored ({problem})",
+                image=sha256[:12],
+                problem=exc.strerror,
             ) from None
 
     def _write(self, relative: Path, data: bytes) -> None:
