@@ -137,7 +137,12 @@ async def build_app(
         settings.images,
         edits=settings.engine.kontext is not None,
     )
-    policy = AdminPolicy(frozenset(settings.admin_user_ids), frozenset(settings.admin_role_ids))
+    dispatcher.server_weight = studio.server_weight  # servers share the GPU by the rules admins set
+    policy = AdminPolicy(
+        frozenset(settings.admin_user_ids),
+        frozenset(settings.admin_role_ids),
+        frozenset(settings.server_admin_guilds),
+    )
     admin = AdminService(studio, admin_store, policy, lora_files)
     await admin.load_overrides()
     return App(settings, db, engine, jobs, files, dispatcher, studio, admin, metrics, redis)

@@ -9,6 +9,8 @@ from discord.utils import escape_markdown, escape_mentions
 
 from bot.i18n import Language
 from bot.services.admin import QueueView, Stats
+from bot.services.community import ChannelRules, RoleRule, Source
+from bot.services.community_admin import Explained
 from bot.services.studio import HistoryPage, Ticket
 from bot.services.workers import WorkerInfo
 from bot.store.models import Job, JobKind, JobStatus
@@ -258,5 +260,91 @@ def workers(tr: Language, infos: list[WorkerInfo]) -> str:
         where = tr.tr("on {device}", device=w.device)
         lines.append(
             f"`{w.name}` {state} · {w.model} ({w.family}, {w.quant}) {where}{vram} · {counts}{speed}{loras}"
+        )
+    return "\n".join(lines)
+
+
+def _source(tr: Language, source: Source, guild_id: int | None) -> str:
+    if source.role_id is None:
+        return tr.tr("global default")
+    return "@everyone" if source.role_id == guild_id else f"<@&{source.role_id}>"
+
+
+def _allowed(tr: Language, names: frozenset[str] | None) -> str:
+    return tr.tr("all") if names is None else ", ".join(sorted(names)) or tr.tr("none")
+
+
+def role_rules(tr: Language, rules: dict[int, RoleRule], guild_id: int | None) -> str:
+    if not rules:
+        return tr.tr("No role rules on this server: everyone has the global limits and every preset.")
+    lines = []
+    for role_id, rule in sorted(rules.items()):
+        who = "@everyone" if role_id == guild_id else f"<@&{role_id}>"
+        values = ", ".join(
+            f"{k} = {', '.join(v) if isinstance(v, tuple) else v}"
+            for k, v in rule.model_dump().items()
+            if v is not None
+        )
+        lines.append(f"{who}: {values}")
+    return "\n".join(lines[:40])
+
+
+def channel_rules(tr: Language, rules: ChannelRules) -> str:
+    drawing = ", ".join(f"<#{c}>" for c in rules.drawing) if rules.drawing else tr.tr("every channel")
+    lines = [tr.tr("Drawing works in: {channels}", channels=drawing)]
+    for channel_id, rule in sorted(rules.channels.items()):
+        default = rule.default_preset or "-"
+        presets = ", ".join(rule.presets) if rule.presets is not None else tr.tr("all")
+        lines.append(
+            tr.tr(
+                "<#{channel}>: default preset {default}; presets {presets}",
+                channel=channel_id,
+                default=default,
+                presets=presets,
+            )
+        )
+    return "\n".join(lines[:40])
+
+
+def explained(
+    tr: Language, rules: Explained, member: str, channel_id: int | None, guild_id: int | None
+) -> str:
+    """`/admin rules`: what a member may use in a channel, and which role says so."""
+    m, sources = rules.member, rules.member.sources
+    where = f"<#{channel_id}>" if channel_id else tr.tr("a DM")
+    if rules.draws_here:
+        draws = tr.tr("yes")
+    else:
+        draws = tr.tr(
+            "no: drawing happens in {channels}", channels=", ".join(f"<#{c}>" for c in rules.drawing[:10])
+        )
+
+    def given(name: str) -> str:
+        return _source(tr, sources[name], guild_id)
+
+    lines = [
+        tr.tr("**Rules for {member} in {channel}**", member=inert(member), channel=where),
+        tr.tr("draws here: {answer}", answer=draws),
+        tr.tr("jobs per window: {n} ({source})", n=m.jobs_per_window, source=given("jobs_per_window")),
+        tr.tr("max queued: {n} ({source})", n=m.max_queued, source=given("max_queued")),
+        tr.tr(
+            "fair-share weight: {weight:g} ({source}); server weight {server:g}",
+            weight=float(m.weight),
+            source=given("weight"),
+            server=float(rules.server_weight),
+        ),
+        tr.tr("presets: {names} ({source})", names=_allowed(tr, m.presets), source=given("presets")),
+        tr.tr("LoRAs: {names} ({source})", names=_allowed(tr, m.loras), source=given("loras")),
+        tr.tr("kinds: {names} ({source})", names=_allowed(tr, m.kinds), source=given("kinds")),
+    ]
+    channel = rules.channel
+    if channel.default_preset or channel.presets is not None:
+        presets = ", ".join(channel.presets) if channel.presets is not None else tr.tr("all")
+        lines.append(
+            tr.tr(
+                "this channel: default preset {default}; presets {presets}",
+                default=channel.default_preset or "-",
+                presets=presets,
+            )
         )
     return "\n".join(lines)

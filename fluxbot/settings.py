@@ -148,6 +148,9 @@ class Settings(BaseSettings):
     )
     admin_role_ids: list[int] = Field(default_factory=list)
     admin_user_ids: list[int] = Field(default_factory=list)
+    # Servers whose own admins (Manage Server) may change that server's role and channel rules; off
+    # by default: only the admins above change anything.
+    server_admin_guilds: list[int] = Field(default_factory=list)
     admin_permission: str = Field(
         "manage_guild", description="Discord permission that shows /admin in the UI"
     )

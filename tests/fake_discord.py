@@ -29,6 +29,7 @@ OTHER_GUILD_ID = 810000000000000001  # a second server the bot is in
 OTHER_CHANNEL_ID = 810000000000000002
 EVERYONE = GUILD_ID
 ADMIN_ROLE = 777000000000000001  # a role that exists in the fake guild, for admin tests
+BOOSTER_ROLE = 777000000000000002  # a plain role of the fake guild (community rules)
 # What @everyone may do in both fake guilds: view channels, send, react, read history, use commands.
 MEMBER_PERMISSIONS = (1 << 10) | (1 << 11) | (1 << 6) | (1 << 16) | (1 << 31)
 VIEW_CHANNEL = 1 << 10
@@ -211,6 +212,7 @@ class FakeDiscord:
             "roles": [
                 _role(EVERYONE, "@everyone", 0, MEMBER_PERMISSIONS),
                 _role(ADMIN_ROLE, "fluxbot-admins", 1),
+                _role(BOOSTER_ROLE, "boosters", 2),
             ],
             "channels": [self._channel(c) for c in (CHANNEL_ID, PRIVATE_CHANNEL_ID, NSFW_CHANNEL_ID)],
         }
@@ -320,6 +322,8 @@ class FakeDiscord:
         users: list[dict[str, Any]] = (),  # type: ignore[assignment]
         attachments: list[dict[str, Any]] = (),  # type: ignore[assignment]
         locale: str = "en-US",
+        roles: list[int] = (),  # type: ignore[assignment]
+        channels: list[int] = (),  # type: ignore[assignment]
     ) -> str:
         """Send a slash command (in `channel_id`: a guild channel, or a dm_channel); returns its token.
         `users`: member payloads that user options name (Discord sends them as resolved data);
@@ -342,6 +346,15 @@ class FakeDiscord:
             }
         if attachments:
             data.setdefault("resolved", {})["attachments"] = {a["id"]: a for a in attachments}
+        if roles:  # role options: Discord sends the roles they name as resolved data
+            known = {int(r["id"]): r for r in self._guild()["roles"]}
+            data.setdefault("resolved", {})["roles"] = {
+                str(r): known.get(r, _role(r, "unknown", 0)) for r in roles
+            }
+        if channels:  # channel options: the partial channels
+            data.setdefault("resolved", {})["channels"] = {
+                str(c): {**self._channel(c), "permissions": "2147483647"} for c in channels
+            }
         payload = self._interaction(2, data, member, channel_id, locale)
         self.interaction_sent_at[payload["token"]] = time.monotonic()
         await self.dispatch("INTERACTION_CREATE", payload)

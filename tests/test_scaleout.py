@@ -361,7 +361,8 @@ async def test_admin_workers_lists_each_worker_with_state_and_throughput(
     assert reply["flags"] & 64 and "w1" in text and "w2" in text and "tiny-flux1" in text and "idle" in text
     assert "jobs/min" in text
     assert refusal["data"]["flags"] & 64 and "admin" in refusal["data"]["content"]
-    assert render_workers(listed).splitlines()[0] == text.splitlines()[0] == "**2 workers** (0 busy)"
+    english = harness.bot.languages.for_locale("en-US")  # type: ignore[union-attr]
+    assert render_workers(english, listed).splitlines()[0] == text.splitlines()[0] == "**2 workers** (0 busy)"
 
 
 def _sub(name: str) -> dict[str, Any]:

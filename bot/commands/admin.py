@@ -12,6 +12,7 @@ from discord import app_commands
 from bot import render
 from bot.commands.context import private, reply_error, requester, role_ids
 from bot.commands.imagine import lora_autocomplete, preset_autocomplete
+from bot.commands.rules import add_rule_commands
 from bot.i18n import Language
 from bot.mentions import NOBODY
 from bot.services.admin import AdminService
@@ -58,6 +59,7 @@ class AdminCommands(app_commands.Group):
             guild_only=True,
             default_permissions=discord.Permissions(**{permission: True}),
         )
+        add_rule_commands(self)  # /admin role, channel, rules, server-weight (bot/commands/rules.py)
 
     @app_commands.command(name="presets", description="Show presets with their defaults and bounds")
     async def presets(self, interaction: discord.Interaction[FluxBot]) -> None:

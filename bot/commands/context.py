@@ -52,7 +52,14 @@ def requester(interaction: discord.Interaction[Any], with_token: bool = True) ->
         upload_limit=interaction.filesize_limit,
         locale=str(interaction.locale.value),
         public_locale=public_locale(interaction),
+        role_ids=tuple(role_ids(interaction)),
+        parent_channel_id=parent_channel(interaction.channel),
     )
+
+
+def parent_channel(channel: object) -> int | None:
+    """The channel a thread is in (None for anything else): channel rules of a channel cover its threads."""
+    return getattr(channel, "parent_id", None) if isinstance(channel, discord.Thread) else None
 
 
 def channel_check(guild: discord.Guild | None, user: discord.abc.User | None) -> ChannelCheck:

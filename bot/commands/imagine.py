@@ -86,6 +86,7 @@ async def imagine(
     studio = _studio(interaction)
     # As plain data: validate() checks the weight (10, NaN) and names the option in its answer.
     loras = ({"name": lora[:64], "weight": lora_weight},) if lora else None
+    preset = preset or studio.default_preset(requester(interaction, with_token=False))
     try:
         request = studio.validate(
             image_coming=image is not None,

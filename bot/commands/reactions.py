@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import discord
 
 from bot import render
-from bot.commands.context import age_restricted, channel_check
+from bot.commands.context import age_restricted, channel_check, parent_channel
 from bot.commands.submit import Held, remember_message
 from bot.delivery import REROLL_EMOJI
 from bot.mentions import owner_only
@@ -28,6 +28,8 @@ async def on_reaction(client: FluxBot, payload: discord.RawReactionActionEvent) 
     # No interaction, no locale: the post is public, in the server's language (the user's is unknown).
     locale = str(guild.preferred_locale.value) if guild is not None else None
     who = Requester(
+        role_ids=tuple(role.id for role in member.roles) if member is not None else (),
+        parent_channel_id=parent_channel(client.get_channel(payload.channel_id)),
         locale=locale,
         public_locale=locale,
         user_id=payload.user_id,

@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from bot.services.community_admin import CommunityAdmin
 from bot.services.content_policy import BlockedTerms, normalize_term
 from bot.services.dispatcher import QueueEntry
 from bot.services.errors import NotAllowed, NotFound, UserError
@@ -52,13 +53,25 @@ class QueueView:
 
 @dataclass(frozen=True)
 class AdminPolicy:
-    """Who is an admin. Checked on the server for every admin action, whatever Discord's UI shows."""
+    """Who is an admin. Checked on the server for every admin action, whatever Discord's UI shows.
+
+    The operator's admins (`user_ids`, `role_ids`) change everything. A server admin (Manage Server
+    in a server of `server_guilds`) changes only that server's rules (roles, channels)."""
 
     user_ids: frozenset[int]
     role_ids: frozenset[int]
+    server_guilds: frozenset[int] = frozenset()
 
     def allows(self, user_id: int, role_ids: Iterable[int]) -> bool:
         return user_id in self.user_ids or bool(self.role_ids.intersection(role_ids))
+
+    def allows_server(
+        self, user_id: int, role_ids: Iterable[int], guild_id: int | None, manages: bool
+    ) -> bool:
+        """May change the rules of `guild_id` (`manages`: they have Manage Server there)."""
+        if self.allows(user_id, role_ids):
+            return True
+        return guild_id is not None and guild_id in self.server_guilds and manages
 
 
 class AdminService:
@@ -72,10 +85,16 @@ class AdminService:
         self.store = store
         self.policy = policy
         self.lora_files = lora_files  # the bot's own LoRA folder: a LoRA is hash-checked before it is listed
+        self.community = CommunityAdmin(studio, store)
 
     def require(self, who: Requester, role_ids: Iterable[int]) -> None:
         if not self.policy.allows(who.user_id, role_ids):
             raise NotAllowed("Only fluxbot admins can do that.")
+
+    def require_server(self, who: Requester, role_ids: Iterable[int], manages: bool) -> None:
+        """An operator's admin, or this server's admin where the operator lets server admins in."""
+        if not self.policy.allows_server(who.user_id, role_ids, who.guild_id, manages):
+            raise NotAllowed("Only fluxbot admins (or this server's admins, where allowed) can do that.")
 
     async def load_overrides(self) -> None:
         """Apply what admins changed earlier (presets, LoRAs, limits) on top of the config files."""
@@ -98,6 +117,7 @@ class AdminService:
         queue = await self.store.setting(QUEUE_KEY)
         if queue and queue.get("paused"):
             self.studio.queue.pause()
+        await self.community.load()
 
     # presets
     def presets(self) -> dict[str, Preset]:

@@ -51,6 +51,12 @@ class Waiting:
     pixels: int
     family: str
     guild_id: int | None = None  # where it was asked (None: a DM); admin views show their guild's
+    weight: float = 1.0  # the asker's fair-share weight (their roles' rule when it was stored)
+
+    @property
+    def cost(self) -> float:
+        """What the GPU spends on it, for fair shares: steps (x images) x megapixels."""
+        return self.steps * self.pixels / 1e6
 
 
 @dataclass
@@ -90,8 +96,10 @@ class JobDispatcher:
         faults: Faults,
         delivery: DeliverySettings,
         classifier: ImageClassifier | None = None,
+        server_weight: Callable[[int | None], float] = lambda guild_id: 1.0,
     ) -> None:
         self.store = store
+        self.server_weight = server_weight  # fair share between servers (community rules)
         self.executor = executor
         self.events = events
         self.metrics = metrics
@@ -191,18 +199,25 @@ class JobDispatcher:
         return entry
 
     def _push(self, job_id: int, waiting: Waiting) -> None:
-        self.fair.push(waiting.user_id, job_id)
+        self.fair.push(
+            waiting.user_id,
+            job_id,
+            cost=waiting.cost,
+            weight=waiting.weight,
+            group=waiting.guild_id,
+            group_weight=self.server_weight(waiting.guild_id),
+        )
         self._waiting[job_id] = waiting
         self._changed()
 
     def _put_back(self, job_id: int, waiting: Waiting) -> None:
-        self.fair.push_front(waiting.user_id, job_id)
+        self.fair.push_front(waiting.user_id, job_id, waiting.cost, waiting.guild_id)
         self._waiting[job_id] = waiting
         self._changed()
 
     def _describe(self, job: Job) -> Waiting:
         steps, pixels = job_cost(job.spec)
-        return Waiting(job.user_id, steps, pixels, job.spec.family, job.guild_id)
+        return Waiting(job.user_id, steps, pixels, job.spec.family, job.guild_id, job.weight or 1.0)
 
     def _estimate(self, waiting: Waiting) -> float:
         return self.clock.estimate(waiting.steps, waiting.pixels)

@@ -1,60 +1,150 @@
-"""Round-robin order across users, so one user's ten jobs cannot starve everyone else."""
+"""Weighted fair order: servers share the GPU by their weights, and within a server its members by
+theirs (a role's fair-share weight), so one user's ten jobs, or one busy server, cannot starve the rest.
+
+Stride scheduling on GPU time, two levels: each server and each member has a "pass" that grows by a
+job's cost (steps x megapixels x images: what the GPU spends on it) divided by their weight when one
+of their jobs is handed out; the lowest pass goes next (ties: who waited first). Someone who starts
+waiting again joins at the lowest pass of those waiting, so time spent idle is not saved up. With
+equal weights and equal jobs this is the old round robin.
+"""
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class _Lane:
+    jobs: deque[tuple[int, float]] = field(default_factory=deque)  # (job id, cost), oldest first
+    weight: float = 1.0
+    pass_: float = 0.0
+    since: int = 0  # when it last started waiting (ties)
+
+
+@dataclass
+class _Group:
+    users: dict[int, _Lane] = field(default_factory=dict)
+    weight: float = 1.0
+    pass_: float = 0.0
+    since: int = 0
 
 
 class FairQueue:
-    """Job ids per user; `pop` serves users in turn. The database stays the record, this is the order."""
+    """Job ids per member per server; `pop` serves the lowest pass. The database stays the record, this
+    is the order."""
 
     def __init__(self) -> None:
-        self._by_user: OrderedDict[int, deque[int]] = OrderedDict()  # rotation order: next user first
+        self._groups: dict[int | None, _Group] = {}
+        self._front: deque[tuple[int | None, int, int, float]] = deque()  # put back: (group, user, job, cost)
+        self._ticks = 0
 
-    def push(self, user_id: int, job_id: int) -> None:
-        self._by_user.setdefault(user_id, deque()).append(job_id)
+    def push(
+        self,
+        user_id: int,
+        job_id: int,
+        cost: float = 1.0,
+        weight: float = 1.0,
+        group: int | None = None,
+        group_weight: float = 1.0,
+    ) -> None:
+        """A job joins the line of `user_id` in `group` (a server; None: DMs)."""
+        self._ticks += 1
+        found = self._groups.get(group)
+        if found is None or not found.users:
+            start = min((g.pass_ for g in self._groups.values() if g.users), default=0.0)
+            found = found or _Group()
+            found.pass_, found.since = max(found.pass_, start), self._ticks
+            self._groups[group] = found
+        found.weight = group_weight
+        lane = found.users.get(user_id)
+        if lane is None:
+            start = min((u.pass_ for u in found.users.values()), default=0.0)
+            lane = _Lane(pass_=start, since=self._ticks)
+            found.users[user_id] = lane
+        lane.weight = weight
+        lane.jobs.append((job_id, max(cost, 1e-9)))
 
-    def push_front(self, user_id: int, job_id: int) -> None:
-        """Back to the head of the line (its engine stopped under it): first of its user, user first."""
-        self._by_user.setdefault(user_id, deque()).appendleft(job_id)
-        self._by_user.move_to_end(user_id, last=False)
+    def push_front(self, user_id: int, job_id: int, cost: float = 1.0, group: int | None = None) -> None:
+        """Back to the head of the line (its engine stopped under it): it goes next, and was charged."""
+        self._front.appendleft((group, user_id, job_id, cost))
 
     def pop(self, runnable: Callable[[int], bool] | None = None) -> tuple[int, int] | None:
-        """The next (user, job); that user then goes to the back of the rotation.
+        """The next (user, job): the lowest pass among servers, then among that server's members.
 
-        With `runnable`, the first user in turn whose oldest runnable job passes it (scale-out: a job
-        whose model family no free worker serves waits without blocking the others).
-        """
-        for user_id, jobs in self._by_user.items():
-            job_id = next((j for j in jobs if runnable is None or runnable(j)), None)
-            if job_id is None:
+        With `runnable`, only jobs that pass it (scale-out: a job whose model family no free worker
+        serves waits without blocking the others)."""
+        for index, (_, user_id, job_id, _) in enumerate(self._front):
+            if runnable is None or runnable(job_id):
+                del self._front[index]
+                return user_id, job_id
+        candidates: list[tuple[float, int, int | None, _Group]] = []
+        for key, group in self._groups.items():
+            if any(self._first(lane, runnable) is not None for lane in group.users.values()):
+                candidates.append((group.pass_, group.since, key, group))
+        if not candidates:
+            return None
+        _, _, key, group = min(candidates, key=lambda c: (c[0], c[1]))
+        lanes = [(lane.pass_, lane.since, user, lane) for user, lane in group.users.items()]
+        for _, _, user_id, lane in sorted(lanes, key=lambda c: (c[0], c[1])):
+            first = self._first(lane, runnable)
+            if first is None:
                 continue
-            jobs.remove(job_id)
-            del self._by_user[user_id]
-            if jobs:
-                self._by_user[user_id] = jobs
+            job_id, cost = first
+            lane.jobs.remove(first)
+            lane.pass_ += cost / lane.weight
+            group.pass_ += cost / group.weight
+            if not lane.jobs:
+                del group.users[user_id]
             return user_id, job_id
         return None
 
+    @staticmethod
+    def _first(lane: _Lane, runnable: Callable[[int], bool] | None) -> tuple[int, float] | None:
+        return next((j for j in lane.jobs if runnable is None or runnable(j[0])), None)
+
     def remove(self, job_id: int) -> bool:
-        for user_id, jobs in self._by_user.items():
-            if job_id in jobs:
-                jobs.remove(job_id)
-                if not jobs:
-                    del self._by_user[user_id]
+        for index, (_, _, queued, _) in enumerate(self._front):
+            if queued == job_id:
+                del self._front[index]
                 return True
+        for group in self._groups.values():
+            for user_id, lane in group.users.items():
+                for entry in lane.jobs:
+                    if entry[0] == job_id:
+                        lane.jobs.remove(entry)
+                        if not lane.jobs:
+                            del group.users[user_id]
+                        return True
         return False
 
     def order(self) -> list[int]:
-        """The order jobs will run in, simulating the rotation."""
-        lanes = [list(jobs) for jobs in self._by_user.values()]
+        """The order jobs will run in (the pops to come, simulated on a copy)."""
+        copy = FairQueue()
+        copy._front = deque(self._front)
+        copy._ticks = self._ticks
+        copy._groups = {
+            key: _Group(
+                {
+                    u: _Lane(deque(lane.jobs), lane.weight, lane.pass_, lane.since)
+                    for u, lane in g.users.items()
+                },
+                g.weight,
+                g.pass_,
+                g.since,
+            )
+            for key, g in self._groups.items()
+        }
         out: list[int] = []
-        depth = 0
-        while any(depth < len(lane) for lane in lanes):
-            out.extend(lane[depth] for lane in lanes if depth < len(lane))
-            depth += 1
+        while (popped := copy.pop()) is not None:
+            out.append(popped[1])
         return out
 
     def __len__(self) -> int:
-        return sum(len(jobs) for jobs in self._by_user.values())
+        return len(self._front) + sum(
+            len(lane.jobs) for g in self._groups.values() for lane in g.users.values()
+        )
+
+    def __bool__(self) -> bool:
+        return len(self) > 0

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from bot.observability import Metrics
 from bot.services.admissions import GroupAdmission
+from bot.services.community import KIND_OF, ChannelRule, CommunityRules, Defaults, MemberRule
 from bot.services.content_policy import BlockedTerms
 from bot.services.dispatcher import JobDispatcher
 from bot.services.errors import LimitReached, NotAllowed, NotFound, StoreBusy, UserError
@@ -66,6 +67,8 @@ class Requester:
     upload_limit: int | None = None  # bytes Discord takes per upload where they asked
     locale: str | None = None  # the asker's Discord locale: their private answers' language
     public_locale: str | None = None  # the job's public messages: the server's locale (theirs in a DM)
+    role_ids: tuple[int, ...] = ()  # their roles in guild_id (community rules)
+    parent_channel_id: int | None = None  # channel_id is a thread: the channel it is in
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,7 @@ class Studio:
         self.admissions = GroupAdmission(jobs)
         self.queue = queue
         self.limits = limits
+        self.community = CommunityRules()  # roles, channels, server weights (AdminService loads them)
         self.accepting = True  # False while shutting down
 
     @property
@@ -121,6 +125,30 @@ class Studio:
 
     def set_blocked(self, blocked: BlockedTerms) -> None:
         self.blocked = blocked
+
+    def set_community(self, community: CommunityRules) -> None:
+        self.community = community
+
+    def member_rule(self, who: Requester) -> MemberRule:
+        """What `who` may use and how much, in the server they ask in (community rules)."""
+        limits = self.limits
+        return self.community.member(
+            who.guild_id, who.role_ids, Defaults(limits.jobs_per_window, limits.max_queued_per_user)
+        )
+
+    def channel_rule(self, who: Requester) -> ChannelRule:
+        """The rule of the channel `who` asks in (a thread without its own: its parent's)."""
+        rules = self.community.channels(who.guild_id)
+        own = rules.rule(who.channel_id)
+        return own if own != ChannelRule() else rules.rule(who.parent_channel_id)
+
+    def server_weight(self, guild_id: int | None) -> float:
+        """A server's fair share of the GPU against the others (the dispatcher orders by it)."""
+        return self.community.server_weight(guild_id)
+
+    def default_preset(self, who: Requester) -> str | None:
+        """The channel's default preset, for a request that names none."""
+        return self.channel_rule(who).default_preset
 
     def validate(self, image_coming: bool = False, **fields: object) -> GenerationRequest:
         """Build a request from command options and check it before anything slow happens; a bad
@@ -139,7 +167,10 @@ class Studio:
     async def imagine(
         self, who: Requester, request: GenerationRequest, on_stored: OnStored | None = None
     ) -> Ticket:
-        """What someone asked for, resolved into a spec, checked, stored, queued."""
+        """What someone asked for, resolved into a spec, checked, stored, queued. Without a preset: the
+        channel's default (community rules), else the resolver's."""
+        if request.preset is None and (default := self.default_preset(who)) is not None:
+            request = request.model_copy(update={"preset": default})
         try:
             resolution = self.resolver.resolve(request)
         except RequestError as exc:
@@ -166,6 +197,7 @@ class Studio:
             raise NotAllowed(
                 "Your prompt contains a term that is blocked here ({term!r}). Rephrase it.", term=term
             )
+        member = self._allowed(who, spec, kind)
         nsfw = self.resolver.nsfw(spec)
         if nsfw and not who.age_restricted:
             self.metrics.rejections.labels("policy").inc()
@@ -188,9 +220,10 @@ class Studio:
             age_restricted=who.age_restricted,
             upload_limit=who.upload_limit,
             locale=who.public_locale,
+            weight=member.weight,
         )
         try:
-            admission = await self.admissions.admit(new, self._quota())
+            admission = await self.admissions.admit(new, self._quota(member))
         except Exception as exc:
             if not is_store_fault(exc):
                 raise
@@ -210,9 +243,44 @@ class Studio:
         position, eta = (entry.position, entry.eta_s) if entry is not None else (0, 0.0)
         return Ticket(job.id, position, eta, job.spec.seed, job.spec.prompt, warnings)
 
-    def _quota(self) -> Quota:
+    def _quota(self, member: MemberRule) -> Quota:
         limits = self.limits
-        return Quota(limits.max_queued_per_user, limits.max_queue, limits.jobs_per_window, limits.window_s)
+        return Quota(member.max_queued, limits.max_queue, member.jobs_per_window, limits.window_s)
+
+    def _require_kind(self, who: Requester, kind: JobKind) -> None:
+        """A button or command the member's roles do not allow: refused before anything is read."""
+        if not self.member_rule(who).allows_kind(kind):
+            self.metrics.rejections.labels("policy").inc()
+            raise NotAllowed("Your roles don't allow `{kind}` jobs here.", kind=KIND_OF[kind])
+
+    def _allowed(self, who: Requester, spec: DrawSpec, kind: JobKind) -> MemberRule:
+        """The community rules for this request: where drawing works, and what the member's roles and
+        the channel allow. Returns the member's rule (their quota and weight)."""
+        drawing = self.community.channels(who.guild_id).drawing
+        if drawing and who.channel_id not in drawing and who.parent_channel_id not in drawing:
+            self.metrics.rejections.labels("policy").inc()
+            shown = ", ".join(f"<#{channel}>" for channel in drawing[:10])
+            raise NotAllowed("Drawing happens in {channels} on this server.", channels=shown)
+        member = self.member_rule(who)
+        refusal: UserError | None = None
+        if not member.allows_kind(kind):
+            refusal = NotAllowed("Your roles don't allow `{kind}` jobs here.", kind=KIND_OF[kind])
+        elif not member.allows_preset(spec.preset):
+            refusal = NotAllowed("Your roles don't allow the preset {preset!r} here.", preset=spec.preset)
+        elif (
+            lora := next((lo.name for lo in spec.loras if not member.allows_lora(lo.name)), None)
+        ) is not None:
+            refusal = NotAllowed("Your roles don't allow the LoRA {lora!r} here.", lora=lora)
+        elif (here := self.channel_rule(who).presets) is not None and spec.preset not in here:
+            refusal = NotAllowed(
+                "The preset {preset!r} is not used in this channel; here: {presets}.",
+                preset=spec.preset,
+                presets=", ".join(here),
+            )
+        if refusal is not None:
+            self.metrics.rejections.labels("policy").inc()
+            raise refusal
+        return member
 
     def _admitted(self, admission: Admission) -> Job:
         """The stored job, or the refusal in words the user reads."""
@@ -248,6 +316,7 @@ class Studio:
 
     async def reroll(self, who: Requester, job_id: int, on_stored: OnStored | None = None) -> Ticket:
         """Same spec, new seed, as a new job of whoever asked."""
+        self._require_kind(who, JobKind.REROLL)
         parent, _ = await self._stored(job_id, who)
         spec = parent.spec.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
         return await self.admit(who, spec, JobKind.REROLL, parent.id, on_stored)
@@ -258,12 +327,14 @@ class Studio:
         """The stored job again; without a seed it is the identical image."""
         if seed is not None and not 0 <= seed <= MAX_SEED:
             raise UserError("seed must be between 0 and {most}", most=MAX_SEED)
+        self._require_kind(who, JobKind.RERUN)
         parent, _ = await self._stored(job_id, who)
         spec = parent.spec if seed is None else parent.spec.model_copy(update={"seed": seed})
         return await self.admit(who, spec, JobKind.RERUN, parent.id, on_stored)
 
     async def variations(self, who: Requester, job_id: int, on_stored: OnStored | None = None) -> Ticket:
         """A batch of images from the seeds right after the original's."""
+        self._require_kind(who, JobKind.VARIATION)
         parent, _ = await self._stored(job_id, who)
         spec = parent.spec
         batch = min(VARIATIONS, self.resolver.max_batch_size)
@@ -275,9 +346,10 @@ class Studio:
     ) -> Ticket:
         """Vary (Subtle / Strong): img2img from the job's picture at the preset's strength, new seed,
         as the presser's own job."""
+        kind = JobKind.VARY_STRONG if strong else JobKind.VARY_SUBTLE
+        self._require_kind(who, kind)
         parent, preset = await self._stored(job_id, who)
         image = await self._drawn(parent, who)
-        kind = JobKind.VARY_STRONG if strong else JobKind.VARY_SUBTLE
         strength = preset.vary_strong_strength if strong else preset.vary_subtle_strength
         spec = _redraw(parent.spec, image, strength, secrets.randbelow(MAX_SEED + 1))
         return await self.admit(who, spec, kind, parent.id, on_stored)
@@ -287,6 +359,7 @@ class Studio:
     ) -> Ticket:
         """Upscale x2 (hi-res fix): the job's `picture` (1-based) resized 2x, then redrawn lightly at
         that size with its seed; refused past the preset's megapixel cap."""
+        self._require_kind(who, JobKind.UPSCALE)
         parent, preset = await self._stored(job_id, who)
         image = await self._drawn(parent, who, picture)
         width, height = 2 * image.width, 2 * image.height
@@ -314,6 +387,7 @@ class Studio:
         asker's own job, with the `kontext` preset where there is one."""
         if not self.edits:
             raise UserError(EDITS_OFF)
+        self._require_kind(who, JobKind.EDIT)
         parent: Job | None = None
         if job_id is not None:
             parent = await self._job(job_id, who)

@@ -36,6 +36,7 @@ class NewJob:
     age_restricted: bool = False
     upload_limit: int | None = None
     locale: str | None = None
+    weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ def _new_job(new: NewJob) -> Job:
         age_restricted=new.age_restricted,
         upload_limit=new.upload_limit,
         locale=new.locale,
+        weight=new.weight,
         delivery=Delivery.PENDING,
         delivery_attempts=0,
         images=[],

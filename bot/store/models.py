@@ -13,6 +13,7 @@ from sqlalchemy import (
     ColumnElement,
     DateTime,
     Enum,
+    Float,
     ForeignKey,
     Integer,
     String,
@@ -161,6 +162,8 @@ class Job(Base):
     # The Discord locale of its public messages (queued, progress, result): the server's, the asker's
     # in a DM; None: English. Only the language of those messages: the job itself stays English.
     locale: Mapped[str | None] = mapped_column(String(16))
+    # The asker's fair-share weight when it was stored (their roles' rule); None: 1.
+    weight: Mapped[float | None] = mapped_column(Float)
 
     images: Mapped[list[Image]] = relationship(back_populates="job", order_by="Image.index", lazy="selectin")
 

@@ -1,0 +1,217 @@
+"""CommunityAdmin: role rules, channel rules and server weights changed from Discord, stored and audited
+first, then published to the Studio as a new CommunityRules snapshot (see bot/services/community.py).
+
+A server's rules are changed by the operator's admins or by that server's own admins (Manage Server,
+where `server_admin_guilds` lists the server): the rules of a role or channel are always those of the
+server the command is used in, stored under that server's key."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from bot.services.community import (
+    ALL,
+    RULE_FIELDS,
+    ChannelRule,
+    ChannelRules,
+    CommunityRules,
+    MemberRule,
+    RoleRule,
+)
+from bot.services.errors import NotFound, UserError
+from bot.services.studio import Requester, Studio
+from bot.store.admin import AdminStore
+from engine.errors import first_problem
+
+ROLE_KEY = "role:"  # role:<guild id>:<role id> -> {"rule": RoleRule}
+CHANNELS_KEY = "channels:"  # channels:<guild id> -> ChannelRules
+SERVER_KEY = "server:"  # server:<guild id> -> {"weight": float}
+CHANNEL_FIELDS = ("default_preset", "presets")
+
+
+@dataclass(frozen=True)
+class Explained:
+    """A member's effective rules in a channel, for `/admin rules`."""
+
+    member: MemberRule
+    channel: ChannelRule
+    drawing: tuple[int, ...]  # where drawing works in the server; (): everywhere
+    draws_here: bool
+    server_weight: float
+
+
+class CommunityAdmin:
+    def __init__(self, studio: Studio, store: AdminStore) -> None:
+        self.studio = studio
+        self.store = store
+
+    @property
+    def rules(self) -> CommunityRules:
+        return self.studio.community
+
+    async def load(self) -> None:
+        """The stored rules, as one snapshot (at start)."""
+        rules = CommunityRules()
+        for key, value in (await self.store.settings_with_prefix(ROLE_KEY)).items():
+            guild_id, role_id = (int(part) for part in key.removeprefix(ROLE_KEY).split(":"))
+            rules = rules.with_role(guild_id, role_id, RoleRule.model_validate(value["rule"]))
+        for key, value in (await self.store.settings_with_prefix(CHANNELS_KEY)).items():
+            rules = rules.with_channels(
+                int(key.removeprefix(CHANNELS_KEY)), ChannelRules.model_validate(value)
+            )
+        for key, value in (await self.store.settings_with_prefix(SERVER_KEY)).items():
+            rules = rules.with_server_weight(int(key.removeprefix(SERVER_KEY)), float(value["weight"]))
+        self.studio.set_community(rules)
+
+    # roles
+
+    async def set_role(self, who: Requester, role_id: int, field: str, value: str) -> RoleRule:
+        """One field of a role's rule in the asker's server; `value` "-" (or empty) unsets it."""
+        guild_id = _guild(who)
+        if field not in RULE_FIELDS:
+            raise UserError(
+                "{field!r} is not a role rule field; one of: {fields}",
+                field=field,
+                fields=", ".join(RULE_FIELDS),
+            )
+        current = self.rules.roles.get(role_id) if self.rules.role_guilds.get(role_id) == guild_id else None
+        data = (current or RoleRule()).model_dump()
+        data[field] = _rule_value(field, value)
+        try:
+            rule = RoleRule.model_validate(data)
+        except ValidationError as exc:
+            raise UserError(first_problem(exc)) from exc
+        self._check_names(field, rule)
+        key = f"{ROLE_KEY}{guild_id}:{role_id}"
+        stored = None if rule.empty else {"rule": rule.model_dump(mode="json")}
+        await self.store.put_setting(key, stored, who.user_id, guild_id, "role.set")
+        self.studio.set_community(self.rules.with_role(guild_id, role_id, rule))
+        return rule
+
+    async def clear_role(self, who: Requester, role_id: int) -> None:
+        guild_id = _guild(who)
+        if self.rules.role_guilds.get(role_id) != guild_id:
+            raise NotFound("That role has no rule on this server.")
+        await self.store.put_setting(
+            f"{ROLE_KEY}{guild_id}:{role_id}", None, who.user_id, guild_id, "role.clear"
+        )
+        self.studio.set_community(self.rules.with_role(guild_id, role_id, RoleRule()))
+
+    def roles(self, who: Requester) -> dict[int, RoleRule]:
+        return self.rules.roles_of(_guild(who))
+
+    # channels
+
+    async def set_drawing(self, who: Requester, channel_id: int, draws: bool) -> ChannelRules:
+        """Add a channel to (or take it off) the server's drawing channels."""
+        guild_id = _guild(who)
+        current = self.rules.channels(guild_id)
+        drawing = [c for c in current.drawing if c != channel_id] + ([channel_id] if draws else [])
+        if len(drawing) > 50:
+            raise UserError("At most 50 drawing channels per server.")
+        updated = current.model_copy(update={"drawing": tuple(drawing)})
+        await self._store_channels(who, guild_id, updated, "channel.draw" if draws else "channel.nodraw")
+        return updated
+
+    async def set_channel(self, who: Requester, channel_id: int, field: str, value: str) -> ChannelRule:
+        """A channel's default preset or allowed presets; `value` "-" (or empty) unsets it."""
+        guild_id = _guild(who)
+        if field not in CHANNEL_FIELDS:
+            raise UserError(
+                "{field!r} is not a channel rule field; one of: {fields}",
+                field=field,
+                fields=", ".join(CHANNEL_FIELDS),
+            )
+        current = self.rules.channels(guild_id)
+        data = current.rule(channel_id).model_dump()
+        data[field] = _channel_value(field, value)
+        rule = ChannelRule.model_validate(data)
+        presets = self.studio.rules.catalog.presets
+        for name in ([rule.default_preset] if rule.default_preset else []) + list(rule.presets or ()):
+            if name not in presets:
+                raise NotFound("There is no preset {preset!r}.", preset=name)
+        channels = {k: v for k, v in current.channels.items() if k != str(channel_id)}
+        if rule != ChannelRule():
+            channels[str(channel_id)] = rule
+        if len(channels) > 100:
+            raise UserError("At most 100 channels with rules per server.")
+        await self._store_channels(
+            who, guild_id, current.model_copy(update={"channels": channels}), "channel.set"
+        )
+        return rule
+
+    async def _store_channels(self, who: Requester, guild_id: int, rules: ChannelRules, action: str) -> None:
+        await self.store.put_setting(
+            f"{CHANNELS_KEY}{guild_id}", rules.model_dump(mode="json"), who.user_id, guild_id, action
+        )
+        self.studio.set_community(self.rules.with_channels(guild_id, rules))
+
+    # servers (the operator's admins only: it is about sharing the GPU between servers)
+
+    async def set_server_weight(self, who: Requester, guild_id: int, weight: float) -> None:
+        if not 0 < weight <= 100:
+            raise UserError("A server's weight is above 0 and at most 100.")
+        await self.store.put_setting(
+            f"{SERVER_KEY}{guild_id}", {"weight": weight}, who.user_id, who.guild_id, "server.weight"
+        )
+        self.studio.set_community(self.rules.with_server_weight(guild_id, weight))
+
+    # what applies
+
+    def explain(self, who: Requester) -> Explained:
+        """The rules for `who` (a member, with their roles) in the channel `who` names."""
+        drawing = self.rules.channels(who.guild_id).drawing
+        here = not drawing or who.channel_id in drawing or who.parent_channel_id in drawing
+        return Explained(
+            self.studio.member_rule(who),
+            self.studio.channel_rule(who),
+            drawing,
+            here,
+            self.rules.server_weight(who.guild_id),
+        )
+
+    def _check_names(self, field: str, rule: RoleRule) -> None:
+        names = getattr(rule, field)
+        if field == "presets" and names:
+            known = self.studio.rules.catalog.presets
+            missing = [n for n in names if n != ALL and n not in known]
+            if missing:
+                raise NotFound("There is no preset {preset!r}.", preset=missing[0])
+        if field == "loras" and names:
+            known_loras = self.studio.rules.catalog.loras
+            missing = [n for n in names if n != ALL and n not in known_loras]
+            if missing:
+                raise NotFound("LoRA {lora!r} is not on the whitelist.", lora=missing[0])
+
+
+def _guild(who: Requester) -> int:
+    if who.guild_id is None:
+        raise UserError("Rules belong to a server: use this command in one.")
+    return who.guild_id
+
+
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in value.replace(";", ",").split(",") if name.strip())
+
+
+def _rule_value(field: str, value: str) -> Any:
+    value = value.strip()
+    if value in ("", "-"):
+        return None
+    if field in ("presets", "loras", "kinds"):
+        return _names(value)  # the model refuses unknown kinds by name
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def _channel_value(field: str, value: str) -> Any:
+    value = value.strip()
+    if value in ("", "-"):
+        return None
+    return _names(value) if field == "presets" else value
