@@ -4,6 +4,7 @@ Pure functions, no I/O."""
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 from discord.utils import escape_markdown, escape_mentions
 
@@ -15,6 +16,7 @@ from bot.services.studio import HistoryPage, Ticket
 from bot.services.workers import WorkerInfo
 from bot.store.models import Job, JobKind, JobStatus
 from engine.text import clean_text
+from fluxbot.settings import LimitSettings
 
 BAR_CELLS = 12
 _URL_SCHEME = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*):(//)")
@@ -348,3 +350,12 @@ def explained(
             )
         )
     return "\n".join(lines)
+
+
+def limits(tr: Language, limits: LimitSettings, own: Mapping[str, float]) -> str:
+    """The limits in force in a server, each with where it comes from."""
+    parts = []
+    for name, value in limits.model_dump().items():
+        where = tr.tr("this server") if name in own else tr.tr("global")
+        parts.append(f"{name} = {value:g} ({where})")
+    return ", ".join(parts)

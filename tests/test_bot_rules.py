@@ -159,3 +159,28 @@ async def test_drawing_outside_the_drawing_channels_is_a_private_one_liner(harne
         "imagine", [opt("prompt", "a cat")], fake.member(BOB, "bob"), channel_id=OTHER_CHANNEL_ID
     )
     assert await finished_message(fake, other_server), "another server's channels are not this one's rules"
+
+
+async def test_a_server_admin_sets_their_servers_own_limits_and_blocked_terms(harness: Harness) -> None:
+    fake, app = harness.fake, harness.app
+    alice = fake.member(ALICE, "alice", admin=True)
+    scope = {"name": "scope", "type": 3, "value": "server"}
+    limit = sub("limits", opt("field", "jobs_per_window"), opt("value", 3, 10), scope)
+    block = sub("blocklist", sub("add", opt("term", "dragon"), scope))
+
+    token = await fake.slash("admin", [limit], alice)
+    text = await said(fake, token, "jobs_per_window = 3 (this server)")
+    assert "max_queue = " in text and "(global)" in text
+    await said(fake, await fake.slash("admin", [block], alice), "Blocked: dragon")
+    # the same in a server the operator did not list: refused, nothing changed there
+    await said(fake, await fake.slash("admin", [limit], alice, channel_id=OTHER_CHANNEL_ID), SERVER_REFUSAL)
+    await said(fake, await fake.slash("admin", [block], alice, channel_id=OTHER_CHANNEL_ID), SERVER_REFUSAL)
+
+    assert app.studio.limits_for(GUILD_ID).jobs_per_window == 3 and app.studio.limits.jobs_per_window != 3
+    assert app.studio.limits_for(OTHER_GUILD_ID).jobs_per_window == app.studio.limits.jobs_per_window
+    refused = await fake.slash("imagine", [opt("prompt", "a red dragon")], fake.member(BOB, "bob"))
+    await said(fake, refused, "blocked here")
+    elsewhere = await fake.slash(
+        "imagine", [opt("prompt", "a red dragon")], fake.member(BOB, "bob"), channel_id=OTHER_CHANNEL_ID
+    )
+    assert await finished_message(fake, elsewhere)

@@ -227,3 +227,41 @@ def test_servers_share_by_their_weights_and_members_by_theirs_within_a_server() 
     assert [popped[1] for popped in (queue.pop() for _ in range(3)) if popped] == expected, (
         "order() is the pops"
     )
+
+
+async def test_a_servers_own_limits_and_blocked_terms_apply_there_only_and_survive_a_restart(
+    tmp_path: Path, make_settings: Callable[..., EngineSettings], data_dir: Path
+) -> None:
+    settings = app_settings(tmp_path, make_settings, limits=LIMITS)
+    first = await make_app(settings, RecordingEvents(), data_dir)
+    try:
+        await first.admin.pause(OPERATOR, True)
+        await first.admin.set_limit(OPERATOR, "jobs_per_window", 1, server=True)
+        await first.admin.block_term(OPERATOR, "dragon", server=True)
+        with pytest.raises(UserError, match="not a limit a server sets"):
+            await first.admin.set_limit(OPERATOR, "max_queue", 1, server=True)
+    finally:
+        await first.close()
+    app = await make_app(settings, RecordingEvents(), data_dir)
+    try:
+        here, there = member(80), member(81, guild=OTHER_SERVER, channel=999)
+        assert await refusal(app, here) is None
+        assert "at most 1 jobs per 10 min" in (await refusal(app, here) or "")
+        assert "dragon" in (await refusal_of(app, member(83), "a red dragon") or "")
+        assert await refusal(app, there) is None and await refusal(app, there) is None
+        assert await refusal_of(app, member(84, guild=OTHER_SERVER, channel=999), "a red dragon") is None
+        shown = app.studio.limits_for(SERVER)
+        assert (shown.jobs_per_window, app.studio.limits_for(OTHER_SERVER).jobs_per_window) == (1, 100)
+        assert (
+            app.admin.blocked_terms(OPERATOR, server=True) == ("dragon",) and app.admin.blocked_terms() == ()
+        )
+    finally:
+        await app.close()
+
+
+async def refusal_of(app: App, who: Requester, prompt: str) -> str | None:
+    try:
+        await app.studio.imagine(who, GenerationRequest(prompt=prompt))
+    except UserError as exc:
+        return str(exc)
+    return None

@@ -10,11 +10,9 @@ import discord
 from discord import app_commands
 
 from bot import render
-from bot.commands.context import private, reply_error, requester, role_ids
 from bot.commands.imagine import lora_autocomplete, preset_autocomplete
-from bot.commands.rules import add_rule_commands
+from bot.commands.rules import add_rule_commands, run_for_server
 from bot.i18n import Language
-from bot.mentions import NOBODY
 from bot.services.admin import AdminService
 from bot.services.errors import UserError
 from bot.services.studio import Requester
@@ -26,24 +24,17 @@ if TYPE_CHECKING:
 async def _run(
     interaction: discord.Interaction[FluxBot],
     action: Callable[[AdminService, Requester, Language], Awaitable[str]],
+    server_scope: bool = False,
 ) -> None:
-    """Every /admin answer is private: in the admin's own language."""
-    service = interaction.client.app.admin
-    who = requester(interaction, with_token=False)
-    try:
-        service.require(who, role_ids(interaction))
-    except UserError as exc:
-        await reply_error(interaction, exc)
-        return
-    # Answered first ("thinking…", private), then the work: it may wait on a busy store or on a job's
-    # delivery, and Discord drops an interaction left unanswered for 3 s.
-    await interaction.response.defer(ephemeral=True, thinking=True)
-    tr = private(interaction)
-    try:
-        text = await action(service, who, tr)
-    except UserError as exc:
-        text = tr.message(exc.message)
-    await interaction.edit_original_response(content=text[:1990], allowed_mentions=NOBODY)
+    """Every /admin answer is private, in the admin's own language. `server_scope`: the change is the
+    asking server's own, which its own admins may make where the operator allows it."""
+    await run_for_server(interaction, action, operator_only=not server_scope)
+
+
+SCOPES = [
+    app_commands.Choice(name="global (every server)", value="global"),
+    app_commands.Choice(name="this server only", value="server"),
+]
 
 
 class AdminCommands(app_commands.Group):
@@ -157,27 +148,37 @@ class AdminCommands(app_commands.Group):
         await _run(interaction, remove)
 
     @app_commands.command(name="limits", description="Show or change the limits")
-    @app_commands.describe(field="Which limit to change", value="New value")
+    @app_commands.describe(
+        field="Which limit to change", value="New value", scope="Global, or this server's own"
+    )
     @app_commands.choices(
+        scope=SCOPES,
         field=[
             app_commands.Choice(name="jobs per window", value="jobs_per_window"),
             app_commands.Choice(name="window (seconds)", value="window_s"),
             app_commands.Choice(name="max queued per user", value="max_queued_per_user"),
             app_commands.Choice(name="max queue (all users)", value="max_queue"),
-        ]
+        ],
     )
     async def limits(
-        self, interaction: discord.Interaction[FluxBot], field: str | None = None, value: float | None = None
+        self,
+        interaction: discord.Interaction[FluxBot],
+        field: str | None = None,
+        value: float | None = None,
+        scope: str = "global",
     ) -> None:
+        server = scope == "server"
+
         async def change(service: AdminService, who: Requester, tr: Language) -> str:
             if field is not None:
                 if value is None:
                     raise UserError("Give a value to set.")
-                await service.set_limit(who, field, value)
-            current = service.studio.limits
-            return ", ".join(f"{k} = {v:g}" for k, v in current.model_dump().items())
+                await service.set_limit(who, field, value, server)
+            return render.limits(
+                tr, service.studio.limits_for(who.guild_id), service.studio.community.limits_of(who.guild_id)
+            )
 
-        await _run(interaction, change)
+        await _run(interaction, change, server_scope=server)
 
     @app_commands.command(name="ban", description="Stop a user from making images")
     async def ban(
@@ -245,26 +246,38 @@ class AdminCommands(app_commands.Group):
         await _run(interaction, do)
 
     @blocklist.command(name="add", description="Refuse prompts containing this word or phrase")
-    @app_commands.describe(term="A word or phrase; spacing, case, accents and leetspeak are undone")
-    async def blocklist_add(self, interaction: discord.Interaction[FluxBot], term: str) -> None:
+    @app_commands.describe(
+        term="A word or phrase; spacing, case, accents and leetspeak are undone",
+        scope="Global, or this server's own",
+    )
+    @app_commands.choices(scope=SCOPES)
+    async def blocklist_add(
+        self, interaction: discord.Interaction[FluxBot], term: str, scope: str = "global"
+    ) -> None:
         async def do(service: AdminService, who: Requester, tr: Language) -> str:
-            stored = await service.block_term(who, term)
+            stored = await service.block_term(who, term, scope == "server")
             return tr.tr("Blocked: {term}", term=render.inert(stored))
 
-        await _run(interaction, do)
+        await _run(interaction, do, server_scope=scope == "server")
 
     @blocklist.command(name="remove", description="Allow a blocked term again")
-    async def blocklist_remove(self, interaction: discord.Interaction[FluxBot], term: str) -> None:
+    @app_commands.describe(scope="Global, or this server's own")
+    @app_commands.choices(scope=SCOPES)
+    async def blocklist_remove(
+        self, interaction: discord.Interaction[FluxBot], term: str, scope: str = "global"
+    ) -> None:
         async def do(service: AdminService, who: Requester, tr: Language) -> str:
-            removed = await service.unblock_term(who, term)
+            removed = await service.unblock_term(who, term, scope == "server")
             return tr.tr("No longer blocked: {term}", term=render.inert(removed))
 
-        await _run(interaction, do)
+        await _run(interaction, do, server_scope=scope == "server")
 
     @blocklist.command(name="list", description="Show the blocked terms")
-    async def blocklist_list(self, interaction: discord.Interaction[FluxBot]) -> None:
+    @app_commands.describe(scope="Global, or this server's own")
+    @app_commands.choices(scope=SCOPES)
+    async def blocklist_list(self, interaction: discord.Interaction[FluxBot], scope: str = "global") -> None:
         async def show(service: AdminService, who: Requester, tr: Language) -> str:
-            terms = service.blocked_terms()
+            terms = service.blocked_terms(who, scope == "server")
             if not terms:
                 return tr.tr("No blocked terms.")
             return tr.plural(
@@ -274,4 +287,4 @@ class AdminCommands(app_commands.Group):
                 terms=", ".join(render.inert(t) for t in terms),
             )
 
-        await _run(interaction, show)
+        await _run(interaction, show, server_scope=scope == "server")

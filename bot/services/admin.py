@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from bot.services.community_admin import CommunityAdmin
+from bot.services.community_admin import SERVER_BLOCKLIST_KEY, SERVER_LIMITS_KEY, CommunityAdmin
 from bot.services.content_policy import BlockedTerms, normalize_term
 from bot.services.dispatcher import QueueEntry
 from bot.services.errors import NotAllowed, NotFound, UserError
@@ -30,6 +30,7 @@ LORA_KEY = "lora:"
 LIMITS_KEY = "limits"
 BLOCKLIST_KEY = "blocklist"
 QUEUE_KEY = "queue"
+SERVER_LIMITS = ("jobs_per_window", "window_s", "max_queued_per_user")  # max_queue: the host's own
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,12 @@ class AdminService:
         self.studio.rules.publish(self.studio.rules.catalog.without_lora(name))
 
     # limits and users
-    async def set_limit(self, who: Requester, field: str, value: float) -> LimitSettings:
+    async def set_limit(
+        self, who: Requester, field: str, value: float, server: bool = False
+    ) -> LimitSettings:
+        """One limit, globally or (`server`) for the asker's server only, over the global value."""
+        if server:
+            return await self._set_server_limit(who, field, value)
         if field not in LimitSettings.model_fields:
             raise UserError(
                 "{field!r} is not a limit; one of: {limits}",
@@ -185,36 +191,69 @@ class AdminService:
         self.studio.set_limits(limits)
         return limits
 
-    # blocked terms
-    def blocked_terms(self) -> tuple[str, ...]:
-        return self.studio.blocked.terms
+    async def _set_server_limit(self, who: Requester, field: str, value: float) -> LimitSettings:
+        guild_id = _server(who)
+        if field not in SERVER_LIMITS:
+            raise UserError(
+                "{field!r} is not a limit a server sets; one of: {limits}",
+                field=field,
+                limits=", ".join(SERVER_LIMITS),
+            )
+        own = {**self.studio.community.limits_of(guild_id), field: value}
+        try:
+            limits = LimitSettings.model_validate({**self.studio.limits.model_dump(), **own})
+        except ValidationError as exc:
+            raise UserError(first_problem(exc)) from exc
+        stored = {k: getattr(limits, k) for k in own}
+        await self.store.put_setting(
+            f"{SERVER_LIMITS_KEY}{guild_id}", stored, who.user_id, guild_id, "limits.set"
+        )
+        self.studio.set_community(self.studio.community.with_limits(guild_id, stored))
+        return limits
 
-    async def block_term(self, who: Requester, term: str) -> str:
-        """Add a term (stored as normalized words: what it matches); returns it as stored."""
+    # blocked terms
+    def blocked_terms(self, who: Requester | None = None, server: bool = False) -> tuple[str, ...]:
+        """The global blocked terms, or (`server`) the asker's server's own."""
+        return self._blocked(who, server).terms
+
+    def _blocked(self, who: Requester | None, server: bool) -> BlockedTerms:
+        if not server:
+            return self.studio.blocked
+        assert who is not None
+        return self.studio.community.blocked_in(_server(who))
+
+    async def block_term(self, who: Requester, term: str, server: bool = False) -> str:
+        """Add a term (stored as normalized words: what it matches), globally or for the asker's server
+        only; returns it as stored."""
         normalized = normalize_term(term)
         if not normalized or len(normalized) > 100:
             raise UserError("A blocked term needs letters or digits (at most 100 characters).")
-        if normalized in self.studio.blocked.terms:
+        current = self._blocked(who, server)
+        if normalized in current.terms or normalized in self.studio.blocked.terms:
             raise UserError("{term!r} is already blocked.", term=normalized)
-        await self._store_blocked(who, self.studio.blocked.with_term(normalized), "blocklist.add", normalized)
+        await self._store_blocked(who, current.with_term(normalized), "blocklist.add", normalized, server)
         return normalized
 
-    async def unblock_term(self, who: Requester, term: str) -> str:
+    async def unblock_term(self, who: Requester, term: str, server: bool = False) -> str:
         normalized = normalize_term(term)
-        if normalized not in self.studio.blocked.terms:
+        current = self._blocked(who, server)
+        if normalized not in current.terms:
             raise NotFound("{term!r} is not on the blocklist.", term=normalized or term)
-        await self._store_blocked(
-            who, self.studio.blocked.without(normalized), "blocklist.remove", normalized
-        )
+        await self._store_blocked(who, current.without(normalized), "blocklist.remove", normalized, server)
         return normalized
 
-    async def _store_blocked(self, who: Requester, blocked: BlockedTerms, action: str, term: str) -> None:
+    async def _store_blocked(
+        self, who: Requester, blocked: BlockedTerms, action: str, term: str, server: bool = False
+    ) -> None:
         # The whole list is the stored value (the audit entry keeps before and after); the change applies
         # only once it is committed.
-        await self.store.put_setting(
-            BLOCKLIST_KEY, {"terms": list(blocked.terms), "changed": term}, who.user_id, who.guild_id, action
-        )
-        self.studio.set_blocked(blocked)
+        key = f"{SERVER_BLOCKLIST_KEY}{_server(who)}" if server else BLOCKLIST_KEY
+        value = {"terms": list(blocked.terms), "changed": term}
+        await self.store.put_setting(key, value, who.user_id, who.guild_id, action)
+        if server:
+            self.studio.set_community(self.studio.community.with_blocked(_server(who), blocked))
+        else:
+            self.studio.set_blocked(blocked)
 
     async def ban(self, who: Requester, user_id: int, reason: str | None) -> None:
         if user_id == who.user_id:
@@ -284,3 +323,9 @@ def _parse_value(text: str) -> Any:
         return json.loads(text)
     except ValueError:
         return text
+
+
+def _server(who: Requester) -> int:
+    if who.guild_id is None:
+        raise UserError("Rules belong to a server: use this command in one.")
+    return who.guild_id

@@ -16,12 +16,13 @@ snapshot (`CommunityRules`) that admissions use; admins replace it, nothing chan
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from bot.services.content_policy import BlockedTerms
 from bot.store.models import JobKind
 
 # What a role rule can allow, as admins name it (several job kinds share one name).
@@ -142,23 +143,36 @@ class CommunityRules:
     role_guilds: Mapping[int, int] = field(default_factory=dict)  # role id -> its server
     servers: Mapping[int, ChannelRules] = field(default_factory=dict)  # guild id -> channel rules
     server_weights: Mapping[int, float] = field(default_factory=dict)
+    # A server's own values over the global ones: limits (by field) and blocked terms (added).
+    limits: Mapping[int, Mapping[str, float]] = field(default_factory=dict)
+    blocked: Mapping[int, BlockedTerms] = field(default_factory=dict)
 
     def with_role(self, guild_id: int, role_id: int, rule: RoleRule) -> CommunityRules:
         roles = {k: v for k, v in self.roles.items() if k != role_id}
         guilds = {k: v for k, v in self.role_guilds.items() if k != role_id}
         if not rule.empty:
             roles[role_id], guilds[role_id] = rule, guild_id
-        return CommunityRules(roles, guilds, self.servers, self.server_weights)
+        return replace(self, roles=roles, role_guilds=guilds)
 
     def with_channels(self, guild_id: int, rules: ChannelRules) -> CommunityRules:
-        return CommunityRules(
-            self.roles, self.role_guilds, {**self.servers, guild_id: rules}, self.server_weights
-        )
+        return replace(self, servers={**self.servers, guild_id: rules})
 
     def with_server_weight(self, guild_id: int, weight: float) -> CommunityRules:
-        return CommunityRules(
-            self.roles, self.role_guilds, self.servers, {**self.server_weights, guild_id: weight}
-        )
+        return replace(self, server_weights={**self.server_weights, guild_id: weight})
+
+    def with_limits(self, guild_id: int, limits: Mapping[str, float]) -> CommunityRules:
+        return replace(self, limits={**self.limits, guild_id: dict(limits)})
+
+    def with_blocked(self, guild_id: int, blocked: BlockedTerms) -> CommunityRules:
+        return replace(self, blocked={**self.blocked, guild_id: blocked})
+
+    def limits_of(self, guild_id: int | None) -> Mapping[str, float]:
+        """A server's own limits (only the fields it sets)."""
+        return self.limits.get(guild_id, {}) if guild_id is not None else {}
+
+    def blocked_in(self, guild_id: int | None) -> BlockedTerms:
+        """A server's own blocked terms (the global ones apply everywhere besides)."""
+        return self.blocked.get(guild_id, BlockedTerms()) if guild_id is not None else BlockedTerms()
 
     def channels(self, guild_id: int | None) -> ChannelRules:
         return self.servers.get(guild_id, ChannelRules()) if guild_id is not None else ChannelRules()

@@ -22,6 +22,7 @@ from bot.services.community import (
     MemberRule,
     RoleRule,
 )
+from bot.services.content_policy import BlockedTerms
 from bot.services.errors import NotFound, UserError
 from bot.services.studio import Requester, Studio
 from bot.store.admin import AdminStore
@@ -30,6 +31,8 @@ from engine.errors import first_problem
 ROLE_KEY = "role:"  # role:<guild id>:<role id> -> {"rule": RoleRule}
 CHANNELS_KEY = "channels:"  # channels:<guild id> -> ChannelRules
 SERVER_KEY = "server:"  # server:<guild id> -> {"weight": float}
+SERVER_LIMITS_KEY = "limits@"  # limits@<guild id>: that server's own limits, over the global ones
+SERVER_BLOCKLIST_KEY = "blocklist@"  # blocklist@<guild id>: terms blocked in that server only
 CHANNEL_FIELDS = ("default_preset", "presets")
 
 
@@ -65,6 +68,12 @@ class CommunityAdmin:
             )
         for key, value in (await self.store.settings_with_prefix(SERVER_KEY)).items():
             rules = rules.with_server_weight(int(key.removeprefix(SERVER_KEY)), float(value["weight"]))
+        for key, value in (await self.store.settings_with_prefix(SERVER_LIMITS_KEY)).items():
+            rules = rules.with_limits(int(key.removeprefix(SERVER_LIMITS_KEY)), value)
+        for key, value in (await self.store.settings_with_prefix(SERVER_BLOCKLIST_KEY)).items():
+            rules = rules.with_blocked(
+                int(key.removeprefix(SERVER_BLOCKLIST_KEY)), BlockedTerms(tuple(value["terms"]))
+            )
         self.studio.set_community(rules)
 
     # roles

@@ -129,9 +129,14 @@ class Studio:
     def set_community(self, community: CommunityRules) -> None:
         self.community = community
 
+    def limits_for(self, guild_id: int | None) -> LimitSettings:
+        """The limits in a server: its own values over the global ones."""
+        own = self.community.limits_of(guild_id)
+        return self.limits.model_copy(update=dict(own)) if own else self.limits
+
     def member_rule(self, who: Requester) -> MemberRule:
         """What `who` may use and how much, in the server they ask in (community rules)."""
-        limits = self.limits
+        limits = self.limits_for(who.guild_id)
         return self.community.member(
             who.guild_id, who.role_ids, Defaults(limits.jobs_per_window, limits.max_queued_per_user)
         )
@@ -192,7 +197,8 @@ class Studio:
         job is never queued, or answered as queued, before it is committed."""
         if not self.accepting:
             raise LimitReached("fluxbot is restarting; try again in a minute.")
-        if (term := self.blocked.find(spec.prompt)) is not None:
+        term = self.blocked.find(spec.prompt) or self.community.blocked_in(who.guild_id).find(spec.prompt)
+        if term is not None:
             self.metrics.rejections.labels("policy").inc()
             raise NotAllowed(
                 "Your prompt contains a term that is blocked here ({term!r}). Rephrase it.", term=term
@@ -223,7 +229,7 @@ class Studio:
             weight=member.weight,
         )
         try:
-            admission = await self.admissions.admit(new, self._quota(member))
+            admission = await self.admissions.admit(new, self._quota(member, self.limits_for(who.guild_id)))
         except Exception as exc:
             if not is_store_fault(exc):
                 raise
@@ -233,7 +239,7 @@ class Studio:
                 "fluxbot could not save your request (its database is busy). Nothing was queued; "
                 "try again in a moment."
             ) from exc
-        job = self._admitted(admission)
+        job = self._admitted(admission, self.limits_for(who.guild_id).window_s)
         if admission.replayed:
             entry = self.queue.entry(job.id)
         else:
@@ -243,9 +249,9 @@ class Studio:
         position, eta = (entry.position, entry.eta_s) if entry is not None else (0, 0.0)
         return Ticket(job.id, position, eta, job.spec.seed, job.spec.prompt, warnings)
 
-    def _quota(self, member: MemberRule) -> Quota:
-        limits = self.limits
-        return Quota(member.max_queued, limits.max_queue, member.jobs_per_window, limits.window_s)
+    def _quota(self, member: MemberRule, limits: LimitSettings) -> Quota:
+        # The waiting cap is the host's (all servers share one queue); the rest are the server's.
+        return Quota(member.max_queued, self.limits.max_queue, member.jobs_per_window, limits.window_s)
 
     def _require_kind(self, who: Requester, kind: JobKind) -> None:
         """A button or command the member's roles do not allow: refused before anything is read."""
@@ -282,7 +288,7 @@ class Studio:
             raise refusal
         return member
 
-    def _admitted(self, admission: Admission) -> Job:
+    def _admitted(self, admission: Admission, window: float) -> Job:
         """The stored job, or the refusal in words the user reads."""
         if admission.job is not None:
             return admission.job
@@ -299,7 +305,6 @@ class Studio:
                 count=admission.count,
                 limit=admission.limit,
             )
-        window = self.limits.window_s
         if window < 120:
             raise LimitReached(
                 "Slow down: at most {limit} jobs per {seconds:g} s. Try again shortly.",
