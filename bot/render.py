@@ -3,6 +3,7 @@ Pure functions, no I/O."""
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 
@@ -12,6 +13,8 @@ from bot.i18n import Language
 from bot.services.admin import QueueView, Stats
 from bot.services.community import ChannelRules, RoleRule, Source
 from bot.services.community_admin import Explained
+from bot.services.execution import INTERNAL_ERROR
+from bot.services.redis_executor import FAILURES
 from bot.services.studio import HistoryPage, Ticket
 from bot.services.workers import WorkerInfo
 from bot.store.models import Job, JobKind, JobStatus
@@ -149,8 +152,27 @@ def final(tr: Language, job: Job, safety_action: str | None = None, as_jpeg: boo
         }
         reason = reasons.get(job.error or "", job.error) or tr.tr("cancelled")
         return f"**{short(job.spec.prompt)}**\n🚫 " + tr.tr("job {job} {reason}.", job=job.id, reason=reason)
-    failed = tr.tr("job {job} failed: {error}", job=job.id, error=job.error)
+    failed = tr.tr("job {job} failed: {error}", job=job.id, error=stored_reason(tr, job.error or ""))
     return f"**{short(job.spec.prompt)}** — <@{job.user_id}>\n❌ {failed}"
+
+
+# Why a job failed, as the executors store it (English, like the whole database): shown translated.
+_FAILURES = (INTERNAL_ERROR, *FAILURES)
+
+
+@functools.cache
+def _failure_pattern(template: str) -> re.Pattern[str]:
+    fields = re.escape(template)
+    return re.compile("^" + re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>.+?)", fields) + "$")
+
+
+def stored_reason(tr: Language, reason: str) -> str:
+    """A stored failure reason in the reader's language where it is one of the executors' own; the
+    engine's other messages stay as stored."""
+    for template in _FAILURES:
+        if (match := _failure_pattern(template).match(reason)) is not None:
+            return tr.tr(template, **match.groupdict())
+    return reason
 
 
 def history(tr: Language, page: HistoryPage, whose: str) -> str:

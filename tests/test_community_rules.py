@@ -28,7 +28,7 @@ SERVER, OTHER_SERVER = 500, 700  # @everyone's role id is the server's id
 BOOSTER, PATRON, FOREIGN = 501, 502, 701  # FOREIGN is a role of OTHER_SERVER
 IMAGES, CHAT, AFTER_DARK, LOOSE = 600, 601, 602, 603  # AFTER_DARK is age-restricted; LOOSE is not
 THREAD = 610  # a thread in IMAGES
-OPERATOR = Requester(user_id=1, guild_id=SERVER, channel_id=IMAGES)  # admin_user_ids = [1]
+OPERATOR = Requester(user_id=1, guild_id=SERVER, channel_id=IMAGES, is_admin=True)  # admin_user_ids = [1]
 
 
 def member(user_id: int, *roles: int, channel: int = IMAGES, guild: int = SERVER, **kw: object) -> Requester:
@@ -208,14 +208,14 @@ async def test_a_weight_2_role_gets_twice_the_gpu_time_of_a_weight_1_member_over
 
 def test_servers_share_by_their_weights_and_members_by_theirs_within_a_server() -> None:
     queue = FairQueue()
-    for i in range(30):  # server 1 (weight 3): two members, one with weight 2; server 2 (weight 1): one
+    for i in range(300):  # server 1 (weight 3): two members, one with weight 2; server 2 (weight 1): one
         queue.push(1, 1000 + i, cost=1.0, weight=2.0, group=SERVER, group_weight=3.0)
         queue.push(2, 2000 + i, cost=1.0, weight=1.0, group=SERVER, group_weight=3.0)
         queue.push(
             3, 3000 + i, cost=2.0, weight=1.0, group=OTHER_SERVER, group_weight=1.0
         )  # jobs twice as big
 
-    served = [queue.pop() for _ in range(30)]
+    served = [queue.pop() for _ in range(300)]
     gpu = {1: 0.0, 2: 0.0, 3: 0.0}
     for user, _ in (s for s in served if s is not None):
         gpu[user] += 2.0 if user == 3 else 1.0
@@ -265,3 +265,39 @@ async def refusal_of(app: App, who: Requester, prompt: str) -> str | None:
     except UserError as exc:
         return str(exc)
     return None
+
+
+async def test_a_servers_own_admins_narrow_the_global_limits_and_never_widen_them(app: App) -> None:
+    server_admin = Requester(user_id=9, guild_id=SERVER, channel_id=IMAGES)  # Manage Server, not the operator
+    community = app.admin.community
+
+    with pytest.raises(UserError, match="up to the global value"):
+        await community.set_role(server_admin, SERVER, "max_queued", "100")
+    with pytest.raises(UserError, match="up to the global value"):
+        await app.admin.set_limit(server_admin, "jobs_per_window", 1000, server=True)
+    with pytest.raises(UserError, match="down to the global value"):
+        await app.admin.set_limit(server_admin, "window_s", 1, server=True)
+    await community.set_role(server_admin, BOOSTER, "jobs_per_window", "3")
+    await app.admin.set_limit(server_admin, "max_queued_per_user", 2, server=True)
+    await community.set_role(OPERATOR, PATRON, "jobs_per_window", "1000")  # the operator may
+
+    assert app.studio.limits_for(SERVER).max_queued_per_user == 2
+    assert app.studio.member_rule(member(90, PATRON)).jobs_per_window == 1000
+
+
+async def test_a_role_of_another_server_and_changes_at_the_same_time(app: App) -> None:
+    await app.admin.community.set_role(OPERATOR, BOOSTER, "weight", "2")
+    elsewhere = Requester(user_id=1, guild_id=OTHER_SERVER, channel_id=999, is_admin=True)
+    with pytest.raises(UserError, match="no rule on this server"):
+        await app.admin.community.set_role(elsewhere, BOOSTER, "weight", "5")
+
+    await asyncio.gather(
+        *(app.admin.community.set_drawing(OPERATOR, channel, True) for channel in range(1, 11))
+    )
+    await asyncio.gather(
+        *(app.admin.block_term(OPERATOR, f"term {word}", server=True) for word in "abcdefghij")
+    )
+
+    assert sorted(app.studio.community.channels(SERVER).drawing) == list(range(1, 11)), "no change lost"
+    assert len(app.admin.blocked_terms(OPERATOR, server=True)) == 10
+    assert app.studio.community.roles_of(SERVER)[BOOSTER].weight == 2.0

@@ -159,3 +159,16 @@ def test_the_english_default_is_the_template_itself(languages: Languages) -> Non
     assert english.tr("job {job}", job=7) == "job 7"
     assert english.name("imagine") == "imagine" and languages.for_locale("es-ES").name("admin") is None
     assert english.duration(65) == "65 s" and english.duration(125) == "2 min 05 s"
+
+
+def test_a_stored_failure_reason_is_shown_in_the_readers_language(languages: Languages) -> None:
+    from bot.render import stored_reason
+    from bot.services.redis_executor import TIMED_OUT, WORKERS_DIED
+
+    spanish = languages.for_locale("es-ES")
+
+    assert stored_reason(spanish, WORKERS_DIED.format(tries=3)).startswith(
+        "El worker que dibujaba esto se detuvo 3"
+    )
+    assert stored_reason(spanish, TIMED_OUT).startswith("Esto tardó más")
+    assert stored_reason(spanish, "CUDA out of memory") == "CUDA out of memory", "others stay as stored"

@@ -5,6 +5,7 @@ server in `server_admin_guilds`; the operator's admins always may. Server weight
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,8 @@ async def run_for_server(
     answered privately first, then the work, then the answer in the admin's language."""
     service = interaction.client.app.admin
     who = requester(interaction, with_token=False)
+    # is_admin: one of the operator's admins (a server's own admins may not go past the global limits)
+    who = dataclasses.replace(who, is_admin=service.policy.allows(who.user_id, role_ids(interaction)))
     try:
         if operator_only:
             service.require(who, role_ids(interaction))
@@ -175,7 +178,9 @@ async def server_weight(
         try:
             guild_id = int(server_id) if server_id else who.guild_id
         except ValueError:
-            raise UserError("server_id must be a server's id (a number).") from None
+            guild_id = -1
+        if guild_id is not None and not 0 < guild_id < 2**63:
+            raise UserError("server_id must be a server's id (a number).")
         if guild_id is None:
             raise UserError("Rules belong to a server: use this command in one.")
         await service.community.set_server_weight(who, guild_id, weight)

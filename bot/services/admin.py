@@ -30,6 +30,7 @@ LORA_KEY = "lora:"
 LIMITS_KEY = "limits"
 BLOCKLIST_KEY = "blocklist"
 QUEUE_KEY = "queue"
+MAX_SERVER_TERMS = 500
 SERVER_LIMITS = ("jobs_per_window", "window_s", "max_queued_per_user")  # max_queue: the host's own
 
 
@@ -87,6 +88,8 @@ class AdminService:
         self.policy = policy
         self.lora_files = lora_files  # the bot's own LoRA folder: a LoRA is hash-checked before it is listed
         self.community = CommunityAdmin(studio, store)
+        # One change of the limits or blocked terms at a time (each reads, stores, then publishes them).
+        self._changing = asyncio.Lock()
 
     def require(self, who: Requester, role_ids: Iterable[int]) -> None:
         if not self.policy.allows(who.user_id, role_ids):
@@ -174,6 +177,12 @@ class AdminService:
     async def set_limit(
         self, who: Requester, field: str, value: float, server: bool = False
     ) -> LimitSettings:
+        async with self._changing:
+            return await self._set_limit(who, field, value, server)
+
+    async def _set_limit(
+        self, who: Requester, field: str, value: float, server: bool = False
+    ) -> LimitSettings:
         """One limit, globally or (`server`) for the asker's server only, over the global value."""
         if server:
             return await self._set_server_limit(who, field, value)
@@ -204,6 +213,26 @@ class AdminService:
             limits = LimitSettings.model_validate({**self.studio.limits.model_dump(), **own})
         except ValidationError as exc:
             raise UserError(first_problem(exc)) from exc
+        if not who.is_admin:  # a server's own admins narrow the global limits, they do not widen them
+            base = self.studio.limits
+            wider = (
+                limits.jobs_per_window > base.jobs_per_window
+                or limits.max_queued_per_user > base.max_queued_per_user
+                or limits.window_s < base.window_s
+            )
+            if wider and field == "window_s":
+                raise UserError(
+                    "A server's admins can set window_s down to the global value ({most}); "
+                    "less needs the operator.",
+                    most=base.window_s,
+                )
+            if wider:
+                raise UserError(
+                    "A server's admins can set {field} up to the global value ({most}); "
+                    "more needs the operator.",
+                    field=field,
+                    most=getattr(base, field),
+                )
         stored = {k: getattr(limits, k) for k in own}
         await self.store.put_setting(
             f"{SERVER_LIMITS_KEY}{guild_id}", stored, who.user_id, guild_id, "limits.set"
@@ -223,6 +252,10 @@ class AdminService:
         return self.studio.community.blocked_in(_server(who))
 
     async def block_term(self, who: Requester, term: str, server: bool = False) -> str:
+        async with self._changing:
+            return await self._block_term(who, term, server)
+
+    async def _block_term(self, who: Requester, term: str, server: bool = False) -> str:
         """Add a term (stored as normalized words: what it matches), globally or for the asker's server
         only; returns it as stored."""
         normalized = normalize_term(term)
@@ -231,10 +264,16 @@ class AdminService:
         current = self._blocked(who, server)
         if normalized in current.terms or normalized in self.studio.blocked.terms:
             raise UserError("{term!r} is already blocked.", term=normalized)
+        if server and len(current.terms) >= MAX_SERVER_TERMS:
+            raise UserError("A server blocks at most {most} terms of its own.", most=MAX_SERVER_TERMS)
         await self._store_blocked(who, current.with_term(normalized), "blocklist.add", normalized, server)
         return normalized
 
     async def unblock_term(self, who: Requester, term: str, server: bool = False) -> str:
+        async with self._changing:
+            return await self._unblock_term(who, term, server)
+
+    async def _unblock_term(self, who: Requester, term: str, server: bool = False) -> str:
         normalized = normalize_term(term)
         current = self._blocked(who, server)
         if normalized not in current.terms:

@@ -7,6 +7,7 @@ server the command is used in, stored under that server's key."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +52,9 @@ class CommunityAdmin:
     def __init__(self, studio: Studio, store: AdminStore) -> None:
         self.studio = studio
         self.store = store
+        # One change at a time: each reads the rules in force, stores the changed ones, publishes them;
+        # two at once would each store a copy without the other's change.
+        self._changing = asyncio.Lock()
 
     @property
     def rules(self) -> CommunityRules:
@@ -79,8 +83,14 @@ class CommunityAdmin:
     # roles
 
     async def set_role(self, who: Requester, role_id: int, field: str, value: str) -> RoleRule:
+        async with self._changing:
+            return await self._set_role(who, role_id, field, value)
+
+    async def _set_role(self, who: Requester, role_id: int, field: str, value: str) -> RoleRule:
         """One field of a role's rule in the asker's server; `value` "-" (or empty) unsets it."""
         guild_id = _guild(who)
+        if (owner := self.rules.role_guilds.get(role_id)) is not None and owner != guild_id:
+            raise NotFound("That role has no rule on this server.")  # a role belongs to one server
         if field not in RULE_FIELDS:
             raise UserError(
                 "{field!r} is not a role rule field; one of: {fields}",
@@ -95,6 +105,7 @@ class CommunityAdmin:
         except ValidationError as exc:
             raise UserError(first_problem(exc)) from exc
         self._check_names(field, rule)
+        self._within_global(who, field, getattr(rule, field))
         key = f"{ROLE_KEY}{guild_id}:{role_id}"
         stored = None if rule.empty else {"rule": rule.model_dump(mode="json")}
         await self.store.put_setting(key, stored, who.user_id, guild_id, "role.set")
@@ -102,6 +113,10 @@ class CommunityAdmin:
         return rule
 
     async def clear_role(self, who: Requester, role_id: int) -> None:
+        async with self._changing:
+            return await self._clear_role(who, role_id)
+
+    async def _clear_role(self, who: Requester, role_id: int) -> None:
         guild_id = _guild(who)
         if self.rules.role_guilds.get(role_id) != guild_id:
             raise NotFound("That role has no rule on this server.")
@@ -116,6 +131,10 @@ class CommunityAdmin:
     # channels
 
     async def set_drawing(self, who: Requester, channel_id: int, draws: bool) -> ChannelRules:
+        async with self._changing:
+            return await self._set_drawing(who, channel_id, draws)
+
+    async def _set_drawing(self, who: Requester, channel_id: int, draws: bool) -> ChannelRules:
         """Add a channel to (or take it off) the server's drawing channels."""
         guild_id = _guild(who)
         current = self.rules.channels(guild_id)
@@ -127,6 +146,10 @@ class CommunityAdmin:
         return updated
 
     async def set_channel(self, who: Requester, channel_id: int, field: str, value: str) -> ChannelRule:
+        async with self._changing:
+            return await self._set_channel(who, channel_id, field, value)
+
+    async def _set_channel(self, who: Requester, channel_id: int, field: str, value: str) -> ChannelRule:
         """A channel's default preset or allowed presets; `value` "-" (or empty) unsets it."""
         guild_id = _guild(who)
         if field not in CHANNEL_FIELDS:
@@ -162,6 +185,10 @@ class CommunityAdmin:
     # servers (the operator's admins only: it is about sharing the GPU between servers)
 
     async def set_server_weight(self, who: Requester, guild_id: int, weight: float) -> None:
+        async with self._changing:
+            return await self._set_server_weight(who, guild_id, weight)
+
+    async def _set_server_weight(self, who: Requester, guild_id: int, weight: float) -> None:
         if not 0 < weight <= 100:
             raise UserError("A server's weight is above 0 and at most 100.")
         await self.store.put_setting(
@@ -182,6 +209,18 @@ class CommunityAdmin:
             here,
             self.rules.server_weight(who.guild_id),
         )
+
+    def _within_global(self, who: Requester, field: str, value: object) -> None:
+        """A server's own admins may narrow the global limits, not widen them: every server shares one
+        queue (`max_queue`), so one server's generous rules would crowd the others out of it."""
+        limits = self.studio.limits
+        most = {"jobs_per_window": limits.jobs_per_window, "max_queued": limits.max_queued_per_user}
+        if not who.is_admin and field in most and isinstance(value, int | float) and value > most[field]:
+            raise UserError(
+                "A server's admins can set {field} up to the global value ({most}); more needs the operator.",
+                field=field,
+                most=most[field],
+            )
 
     def _check_names(self, field: str, rule: RoleRule) -> None:
         names = getattr(rule, field)

@@ -18,9 +18,10 @@ from bot.store.files import ImageFiles, stored_image
 from bot.store.jobs import StoredImage
 from bot.store.models import Job
 from engine.api import Recipe
+from engine.messages import N_
 from engine.png import png_bytes
 
-INTERNAL_ERROR = "Something went wrong on our side while drawing this; it has been logged. Try again."
+INTERNAL_ERROR = N_("Something went wrong on our side while drawing this; it has been logged. Try again.")
 
 
 class CannotRun(Exception):

@@ -54,16 +54,18 @@ from bot.store.files import ImageFiles
 from bot.store.models import Job
 from engine.api import Recipe
 from engine.errors import EngineError, RequestError
+from engine.messages import N_
 from engine.spec import PreviewEvery
 from fluxbot.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
-WORKERS_DIED = "The worker drawing this stopped {tries} times, so fluxbot gave up on it. Try again."
-TIMED_OUT = (
+# Failure reasons stored with a job (English, like the database) and translated where shown (render.py).
+WORKERS_DIED = N_("The worker drawing this stopped {tries} times, so fluxbot gave up on it. Try again.")
+TIMED_OUT = N_(
     "This took longer than a worker may spend on one job, so it was stopped. "
     "Try fewer steps or a smaller size."
 )
-SHARED_IMAGE_MISSING = (
+SHARED_IMAGE_MISSING = N_(
     "The worker saved the image where the bot cannot read it: workers.images = 'shared' needs one "
     "data_dir shared by the bot and every worker."
 )
@@ -71,7 +73,8 @@ WRONG_FAMILY = (
     "worker %s serves %s models but this bot admits %s jobs: it gets none "
     "(set workers.family, or point the worker at a %s model)"
 )
-IMAGE_EXPIRED = "The worker's pictures expired in Redis before the bot collected them. Try again."
+IMAGE_EXPIRED = N_("The worker's pictures expired in Redis before the bot collected them. Try again.")
+FAILURES = (WORKERS_DIED, TIMED_OUT, SHARED_IMAGE_MISSING, IMAGE_EXPIRED)
 POLL_S = 0.2
 ABORT_WAIT_S = 5.0  # how long an abort waits for the worker to confirm (the outcome comes anyway)
 
