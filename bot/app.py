@@ -138,6 +138,7 @@ async def build_app(
         edits=settings.engine.kontext is not None,
     )
     dispatcher.server_weight = studio.server_weight  # servers share the GPU by the rules admins set
+    studio.flagged_default = settings.safety.flagged_action
     policy = AdminPolicy(
         frozenset(settings.admin_user_ids),
         frozenset(settings.admin_role_ids),

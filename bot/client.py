@@ -166,6 +166,7 @@ async def build_bot(settings: Settings, engine: Any = None) -> FluxBot:
         if server is not None:
             await server.cleanup()
         raise
+    delivery.flagged_for = app.studio.flagged_action  # a server may withhold what the host spoilers
     starting.bot = FluxBot(settings, app, delivery, server, languages)
     return starting.bot
 

@@ -8,6 +8,7 @@ import io
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,8 @@ class DiscordDelivery:
         self.previews_everywhere = previews_everywhere
         self.data_dir = data_dir
         self.flagged_action = flagged_action  # safety.flagged_action: "withhold" or "spoiler"
+        # A server's own choice (community rules); the App points it at the Studio once both exist.
+        self.flagged_for: Callable[[int | None], str] = lambda guild_id: self.flagged_action
         self.min_interval_s = min_interval_s
         self._last_edit: dict[int, float] = {}
         # Recently finished jobs, to drop progress events that arrive after the result (bounded).
@@ -153,7 +156,7 @@ class DiscordDelivery:
         view = result_view(tr, job.id, self.edits) if job.status == JobStatus.DONE else None
         uploads = await asyncio.to_thread(self._uploads, job)
         as_jpeg = any(isinstance(content, bytes) for _, content in uploads)
-        text = render.final(tr, job, self.flagged_action if job.withheld else None, as_jpeg)
+        text = render.final(tr, job, self.flagged_for(job.guild_id) if job.withheld else None, as_jpeg)
         message_id = await self._edit_or_post(job, text, view, uploads)
         if message_id is not None and job.status == JobStatus.DONE and job.channel_id:
             await self._client.http.add_reaction(job.channel_id, message_id, REROLL_EMOJI)
@@ -197,7 +200,7 @@ class DiscordDelivery:
     def _uploads(self, job: Job) -> list[tuple[str, Path | bytes]]:
         """What the result carries: (file name, PNG path), or JPEG bytes when the PNGs would pass the
         upload limit where the job was asked. Blocking (file sizes, JPEG encoding)."""
-        if job.status != JobStatus.DONE or (job.withheld and self.flagged_action == "withhold"):
+        if job.status != JobStatus.DONE or (job.withheld and self.flagged_for(job.guild_id) == "withhold"):
             return []
         pngs = [(f"fluxbot-{job.id}-{image.seed}", self.data_dir / image.path) for image in job.images]
         limit = job.upload_limit or DEFAULT_UPLOAD_LIMIT

@@ -301,3 +301,43 @@ async def test_a_role_of_another_server_and_changes_at_the_same_time(app: App) -
     assert sorted(app.studio.community.channels(SERVER).drawing) == list(range(1, 11)), "no change lost"
     assert len(app.admin.blocked_terms(OPERATOR, server=True)) == 10
     assert app.studio.community.roles_of(SERVER)[BOOSTER].weight == 2.0
+
+
+async def test_a_servers_own_preset_bounds_and_flagged_image_choice(
+    tmp_path: Path, make_settings: Callable[..., EngineSettings], data_dir: Path
+) -> None:
+    settings = app_settings(tmp_path, make_settings, limits=LIMITS)
+    server_admin = Requester(user_id=9, guild_id=SERVER, channel_id=IMAGES)
+    first = await make_app(settings, RecordingEvents(), data_dir)
+    try:
+        await first.admin.set_preset(server_admin, "dev", "steps_range", "[1, 10]", server=True)
+        with pytest.raises(UserError, match="steps_range goes past the global preset"):
+            await first.admin.set_preset(server_admin, "dev", "steps_range", "[1, 80]", server=True)
+        await first.admin.set_preset(OPERATOR, "cfg", "nsfw", "true")
+        with pytest.raises(UserError, match="nsfw goes past"):
+            await first.admin.set_preset(server_admin, "cfg", "nsfw", "false", server=True)
+        await first.admin.community.set_flagged(server_admin, "withhold")
+        with pytest.raises(UserError, match="stricter, not looser"):
+            await first.admin.community.set_flagged(server_admin, "spoiler")
+        await first.admin.community.set_flagged(
+            Requester(user_id=1, guild_id=OTHER_SERVER, channel_id=999, is_admin=True), "spoiler"
+        )
+    finally:
+        await first.close()
+    app = await make_app(settings, RecordingEvents(), data_dir)  # after a restart
+    try:
+        await app.admin.pause(OPERATOR, True)
+        too_many = GenerationRequest(prompt="a fox", preset="dev", steps=20)
+        with pytest.raises(UserError, match="between 1 and 10"):
+            await app.studio.imagine(member(95), too_many)
+        assert await app.studio.imagine(member(96, guild=OTHER_SERVER, channel=999), too_many)
+        assert app.studio.rules.catalog.presets["dev"].steps_range == (1, 50), (
+            "the global preset is unchanged"
+        )
+        assert (app.studio.flagged_action(SERVER), app.studio.flagged_action(OTHER_SERVER)) == (
+            "withhold",
+            "spoiler",
+        )
+        assert app.studio.flagged_action(None) == "withhold"
+    finally:
+        await app.close()

@@ -53,10 +53,16 @@ class AdminCommands(app_commands.Group):
         add_rule_commands(self)  # /admin role, channel, rules, server-weight (bot/commands/rules.py)
 
     @app_commands.command(name="presets", description="Show presets with their defaults and bounds")
-    async def presets(self, interaction: discord.Interaction[FluxBot]) -> None:
+    @app_commands.describe(scope="Global, or this server's own")
+    @app_commands.choices(scope=SCOPES)
+    async def presets(self, interaction: discord.Interaction[FluxBot], scope: str = "global") -> None:
+        server = scope == "server"
+
         async def show(service: AdminService, who: Requester, tr: Language) -> str:
             lines = []
-            for name, p in service.presets().items():
+            own = service.studio.community.presets_of(who.guild_id) if server else {}
+            shown = service.studio.resolver_for(who.guild_id).presets if server else service.presets()
+            for name, p in shown.items():
                 guidance = (
                     tr.tr("guidance {value} in {range}", value=p.guidance, range=list(p.guidance_range))
                     if p.guidance_range
@@ -64,26 +70,36 @@ class AdminCommands(app_commands.Group):
                 )
                 cache = ", " + tr.tr("cache {cache}", cache=str(p.cache)) if p.cache.on else ""
                 steps = tr.tr("steps {value} in {range}", value=p.steps, range=list(p.steps_range))
+                where = " (" + tr.tr("this server") + ")" if name in own else ""
                 lines.append(
-                    f"**{name}** ({p.family}): {steps}, {guidance}, "
+                    f"**{name}**{where} ({p.family}): {steps}, {guidance}, "
                     f"{p.width}x{p.height}, {list(p.megapixels_range)} MP{cache}"
                 )
             return "\n".join(lines)
 
-        await _run(interaction, show)
+        await _run(interaction, show, server_scope=server)
 
     @app_commands.command(name="preset-set", description="Change one default or bound of a preset")
     @app_commands.describe(
         name="Preset",
         field="e.g. steps, steps_range, guidance, width, cache",
         value="e.g. 24, [10, 40] or fbcache:0.08",
+        scope="Global, or this server's own",
     )
     @app_commands.autocomplete(name=preset_autocomplete)
+    @app_commands.choices(scope=SCOPES)
     async def preset_set(
-        self, interaction: discord.Interaction[FluxBot], name: str, field: str, value: str
+        self,
+        interaction: discord.Interaction[FluxBot],
+        name: str,
+        field: str,
+        value: str,
+        scope: str = "global",
     ) -> None:
+        server = scope == "server"
+
         async def change(service: AdminService, who: Requester, tr: Language) -> str:
-            preset = await service.set_preset(who, name, field, value)
+            preset = await service.set_preset(who, name, field, value, server)
             return tr.tr(
                 "Preset **{preset}**: {field} = {value!r}",
                 preset=name,
@@ -91,7 +107,7 @@ class AdminCommands(app_commands.Group):
                 value=getattr(preset, field),
             )
 
-        await _run(interaction, change)
+        await _run(interaction, change, server_scope=server)
 
     @app_commands.command(name="loras", description="List the LoRA whitelist")
     async def loras(self, interaction: discord.Interaction[FluxBot]) -> None:

@@ -90,6 +90,7 @@ async def imagine(
     try:
         request = studio.validate(
             image_coming=image is not None,
+            guild_id=interaction.guild_id,
             prompt=prompt,
             preset=preset,
             size=size,
@@ -110,7 +111,7 @@ async def imagine(
         if image is not None:
             # Downloaded and checked inside submit(): slow uploads still get their answer in 3 s.
             stored = await studio.image_prompt(await image.read())
-            size_now = request.size or studio.size_for_input(request, stored)
+            size_now = request.size or studio.size_for_input(request, stored, interaction.guild_id)
             pinned = request.model_copy(update={"init_image": stored.sha256, "size": size_now})
         return await studio.imagine(who, pinned, on_stored=on_stored)
 

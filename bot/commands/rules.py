@@ -141,6 +141,7 @@ def add_rule_commands(admin: app_commands.Group) -> None:
     admin.add_command(ChannelCommands())
     admin.add_command(rules)
     admin.add_command(server_weight)
+    admin.add_command(flagged_images)
 
 
 @app_commands.command(name="rules", description="What a member may use in a channel, and why")
@@ -187,3 +188,21 @@ async def server_weight(
         return tr.tr("Server {server}: weight {weight:g}.", server=guild_id, weight=float(weight))
 
     await run_for_server(interaction, change, operator_only=True)
+
+
+@app_commands.command(
+    name="flagged-images", description="What this server does with images the safety filter flags"
+)
+@app_commands.describe(action="Withhold them, or show them as spoilers")
+@app_commands.choices(
+    action=[
+        app_commands.Choice(name="withhold", value="withhold"),
+        app_commands.Choice(name="spoiler", value="spoiler"),
+    ]
+)
+async def flagged_images(interaction: discord.Interaction[FluxBot], action: str) -> None:
+    async def change(service: AdminService, who: Requester, tr: Language) -> str:
+        await service.community.set_flagged(who, action)
+        return tr.tr("Flagged images on this server: {action}.", action=action)
+
+    await run_for_server(interaction, change)

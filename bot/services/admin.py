@@ -12,7 +12,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from bot.services.community_admin import SERVER_BLOCKLIST_KEY, SERVER_LIMITS_KEY, CommunityAdmin
+from bot.services.community_admin import (
+    SERVER_BLOCKLIST_KEY,
+    SERVER_LIMITS_KEY,
+    SERVER_PRESET_KEY,
+    CommunityAdmin,
+)
 from bot.services.content_policy import BlockedTerms, normalize_term
 from bot.services.dispatcher import QueueEntry
 from bot.services.errors import NotAllowed, NotFound, UserError
@@ -127,18 +132,43 @@ class AdminService:
     def presets(self) -> dict[str, Preset]:
         return dict(self.studio.rules.catalog.presets)
 
-    async def set_preset(self, who: Requester, name: str, field: str, value: str) -> Preset:
-        current = self.studio.rules.catalog.presets.get(name)
-        if current is None:
+    async def set_preset(
+        self, who: Requester, name: str, field: str, value: str, server: bool = False
+    ) -> Preset:
+        """One default or bound of a preset, globally or (`server`) in the asker's server only."""
+        async with self._changing:
+            return await self._set_preset(who, name, field, value, server)
+
+    async def _set_preset(self, who: Requester, name: str, field: str, value: str, server: bool) -> Preset:
+        base = self.studio.rules.catalog.presets.get(name)
+        if base is None:
             raise NotFound("There is no preset {preset!r}.", preset=name)
         if field not in Preset.model_fields or field in ("name", "family", "loras"):
             raise UserError("{field!r} is not a preset field admins can change", field=field)
+        current = self.studio.community.presets_of(_server(who)).get(name, base) if server else base
         data = current.model_dump()
         data[field] = _parse_value(value)
         try:
             updated = Preset.model_validate(data)
         except ValidationError as exc:
             raise UserError(first_problem(exc, name)) from exc
+        if server:
+            if not who.is_admin and (wider := _wider(base, updated)) is not None:
+                raise UserError(
+                    "A server's admins can narrow a preset, not widen it: "
+                    "{field} goes past the global preset.",
+                    field=wider,
+                )
+            guild_id = _server(who)
+            await self.store.put_setting(
+                f"{SERVER_PRESET_KEY}{guild_id}:{name}",
+                updated.model_dump(mode="json"),
+                who.user_id,
+                guild_id,
+                "preset.set",
+            )
+            self.studio.set_community(self.studio.community.with_preset(guild_id, updated))
+            return updated
         await self.store.put_setting(
             PRESET_KEY + name, updated.model_dump(mode="json"), who.user_id, who.guild_id, "preset.set"
         )
@@ -368,3 +398,23 @@ def _server(who: Requester) -> int:
     if who.guild_id is None:
         raise UserError("Rules belong to a server: use this command in one.")
     return who.guild_id
+
+
+def _wider(base: Preset, updated: Preset) -> str | None:
+    """The first field in which `updated` allows more than `base` (a server's own admins may narrow a
+    preset: fewer steps, a smaller size, a cheaper sampler setting; never the opposite), or None."""
+    for name in ("steps_range", "megapixels_range", "strength_range", "guidance_range"):
+        wide, narrow = getattr(base, name), getattr(updated, name)
+        if wide is None and narrow is None:
+            continue
+        if wide is None or narrow is None or narrow[0] < wide[0] or narrow[1] > wide[1]:
+            return name
+    if (base.aspects and not set(updated.aspects or ()) <= set(base.aspects)) or (
+        base.aspects and not updated.aspects
+    ):
+        return "aspects"
+    if base.nsfw and not updated.nsfw:
+        return "nsfw"  # the age-restriction rule is the operator's to lift
+    if updated.true_cfg > base.true_cfg:
+        return "true_cfg"  # true CFG runs the transformer twice per step
+    return None

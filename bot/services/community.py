@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bot.services.content_policy import BlockedTerms
 from bot.store.models import JobKind
+from engine.presets import Preset
 
 # What a role rule can allow, as admins name it (several job kinds share one name).
 Kind = Literal["imagine", "reroll", "rerun", "vary", "upscale", "edit"]
@@ -146,6 +147,8 @@ class CommunityRules:
     # A server's own values over the global ones: limits (by field) and blocked terms (added).
     limits: Mapping[int, Mapping[str, float]] = field(default_factory=dict)
     blocked: Mapping[int, BlockedTerms] = field(default_factory=dict)
+    presets: Mapping[int, Mapping[str, Preset]] = field(default_factory=dict)  # a server's own presets
+    flagged: Mapping[int, str] = field(default_factory=dict)  # a server's safety.flagged_action
 
     def with_role(self, guild_id: int, role_id: int, rule: RoleRule) -> CommunityRules:
         roles = {k: v for k, v in self.roles.items() if k != role_id}
@@ -165,6 +168,17 @@ class CommunityRules:
 
     def with_blocked(self, guild_id: int, blocked: BlockedTerms) -> CommunityRules:
         return replace(self, blocked={**self.blocked, guild_id: blocked})
+
+    def with_preset(self, guild_id: int, preset: Preset) -> CommunityRules:
+        own = {**self.presets.get(guild_id, {}), preset.name: preset}
+        return replace(self, presets={**self.presets, guild_id: own})
+
+    def with_flagged(self, guild_id: int, action: str) -> CommunityRules:
+        return replace(self, flagged={**self.flagged, guild_id: action})
+
+    def presets_of(self, guild_id: int | None) -> Mapping[str, Preset]:
+        """A server's own versions of presets (bounds and defaults), by name."""
+        return self.presets.get(guild_id, {}) if guild_id is not None else {}
 
     def limits_of(self, guild_id: int | None) -> Mapping[str, float]:
         """A server's own limits (only the fields it sets)."""

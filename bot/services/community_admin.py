@@ -28,12 +28,15 @@ from bot.services.errors import NotFound, UserError
 from bot.services.studio import Requester, Studio
 from bot.store.admin import AdminStore
 from engine.errors import first_problem
+from engine.presets import Preset
 
 ROLE_KEY = "role:"  # role:<guild id>:<role id> -> {"rule": RoleRule}
 CHANNELS_KEY = "channels:"  # channels:<guild id> -> ChannelRules
 SERVER_KEY = "server:"  # server:<guild id> -> {"weight": float}
 SERVER_LIMITS_KEY = "limits@"  # limits@<guild id>: that server's own limits, over the global ones
 SERVER_BLOCKLIST_KEY = "blocklist@"  # blocklist@<guild id>: terms blocked in that server only
+SERVER_PRESET_KEY = "preset@"  # preset@<guild id>:<name>: that server's own version of a preset
+SERVER_SAFETY_KEY = "safety@"  # safety@<guild id>: {"flagged_action": "withhold" | "spoiler"}
 CHANNEL_FIELDS = ("default_preset", "presets")
 
 
@@ -74,6 +77,11 @@ class CommunityAdmin:
             rules = rules.with_server_weight(int(key.removeprefix(SERVER_KEY)), float(value["weight"]))
         for key, value in (await self.store.settings_with_prefix(SERVER_LIMITS_KEY)).items():
             rules = rules.with_limits(int(key.removeprefix(SERVER_LIMITS_KEY)), value)
+        for key, value in (await self.store.settings_with_prefix(SERVER_SAFETY_KEY)).items():
+            rules = rules.with_flagged(int(key.removeprefix(SERVER_SAFETY_KEY)), str(value["flagged_action"]))
+        for key, value in (await self.store.settings_with_prefix(SERVER_PRESET_KEY)).items():
+            guild_id = int(key.removeprefix(SERVER_PRESET_KEY).split(":")[0])
+            rules = rules.with_preset(guild_id, Preset.model_validate(value))
         for key, value in (await self.store.settings_with_prefix(SERVER_BLOCKLIST_KEY)).items():
             rules = rules.with_blocked(
                 int(key.removeprefix(SERVER_BLOCKLIST_KEY)), BlockedTerms(tuple(value["terms"]))
@@ -181,6 +189,23 @@ class CommunityAdmin:
             f"{CHANNELS_KEY}{guild_id}", rules.model_dump(mode="json"), who.user_id, guild_id, action
         )
         self.studio.set_community(self.rules.with_channels(guild_id, rules))
+
+    # the content policy
+
+    async def set_flagged(self, who: Requester, action: str) -> None:
+        """What this server does with images the safety classifier flags: "withhold" them, or show
+        them as a "spoiler" (looser than the host's choice: the operator's admins only)."""
+        async with self._changing:
+            guild_id = _guild(who)
+            if action not in ("withhold", "spoiler"):
+                raise UserError("Flagged images are withheld or shown as spoilers.")
+            if action == "spoiler" and self.studio.flagged_default == "withhold" and not who.is_admin:
+                raise UserError("A server's admins can make the safety filter stricter, not looser.")
+            value = {"flagged_action": action}
+            await self.store.put_setting(
+                f"{SERVER_SAFETY_KEY}{guild_id}", value, who.user_id, guild_id, "safety.set"
+            )
+            self.studio.set_community(self.rules.with_flagged(guild_id, action))
 
     # servers (the operator's admins only: it is about sharing the GPU between servers)
 

@@ -113,12 +113,26 @@ class Studio:
         self.queue = queue
         self.limits = limits
         self.community = CommunityRules()  # roles, channels, server weights (AdminService loads them)
+        self.flagged_default = "withhold"  # safety.flagged_action: what happens to a flagged image
         self.accepting = True  # False while shutting down
 
     @property
     def resolver(self) -> RequestResolver:
         """The presets and whitelist in force now (admins replace them, see bot/services/rules.py)."""
         return self.rules.resolver
+
+    def resolver_for(self, guild_id: int | None) -> RequestResolver:
+        """The resolver of one server: the global catalog with that server's own presets over it (a
+        preset the operator removed is gone everywhere)."""
+        own = self.community.presets_of(guild_id)
+        resolver = self.rules.resolver
+        if not own:
+            return resolver
+        catalog = resolver.catalog
+        for preset in own.values():
+            if preset.name in catalog.presets:
+                catalog = catalog.with_preset(preset)
+        return resolver.with_catalog(catalog)
 
     def set_limits(self, limits: LimitSettings) -> None:
         self.limits = limits
@@ -147,6 +161,14 @@ class Studio:
         own = rules.rule(who.channel_id)
         return own if own != ChannelRule() else rules.rule(who.parent_channel_id)
 
+    def flagged_action(self, guild_id: int | None) -> str:
+        """What a server does with an image the safety classifier flagged: its own choice, or the host's."""
+        return (
+            self.community.flagged.get(guild_id, self.flagged_default)
+            if guild_id is not None
+            else self.flagged_default
+        )
+
     def server_weight(self, guild_id: int | None) -> float:
         """A server's fair share of the GPU against the others (the dispatcher orders by it)."""
         return self.community.server_weight(guild_id)
@@ -155,12 +177,14 @@ class Studio:
         """The channel's default preset, for a request that names none."""
         return self.channel_rule(who).default_preset
 
-    def validate(self, image_coming: bool = False, **fields: object) -> GenerationRequest:
+    def validate(
+        self, image_coming: bool = False, guild_id: int | None = None, **fields: object
+    ) -> GenerationRequest:
         """Build a request from command options and check it before anything slow happens; a bad
         option becomes a UserError naming it. `image_coming`: an attachment will be the input image."""
         try:
             request = GenerationRequest.model_validate({k: v for k, v in fields.items() if v is not None})
-            self.resolver.check(request, image_coming)
+            self.resolver_for(guild_id).check(request, image_coming)
         except ValidationError as exc:
             self.metrics.rejections.labels("validation").inc()
             raise UserError(first_problem(exc)) from exc
@@ -177,7 +201,7 @@ class Studio:
         if request.preset is None and (default := self.default_preset(who)) is not None:
             request = request.model_copy(update={"preset": default})
         try:
-            resolution = self.resolver.resolve(request)
+            resolution = self.resolver_for(who.guild_id).resolve(request)
         except RequestError as exc:
             self.metrics.rejections.labels("validation").inc()
             raise UserError.of(exc) from exc
@@ -204,7 +228,7 @@ class Studio:
                 "Your prompt contains a term that is blocked here ({term!r}). Rephrase it.", term=term
             )
         member = self._allowed(who, spec, kind)
-        nsfw = self.resolver.nsfw(spec)
+        nsfw = self.resolver_for(who.guild_id).nsfw(spec)
         if nsfw and not who.age_restricted:
             self.metrics.rejections.labels("policy").inc()
             raise NotAllowed(
@@ -399,13 +423,14 @@ class Studio:
             image = await self._drawn(parent, who, picture)
         if image is None:
             raise UserError("Give the image to edit: attach one, or name a job_id.")
-        preset = EDIT_PRESET if EDIT_PRESET in self.resolver.catalog.presets else None
+        resolver = self.resolver_for(who.guild_id)
+        preset = EDIT_PRESET if EDIT_PRESET in resolver.catalog.presets else None
         try:
             request = GenerationRequest(
                 prompt=instruction, preset=preset, mode="edit", init_image=image.sha256
             )
-            request = request.model_copy(update={"size": self.size_for_input(request, image)})
-            resolution = self.resolver.resolve(request)
+            request = request.model_copy(update={"size": self.size_for_input(request, image, who.guild_id)})
+            resolution = resolver.resolve(request)
         except ValidationError as exc:
             raise UserError(first_problem(exc)) from exc
         except RequestError as exc:
@@ -417,7 +442,7 @@ class Studio:
         """A job `who` may see, whose spec may still be drawn (its preset and LoRAs not withdrawn)."""
         job = await self._job(job_id, who)
         try:
-            return job, self.resolver.check_stored(job.spec)
+            return job, self.resolver_for(who.guild_id).check_stored(job.spec)
         except RequestError as exc:
             raise UserError(
                 "Job {job} can't be drawn again: {problem}.", job=job_id, problem=exc.message
@@ -429,9 +454,11 @@ class Studio:
         """An uploaded image checked, normalized and stored; a refusal is one UserError line."""
         return await self.pictures.upload(data)
 
-    def size_for_input(self, request: GenerationRequest, image: InputImage) -> str:
+    def size_for_input(
+        self, request: GenerationRequest, image: InputImage, guild_id: int | None = None
+    ) -> str:
         try:
-            return size_for(self.resolver.preset(request.preset), image)
+            return size_for(self.resolver_for(guild_id).preset(request.preset), image)
         except RequestError as exc:
             raise UserError.of(exc) from exc
 
