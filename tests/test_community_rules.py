@@ -16,11 +16,12 @@ from bot.services.errors import LimitReached, NotAllowed, UserError
 from bot.services.fair_queue import FairQueue
 from bot.services.studio import Requester, Ticket
 from bot.store.models import JobKind
-from engine.api import GenerationRequest
+from engine.api import GenerationRequest, LoraChoice
 from engine.settings import EngineSettings
 from fluxbot.settings import LimitSettings
 from tests.bot_support import RecordingEvents, make_app, until
 from tests.bot_support import make_settings as app_settings
+from tests.lora_support import make_lora, sha, whitelist_toml
 
 pytestmark = pytest.mark.usefixtures("database_backend")
 
@@ -339,5 +340,37 @@ async def test_a_servers_own_preset_bounds_and_flagged_image_choice(
             "spoiler",
         )
         assert app.studio.flagged_action(None) == "withhold"
+    finally:
+        await app.close()
+
+
+async def test_loras_exactly_as_the_role_rules_say(
+    tmp_path: Path, make_settings: Callable[..., EngineSettings], data_dir: Path, tiny_dir: Path
+) -> None:
+    lora_dir = tmp_path / "Lora"
+    files = {name: make_lora(tiny_dir, lora_dir, name, seed) for name, seed in (("inky", 1), ("glow", 2))}
+    whitelist = tmp_path / "loras.toml"
+    whitelist.write_text(
+        whitelist_toml(
+            {name: {"file": f"{name}.safetensors", "sha256": sha(path)} for name, path in files.items()}
+        )
+    )
+    engine = make_settings(loras_file=whitelist, lora_dir=lora_dir)
+    app = await make_app(
+        app_settings(tmp_path, lambda **kw: engine, limits=LIMITS), RecordingEvents(), data_dir
+    )
+    try:
+        await app.admin.pause(OPERATOR, True)
+        await app.admin.community.set_role(OPERATOR, SERVER, "loras", "inky")
+        await app.admin.community.set_role(OPERATOR, BOOSTER, "loras", "glow")
+
+        def asking(lora: str) -> GenerationRequest:
+            return GenerationRequest(prompt="a fox", loras=[LoraChoice(name=lora)])
+
+        with pytest.raises(NotAllowed, match="LoRA 'glow'"):
+            await app.studio.imagine(member(100), asking("glow"))
+        assert await app.studio.imagine(member(101), asking("inky"))
+        assert await app.studio.imagine(member(102, BOOSTER), asking("glow"))
+        assert await app.studio.imagine(member(103, guild=OTHER_SERVER, channel=999), asking("glow"))
     finally:
         await app.close()
