@@ -35,7 +35,7 @@ ENGLISH = "en"
 # Where command *names* are looked up (msgctxt): a name is one lowercase word, the same English word in
 # a sentence is not (the "edit" command, the "Edit" button).
 NAME_CONTEXT = "name"
-_NAME_LOCATIONS = {
+NAME_LOCATIONS = {
     app_commands.TranslationContextLocation.command_name,
     app_commands.TranslationContextLocation.group_name,
     app_commands.TranslationContextLocation.parameter_name,
@@ -185,7 +185,7 @@ class CommandTranslator(app_commands.Translator):
         language = self.languages.translated(locale)
         if language is None:
             return None
-        if context.location in _NAME_LOCATIONS:
+        if context.location in NAME_LOCATIONS:
             return language.name(string.message)
         translated = language.translations.gettext(string.message)
         return translated if translated != string.message else None

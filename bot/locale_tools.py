@@ -19,17 +19,12 @@ from babel.messages.extract import extract_from_dir
 from babel.messages.pofile import read_po, write_po
 from discord import app_commands
 
-from bot.i18n import DOMAIN, EXTRACT_KEYWORDS, NAME_CONTEXT
+from bot.i18n import DOMAIN, EXTRACT_KEYWORDS, NAME_CONTEXT, NAME_LOCATIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCALE_DIR = Path(__file__).resolve().parent / "locale"
 TEMPLATE = LOCALE_DIR / f"{DOMAIN}.pot"
 SOURCES = ("bot", "engine")
-_NAME_LOCATIONS = {
-    app_commands.TranslationContextLocation.command_name,
-    app_commands.TranslationContextLocation.group_name,
-    app_commands.TranslationContextLocation.parameter_name,
-}
 
 
 class _Recorder(app_commands.Translator):
@@ -44,7 +39,7 @@ class _Recorder(app_commands.Translator):
         locale: discord.Locale,
         context: app_commands.TranslationContextTypes,
     ) -> str | None:
-        key = (NAME_CONTEXT if context.location in _NAME_LOCATIONS else None, string.message)
+        key = (NAME_CONTEXT if context.location in NAME_LOCATIONS else None, string.message)
         self.seen.setdefault(key, context.location.name)
         return None
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from engine.settings import EngineSettings
 from engine.tiny import ensure_tiny_model
 from fluxbot.logs import quiet as quiet_loggers
 from tests import services
-from tests.discord_support import Harness, make_bot_settings
+from tests.discord_support import Harness, make_bot_settings, running_bot
 from tests.fake_discord import FakeDiscord
 
 REPO = Path(__file__).resolve().parent.parent
@@ -144,9 +143,5 @@ async def harness(
     fake: FakeDiscord, tmp_path: Path, make_settings: Callable[..., EngineSettings], data_dir: Path
 ) -> AsyncIterator[Harness]:
     """The real bot on the tiny engine against a fresh fake Discord, started."""
-    settings = make_bot_settings(tmp_path, make_settings, fake)
-    engine = await asyncio.to_thread(FluxEngine.load, settings.engine, data_dir)
-    h = Harness(fake, settings, engine)
-    await h.start()
-    yield h
-    await h.stop()
+    async with running_bot(fake, make_bot_settings(tmp_path, make_settings, fake), data_dir) as started:
+        yield started

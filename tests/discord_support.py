@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,18 @@ class Harness:
     def app(self) -> App:
         assert self.bot is not None
         return self.bot.app
+
+
+@contextlib.asynccontextmanager
+async def running_bot(fake: FakeDiscord, settings: Settings, data_dir: Path) -> AsyncIterator[Harness]:
+    """The real bot on its own tiny engine against `fake`, started; stopped afterwards."""
+    engine = await asyncio.to_thread(FluxEngine.load, settings.engine, data_dir)
+    harness = Harness(fake, settings, engine)
+    await harness.start()
+    try:
+        yield harness
+    finally:
+        await harness.stop()
 
 
 def make_bot_settings(

@@ -4,7 +4,6 @@ members. Public messages (queued, progress, result, buttons) follow the server's
 
 from __future__ import annotations
 
-import asyncio
 import io
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -12,9 +11,18 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from engine.engine import FluxEngine
 from engine.settings import EngineSettings
-from tests.discord_support import ADMIN, ALICE, BOB, Harness, finished_message, make_bot_settings, opt, png_of
+from tests.discord_support import (
+    ADMIN,
+    ALICE,
+    BOB,
+    Harness,
+    finished_message,
+    make_bot_settings,
+    opt,
+    png_of,
+    running_bot,
+)
 from tests.fake_discord import FakeDiscord
 
 pytestmark = pytest.mark.usefixtures("database_backend")  # on SQLite and on PostgreSQL
@@ -26,12 +34,8 @@ async def spanish_server(
 ) -> AsyncIterator[Harness]:
     """The bot in servers whose language is Spanish (Spain)."""
     fake.guild_locale = "es-ES"
-    settings = make_bot_settings(tmp_path, make_settings, fake)
-    engine = await asyncio.to_thread(FluxEngine.load, settings.engine, data_dir)
-    harness = Harness(fake, settings, engine)
-    await harness.start()
-    yield harness
-    await harness.stop()
+    async with running_bot(fake, make_bot_settings(tmp_path, make_settings, fake), data_dir) as started:
+        yield started
 
 
 def _private_text(fake: FakeDiscord, token: str) -> str:

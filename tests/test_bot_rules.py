@@ -4,16 +4,14 @@ other server; drawing outside the drawing channels is a private one-liner naming
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from engine.engine import FluxEngine
 from engine.settings import EngineSettings
-from tests.discord_support import ALICE, BOB, Harness, finished_message, make_bot_settings, opt
+from tests.discord_support import ALICE, BOB, Harness, finished_message, make_bot_settings, opt, running_bot
 from tests.fake_discord import (
     BOOSTER_ROLE,
     CHANNEL_ID,
@@ -36,11 +34,8 @@ async def harness(
 ) -> AsyncIterator[Harness]:
     """The bot where the first fake server's own admins may set its rules (the second's may not)."""
     settings = make_bot_settings(tmp_path, make_settings, fake, server_admin_guilds=[GUILD_ID])
-    engine = await asyncio.to_thread(FluxEngine.load, settings.engine, data_dir)
-    h = Harness(fake, settings, engine)
-    await h.start()
-    yield h
-    await h.stop()
+    async with running_bot(fake, settings, data_dir) as started:
+        yield started
 
 
 def sub(name: str, *options: dict[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,8 @@ from bot.services.community_admin import (
     SERVER_LIMITS_KEY,
     SERVER_PRESET_KEY,
     CommunityAdmin,
+    server_of,
+    within_global,
 )
 from bot.services.content_policy import BlockedTerms, normalize_term
 from bot.services.dispatcher import QueueEntry
@@ -145,7 +147,7 @@ class AdminService:
             raise NotFound("There is no preset {preset!r}.", preset=name)
         if field not in Preset.model_fields or field in ("name", "family", "loras"):
             raise UserError("{field!r} is not a preset field admins can change", field=field)
-        current = self.studio.community.presets_of(_server(who)).get(name, base) if server else base
+        current = self.studio.community.presets_of(server_of(who)).get(name, base) if server else base
         data = current.model_dump()
         data[field] = _parse_value(value)
         try:
@@ -159,7 +161,7 @@ class AdminService:
                     "{field} goes past the global preset.",
                     field=wider,
                 )
-            guild_id = _server(who)
+            guild_id = server_of(who)
             await self.store.put_setting(
                 f"{SERVER_PRESET_KEY}{guild_id}:{name}",
                 updated.model_dump(mode="json"),
@@ -231,7 +233,7 @@ class AdminService:
         return limits
 
     async def _set_server_limit(self, who: Requester, field: str, value: float) -> LimitSettings:
-        guild_id = _server(who)
+        guild_id = server_of(who)
         if field not in SERVER_LIMITS:
             raise UserError(
                 "{field!r} is not a limit a server sets; one of: {limits}",
@@ -243,27 +245,8 @@ class AdminService:
             limits = LimitSettings.model_validate({**self.studio.limits.model_dump(), **own})
         except ValidationError as exc:
             raise UserError(first_problem(exc)) from exc
-        if not who.is_admin:  # a server's own admins narrow the global limits, they do not widen them
-            base = self.studio.limits
-            wider = (
-                limits.jobs_per_window > base.jobs_per_window
-                or limits.max_queued_per_user > base.max_queued_per_user
-                or limits.window_s < base.window_s
-            )
-            if wider and field == "window_s":
-                raise UserError(
-                    "A server's admins can set window_s down to the global value ({most}); "
-                    "less needs the operator.",
-                    most=base.window_s,
-                )
-            if wider:
-                raise UserError(
-                    "A server's admins can set {field} up to the global value ({most}); "
-                    "more needs the operator.",
-                    field=field,
-                    most=getattr(base, field),
-                )
         stored = {k: getattr(limits, k) for k in own}
+        within_global(who, self.studio.limits, stored)
         await self.store.put_setting(
             f"{SERVER_LIMITS_KEY}{guild_id}", stored, who.user_id, guild_id, "limits.set"
         )
@@ -279,7 +262,7 @@ class AdminService:
         if not server:
             return self.studio.blocked
         assert who is not None
-        return self.studio.community.blocked_in(_server(who))
+        return self.studio.community.blocked_in(server_of(who))
 
     async def block_term(self, who: Requester, term: str, server: bool = False) -> str:
         async with self._changing:
@@ -316,11 +299,11 @@ class AdminService:
     ) -> None:
         # The whole list is the stored value (the audit entry keeps before and after); the change applies
         # only once it is committed.
-        key = f"{SERVER_BLOCKLIST_KEY}{_server(who)}" if server else BLOCKLIST_KEY
+        key = f"{SERVER_BLOCKLIST_KEY}{server_of(who)}" if server else BLOCKLIST_KEY
         value = {"terms": list(blocked.terms), "changed": term}
         await self.store.put_setting(key, value, who.user_id, who.guild_id, action)
         if server:
-            self.studio.set_community(self.studio.community.with_blocked(_server(who), blocked))
+            self.studio.set_community(self.studio.community.with_blocked(server_of(who), blocked))
         else:
             self.studio.set_blocked(blocked)
 
@@ -392,12 +375,6 @@ def _parse_value(text: str) -> Any:
         return json.loads(text)
     except ValueError:
         return text
-
-
-def _server(who: Requester) -> int:
-    if who.guild_id is None:
-        raise UserError("Rules belong to a server: use this command in one.")
-    return who.guild_id
 
 
 def _wider(base: Preset, updated: Preset) -> str | None:

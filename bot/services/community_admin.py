@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ from bot.services.studio import Requester, Studio
 from bot.store.admin import AdminStore
 from engine.errors import first_problem
 from engine.presets import Preset
+from fluxbot.settings import LimitSettings
 
 ROLE_KEY = "role:"  # role:<guild id>:<role id> -> {"rule": RoleRule}
 CHANNELS_KEY = "channels:"  # channels:<guild id> -> ChannelRules
@@ -96,7 +98,7 @@ class CommunityAdmin:
 
     async def _set_role(self, who: Requester, role_id: int, field: str, value: str) -> RoleRule:
         """One field of a role's rule in the asker's server; `value` "-" (or empty) unsets it."""
-        guild_id = _guild(who)
+        guild_id = server_of(who)
         if (owner := self.rules.role_guilds.get(role_id)) is not None and owner != guild_id:
             raise NotFound("That role has no rule on this server.")  # a role belongs to one server
         if field not in RULE_FIELDS:
@@ -113,7 +115,7 @@ class CommunityAdmin:
         except ValidationError as exc:
             raise UserError(first_problem(exc)) from exc
         self._check_names(field, rule)
-        self._within_global(who, field, getattr(rule, field))
+        within_global(who, self.studio.limits, {field: getattr(rule, field)})
         key = f"{ROLE_KEY}{guild_id}:{role_id}"
         stored = None if rule.empty else {"rule": rule.model_dump(mode="json")}
         await self.store.put_setting(key, stored, who.user_id, guild_id, "role.set")
@@ -125,7 +127,7 @@ class CommunityAdmin:
             return await self._clear_role(who, role_id)
 
     async def _clear_role(self, who: Requester, role_id: int) -> None:
-        guild_id = _guild(who)
+        guild_id = server_of(who)
         if self.rules.role_guilds.get(role_id) != guild_id:
             raise NotFound("That role has no rule on this server.")
         await self.store.put_setting(
@@ -134,7 +136,7 @@ class CommunityAdmin:
         self.studio.set_community(self.rules.with_role(guild_id, role_id, RoleRule()))
 
     def roles(self, who: Requester) -> dict[int, RoleRule]:
-        return self.rules.roles_of(_guild(who))
+        return self.rules.roles_of(server_of(who))
 
     # channels
 
@@ -144,7 +146,7 @@ class CommunityAdmin:
 
     async def _set_drawing(self, who: Requester, channel_id: int, draws: bool) -> ChannelRules:
         """Add a channel to (or take it off) the server's drawing channels."""
-        guild_id = _guild(who)
+        guild_id = server_of(who)
         current = self.rules.channels(guild_id)
         drawing = [c for c in current.drawing if c != channel_id] + ([channel_id] if draws else [])
         if len(drawing) > 50:
@@ -159,7 +161,7 @@ class CommunityAdmin:
 
     async def _set_channel(self, who: Requester, channel_id: int, field: str, value: str) -> ChannelRule:
         """A channel's default preset or allowed presets; `value` "-" (or empty) unsets it."""
-        guild_id = _guild(who)
+        guild_id = server_of(who)
         if field not in CHANNEL_FIELDS:
             raise UserError(
                 "{field!r} is not a channel rule field; one of: {fields}",
@@ -196,7 +198,7 @@ class CommunityAdmin:
         """What this server does with images the safety classifier flags: "withhold" them, or show
         them as a "spoiler" (looser than the host's choice: the operator's admins only)."""
         async with self._changing:
-            guild_id = _guild(who)
+            guild_id = server_of(who)
             if action not in ("withhold", "spoiler"):
                 raise UserError("Flagged images are withheld or shown as spoilers.")
             if action == "spoiler" and self.studio.flagged_default == "withhold" and not who.is_admin:
@@ -235,18 +237,6 @@ class CommunityAdmin:
             self.rules.server_weight(who.guild_id),
         )
 
-    def _within_global(self, who: Requester, field: str, value: object) -> None:
-        """A server's own admins may narrow the global limits, not widen them: every server shares one
-        queue (`max_queue`), so one server's generous rules would crowd the others out of it."""
-        limits = self.studio.limits
-        most = {"jobs_per_window": limits.jobs_per_window, "max_queued": limits.max_queued_per_user}
-        if not who.is_admin and field in most and isinstance(value, int | float) and value > most[field]:
-            raise UserError(
-                "A server's admins can set {field} up to the global value ({most}); more needs the operator.",
-                field=field,
-                most=most[field],
-            )
-
     def _check_names(self, field: str, rule: RoleRule) -> None:
         names = getattr(rule, field)
         if field == "presets" and names:
@@ -261,7 +251,44 @@ class CommunityAdmin:
                 raise NotFound("LoRA {lora!r} is not on the whitelist.", lora=missing[0])
 
 
-def _guild(who: Requester) -> int:
+# Each value a server's own admins may set, against the global limit it may not go past, and which way
+# is wider (+1: more is more generous; -1: a shorter rate window is).
+_GLOBAL_BOUNDS = {
+    "jobs_per_window": ("jobs_per_window", 1),
+    "max_queued": ("max_queued_per_user", 1),
+    "max_queued_per_user": ("max_queued_per_user", 1),
+    "window_s": ("window_s", -1),
+}
+
+
+def within_global(who: Requester, limits: LimitSettings, values: Mapping[str, object]) -> None:
+    """A server's own admins may narrow the global limits, not widen them: every server shares one
+    queue (`max_queue`), so one server's generous rules would crowd the others out of it. The
+    operator's admins (`who.is_admin`) may set anything."""
+    if who.is_admin:
+        return
+    for field, value in values.items():
+        if field not in _GLOBAL_BOUNDS or not isinstance(value, int | float):
+            continue
+        name, wider = _GLOBAL_BOUNDS[field]
+        most = getattr(limits, name)
+        if wider * (value - most) <= 0:
+            continue
+        if wider < 0:
+            raise UserError(
+                "A server's admins can set window_s down to the global value ({most}); "
+                "less needs the operator.",
+                most=most,
+            )
+        raise UserError(
+            "A server's admins can set {field} up to the global value ({most}); more needs the operator.",
+            field=field,
+            most=most,
+        )
+
+
+def server_of(who: Requester) -> int:
+    """The server a rules command is about: the one it is used in."""
     if who.guild_id is None:
         raise UserError("Rules belong to a server: use this command in one.")
     return who.guild_id
