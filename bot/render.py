@@ -22,6 +22,7 @@ from engine.text import clean_text
 from fluxbot.settings import LimitSettings
 
 BAR_CELLS = 12
+MESSAGE_LIMIT = 2000  # Discord refuses (400) a message whose content is longer
 _URL_SCHEME = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*):(//)")
 
 
@@ -35,6 +36,11 @@ def _escaped(text: str) -> str:
     text = escape_mentions(escape_markdown(text, ignore_links=False))
     text = text.replace("<", "<\u200b")  # <@id>, <#channel>, <t:…>, <https://…>: shown, not parsed
     return _URL_SCHEME.sub("\\1:\u200b\\2", text)  # a zero-width space breaks autolinking
+
+
+def fit(text: str) -> str:
+    """Message content within Discord's limit: a long list or a long stored error is cut, not refused."""
+    return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 1] + "…"
 
 
 def short(prompt: str, limit: int = 80) -> str:
@@ -143,7 +149,7 @@ def final(tr: Language, job: Job, safety_action: str | None = None, as_jpeg: boo
     `as_jpeg`: the PNGs were over the upload limit and JPEG copies went out instead."""
     if job.status == JobStatus.DONE:
         notes = [safety_note(tr, safety_action), jpeg_note(tr, job.id) if as_jpeg else None]
-        return footer(tr, job) + "".join(f"\n{note}" for note in notes if note)
+        return fit(footer(tr, job) + "".join(f"\n{note}" for note in notes if note))
     if job.status == JobStatus.CANCELLED:
         # job.error is the stored, English reason ("cancelled by its owner"): the database stays English.
         reasons = {
@@ -153,7 +159,7 @@ def final(tr: Language, job: Job, safety_action: str | None = None, as_jpeg: boo
         reason = reasons.get(job.error or "", job.error) or tr.tr("cancelled")
         return f"**{short(job.spec.prompt)}**\n🚫 " + tr.tr("job {job} {reason}.", job=job.id, reason=reason)
     failed = tr.tr("job {job} failed: {error}", job=job.id, error=stored_reason(tr, job.error or ""))
-    return f"**{short(job.spec.prompt)}** — <@{job.user_id}>\n❌ {failed}"
+    return fit(f"**{short(job.spec.prompt)}** — <@{job.user_id}>\n❌ {failed}")
 
 
 # Why a job failed, as the executors store it (English, like the whole database): shown translated.

@@ -172,3 +172,16 @@ def test_a_stored_failure_reason_is_shown_in_the_readers_language(languages: Lan
     )
     assert stored_reason(spanish, TIMED_OUT).startswith("Esto tardó más")
     assert stored_reason(spanish, "CUDA out of memory") == "CUDA out of memory", "others stay as stored"
+
+
+def test_a_long_stored_error_or_answer_stays_inside_discords_message_limit(languages: Languages) -> None:
+    from bot import render
+    from bot.store.models import Job, JobKind, JobStatus
+    from tests.bot_support import spec_for
+
+    job = Job(id=7, user_id=1, kind=JobKind.IMAGINE, spec=spec_for("x" * 2000), status=JobStatus.FAILED)
+    job.error = "e" * 2000  # what the store keeps at most
+    for locale in ("en-US", "es-ES"):
+        text = render.final(languages.for_locale(locale), job)
+        assert len(text) == render.MESSAGE_LIMIT and text.endswith("…")
+    assert render.fit("short") == "short"

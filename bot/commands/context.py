@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
+from bot import render
 from bot.i18n import Language
 from bot.mentions import NOBODY
 from bot.services.errors import UserError
@@ -100,6 +101,7 @@ async def reply_error(interaction: discord.Interaction[Any], error: Exception) -
         text = tr.tr("Sorry, something went wrong on our side. It has been logged.")
     if not isinstance(error, UserError):
         log.error("interaction %s failed", interaction.id, exc_info=error)
+    text = render.fit(text)
     try:
         if interaction.response.is_done():
             await interaction.followup.send(text, ephemeral=True, allowed_mentions=NOBODY)

@@ -70,4 +70,6 @@ async def _refuse(
         )
     if client.reaction_notices.allow(payload.user_id):
         text = client.languages.for_locale(locale).message(exc.message)
-        await channel.send(f"<@{payload.user_id}> {text}", allowed_mentions=owner_only(payload.user_id))
+        await channel.send(
+            render.fit(f"<@{payload.user_id}> {text}"), allowed_mentions=owner_only(payload.user_id)
+        )

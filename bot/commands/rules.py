@@ -53,7 +53,7 @@ async def run_for_server(
         text = await action(service, who, tr)
     except UserError as exc:
         text = tr.message(exc.message)
-    await interaction.edit_original_response(content=text[:1990], allowed_mentions=NOBODY)
+    await interaction.edit_original_response(content=render.fit(text), allowed_mentions=NOBODY)
 
 
 _ROLE_FIELDS = [app_commands.Choice(name=name.replace("_", " "), value=name) for name in RULE_FIELDS]
