@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from engine.errors import ModelLoadError
+from engine.file_roles import FileRole, find_by_contents, read_contents
 from engine.settings import EngineSettings
 from engine.tiny import ensure_tiny_model
 
@@ -125,16 +126,33 @@ def _single_file(transformer: Path, settings: EngineSettings, models_dir: Path |
     if models_dir is not None:
         search = _subdirs(models_dir, VAE_DIRS + TEXT_ENCODER_DIRS) + search
     notes: list[str] = []
-    vae = settings.vae or _find(search, ("ae.safetensors", "ae.sft"), ("ae", "vae"))
-    clip_l = settings.clip_l or _find(search, ("clip_l.safetensors",), ("clip_l",))
-    t5xxl = settings.t5xxl or _find(search, (), ("t5xxl", "t5_xxl", "t5-v1_1-xxl"))
-    for role, path in (("vae", vae), ("clip_l", clip_l), ("t5xxl", t5xxl)):
+    # Each part is found by what its file holds; the name only breaks ties (fp16 before fp8 when both
+    # are there) and names a file nothing can be read from, so its load says what is wrong with it.
+    contents = {path: read_contents(path) for path in _candidates(search) if path != transformer}
+    wanted: tuple[tuple[FileRole, tuple[str, ...], tuple[str, ...]], ...] = (
+        ("vae", ("ae.safetensors", "ae.sft"), ("ae", "vae")),
+        ("clip_l", ("clip_l.safetensors",), ("clip_l",)),
+        ("t5xxl", (), ("t5xxl", "t5_xxl", "t5-v1_1-xxl")),
+    )
+    found = {
+        role: getattr(settings, role) or find_by_contents(contents, role, _name_rank(exact, stems))
+        for role, exact, stems in wanted
+    }
+    for role, path in found.items():
         if path is not None and not path.is_file():
             raise ModelLoadError(f"engine.{role} = {path} does not exist")
         if path is not None:
-            notes.append(f"{role}: {path}")
+            held = contents.get(path)
+            notes.append(f"{role}: {path}" + (f" ({held.says})" if held and held.role == role else ""))
     return ModelSource(
-        "single_file", str(transformer), transformer, vae, clip_l, t5xxl, models_dir=models_dir, notes=notes
+        "single_file",
+        str(transformer),
+        transformer,
+        found["vae"],
+        found["clip_l"],
+        found["t5xxl"],
+        models_dir=models_dir,
+        notes=notes,
     )
 
 
@@ -146,10 +164,10 @@ def _names(dirs: list[Path]) -> str:
     return ", ".join(str(d) for d in dirs)
 
 
-def _find(dirs: list[Path], exact: tuple[str, ...], stems: tuple[str, ...]) -> Path | None:
+def _candidates(dirs: list[Path]) -> list[Path]:
     # The transformer's own folder is searched flat (it may be a big download folder); the VAE and
     # text-encoder folders of a models/ tree with their sub-folders (text_encoder/flux/...).
-    files = [
+    return [
         p
         for d in dirs
         for p in (
@@ -159,12 +177,19 @@ def _find(dirs: list[Path], exact: tuple[str, ...], stems: tuple[str, ...]) -> P
         )
         if p.suffix in ENCODER_SUFFIXES and p.is_file()
     ]
-    for name in exact:
-        for path in files:
-            if path.name == name:
-                return path
-    for stem in stems:
-        for path in files:
-            if path.stem.lower() == stem or path.stem.lower().startswith(stem + "_"):
-                return path
-    return None
+
+
+def _name_rank(exact: tuple[str, ...], stems: tuple[str, ...]) -> Callable[[Path], int | None]:
+    """How well a file name points to a part: an exact name first, then a known stem followed by
+    `_`, `-` or `.` (t5xxl_fp16, t5-v1_1-xxl-encoder-Q8_0), None when it does not."""
+
+    def rank(path: Path) -> int | None:
+        if path.name in exact:
+            return 0
+        stem = path.stem.lower()
+        for i, known in enumerate(stems):
+            if stem == known or stem.startswith((known + "_", known + "-", known + ".")):
+                return 1 + i
+        return None
+
+    return rank

@@ -769,3 +769,87 @@ def test_the_q8_0_writer_makes_gguf_pys_own_bytes() -> None:
     for tensor in (torch.randn(64, 96), torch.randn(8, 64) * 1e-3, torch.zeros(4, 32), halves):
         reference = gguf.quants.quantize(tensor.numpy(), gguf.GGMLQuantizationType.Q8_0)
         assert np.array_equal(quantize_q8_0(tensor), reference)
+
+
+def test_text_encoders_and_vae_are_found_by_what_their_files_hold(
+    single_file_settings: Callable[..., EngineSettings],
+    split_files: dict[str, Path],
+    tiny_dir: Path,
+    data_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """A GGUF user's models/ folder as downloaded: city96's T5 under its own name, a CLIP-L and the VAE
+    under names no `clip_l*`/`ae*` rule knows, beside files that hold other parts (SDXL's CLIP-G,
+    FLUX.2 klein's Qwen3 encoder, FLUX.2's 32-channel VAE, a broken download)."""
+    from engine.file_roles import read_contents
+    from engine.tiny import ensure_tiny_model
+
+    models = tmp_path / "models"
+    for sub in ("unet", "vae", "text_encoders"):
+        (models / sub).mkdir(parents=True)
+    (models / "unet" / "flux1-dev-Q8_0.gguf").write_bytes(split_files["gguf"].read_bytes())
+    t5 = _component(tiny_dir, "T5EncoderModel", "text_encoder_2")
+    city96 = models / "text_encoders" / "t5-v1_1-xxl-encoder-Q8_0.gguf"
+    write_t5_gguf(t5.state_dict(), t5.config.num_layers, city96)
+    clip = models / "text_encoders" / "ViT-L-14-TEXT-detail-improved-hiT-GmP-TE-only-HF.safetensors"
+    clip.write_bytes(split_files["clip_l"].read_bytes())
+    vae = models / "vae" / "flux1_vae_fp16.safetensors"
+    vae.write_bytes(split_files["vae"].read_bytes())
+    # Decoys that sort first and whose names say nothing (or the wrong thing).
+    flux2 = ensure_tiny_model(data_dir / "models" / "tiny-flux2", "flux2")
+    qwen = _component(flux2, "Qwen3ForCausalLM", "text_encoder").state_dict()
+    qwen_file = models / "text_encoders" / "qwen_3_4b.safetensors"
+    save_file({k: v.contiguous() for k, v in qwen.items()}, qwen_file)
+    flux2_vae = _component(flux2, "AutoencoderKLFlux2", "vae").state_dict()
+    save_file(flux2_vae, models / "vae" / "a_flux2-vae.safetensors")
+    save_file(
+        {"text_model.embeddings.token_embedding.weight": torch.zeros(8, 1280)},
+        models / "text_encoders" / "a_clip_g.safetensors",
+    )
+    (models / "text_encoders" / "a_partial_download.safetensors").write_bytes(b"\x00" * 64)
+
+    source = locate_model(single_file_settings(model=str(models)), data_dir)
+
+    assert (source.vae, source.clip_l, source.t5xxl) == (vae, clip, city96)
+    assert any(note.startswith(f"t5xxl: {city96} (a T5 text encoder (GGUF") for note in source.notes)
+    says = {p.name: read_contents(p).role for p in (models / "text_encoders").iterdir()}
+    assert says == {
+        city96.name: "t5xxl",
+        clip.name: "clip_l",
+        "qwen_3_4b.safetensors": "qwen3",
+        "a_clip_g.safetensors": "clip_g",
+        "a_partial_download.safetensors": "unreadable",
+    }
+    assert read_contents(models / "vae" / "a_flux2-vae.safetensors").role == "other"
+    # The found files draw what the same files named by hand draw.
+    request = GenerationRequest(prompt="a harbour at dawn", seed=5)
+    by_hand = single_file_settings(
+        model=str(models / "unet" / "flux1-dev-Q8_0.gguf"), vae=vae, clip_l=clip, t5xxl=city96
+    )
+    assert np.array_equal(
+        draw_with(single_file_settings(model=str(models)), data_dir, request),
+        draw_with(by_hand, data_dir, request),
+    )
+
+
+def test_a_named_file_that_holds_another_part_is_not_taken_for_it(
+    single_file_settings: Callable[..., EngineSettings],
+    split_files: dict[str, Path],
+    data_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """`t5xxl_fp16.safetensors` that is really a CLIP-L (a mislabelled upload) is not used as T5: with no
+    T5 anywhere the loader says so, instead of failing on a CLIP's weights inside T5."""
+    folder = tmp_path / "download"
+    folder.mkdir()
+    transformer = folder / "flux1-dev.safetensors"
+    transformer.write_bytes(split_files["transformer"].read_bytes())
+    (folder / "ae.safetensors").write_bytes(split_files["vae"].read_bytes())
+    (folder / "clip_l.safetensors").write_bytes(split_files["clip_l"].read_bytes())
+    (folder / "t5xxl_fp16.safetensors").write_bytes(split_files["clip_l"].read_bytes())
+
+    source = locate_model(single_file_settings(model=str(transformer)), data_dir)
+
+    assert source.clip_l == folder / "clip_l.safetensors" and source.t5xxl is None
+    with pytest.raises(ModelLoadError, match="no t5xxl text encoder found"):
+        FluxEngine.load(single_file_settings(model=str(transformer)), data_dir)
