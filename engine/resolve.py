@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from engine.api import GenerationRequest
 from engine.catalog import Catalog
 from engine.errors import LoraError, RequestError
+from engine.lora_tags import take_lora_tags
 from engine.messages import Message
 from engine.presets import Preset
 from engine.settings import EngineSettings
@@ -80,6 +81,13 @@ class RequestResolver:
 
     def resolve(self, request: GenerationRequest) -> Resolution:
         preset = self.preset(request.preset)
+        tagged = take_lora_tags(request.prompt, self.catalog.loras)
+        if tagged.loras:
+            # The tags join the lora option's choices and are checked with them (whitelist, family,
+            # weight bounds, max_loras_per_job, the same LoRA twice).
+            request = request.model_copy(
+                update={"prompt": tagged.text, "loras": (*request.loras, *tagged.loras)}
+            )
         width, height = (
             (preset.width, preset.height) if request.size is None else preset.parse_size(request.size)
         )

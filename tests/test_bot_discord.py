@@ -143,6 +143,8 @@ async def test_rerun_without_seed_gives_identical_pixels(harness: Harness) -> No
         ([opt("prompt", "a cat"), opt("seed", -5, 4)], "greater than or equal to 0"),
         ([opt("prompt", "a cat"), opt("lora", "x"), opt("lora_weight", 10, 10)], "lora_weight: Input"),
         ([opt("prompt", "a cat"), opt("lora", "x" * 65)], "not on the whitelist"),
+        ([opt("prompt", "a cat <lora:nope:0.5>")], "<lora:nope:0.5>: no LoRA called 'nope'"),
+        ([opt("prompt", "<lora:" + "x" * 1990 + ">")], "<lora:xxxxxxxx"),
     ],
 )
 async def test_bad_input_gets_an_ephemeral_error_and_the_bot_keeps_serving(

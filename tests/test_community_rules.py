@@ -372,5 +372,12 @@ async def test_loras_exactly_as_the_role_rules_say(
         assert await app.studio.imagine(member(101), asking("inky"))
         assert await app.studio.imagine(member(102, BOOSTER), asking("glow"))
         assert await app.studio.imagine(member(103, guild=OTHER_SERVER, channel=999), asking("glow"))
+        # A <lora:...> tag in the prompt is the same choice, under the same rules.
+        with pytest.raises(NotAllowed, match="LoRA 'glow'"):
+            await app.studio.imagine(member(104), GenerationRequest(prompt="a fox <lora:glow:0.5>"))
+        tagged = await app.studio.imagine(
+            member(105, BOOSTER), GenerationRequest(prompt="a fox <lora:glow:0.5>")
+        )
+        assert tagged.prompt == "a fox"
     finally:
         await app.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from engine.api import GenerationRequest, LoraChoice
 from engine.engine import FluxEngine
-from engine.errors import ConfigError, LoraError
+from engine.errors import ConfigError, LoraError, RequestError
 from engine.hashing import FileHasher
 from engine.settings import EngineSettings
 from engine.whitelist import LoraFiles, load_whitelist
@@ -170,3 +171,77 @@ def test_sha256_is_computed_once_and_cached_across_processes(tmp_path: Path) -> 
     first = FileHasher(cache).sha256(file)
     assert cache.is_file()
     assert FileHasher(cache).sha256(file) == first == sha(file)
+
+
+def test_a_lora_tag_draws_exactly_like_the_lora_option(lora_engine: FluxEngine) -> None:
+    from engine.png import a1111_parameters
+
+    by_option = lora_engine.generate(
+        GenerationRequest(prompt="a cat, at night", seed=6, loras=(LoraChoice(name="glow", weight=0.5),))
+    )
+    by_tag = lora_engine.generate(GenerationRequest(prompt="a cat, <lora:glow:0.5>, at night", seed=6))
+
+    assert np.array_equal(pixels(by_option.images[0]), pixels(by_tag.images[0]))
+    recipe = by_tag.recipes[0]
+    assert (recipe.prompt, recipe.final_prompt) == ("a cat, at night", "a cat, at night")
+    assert [(lo.name, lo.weight) for lo in recipe.loras] == [("glow", 0.5)]
+    assert "a cat, at night <lora:glow:0.5>" in a1111_parameters(recipe), "the recipe's form is unchanged"
+
+
+def test_a_prompt_copied_from_a_png_draws_the_same_loras_again(lora_engine: FluxEngine) -> None:
+    from engine.png import a1111_parameters
+
+    first = lora_engine.generate(
+        GenerationRequest(prompt="a cat", seed=8, loras=(LoraChoice(name="inky", weight=0.7),))
+    )
+    copied = a1111_parameters(first.recipes[0]).splitlines()[0]  # "inkstyle, a cat <lora:inky:0.7>"
+
+    again = lora_engine.generate(GenerationRequest(prompt=copied, seed=8))
+
+    assert again.recipes[0].final_prompt == first.recipes[0].final_prompt == "inkstyle, a cat"
+    assert np.array_equal(pixels(first.images[0]), pixels(again.images[0]))
+
+
+def test_three_tags_with_names_as_forge_writes_them_and_trigger_words(lora_engine: FluxEngine) -> None:
+    spec = lora_engine.resolve(
+        GenerationRequest(prompt="<lora:inky:1.2> a cat, <LORA:Glow.safetensors:-0.3>,\nat night <lora:film>")
+    )
+
+    assert [(lo.name, lo.weight) for lo in spec.loras] == [("inky", 1.2), ("glow", -0.3), ("film", 1.0)]
+    assert spec.prompt == "a cat, at night"
+    assert spec.final_prompt == "inkstyle, a cat, at night"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "refusal"),
+    [
+        (
+            "a <lora:inky> <lora:glow> <lora:film> <lora:tampered> cat",
+            "at most 3 LoRAs per image (got 4)",
+        ),
+        ("a cat <lora:nope:0.5>", "<lora:nope:0.5>: no LoRA called 'nope' is on the whitelist"),
+        ("a cat <lora:../Lora/glow:1>", "<lora:../Lora/glow:1>: no LoRA called '../Lora/glow'"),
+        ("a cat <lora:glow:3>", "<lora:glow:3>: the weight of LoRA glow must be within ±1.5"),
+        ("a cat <lora:glow:nan>", "<lora:glow:nan>: the weight must be a number"),
+        ("a cat <lora:glow:heavy>", "<lora:glow:heavy>: the weight must be a number"),
+        ("a cat <lora:glow:0.8:0.5>", "<lora:glow:0.8:0.5> is not a LoRA tag fluxbot reads"),
+        ("a cat <lora:>", "<lora:> is not a LoRA tag"),
+        ("a cat <lora:glow> <lora:glow:0.2>", "the same LoRA is listed twice"),
+        ("<lora:glow:0.5>, ", "the prompt is empty once its <lora:...> tags are taken out"),
+    ],
+)
+def test_bad_lora_tags_are_refused_naming_the_tag(lora_engine: FluxEngine, prompt: str, refusal: str) -> None:
+    with pytest.raises(RequestError, match=re.escape(refusal)):
+        lora_engine.resolve(GenerationRequest(prompt=prompt))
+
+
+def test_a_tag_and_the_option_together_count_against_the_limit(lora_engine: FluxEngine) -> None:
+    option = (LoraChoice(name="glow"),)
+    spec = lora_engine.resolve(GenerationRequest(prompt="a cat <lora:inky:0.5>", loras=option))
+    assert [lo.name for lo in spec.loras] == ["glow", "inky"]
+    with pytest.raises(LoraError, match="listed twice"):
+        lora_engine.resolve(GenerationRequest(prompt="a cat <lora:glow:0.5>", loras=option))
+    with pytest.raises(RequestError, match="edits take no LoRAs"):
+        lora_engine.resolve(
+            GenerationRequest(prompt="make it red <lora:glow>", mode="edit", init_image="0" * 64)
+        )
