@@ -126,6 +126,21 @@ def _made_from(tr: Language, job: Job) -> str | None:
     return tr.tr("{made}, strength {strength:g}", made=made, strength=strength)
 
 
+ENHANCED_SHOWN = 1200  # of an enhanced prompt, in the result message (the PNG's recipe has it all)
+
+
+def enhance_note(tr: Language, job: Job) -> str | None:
+    """The prompt the model read when it was enhanced (a spoiler: long, and the user's own prompt
+    stays the headline), or why it was drawn as written although enhancement was asked for."""
+    recipe = job.recipe or {}
+    enhanced, failed = recipe.get("enhanced_prompt"), recipe.get("enhance_note")
+    if isinstance(enhanced, str) and enhanced:
+        return "✨ " + tr.tr("Enhanced prompt:") + f" ||{short(enhanced, ENHANCED_SHOWN)}||"
+    if isinstance(failed, str) and failed:
+        return "✨ " + tr.tr("The prompt enhancer did not answer, so your prompt was drawn as written.")
+    return None
+
+
 def safety_note(tr: Language, action: str | None) -> str | None:
     if action == "withhold":
         return tr.tr(
@@ -148,7 +163,11 @@ def final(tr: Language, job: Job, safety_action: str | None = None, as_jpeg: boo
     """The result message. `safety_action`: what the delivery did with flagged images, if anything;
     `as_jpeg`: the PNGs were over the upload limit and JPEG copies went out instead."""
     if job.status == JobStatus.DONE:
-        notes = [safety_note(tr, safety_action), jpeg_note(tr, job.id) if as_jpeg else None]
+        notes = [
+            enhance_note(tr, job),
+            safety_note(tr, safety_action),
+            jpeg_note(tr, job.id) if as_jpeg else None,
+        ]
         return fit(footer(tr, job) + "".join(f"\n{note}" for note in notes if note))
     if job.status == JobStatus.CANCELLED:
         # job.error is the stored, English reason ("cancelled by its owner"): the database stays English.

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from PIL.Image import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engine.spec import MAX_SEED, SHA256, DrawSpec, Mode, SpecLora
+from engine.spec import MAX_SEED, SHA256, DrawSpec, Mode, SpecLora, drawn_prompt
 from engine.step_cache import StepCache, StepCacheField
 from engine.text import clean_text
 
@@ -48,6 +48,8 @@ class GenerationRequest(BaseModel):
     mode: Mode | None = None
     # The step cache (engine/step_cache.py); default: the preset's.
     cache: StepCacheField | None = None
+    # Expand the prompt with the engine's enhancer before drawing; default: the preset's.
+    enhance: bool | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -97,6 +99,15 @@ class Recipe(BaseModel):
     # to: with these a recipe is a whole DrawSpec (None: recipes written before they were recorded).
     mode: Mode | None = None
     max_sequence_length: int | None = None
+    # Prompt enhancement (engine/enhancer.py): the expansion the model read in place of `prompt`, or
+    # why the prompt was drawn as written although enhancement was asked for (English).
+    enhanced_prompt: str | None = None
+    enhance_note: str | None = None
+
+    @property
+    def drawn_prompt(self) -> str:
+        """What the model read."""
+        return drawn_prompt(self.prompt, self.final_prompt, self.enhanced_prompt)
 
     def spec(self) -> DrawSpec:
         """The spec that draws this image again (its own seed, alone): an exact rerun from a PNG."""
@@ -120,6 +131,8 @@ class Recipe(BaseModel):
             init_image=self.init_image_sha256,
             strength=self.strength,
             cache=StepCache.parse(self.cache),
+            enhance=self.enhanced_prompt is not None,
+            enhanced_prompt=self.enhanced_prompt,
             origin=self.kind if self.kind not in ("txt2img", "img2img") else "imagine",
             parent_job=self.parent_job,
         )

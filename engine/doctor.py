@@ -62,8 +62,27 @@ def run_doctor(settings: EngineSettings, data_dir: Path) -> DoctorReport:
     presets = _presets(report, settings)
     _loras(report, settings, data_dir, source, presets)
     _images(report, settings)
+    _enhancer(report, settings)
     _packages(report)
     return report
+
+
+def _enhancer(report: DoctorReport, settings: EngineSettings) -> None:
+    """The prompt enhancer as configured (not called: doctor asks no one anything)."""
+    if not settings.prompt_enhancer:
+        report.add("ok", "enhancer", "off (engine.prompt_enhancer unset: enhance:true is refused)")
+        return
+    try:
+        import openai  # noqa: F401
+    except ImportError:
+        report.add("fail", "enhancer", "engine.prompt_enhancer needs the openai package: pip install openai")
+        return
+    report.add(
+        "ok",
+        "enhancer",
+        f"{settings.prompt_enhancer_model} at {settings.prompt_enhancer} "
+        f"(timeout {settings.prompt_enhancer_timeout_s:g} s; a failure draws the prompt as written)",
+    )
 
 
 def _images(report: DoctorReport, settings: EngineSettings) -> None:

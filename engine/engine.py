@@ -16,6 +16,7 @@ from PIL import Image
 
 from engine.api import GenerationRequest, GenerationResult, Recipe, StepProgress, Timings
 from engine.embed_cache import PromptEmbedCache
+from engine.enhancer import EnhancerError, PromptEnhancer, endpoint_enhancer
 from engine.errors import ConfigError, GenerationCancelled, OutOfMemory, RequestError
 from engine.families import Embeds, FamilyAdapter, adapter_for, concat_embeds, repeat_embeds
 from engine.hashing import FileHasher
@@ -90,6 +91,7 @@ class FluxEngine:
         self.warmup_graphs = 0  # graphs torch compiled during the warm-up
         self.max_batch_size = 4  # images in one pipeline call (engine.max_batch_size)
         self.lora_files: LoraFiles | None = None  # the LoRA folder, hash-checked (for admins' additions)
+        self.enhancer: PromptEnhancer | None = None  # engine.prompt_enhancer (engine/enhancer.py)
 
     @classmethod
     def load(cls, settings: EngineSettings, data_dir: Path, plan: QuantPlan | None = None) -> FluxEngine:
@@ -123,6 +125,7 @@ class FluxEngine:
         engine.lora_files = files
         engine.set_memory_cap(settings.memory_cap_gb)
         engine.vae_tiling_above_mp = settings.vae_tiling_above_megapixels
+        engine.enhancer = endpoint_enhancer(settings)
         if loaded.family == "flux1" or settings.preview in ("latent", "off"):  # TAEF1 is FLUX.1's
             engine.preview_decoder = preview_decoder(settings.preview, device.device, plan.dtype)
         else:
@@ -192,7 +195,7 @@ class FluxEngine:
         CLI's and the benchmarks' way in; the bot resolves itself and calls `draw`)."""
         resolution = self.resolver.resolve(request)
         result = self.draw([resolution.spec], None, on_step, cancel, init_image, preview)[0]
-        return replace(result, warnings=tuple(str(w) for w in resolution.warnings))
+        return replace(result, warnings=(*(str(w) for w in resolution.warnings), *result.warnings))
 
     def generate_batch(
         self,
@@ -221,6 +224,7 @@ class FluxEngine:
         the stored PNG whose sha256 the spec names; with `preview`, `on_step` gets a JPEG of the
         picture forming that often. Raises GenerationCancelled, OutOfMemory, RequestError."""
         first = self._check(specs)
+        specs, enhance_notes = self._enhanced(specs)
         uses = list(loras) if loras is not None else self.resolver.catalog.lora_uses(first)
         source = None
         if first.init_image is not None:
@@ -235,7 +239,7 @@ class FluxEngine:
             # 2. Prompts -> embeddings, from the cache when this prompt was seen before.
             parts, all_cached = [], True
             for r in specs:
-                embeds, cached = self._embeds(r.final_prompt, r.max_sequence_length, lora_key)
+                embeds, cached = self._embeds(r.drawn_prompt, r.max_sequence_length, lora_key)
                 parts.append(repeat_embeds(embeds, len(r.seeds)))
                 all_cached &= cached
             negative = None
@@ -257,14 +261,15 @@ class FluxEngine:
             computed_steps=run.computed_steps,
         )
         results, offset = [], 0
-        for r in specs:
+        for r, note in zip(specs, enhance_notes, strict=True):
             n = len(r.seeds)
             results.append(
                 GenerationResult(
                     images=run.images[offset : offset + n],
                     seeds=list(r.seeds),
-                    recipes=[self._recipe(r, seed, run) for seed in r.seeds],
+                    recipes=[self._recipe(r, seed, run, note) for seed in r.seeds],
                     timings=timings,
+                    warnings=(note,) if note else (),
                 )
             )
             offset += n
@@ -427,9 +432,38 @@ class FluxEngine:
             self._img2img_pipe.set_progress_bar_config(disable=True)
         return self._img2img_pipe
 
-    def _recipe(self, r: DrawSpec, seed: int, run: _Run) -> Recipe:
+    def _recipe(self, r: DrawSpec, seed: int, run: _Run, enhance_note: str | None = None) -> Recipe:
         kontext = self.kontext.files if r.mode == "edit" and self.kontext is not None else None
-        return make_recipe(self.info, self._versions, r, seed, kontext, str(run.cache), run.computed_steps)
+        return make_recipe(
+            self.info, self._versions, r, seed, kontext, str(run.cache), run.computed_steps, enhance_note
+        )
+
+    def _enhanced(self, specs: Sequence[DrawSpec]) -> tuple[list[DrawSpec], list[str | None]]:
+        """Each spec that asks for an enhancement and has none yet, with its enhanced prompt. A failed
+        enhancement does not fail the job: the spec draws its prompt as written (enhance off, so a
+        rerun of it draws the same), and the note says why. Runs before the engine's lock: an
+        endpoint's seconds keep no one else from the model."""
+        out: list[DrawSpec] = []
+        notes: list[str | None] = []
+        for spec in specs:
+            if not spec.needs_enhancement:
+                out.append(spec)
+                notes.append(None)
+                continue
+            try:
+                if self.enhancer is None:
+                    raise EnhancerError("this engine has no prompt enhancer (engine.prompt_enhancer)")
+                started = time.perf_counter()
+                expanded = self.enhancer.enhance(spec.prompt)
+                log.info("prompt enhanced by %s in %.1f s", self.enhancer.name, time.perf_counter() - started)
+            except EnhancerError as exc:
+                log.warning("drawing the prompt as written: %s (%r)", exc, exc.__cause__)
+                out.append(spec.model_copy(update={"enhance": False}))
+                notes.append(str(exc))
+                continue
+            out.append(spec.model_copy(update={"enhanced_prompt": expanded}))
+            notes.append(None)
+        return out, notes
 
     def _free_memory(self) -> None:
         gc.collect()

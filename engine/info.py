@@ -73,6 +73,7 @@ def make_recipe(
     kontext_files: dict[str, str] | None,
     cache: str,
     computed_steps: int,
+    enhance_note: str | None = None,
 ) -> Recipe:
     """Everything that made one image, for the PNG, the database and exact reruns."""
     return Recipe(
@@ -105,6 +106,8 @@ def make_recipe(
         kontext_files=kontext_files,
         cache=cache,
         computed_steps=computed_steps,
+        enhanced_prompt=r.enhanced_prompt,
+        enhance_note=enhance_note,
     )
 
 

@@ -39,7 +39,7 @@ def a1111_parameters(recipe: Recipe) -> str:
         hashes = ", ".join(f"{lo.name}: {lo.sha256[:12]}" for lo in recipe.loras)
         fields.append(f'Lora hashes: "{hashes}"')
     fields.append(f"Version: fluxbot {recipe.versions.get('fluxbot', '?')}")
-    prompt = recipe.final_prompt + "".join(f" <lora:{lo.name}:{lo.weight:g}>" for lo in recipe.loras)
+    prompt = recipe.drawn_prompt + "".join(f" <lora:{lo.name}:{lo.weight:g}>" for lo in recipe.loras)
     return f"{prompt}\n" + ", ".join(fields)
 
 

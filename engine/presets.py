@@ -63,6 +63,8 @@ class Preset(BaseModel):
     nsfw: bool = False
     # Step caching (engine/step_cache.py): "none", "fbcache:0.08", "taylorseer:4", "magcache".
     cache: StepCacheField = NO_CACHE
+    # Expand prompts with the engine's enhancer unless the user says otherwise (engine/enhancer.py).
+    enhance: bool = False
 
     @model_validator(mode="after")
     def _defaults_within_bounds(self) -> Self:

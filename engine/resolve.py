@@ -33,6 +33,8 @@ class RequestResolver:
     family: str = "flux1"
     max_loras_per_job: int = 3
     max_batch_size: int = 4
+    # Whether the engine can enhance prompts (an endpoint is set, or the family has its own upsampler).
+    can_enhance: bool = False
 
     @classmethod
     def from_settings(cls, settings: EngineSettings, family: str = "flux1") -> RequestResolver:
@@ -43,7 +45,13 @@ class RequestResolver:
     def with_settings(
         cls, catalog: Catalog, settings: EngineSettings, family: str = "flux1"
     ) -> RequestResolver:
-        return cls(catalog, family, settings.max_loras_per_job, settings.max_batch_size)
+        return cls(
+            catalog,
+            family,
+            settings.max_loras_per_job,
+            settings.max_batch_size,
+            can_enhance=settings.prompt_enhancer is not None,
+        )
 
     def with_catalog(self, catalog: Catalog) -> RequestResolver:
         return replace(self, catalog=catalog)
@@ -134,8 +142,19 @@ class RequestResolver:
             init_image=request.init_image,
             strength=self._strength(preset, request, mode),
             cache=cache,
+            enhance=self._enhance(preset, request.enhance, mode),
         )
         return Resolution(spec, tuple(warnings), self.nsfw(spec))
+
+    def _enhance(self, preset: Preset, asked: bool | None, mode: Mode) -> bool:
+        if mode == "edit":
+            if asked:
+                raise RequestError("edits follow the instruction as written: no prompt enhancement")
+            return False
+        if asked and not self.can_enhance:
+            raise RequestError("prompt enhancement is not set up here (an admin sets engine.prompt_enhancer)")
+        # A preset's default needs an enhancer too; without one its jobs draw the prompt as typed.
+        return asked if asked is not None else preset.enhance and self.can_enhance
 
     def check(self, request: GenerationRequest, image_coming: bool = False) -> None:
         """Refuse a request before anything slow happens; `image_coming`: an input image will be

@@ -6,7 +6,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr
 
 QuantSetting = Literal["auto", "bf16", "fp8dq", "fp8", "int8", "nf4", "gguf"]
 TextEncoderQuantSetting = Literal["auto", "none", "fp8", "int8", "nf4"]
@@ -94,6 +94,18 @@ class EngineSettings(BaseModel):
         "latent",
         description='live previews: "latent" (a fixed latent-to-RGB projection, microseconds), '
         '"taef1:<folder>" (madebyollin/taef1, sharper) or "off"',
+    )
+    prompt_enhancer: str | None = Field(
+        None,
+        description="OpenAI-compatible endpoint that expands prompts for /imagine enhance:true "
+        '(Ollama: "http://127.0.0.1:11434/v1"; LM Studio, vLLM, llama.cpp server); unset: no enhancer',
+    )
+    prompt_enhancer_model: str = Field(
+        "llama3.2", min_length=1, max_length=200, description="The model name the endpoint serves"
+    )
+    prompt_enhancer_key: SecretStr | None = Field(None, description="API key, if the endpoint wants one")
+    prompt_enhancer_timeout_s: float = Field(
+        30.0, gt=0, le=600, description="How long a job waits for an enhancement before drawing as written"
     )
     vae_tiling_above_megapixels: float = Field(
         1.6, gt=0, description="Decode images larger than this in VAE tiles (upscales): less peak memory"

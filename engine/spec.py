@@ -57,6 +57,10 @@ class DrawSpec(BaseModel):
     init_image: str | None = Field(None, pattern=SHA256)  # img2img and edits: the input PNG's sha256
     strength: float | None = Field(None, gt=0.0, le=1.0)  # img2img: how much is redrawn
     cache: StepCacheField = NO_CACHE
+    # Prompt enhancement (engine/enhancer.py): asked for, and once made, the expansion the model reads
+    # in place of `prompt` (trigger words still first). Stored, so a rerun draws it again unasked.
+    enhance: bool = False
+    enhanced_prompt: str | None = Field(None, min_length=1, max_length=2000)
     # Provenance, copied into the recipe: the bot's job kind (imagine, reroll, upscale, ...) and the
     # job it was made from. Nothing in the engine depends on them.
     origin: str = Field("imagine", max_length=16, pattern=r"^[a-z0-9_]+$")
@@ -70,7 +74,18 @@ class DrawSpec(BaseModel):
             raise ValueError("an img2img spec needs an input image and a strength")
         if self.mode == "edit" and (self.init_image is None or self.strength is not None or self.loras):
             raise ValueError("an edit spec needs an input image, and takes no strength and no LoRAs")
+        if self.enhanced_prompt is not None and not self.enhance:
+            raise ValueError("an enhanced prompt belongs to a spec that asked for enhancement")
         return self
+
+    @property
+    def needs_enhancement(self) -> bool:
+        return self.enhance and self.enhanced_prompt is None
+
+    @property
+    def drawn_prompt(self) -> str:
+        """What the model reads: `final_prompt`, with the enhanced prompt in place of the typed one."""
+        return drawn_prompt(self.prompt, self.final_prompt, self.enhanced_prompt)
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -101,6 +116,15 @@ class DrawSpec(BaseModel):
             self.strength,
             self.cache,
         )
+
+
+def drawn_prompt(prompt: str, final_prompt: str, enhanced: str | None) -> str:
+    """`final_prompt` is the trigger words, then `prompt` (engine/resolve.py); an enhancement takes
+    the place of `prompt` there, after the same trigger words."""
+    if enhanced is None:
+        return final_prompt
+    triggers = final_prompt[: len(final_prompt) - len(prompt)] if final_prompt.endswith(prompt) else ""
+    return triggers + enhanced
 
 
 @dataclass(frozen=True)

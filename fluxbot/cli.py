@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     imagine.add_argument("--image", type=Path, help="draw from this PNG/JPEG/WebP (img2img)")
     imagine.add_argument("--strength", type=float, help="with --image: how much is redrawn (0-1)")
     imagine.add_argument(
+        "--enhance",
+        action=argparse.BooleanOptionalAction,
+        help="expand the prompt with engine.prompt_enhancer first (default: the preset's)",
+    )
+    imagine.add_argument(
         "--edit",
         action="store_true",
         help="with --image: the prompt is a Kontext instruction (engine.kontext)",
@@ -156,6 +161,7 @@ def _imagine(args: argparse.Namespace, settings: Settings) -> int:
         init_image=source.sha256 if source else None,
         strength=args.strength,
         mode="edit" if args.edit else None,
+        enhance=args.enhance,
     )
     RequestResolver.from_settings(settings.engine).resolve(request)  # refuse bad input before loading
     print("loading the model (once per process)...", file=sys.stderr)
@@ -164,12 +170,18 @@ def _imagine(args: argparse.Namespace, settings: Settings) -> int:
     for warning in resolution.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     spec = resolution.spec
+    if spec.enhance:
+        print(f"enhancing the prompt ({settings.engine.prompt_enhancer_model})...", file=sys.stderr)
     with tqdm(total=spec.steps, desc="denoising", unit="step", file=sys.stderr) as bar:
 
         def on_step(progress: StepProgress) -> None:
             bar.update(progress.step - bar.n)
 
         (result,) = engine.draw([spec], on_step=on_step, init_image=source.png if source else None)
+    for note in result.warnings:
+        print(f"warning: {note}", file=sys.stderr)
+    if result.recipes[0].enhanced_prompt:
+        print(f"enhanced prompt: {result.recipes[0].enhanced_prompt}", file=sys.stderr)
     for index, (image, recipe) in enumerate(zip(result.images, result.recipes, strict=True)):
         path = _out_path(args.out, recipe.seed, index, len(result.images))
         save_png(image, recipe, path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -229,3 +230,29 @@ def test_worker_without_a_usable_redis_is_one_line(
     assert code == 1
     assert len(lines) == 1 and message in lines[0], lines
     assert "hunter2" not in lines[0]
+
+
+def test_imagine_enhance_draws_the_expansion_and_doctor_names_the_enhancer(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    from tests.chat_server import chat_server, expansion_of
+
+    with chat_server() as chat:
+        env = {
+            **cli_env,
+            "FLUXBOT_ENGINE__PROMPT_ENHANCER": chat.url,
+            "FLUXBOT_ENGINE__PROMPT_ENHANCER_MODEL": "tiny",
+        }
+        out = tmp_path / "fox.png"
+
+        run = fluxbot(env, "imagine", "a fox", "--enhance", "--seed", "2", "--out", str(out), cwd=tmp_path)
+        doctor = fluxbot(env, "doctor", cwd=tmp_path)
+        plain = fluxbot(cli_env, "imagine", "a fox", "--enhance", cwd=tmp_path)
+
+    assert run.returncode == 0, run.stderr
+    assert f"enhanced prompt: {expansion_of('a fox')}" in run.stderr
+    assert read_recipe(out).enhanced_prompt == expansion_of("a fox") and len(chat.requests) == 1
+    assert re.search(rf"\[ok  \] enhancer +tiny at {re.escape(chat.url)} ", doctor.stdout)
+    assert plain.returncode != 0 and plain.stderr.strip().splitlines()[-1] == (
+        "fluxbot: prompt enhancement is not set up here (an admin sets engine.prompt_enhancer)"
+    )

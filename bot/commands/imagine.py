@@ -68,6 +68,7 @@ async def size_autocomplete(
     lora_weight="Its weight (default: the whitelist's)",
     image="An image to start from (PNG, JPEG or WebP): the picture follows it",
     strength="With an image: how much is redrawn (0.3 keeps the composition, 1.0 redraws all)",
+    enhance="Let an AI expand the prompt into a detailed scene first (shown with the result)",
 )
 @app_commands.autocomplete(preset=preset_autocomplete, lora=lora_autocomplete, size=size_autocomplete)
 async def imagine(
@@ -82,6 +83,7 @@ async def imagine(
     lora_weight: float | None = None,
     image: discord.Attachment | None = None,
     strength: float | None = None,
+    enhance: bool | None = None,
 ) -> None:
     studio = _studio(interaction)
     # As plain data: validate() checks the weight (10, NaN) and names the option in its answer.
@@ -99,6 +101,7 @@ async def imagine(
             guidance=guidance,
             loras=loras,
             strength=strength,
+            enhance=enhance,
         )
         if image is not None:
             check_attachment(image, studio.images.max_input_mb)

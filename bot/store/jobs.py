@@ -7,7 +7,7 @@ bot, a worker that was only cut off) can never reopen or rewrite a finished job.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -303,6 +303,10 @@ class JobStore:
                 return None
             for image in images:
                 session.add(Image(job_id=job_id, **image.__dict__))
+            if images:
+                job = await session.get(Job, job_id)
+                if job is not None and job.spec.needs_enhancement:
+                    job.spec = spec_as_drawn(job.spec, images[0].recipe)
         return await self.get(job_id)
 
     async def _transition(self, job_id: int, allowed: Collection[JobStatus], **values: Any) -> bool:
@@ -383,3 +387,13 @@ class JobStore:
     async def _set(self, job_id: int, **values: Any) -> None:
         async with self.db.write() as session:
             await session.execute(update(Job).where(Job.id == job_id).values(**values))
+
+
+def spec_as_drawn(spec: DrawSpec, recipe: Mapping[str, Any]) -> DrawSpec:
+    """A job's spec after its draw: an enhanced prompt, made once, is kept with it (reruns, rerolls
+    and Vary draw it again without asking the enhancer); after a failed enhancement it is the prompt
+    as written that was drawn, and so is what a rerun draws."""
+    enhanced = recipe.get("enhanced_prompt")
+    if isinstance(enhanced, str) and enhanced:
+        return spec.model_copy(update={"enhanced_prompt": enhanced})
+    return spec.model_copy(update={"enhance": False})
