@@ -136,9 +136,7 @@ def inspect_checkpoint(source: ModelSource, settings: EngineSettings) -> Checkpo
     assert source.transformer is not None
     layout = read_layout(source.transformer)
     if layout.has("flux2"):
-        raise ModelLoadError(
-            "FLUX.2 single-file checkpoints are not supported: use a FLUX.2 diffusers folder"
-        )
+        return _flux2_facts(source, settings)
     if not layout.has("flux"):
         raise ModelLoadError(f"{source.transformer.name} does not look like a FLUX transformer checkpoint")
     embedded = {role: layout.embeds(role) for role in EMBEDDED_PREFIXES}
@@ -153,6 +151,35 @@ def inspect_checkpoint(source: ModelSource, settings: EngineSettings) -> Checkpo
     if source.vae is None and not embedded["vae"]:
         raise ModelLoadError(f"{source.transformer.name}: no VAE found: set engine.vae to ae.safetensors")
     variant = settings.variant
+    if variant in ("klein", "klein-base"):
+        raise ModelLoadError(f"engine.variant = {variant!r} is FLUX.2's; {source.transformer.name} is FLUX.1")
     if variant == "auto":
         variant = "dev" if layout.has("guidance") else "schnell"
     return CheckpointFacts(variant, embedded)
+
+
+def _flux2_facts(source: ModelSource, settings: EngineSettings) -> CheckpointFacts:
+    """A FLUX.2 klein transformer file: what must be beside it, and which klein it is. Distilled and
+    base klein have the same tensors: the file name says which (BFL names the base one
+    `flux-2-klein-base-4b`), unless engine.variant does."""
+    assert source.transformer is not None
+    name = source.transformer.name
+    if source.transformer.suffix == ".gguf":
+        raise ModelLoadError(
+            f"{name}: FLUX.2 GGUF files are not read yet; use a .safetensors file (bf16 or fp8)"
+        )
+    if source.text_encoder is None:
+        raise ModelLoadError(
+            f"{name}: no Qwen3 text encoder found: set engine.text_encoder to qwen_3_4b.safetensors "
+            "(qwen_3_8b for klein 9B)"
+        )
+    if source.vae is None:
+        raise ModelLoadError(f"{name}: no FLUX.2 VAE found: set engine.vae to flux2-vae.safetensors")
+    variant = settings.variant
+    if variant in ("dev", "schnell"):
+        raise ModelLoadError(
+            f"engine.variant = {variant!r} is FLUX.1's; {name} is a FLUX.2 klein transformer"
+        )
+    if variant == "auto":
+        variant = "klein-base" if "base" in name.lower() else "klein"
+    return CheckpointFacts(variant, {"clip_l": False, "t5xxl": False, "vae": False})

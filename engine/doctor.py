@@ -149,7 +149,8 @@ def _model(report: DoctorReport, settings: EngineSettings, data_dir: Path) -> Mo
         try:
             facts = inspect_checkpoint(source, settings)
             inside = [role for role, yes in facts.embedded.items() if yes]
-            detail = f"FLUX.1 {facts.variant}" + (f", carries {', '.join(inside)}" if inside else "")
+            family = "FLUX.2" if source.family == "flux2" else "FLUX.1"
+            detail = f"{family} {facts.variant}" + (f", carries {', '.join(inside)}" if inside else "")
             report.add("ok", "checkpoint", detail)
             assert source.transformer is not None
             report.add("ok", "layout", describe_layout(source.transformer))

@@ -10,7 +10,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-FileRole = Literal["transformer", "vae", "clip_l", "clip_g", "t5xxl", "qwen3", "other", "unreadable"]
+FileRole = Literal[
+    "transformer",
+    "flux2_transformer",
+    "vae",
+    "flux2_vae",
+    "clip_l",
+    "clip_g",
+    "t5xxl",
+    "qwen3",
+    "other",
+    "unreadable",
+]
 
 # GGUF architectures (general.architecture) -> role: city96 writes "t5encoder" for T5 encoders and
 # "flux" for transformers; llama.cpp writes "qwen3" for Qwen3 language models.
@@ -38,7 +49,11 @@ def _classify(keys: Mapping[str, tuple[int, ...]]) -> FileContents:
     """The role a file's tensor names (with their shapes) show. Any prefix is allowed (`transformer.`,
     `text_model.`, `model.`), as each tool saves them under its own."""
     if any("double_blocks." in k or "transformer_blocks." in k for k in keys):
-        return FileContents("transformer", "a FLUX transformer")
+        if _ends(keys, "single_stream_modulation.lin.weight") or _ends(
+            keys, "single_stream_modulation.linear.weight"
+        ):
+            return FileContents("flux2_transformer", "a FLUX.2 transformer")
+        return FileContents("transformer", "a FLUX.1 transformer")
     if _ends(keys, "block.0.layer.0.SelfAttention.q.weight"):
         return FileContents("t5xxl", "a T5 text encoder")
     token_embedding = _ends(keys, "embeddings.token_embedding.weight")
@@ -56,7 +71,9 @@ def _classify(keys: Mapping[str, tuple[int, ...]]) -> FileContents:
         channels = keys[conv_in][1]
         if channels == 16:
             return FileContents("vae", "a 16-channel VAE (FLUX.1's)")
-        return FileContents("other", f"a {channels}-channel VAE (not FLUX.1's)")
+        if channels == 32 and _ends(keys, "bn.running_mean"):
+            return FileContents("flux2_vae", "a 32-channel VAE (FLUX.2's)")
+        return FileContents("other", f"a {channels}-channel VAE (not FLUX's)")
     return FileContents("other", "no FLUX part fluxbot knows")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -11,12 +12,19 @@ from typing import Any
 
 import torch
 
+from engine import flux2_files
 from engine.checkpoints import EMBEDDED_KEY_PREFIXES, inspect_checkpoint, read_layout
 from engine.errors import ModelLoadError, QuantizationError
 from engine.quant import DeviceInfo, QuantPlan, text_encoder_quant_config, transformer_quant_config
 from engine.settings import EngineSettings
 from engine.sources import ModelSource
-from engine.text_encoders import load_text_encoder, load_tokenizers, read_prefixed, upcast
+from engine.text_encoders import (
+    load_flux2_tokenizer,
+    load_text_encoder,
+    load_tokenizers,
+    read_prefixed,
+    upcast,
+)
 from engine.transformer_layout import bfl_to_diffusers, is_bfl_layout, write_config_folder
 
 log = logging.getLogger(__name__)
@@ -92,6 +100,8 @@ def _load_single_file(source: ModelSource, plan: QuantPlan, settings: EngineSett
 
     assert source.transformer is not None
     variant = inspect_checkpoint(source, settings).variant
+    if source.family == "flux2":
+        return _load_flux2_single_file(source, plan, settings, variant)
     configs = Path(settings.configs) if settings.configs else shipped_configs(variant)
     common_configs = Path(settings.configs) if settings.configs else shipped_configs("dev")
     log.info("loading %s (FLUX.1 %s, %s)", source.transformer.name, variant, plan.transformer)
@@ -136,14 +146,7 @@ def _load_single_file(source: ModelSource, plan: QuantPlan, settings: EngineSett
     t5 = load_text_encoder(
         "t5xxl", source.t5xxl, source.transformer, common_configs / "text_encoder_2", plan.dtype
     )
-    if plan.text_encoder in ("fp8", "int8"):
-        from torchao.quantization import quantize_
-
-        quantize_(t5, text_encoder_quant_config(plan.text_encoder, plan.dtype).quant_type)
-    elif plan.text_encoder == "nf4":
-        raise QuantizationError(
-            "nf4 text encoders need a diffusers folder; with single files use int8 or fp8"
-        )
+    _quantize_text_encoder(t5, plan)
     tokenizer, tokenizer_2 = load_tokenizers(settings, source)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(configs), subfolder="scheduler")
     pipe = FluxPipeline(
@@ -156,6 +159,88 @@ def _load_single_file(source: ModelSource, plan: QuantPlan, settings: EngineSett
         transformer=transformer,
     )
     return LoadedModel(pipe, "flux1", variant, source.transformer.name)
+
+
+def _quantize_text_encoder(model: Any, plan: QuantPlan) -> None:
+    if plan.text_encoder in ("fp8", "int8"):
+        from torchao.quantization import quantize_
+
+        quantize_(model, text_encoder_quant_config(plan.text_encoder, plan.dtype).quant_type)
+    elif plan.text_encoder == "nf4":
+        raise QuantizationError(
+            "nf4 text encoders need a diffusers folder; with single files use int8 or fp8"
+        )
+
+
+def _load_flux2_single_file(
+    source: ModelSource, plan: QuantPlan, settings: EngineSettings, variant: str
+) -> LoadedModel:
+    """FLUX.2 klein from ComfyUI's files (engine/flux2_files.py): transformer, Qwen3, VAE."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+
+    assert source.transformer is not None and source.text_encoder is not None and source.vae is not None
+    configs = Path(settings.configs) if settings.configs else shipped_flux2_configs()
+    log.info("loading %s (FLUX.2 %s, %s)", source.transformer.name, variant, plan.transformer)
+    transformer_state = flux2_files.transformer_to_diffusers(_flux2_state(source.transformer, plan.dtype))
+    base = json.loads((configs / "transformer" / "config.json").read_text())
+    config = flux2_files.transformer_config(transformer_state, base)
+    try:
+        with tempfile.TemporaryDirectory(prefix="fluxbot-config-") as derived:
+            (Path(derived) / "transformer").mkdir()
+            (Path(derived) / "transformer" / "config.json").write_text(json.dumps(config))
+            transformer = Flux2Transformer2DModel.from_single_file(
+                transformer_state,
+                config=derived,
+                subfolder="transformer",
+                dtype=plan.dtype,
+                quantization_config=transformer_quant_config(plan.transformer, plan.dtype),
+                local_files_only=True,
+            )
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelLoadError(
+            f"cannot load {source.transformer.name}: {str(exc).splitlines()[0][:300]}"
+        ) from exc
+    try:
+        vae = flux2_files.load_vae(_flux2_state(source.vae, plan.dtype), configs, plan.dtype, source.vae.name)
+    except KeyError as exc:  # a tensor the layout needs is missing: not this layout
+        raise ModelLoadError(f"{source.vae.name} is not a FLUX.2 VAE file (no {exc})") from exc
+    text_encoder = flux2_files.load_text_encoder(
+        _flux2_state(source.text_encoder, plan.dtype), configs, plan.dtype, source.text_encoder.name
+    )
+    width = 3 * text_encoder.config.hidden_size  # the pipeline stacks three hidden states
+    if width != transformer.config.joint_attention_dim:
+        raise ModelLoadError(
+            f"{source.text_encoder.name} gives {width}-wide prompts, {source.transformer.name} reads "
+            f"{transformer.config.joint_attention_dim}: klein 4B takes qwen_3_4b, klein 9B qwen_3_8b"
+        )
+    _quantize_text_encoder(text_encoder, plan)
+    pipe = Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(configs), subfolder="scheduler"),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=load_flux2_tokenizer(settings, source),
+        transformer=transformer,
+        is_distilled=variant == "klein",
+    )
+    return LoadedModel(pipe, "flux2", variant, source.transformer.name)
+
+
+def shipped_flux2_configs() -> Path:
+    """The bundled FLUX.2 klein 4B config folder (what the tensors cannot say: rotary axes, rope
+    theta, norm epsilons, the scheduler)."""
+    return Path(str(resources.files("engine") / "model_configs" / "flux2-klein"))
+
+
+def _flux2_state(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A FLUX.2 part's tensors, fp8 upcast (Comfy's scaled fp8 with its scales multiplied in); a
+    scale scheme fluxbot cannot apply is refused, as for FLUX.1."""
+    layout = read_layout(path)
+    if (foreign := layout.foreign_scale()) is not None:
+        raise ModelLoadError(
+            f"{path.name} holds quantization scales fluxbot cannot apply ({foreign}): it would draw "
+            "wrong pictures, so it is refused; use a bf16, fp8 (e4m3fn) or fp8_scaled file"
+        )
+    return upcast(_read_all(path), dtype)
 
 
 def transformer_input_for(

@@ -42,6 +42,10 @@ class EngineSettings(BaseModel):
     vae: Path | None = Field(None, description="ae.safetensors for single-file checkpoints.")
     clip_l: Path | None = Field(None, description="clip_l.safetensors for single-file checkpoints.")
     t5xxl: Path | None = Field(None, description="t5xxl_fp16/fp8 .safetensors for single-file checkpoints.")
+    text_encoder: Path | None = Field(
+        None,
+        description="FLUX.2 klein single files: the Qwen3 text encoder (qwen_3_4b.safetensors, qwen_3_8b).",
+    )
     tokenizers: str | None = Field(
         None,
         description="Folder (or hub id) holding tokenizer/ and tokenizer_2/ for single-file checkpoints; "
@@ -52,7 +56,11 @@ class EngineSettings(BaseModel):
         description="Diffusers-layout config folder (transformer/, vae/, text_encoder*/, scheduler/) for "
         "single-file checkpoints of a non-standard shape; default: the bundled FLUX.1 configs.",
     )
-    variant: Literal["auto", "dev", "schnell"] = "auto"
+    variant: Literal["auto", "dev", "schnell", "klein", "klein-base"] = Field(
+        "auto",
+        description="auto: from the file (FLUX.1: a guidance embedder means dev; FLUX.2 klein: 'base' in "
+        "its file name means the undistilled base model)",
+    )
     quant: QuantSetting = "auto"
     text_encoder_quant: TextEncoderQuantSetting = "auto"
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")

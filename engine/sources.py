@@ -37,13 +37,21 @@ class ModelSource:
     t5xxl: Path | None = None
     models_dir: Path | None = None
     notes: list[str] = field(default_factory=list)
+    text_encoder: Path | None = None  # FLUX.2: the Qwen3 text encoder file
+    family: str = "flux1"  # of a single-file transformer (what its tensors say)
 
     @property
     def is_gguf(self) -> bool:
         return self.transformer is not None and self.transformer.suffix == ".gguf"
 
     def files(self) -> dict[str, Path]:
-        named = {"transformer": self.transformer, "vae": self.vae, "clip_l": self.clip_l, "t5xxl": self.t5xxl}
+        named = {
+            "transformer": self.transformer,
+            "vae": self.vae,
+            "clip_l": self.clip_l,
+            "t5xxl": self.t5xxl,
+            "text_encoder": self.text_encoder,
+        }
         return {role: path for role, path in named.items() if path is not None}
 
 
@@ -121,38 +129,50 @@ def _files_under(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
     )
 
 
+# The parts beside a transformer file, per family: (setting, what the file holds, exact names, name
+# stems). The name only breaks ties between files that hold the same part.
+_PARTS: dict[str, tuple[tuple[str, FileRole, tuple[str, ...], tuple[str, ...]], ...]] = {
+    "flux1": (
+        ("vae", "vae", ("ae.safetensors", "ae.sft"), ("ae", "vae")),
+        ("clip_l", "clip_l", ("clip_l.safetensors",), ("clip_l",)),
+        ("t5xxl", "t5xxl", (), ("t5xxl", "t5_xxl", "t5-v1_1-xxl")),
+    ),
+    "flux2": (
+        ("vae", "flux2_vae", ("flux2-vae.safetensors", "ae.safetensors"), ("flux2-vae", "flux2_vae", "ae")),
+        ("text_encoder", "qwen3", (), ("qwen_3_4b", "qwen_3_8b", "qwen3", "qwen_3")),
+    ),
+}
+
+
 def _single_file(transformer: Path, settings: EngineSettings, models_dir: Path | None) -> ModelSource:
     search = [transformer.parent]
     if models_dir is not None:
         search = _subdirs(models_dir, VAE_DIRS + TEXT_ENCODER_DIRS) + search
+    family = "flux2" if read_contents(transformer).role == "flux2_transformer" else "flux1"
     notes: list[str] = []
     # Each part is found by what its file holds; the name only breaks ties (fp16 before fp8 when both
     # are there) and names a file nothing can be read from, so its load says what is wrong with it.
     contents = {path: read_contents(path) for path in _candidates(search) if path != transformer}
-    wanted: tuple[tuple[FileRole, tuple[str, ...], tuple[str, ...]], ...] = (
-        ("vae", ("ae.safetensors", "ae.sft"), ("ae", "vae")),
-        ("clip_l", ("clip_l.safetensors",), ("clip_l",)),
-        ("t5xxl", (), ("t5xxl", "t5_xxl", "t5-v1_1-xxl")),
-    )
-    found = {
-        role: getattr(settings, role) or find_by_contents(contents, role, _name_rank(exact, stems))
-        for role, exact, stems in wanted
-    }
-    for role, path in found.items():
+    found: dict[str, Path | None] = {}
+    for setting, role, exact, stems in _PARTS[family]:
+        path = getattr(settings, setting) or find_by_contents(contents, role, _name_rank(exact, stems))
         if path is not None and not path.is_file():
-            raise ModelLoadError(f"engine.{role} = {path} does not exist")
+            raise ModelLoadError(f"engine.{setting} = {path} does not exist")
         if path is not None:
             held = contents.get(path)
-            notes.append(f"{role}: {path}" + (f" ({held.says})" if held and held.role == role else ""))
+            notes.append(f"{setting}: {path}" + (f" ({held.says})" if held and held.role == role else ""))
+        found[setting] = path
     return ModelSource(
         "single_file",
         str(transformer),
         transformer,
         found["vae"],
-        found["clip_l"],
-        found["t5xxl"],
+        found.get("clip_l"),
+        found.get("t5xxl"),
         models_dir=models_dir,
         notes=notes,
+        text_encoder=found.get("text_encoder"),
+        family=family,
     )
 
 

@@ -14,6 +14,7 @@ from engine.settings import EngineSettings
 from engine.sources import ModelSource
 
 DEFAULT_TOKENIZERS = "black-forest-labs/FLUX.1-dev"
+DEFAULT_FLUX2_TOKENIZER = "black-forest-labs/FLUX.2-klein-4B"  # Qwen3's; the same for klein 4B and 9B
 
 
 def read_prefixed(path: Path, role: str) -> dict[str, torch.Tensor]:
@@ -176,4 +177,27 @@ def load_tokenizers(settings: EngineSettings, source: ModelSource) -> tuple[Any,
     raise ModelLoadError(
         "tokenizers not found: set engine.tokenizers to a folder holding tokenizer/ and tokenizer_2/ "
         "(any FLUX.1 diffusers download has them)" + (f" [{'; '.join(problems)}]" if problems else "")
+    )
+
+
+def load_flux2_tokenizer(settings: EngineSettings, source: ModelSource) -> Any:
+    """Qwen3's tokenizer (with its chat template), which Comfy's text-encoder files do not carry."""
+    from transformers import AutoTokenizer
+
+    candidates = [settings.tokenizers] if settings.tokenizers else []
+    if source.models_dir is not None:
+        candidates.append(str(source.models_dir / "tokenizers"))
+    candidates.append(DEFAULT_FLUX2_TOKENIZER)
+    problems = []
+    for location in candidates:
+        local = Path(location).exists()
+        if not local and location != DEFAULT_FLUX2_TOKENIZER:
+            continue
+        try:
+            return AutoTokenizer.from_pretrained(location, subfolder="tokenizer", local_files_only=local)
+        except (OSError, ValueError) as exc:
+            problems.append(f"{location}: {str(exc).splitlines()[0][:120]}")
+    raise ModelLoadError(
+        "the Qwen3 tokenizer was not found: set engine.tokenizers to a folder holding tokenizer/ (any "
+        "FLUX.2 klein diffusers download has it)" + (f" [{'; '.join(problems)}]" if problems else "")
     )

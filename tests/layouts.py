@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -251,3 +252,98 @@ def lora_to_xlabs(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def lora_to_ai_toolkit(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """ostris' ai-toolkit saves diffusers' own layout; its files differ only in metadata."""
     return {k: v.contiguous() for k, v in state.items()}
+
+
+# FLUX.2 klein as ComfyUI / BFL ship it (proven in test_flux2_files against diffusers' converters).
+
+
+def diffusers_to_bfl_flux2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers Flux2Transformer2DModel state dict in Black Forest Labs' layout (flux-2-klein-4b.
+    safetensors): the exact inverse of diffusers' convert_flux2_transformer_checkpoint_to_diffusers.
+    FLUX.2 has no biases and shares its modulations across blocks; the single blocks' linear1 stays
+    fused in both layouts."""
+    out: dict[str, torch.Tensor] = {}
+
+    def move(bfl: str, diffusers: str) -> None:
+        for kind in ("weight", "bias"):
+            if f"{diffusers}.{kind}" in state:
+                out[f"{bfl}.{kind}"] = state[f"{diffusers}.{kind}"]
+
+    def fuse(bfl: str, *parts: str) -> None:
+        for kind in ("weight", "bias"):
+            if f"{parts[0]}.{kind}" in state:
+                out[f"{bfl}.{kind}"] = torch.cat([state[f"{p}.{kind}"] for p in parts], dim=0)
+
+    move("img_in", "x_embedder")
+    move("txt_in", "context_embedder")
+    move("time_in.in_layer", "time_guidance_embed.timestep_embedder.linear_1")
+    move("time_in.out_layer", "time_guidance_embed.timestep_embedder.linear_2")
+    move("guidance_in.in_layer", "time_guidance_embed.guidance_embedder.linear_1")
+    move("guidance_in.out_layer", "time_guidance_embed.guidance_embedder.linear_2")
+    move("double_stream_modulation_img.lin", "double_stream_modulation_img.linear")
+    move("double_stream_modulation_txt.lin", "double_stream_modulation_txt.linear")
+    move("single_stream_modulation.lin", "single_stream_modulation.linear")
+    doubles = {int(k.split(".")[1]) for k in state if k.startswith("transformer_blocks.")}
+    for i in sorted(doubles):
+        d, b = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        fuse(b + "img_attn.qkv", d + "attn.to_q", d + "attn.to_k", d + "attn.to_v")
+        fuse(b + "txt_attn.qkv", d + "attn.add_q_proj", d + "attn.add_k_proj", d + "attn.add_v_proj")
+        out[b + "img_attn.norm.query_norm.scale"] = state[d + "attn.norm_q.weight"]
+        out[b + "img_attn.norm.key_norm.scale"] = state[d + "attn.norm_k.weight"]
+        out[b + "txt_attn.norm.query_norm.scale"] = state[d + "attn.norm_added_q.weight"]
+        out[b + "txt_attn.norm.key_norm.scale"] = state[d + "attn.norm_added_k.weight"]
+        move(b + "img_attn.proj", d + "attn.to_out.0")
+        move(b + "txt_attn.proj", d + "attn.to_add_out")
+        move(b + "img_mlp.0", d + "ff.linear_in")
+        move(b + "img_mlp.2", d + "ff.linear_out")
+        move(b + "txt_mlp.0", d + "ff_context.linear_in")
+        move(b + "txt_mlp.2", d + "ff_context.linear_out")
+    singles = {int(k.split(".")[1]) for k in state if k.startswith("single_transformer_blocks.")}
+    for i in sorted(singles):
+        d, b = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        move(b + "linear1", d + "attn.to_qkv_mlp_proj")
+        move(b + "linear2", d + "attn.to_out")
+        out[b + "norm.query_norm.scale"] = state[d + "attn.norm_q.weight"]
+        out[b + "norm.key_norm.scale"] = state[d + "attn.norm_k.weight"]
+    move("final_layer.linear", "proj_out")
+    # BFL's final AdaLayerNorm is (shift, scale); diffusers' (scale, shift).
+    out["final_layer.adaLN_modulation.1.weight"] = _swap_halves(state["norm_out.linear.weight"])
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def diffusers_vae_to_bfl_flux2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An AutoencoderKLFlux2 state dict in BFL's layout (flux2-vae.safetensors): the LDM VAE names of
+    FLUX.1's ae.safetensors, the quant convs nested in encoder/decoder, the latent BatchNorm stats at
+    bn.*. The inverse of what diffusers' convert_ldm_vae_checkpoint reads (engine/flux2_files.py)."""
+    out: dict[str, torch.Tensor] = {}
+    up_count = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("decoder.up_blocks."))
+    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    for key, value in state.items():
+        new = key
+        if key.startswith("quant_conv."):
+            new = "encoder." + key
+        elif key.startswith("post_quant_conv."):
+            new = "decoder." + key
+        elif key.startswith("bn."):
+            new = key
+        elif m := re.match(r"(encoder|decoder)\.conv_norm_out\.(.+)", key):
+            new = f"{m[1]}.norm_out.{m[2]}"
+        elif m := re.match(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+            new = f"encoder.down.{m[1]}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+        elif m := re.match(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+            new = f"encoder.down.{m[1]}.downsample.conv.{m[2]}"
+        elif m := re.match(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+            block = m[3].replace("conv_shortcut", "nin_shortcut")
+            new = f"decoder.up.{up_count - 1 - int(m[1])}.block.{m[2]}.{block}"
+        elif m := re.match(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+            new = f"decoder.up.{up_count - 1 - int(m[1])}.upsample.conv.{m[2]}"
+        elif m := re.match(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
+            new = f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3]}"
+        elif m := re.match(
+            r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(.+)", key
+        ):
+            new = f"{m[1]}.mid.attn_1.{attn[m[2]]}.{m[3]}"
+            if m[2] != "group_norm" and m[3] == "weight":
+                value = value[:, :, None, None]  # BFL's attention projections are 1x1 convs
+        out[new] = value
+    return {k: v.contiguous() for k, v in out.items()}

@@ -820,7 +820,7 @@ def test_text_encoders_and_vae_are_found_by_what_their_files_hold(
         "a_clip_g.safetensors": "clip_g",
         "a_partial_download.safetensors": "unreadable",
     }
-    assert read_contents(models / "vae" / "a_flux2-vae.safetensors").role == "other"
+    assert read_contents(models / "vae" / "a_flux2-vae.safetensors").role == "flux2_vae"
     # The found files draw what the same files named by hand draw.
     request = GenerationRequest(prompt="a harbour at dawn", seed=5)
     by_hand = single_file_settings(
