@@ -130,24 +130,40 @@ def test_comfy_files_draw_exactly_what_the_diffusers_folder_draws(
     }
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("kind", ["bf16", "fp8", "fp8_scaled"])
 def test_bf16_and_fp8_transformers_draw_what_a_folder_of_their_weights_draws(
     klein_files: Callable[..., EngineSettings],
     make_settings: Callable[..., EngineSettings],
     flux2_dir: Path,
     data_dir: Path,
     tmp_path: Path,
-    dtype: torch.dtype,
+    kind: str,
 ) -> None:
     transformer = _component(flux2_dir, "Flux2Transformer2DModel", "transformer").state_dict()
-    narrow = {k: v.to(dtype) for k, v in transformer.items()}
-    file = tmp_path / f"flux-2-klein-4b-{'fp8' if dtype == torch.float8_e4m3fn else 'bf16'}.safetensors"
-    save_file(diffusers_to_bfl_flux2(narrow), file)
-    # The reference: the diffusers folder with the same weights (widened to float32 as the engine does).
+    if kind == "fp8_scaled":
+        # Comfy's fp8_scaled: each matrix stored as fp8 with one scale (weight = fp8 x scale_weight).
+        bfl = diffusers_to_bfl_flux2(transformer)
+        written: dict[str, torch.Tensor] = {}
+        decoded_bfl: dict[str, torch.Tensor] = {}
+        for key, value in bfl.items():
+            scale = (value.abs().max() / 448.0).reshape(()) if value.dim() == 2 else torch.tensor(1.0)
+            written[key] = (value / scale).to(torch.float8_e4m3fn)
+            decoded_bfl[key] = written[key].float() * scale
+            if value.dim() == 2:
+                written[key.removesuffix(".weight") + ".scale_weight"] = scale
+        decoded = flux2_files.transformer_to_diffusers(decoded_bfl)
+    else:
+        narrow = {
+            k: v.to(torch.bfloat16 if kind == "bf16" else torch.float8_e4m3fn) for k, v in transformer.items()
+        }
+        written = diffusers_to_bfl_flux2(narrow)
+        decoded = {k: v.float() for k, v in narrow.items()}  # what the file holds, in float32
+    file = tmp_path / f"flux-2-klein-4b-{kind}.safetensors"
+    save_file(written, file)
+    # The reference: the diffusers folder with the weights the file decodes to.
     folder = tmp_path / "folder"
     shutil.copytree(flux2_dir, folder)
-    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
-    save_file({k: v.to(torch.float32) for k, v in narrow.items()}, weights)
+    save_file(decoded, folder / "transformer" / "diffusion_pytorch_model.safetensors")
 
     from_file = FluxEngine.load(klein_files(model=str(file)), data_dir).generate(REQUEST)
     from_folder = FluxEngine.load(make_settings(model=str(folder)), data_dir).generate(REQUEST)
