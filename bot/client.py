@@ -159,7 +159,6 @@ async def build_bot(settings: Settings, engine: Any = None) -> FluxBot:
             # With a classifier, only finished images are checked: the forming picture is shown only
             # where anything may be (age-restricted channels, DMs).
             previews_everywhere=settings.safety.classifier is None,
-            edits=settings.engine.kontext is not None,
         )
         app = await build_app(settings, delivery, engine, metrics)
     except BaseException:
@@ -167,6 +166,7 @@ async def build_bot(settings: Settings, engine: Any = None) -> FluxBot:
             await server.cleanup()
         raise
     delivery.flagged_for = app.studio.flagged_action  # a server may withhold what the host spoilers
+    delivery.edits = app.studio.edits  # Kontext beside FLUX.1, or FLUX.2 klein itself: an Edit button
     starting.bot = FluxBot(settings, app, delivery, server, languages)
     return starting.bot
 

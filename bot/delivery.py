@@ -62,7 +62,7 @@ class DiscordDelivery:
     ) -> None:
         self.client: discord.Client | None = None
         self.languages = languages  # a job's messages are public: in its server's language (job.locale)
-        self.edits = edits  # FLUX.1 Kontext is loaded: results get an Edit button
+        self.edits = edits  # the model can edit (Kontext, or FLUX.2 klein): results get an Edit button
         self.previews_everywhere = previews_everywhere
         self.data_dir = data_dir
         self.flagged_action = flagged_action  # safety.flagged_action: "withhold" or "spoiler"

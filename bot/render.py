@@ -109,6 +109,18 @@ def _made_from(tr: Language, job: Job) -> str | None:
     spec = job.spec
     if spec.init_image is None:
         return None
+    if spec.mode == "edit" and spec.family == "flux2":
+        more = len(spec.inputs) - 1
+        if job.parent_id and more:
+            return tr.plural(
+                "edit of job {job} and {n} more image",
+                "edit of job {job} and {n} more images",
+                more,
+                job=job.parent_id,
+            )
+        if job.parent_id:
+            return tr.tr("edit of job {job}", job=job.parent_id)
+        return tr.tr("edit of {count} images", count=more + 1) if more else tr.tr("edit")
     if spec.mode == "edit":
         if job.parent_id:
             return tr.tr("Kontext edit of job {job}", job=job.parent_id)

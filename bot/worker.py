@@ -169,7 +169,13 @@ class EngineWorker:
             for lora in spec.loras
         ]
         (result,) = self.engine.draw(
-            [spec], loras, on_step=on_step, cancel=cancel, init_image=init_image, preview=preview
+            [spec],
+            loras,
+            on_step=on_step,
+            cancel=cancel,
+            init_image=init_image,
+            preview=preview,
+            references=[base64.b64decode(data) for data in job.references],
         )
         images, pngs = [], {}
         for index, (image, recipe) in enumerate(zip(result.images, result.recipes, strict=True)):

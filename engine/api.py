@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from PIL.Image import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engine.spec import MAX_SEED, SHA256, DrawSpec, Mode, SpecLora, drawn_prompt
+from engine.spec import MAX_REFERENCES, MAX_SEED, SHA256, DrawSpec, Mode, Sha256, SpecLora, drawn_prompt
 from engine.step_cache import StepCache, StepCacheField
 from engine.text import clean_text
 
@@ -43,6 +43,8 @@ class GenerationRequest(BaseModel):
     # img2img: the sha256 of the input image's normalized PNG (engine/input_image.py), which the
     # caller hands to generate(); strength 1.0 redraws everything, 0.3 keeps the composition.
     init_image: str | None = Field(None, pattern=SHA256)
+    # Edits: further reference images after init_image (models that read several: FLUX.2 klein).
+    references: tuple[Sha256, ...] = Field((), max_length=MAX_REFERENCES - 1)
     strength: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
     # "edit": a Kontext instruction edit of init_image; default: txt2img, or img2img with an image.
     mode: Mode | None = None
@@ -89,6 +91,7 @@ class Recipe(BaseModel):
     kind: str = "txt2img"  # how the job came to be: imagine, reroll, vary_subtle, upscale, edit, ...
     parent_job: int | None = None
     init_image_sha256: str | None = None
+    reference_sha256s: tuple[str, ...] = ()  # edits: the reference images after the first
     strength: float | None = None
     kontext_files: dict[str, str] | None = None  # edits: the Kontext transformer's file -> sha256
     # The step cache the job ran with (engine/step_cache.py) and how many of its denoising steps ran
@@ -129,6 +132,7 @@ class Recipe(BaseModel):
             seed=self.seed,
             loras=self.loras,
             init_image=self.init_image_sha256,
+            references=self.reference_sha256s,
             strength=self.strength,
             cache=StepCache.parse(self.cache),
             enhance=self.enhanced_prompt is not None,

@@ -42,7 +42,7 @@ from engine.preview import (
     unpack_latents,
 )
 from engine.quant import QuantPlan, plan_quant, probe_device
-from engine.resolve import RequestResolver
+from engine.resolve import EDIT_REFERENCES, RequestResolver
 from engine.settings import EngineSettings
 from engine.sources import locate_model
 from engine.spec import DrawSpec, PreviewEvery
@@ -190,11 +190,12 @@ class FluxEngine:
         cancel: threading.Event | None = None,
         init_image: bytes | None = None,
         preview: PreviewEvery | None = None,
+        references: Sequence[bytes] = (),
     ) -> GenerationResult:
         """A request resolved against the engine's own presets and whitelist files, then drawn (the
         CLI's and the benchmarks' way in; the bot resolves itself and calls `draw`)."""
         resolution = self.resolver.resolve(request)
-        result = self.draw([resolution.spec], None, on_step, cancel, init_image, preview)[0]
+        result = self.draw([resolution.spec], None, on_step, cancel, init_image, preview, references)[0]
         return replace(result, warnings=(*(str(w) for w in resolution.warnings), *result.warnings))
 
     def generate_batch(
@@ -217,12 +218,14 @@ class FluxEngine:
         cancel: threading.Event | None = None,
         init_image: bytes | None = None,
         preview: PreviewEvery | None = None,
+        references: Sequence[bytes] = (),
     ) -> list[GenerationResult]:
         """Specs (one, or several that batch together) -> images, seeds and recipes, in one pipeline
         call. Only the engine's own hard limits are checked: presets were the resolver's business.
         `loras`: the files of the specs' LoRAs (default: the engine's whitelist file); `init_image`:
-        the stored PNG whose sha256 the spec names; with `preview`, `on_step` gets a JPEG of the
-        picture forming that often. Raises GenerationCancelled, OutOfMemory, RequestError."""
+        the stored PNG whose sha256 the spec names, and `references` those of its further reference
+        images, in its order; with `preview`, `on_step` gets a JPEG of the picture forming that often.
+        Raises GenerationCancelled, OutOfMemory, RequestError."""
         first = self._check(specs)
         specs, enhance_notes = self._enhanced(specs)
         uses = list(loras) if loras is not None else self.resolver.catalog.lora_uses(first)
@@ -231,6 +234,13 @@ class FluxEngine:
             if init_image is None:
                 raise RequestError("this job draws from an input image, and none was given to the engine")
             source = decode_input(init_image, first.init_image)
+        if len(references) != len(first.references):
+            raise RequestError(
+                "this job reads {wanted} more reference images, and the engine was given {given}",
+                wanted=len(first.references),
+                given=len(references),
+            )
+        more = [decode_input(data, sha) for data, sha in zip(references, first.references, strict=True)]
         with self._lock:
             started = time.perf_counter()
             # 1. LoRAs: resident adapters, switched not reloaded.
@@ -249,7 +259,9 @@ class FluxEngine:
             encoded = time.perf_counter()
             # 3. Denoise and decode: the pipeline's own loop, one generator per image for reproducibility.
             seeds = [s for r in specs for s in r.seeds]
-            run = self._run(first, concat_embeds(parts), negative, seeds, on_step, cancel, source, preview)
+            run = self._run(
+                first, concat_embeds(parts), negative, seeds, on_step, cancel, source, preview, more
+            )
             finished = time.perf_counter()
         timings = Timings(
             encode_s=encoded - started,
@@ -302,8 +314,14 @@ class FluxEngine:
             )
         if sum(s.batch_size for s in specs) > self.max_batch_size:
             raise RequestError("more than {most} images in one call", most=self.max_batch_size)
-        if first.mode == "edit" and self.kontext is None:
+        if first.mode == "edit" and self.info.family == "flux1" and self.kontext is None:
             raise RequestError("edits need FLUX.1 Kontext, and this engine has none (engine.kontext)")
+        if len(first.inputs) > EDIT_REFERENCES.get(self.info.family, 1):
+            raise RequestError(
+                "this model edits with at most {most} images (got {count})",
+                most=EDIT_REFERENCES.get(self.info.family, 1),
+                count=len(first.inputs),
+            )
         return first
 
     def _embeds(self, prompt: str, max_len: int, lora_key: tuple[Any, ...]) -> tuple[Embeds, bool]:
@@ -323,6 +341,7 @@ class FluxEngine:
         cancel: threading.Event | None,
         source: Image.Image | None = None,
         preview: PreviewEvery | None = None,
+        more: Sequence[Image.Image] = (),
     ) -> _Run:
         start = time.perf_counter()
         last_step = [start]
@@ -360,8 +379,13 @@ class FluxEngine:
             return tensors
 
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        pipe, extra = self.pipe, {}
-        if source is not None:
+        pipe = self.pipe
+        extra: dict[str, Any] = {}
+        if source is not None and params.mode == "edit" and self.info.family == "flux2":
+            # FLUX.2 klein reads its references itself (each scaled to at most 1 MP on its grid) as
+            # tokens beside the picture's: the resident model edits, with no second transformer.
+            extra = {"image": [source, *more]}
+        elif source is not None:
             # Resized here to the job's size (Lanczos): an upscale is this resize, then a light redraw.
             images = [source.resize((params.width, params.height), Image.Resampling.LANCZOS)] * len(seeds)
             if params.mode == "edit":

@@ -102,6 +102,7 @@ def make_recipe(
         max_sequence_length=r.max_sequence_length,
         parent_job=r.parent_job,
         init_image_sha256=r.init_image,
+        reference_sha256s=r.references,
         strength=r.strength,
         kontext_files=kontext_files,
         cache=cache,

@@ -16,6 +16,10 @@ from engine.settings import EngineSettings
 from engine.spec import MAX_SEED, DrawSpec, Mode, SpecLora
 from engine.whitelist import LoraEntry
 
+# How many images an edit may read, per family: FLUX.1 Kontext one; FLUX.2 klein edits with up to
+# four references in the resident model (BFL's klein limit).
+EDIT_REFERENCES = {"flux1": 1, "flux2": 4}
+
 
 @dataclass(frozen=True)
 class Resolution:
@@ -140,6 +144,7 @@ class RequestResolver:
             batch_size=request.batch_size,
             loras=tuple(SpecLora(name=e.name, sha256=e.sha256, weight=w) for e, w in loras),
             init_image=request.init_image,
+            references=request.references,
             strength=self._strength(preset, request, mode),
             cache=cache,
             enhance=self._enhance(preset, request.enhance, mode),
@@ -194,11 +199,24 @@ class RequestResolver:
         self.catalog.lora_uses(spec)
         return preset
 
+    @property
+    def max_references(self) -> int:
+        """How many images an edit may read with this family."""
+        return EDIT_REFERENCES.get(self.family, 1)
+
     def _mode(self, request: GenerationRequest) -> Mode:
         if request.mode == "edit":
             if request.init_image is None:
                 raise RequestError("an edit needs an image to edit")
+            if 1 + len(request.references) > self.max_references:
+                raise RequestError(
+                    "this model edits with at most {most} images (got {count})",
+                    most=self.max_references,
+                    count=1 + len(request.references),
+                )
             return "edit"
+        if request.references:
+            raise RequestError("reference images are for edits")
         if request.mode == "txt2img" and request.init_image is not None:
             raise RequestError("text-to-image takes no input image")
         if request.init_image is not None and self.family != "flux1":

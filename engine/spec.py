@@ -9,7 +9,7 @@ hard limits. This module imports neither torch nor discord: the bot process read
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -21,6 +21,8 @@ Family = Literal["flux1", "flux2"]
 # What the engine does with a spec: draw from text, redraw an input image (img2img: Vary, Upscale,
 # image prompts), or edit one with an instruction (Kontext).
 Mode = Literal["txt2img", "img2img", "edit"]
+Sha256 = Annotated[str, Field(pattern=SHA256)]
+MAX_REFERENCES = 10  # what any FLUX edit model takes at most (FLUX.2's limit); each family has its own
 
 
 class SpecLora(BaseModel):
@@ -55,6 +57,9 @@ class DrawSpec(BaseModel):
     batch_size: int = Field(1, ge=1, le=16)  # images, seeds seed, seed + 1, ...
     loras: tuple[SpecLora, ...] = ()
     init_image: str | None = Field(None, pattern=SHA256)  # img2img and edits: the input PNG's sha256
+    # Edits with a model that reads several reference images (FLUX.2 klein): the ones after
+    # init_image, in the order the user gave them, by the sha256 of their stored PNGs.
+    references: tuple[Sha256, ...] = Field((), max_length=MAX_REFERENCES - 1)
     strength: float | None = Field(None, gt=0.0, le=1.0)  # img2img: how much is redrawn
     cache: StepCacheField = NO_CACHE
     # Prompt enhancement (engine/enhancer.py): asked for, and once made, the expansion the model reads
@@ -74,9 +79,16 @@ class DrawSpec(BaseModel):
             raise ValueError("an img2img spec needs an input image and a strength")
         if self.mode == "edit" and (self.init_image is None or self.strength is not None or self.loras):
             raise ValueError("an edit spec needs an input image, and takes no strength and no LoRAs")
+        if self.references and self.mode != "edit":
+            raise ValueError("only an edit spec takes more reference images")
         if self.enhanced_prompt is not None and not self.enhance:
             raise ValueError("an enhanced prompt belongs to a spec that asked for enhancement")
         return self
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """Every input image the spec draws from, in order (init_image first)."""
+        return ((self.init_image,) if self.init_image else ()) + self.references
 
     @property
     def needs_enhancement(self) -> bool:
@@ -113,6 +125,7 @@ class DrawSpec(BaseModel):
             self.max_sequence_length,
             self.loras,
             self.init_image,
+            self.references,
             self.strength,
             self.cache,
         )

@@ -10,6 +10,7 @@ import discord
 from bot.commands.context import private
 from bot.commands.submit import submit
 from bot.i18n import Language
+from bot.services.studio import JobPicture
 
 if TYPE_CHECKING:
     from bot.client import FluxBot
@@ -102,7 +103,9 @@ class EditModal(discord.ui.Modal):
         client: FluxBot = interaction.client
         studio = client.app.studio
         text, job_id = self.instruction.value, self.job_id
-        await submit(interaction, lambda who, on_stored: studio.edit(who, text, job_id, None, on_stored))
+        await submit(
+            interaction, lambda who, on_stored: studio.edit(who, text, [JobPicture(job_id)], on_stored)
+        )
 
 
 def result_view(tr: Language, job_id: int, edits: bool = False) -> discord.ui.View:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -14,7 +15,7 @@ from bot.commands.submit import submit
 from bot.i18n import Language
 from bot.mentions import NOBODY
 from bot.services.errors import UserError
-from bot.services.studio import EDITS_OFF, OnStored, Requester, Studio, Ticket
+from bot.services.studio import EDITS_OFF, JobPicture, OnStored, Requester, Studio, Ticket
 from engine.messages import Message
 
 if TYPE_CHECKING:
@@ -182,37 +183,69 @@ async def history(
     )
 
 
-@app_commands.command(name="edit", description="Edit a picture with an instruction (FLUX.1 Kontext)")
+@app_commands.command(
+    name="edit", description="Edit pictures with an instruction (FLUX.1 Kontext, or FLUX.2's references)"
+)
 @app_commands.describe(
-    instruction='What to change, e.g. "make it night" or "replace the hat with a crown"',
-    image="The picture to edit (PNG, JPEG or WebP)",
-    job_id="Or: the job whose picture to edit (see /history)",
+    instruction='What to change, e.g. "make it night" or "put the cat from image 2 on the sofa"',
+    job_id="The job whose picture to edit (see /history)",
+    image="Or: the picture to edit (PNG, JPEG or WebP)",
     picture="With job_id: which of its pictures (default 1)",
+    image2="FLUX.2: another reference image",
+    image3="FLUX.2: another reference image",
+    jobs="FLUX.2: more reference jobs after those, e.g. 12 15:2 (job:picture)",
 )
 async def edit(
     interaction: discord.Interaction[FluxBot],
     instruction: str,
-    image: discord.Attachment | None = None,
     job_id: int | None = None,
+    image: discord.Attachment | None = None,
     picture: int = 1,
+    image2: discord.Attachment | None = None,
+    image3: discord.Attachment | None = None,
+    jobs: str | None = None,
 ) -> None:
     studio = _studio(interaction)
+    # The references in the order the options are listed: job_id, image, image2, image3, jobs.
+    order: list[JobPicture | discord.Attachment] = []
     try:
-        if (image is None) == (job_id is None):
-            raise UserError("Give exactly one of image or job_id: the picture to edit.")
         if not studio.edits:
             raise UserError(EDITS_OFF)
-        if image is not None:
-            check_attachment(image, studio.images.max_input_mb)
+        if job_id is not None:
+            order.append(JobPicture(job_id, picture))
+        order += [a for a in (image, image2, image3) if a is not None]
+        order += parse_job_pictures(jobs or "")
+        if not order:
+            raise UserError("Give the image to edit: attach one, or name a job_id.")
+        for attachment in order:
+            if isinstance(attachment, discord.Attachment):
+                check_attachment(attachment, studio.images.max_input_mb)
     except UserError as exc:
         await reply_error(interaction, exc)
         return
 
     async def create(who: Requester, on_stored: OnStored) -> Ticket:
-        stored = await studio.image_prompt(await image.read()) if image is not None else None
-        return await studio.edit(who, instruction, job_id, stored, on_stored, picture)
+        references = [
+            await studio.image_prompt(await item.read()) if isinstance(item, discord.Attachment) else item
+            for item in order
+        ]
+        return await studio.edit(who, instruction, references, on_stored)
 
     await submit(interaction, create)
+
+
+_JOB_PICTURE = re.compile(r"^#?(\d{1,19})(?::(\d{1,2}))?$")
+
+
+def parse_job_pictures(text: str) -> list[JobPicture]:
+    """`12 15:2, #20`: job ids, each with an optional picture number, in order."""
+    found = []
+    for word in text.replace(",", " ").split():
+        match = _JOB_PICTURE.match(word)
+        if match is None:
+            raise UserError("jobs: {word!r} is not a job number (write e.g. 12 or 12:2).", word=word[:20])
+        found.append(JobPicture(int(match[1]), int(match[2] or 1)))
+    return found
 
 
 COMMANDS: list[app_commands.Command[Any, Any, None]] = [imagine, rerun, history, upscale, edit]

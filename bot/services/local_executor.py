@@ -163,13 +163,19 @@ class LocalExecutor:
             return Outcome.interrupted() if handed.interrupted else Outcome.cancelled()
         try:
             spec = job.spec
-            init_image = None
-            if spec.init_image is not None:
+            inputs: list[bytes] = []
+            if spec.inputs:
                 if self.files is None:
                     raise RequestError("this fluxbot keeps no input images")
-                init_image = self.files.read_input(spec.init_image)  # the engine thread: may block
+                inputs = [self.files.read_input(sha) for sha in spec.inputs]  # the engine thread: may block
             (result,) = self.engine.draw(
-                [spec], handed.loras, on_step, handed.cancel, init_image=init_image, preview=self.preview
+                [spec],
+                handed.loras,
+                on_step,
+                handed.cancel,
+                init_image=inputs[0] if inputs else None,
+                preview=self.preview,
+                references=inputs[1:],
             )
         except GenerationCancelled:
             return Outcome.interrupted() if handed.interrupted else Outcome.cancelled()

@@ -195,15 +195,16 @@ class RedisExecutor:
         if not free:
             raise RuntimeError(f"no free {family} worker any more")
         worker = self._choose(free, job)
-        init_image = None
-        if (sha256 := job.spec.init_image) is not None:
+        inputs: list[bytes] = []
+        if job.spec.inputs:
             if self.files is None:
                 raise CannotRun("This fluxbot keeps no input images.")
             try:
-                init_image = await asyncio.to_thread(self.files.read_input, str(sha256))
+                for sha256 in job.spec.inputs:
+                    inputs.append(await asyncio.to_thread(self.files.read_input, sha256))
             except RequestError as exc:
                 raise CannotRun(f"It can't run: {exc}.") from exc
-        payload = self._payload(job, init_image)
+        payload = self._payload(job, inputs)
         job_try, dispatch_no = self._next_try.pop(job.id, (1, 1))
         dispatch = Dispatch(
             job_id=job.id,
@@ -240,7 +241,7 @@ class RedisExecutor:
             key=lambda w: (len(wanted & set(w.resident_loras)), -self._last_assigned.get(w.name, 0.0)),
         )
 
-    def _payload(self, job: Job, init_image: bytes | None = None) -> JobPayload:
+    def _payload(self, job: Job, inputs: Sequence[bytes] = ()) -> JobPayload:
         """Workers never read the bot's database: the spec and its LoRA files travel with the job."""
         try:
             uses = self.rules.lora_uses(job.spec)
@@ -250,7 +251,8 @@ class RedisExecutor:
             job_id=job.id,
             spec=job.spec,
             lora_files={use.name: use.file for use in uses},
-            init_image=base64.b64encode(init_image).decode() if init_image is not None else None,
+            init_image=base64.b64encode(inputs[0]).decode() if inputs else None,
+            references=[base64.b64encode(data).decode() for data in inputs[1:]],
             preview_every_s=self.preview.seconds if self.preview is not None else None,
             preview_every_steps=self.preview.steps if self.preview is not None else None,
         )

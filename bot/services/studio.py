@@ -7,7 +7,7 @@ import functools
 import logging
 import math
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
@@ -79,6 +79,14 @@ class Ticket:
     seed: int
     prompt: str
     warnings: tuple[Message, ...] = ()
+
+
+@dataclass(frozen=True)
+class JobPicture:
+    """One picture of a stored job, as an input (1-based, as users count them)."""
+
+    job_id: int
+    picture: int = 1
 
 
 @dataclass(frozen=True)
@@ -407,29 +415,49 @@ class Studio:
         self,
         who: Requester,
         instruction: str,
-        job_id: int | None = None,
-        image: InputImage | None = None,
+        references: Sequence[JobPicture | InputImage],
         on_stored: OnStored | None = None,
-        picture: int = 1,
     ) -> Ticket:
-        """A FLUX.1 Kontext edit ("make it night") of a job's picture or of an uploaded image, as the
-        asker's own job, with the `kontext` preset where there is one."""
+        """An instruction edit ("make it night") as the asker's own job: FLUX.1 Kontext edits one
+        picture; FLUX.2 klein reads up to four references in the resident model, in the order
+        given. Each reference is a job's picture (which `who` must be able to see: one they may not
+        is "not found") or an uploaded image."""
         if not self.edits:
             raise UserError(EDITS_OFF)
         self._require_kind(who, JobKind.EDIT)
-        parent: Job | None = None
-        if job_id is not None:
-            parent = await self._job(job_id, who)
-            image = await self._drawn(parent, who, picture)
-        if image is None:
-            raise UserError("Give the image to edit: attach one, or name a job_id.")
         resolver = self.resolver_for(who.guild_id)
-        preset = EDIT_PRESET if EDIT_PRESET in resolver.catalog.presets else None
+        if not references:
+            raise UserError("Give the image to edit: attach one, or name a job_id.")
+        if len(references) > 1 and resolver.max_references == 1:
+            raise UserError("FLUX.1 Kontext edits one picture at a time.")
+        if len(references) > resolver.max_references:
+            raise UserError(
+                "This model edits with at most {most} images (you gave {count}).",
+                most=resolver.max_references,
+                count=len(references),
+            )
+        parent: Job | None = None
+        images: list[InputImage] = []
+        for reference in references:
+            if isinstance(reference, JobPicture):
+                job = await self._job(reference.job_id, who)
+                parent = parent or job
+                images.append(await self._drawn(job, who, reference.picture))
+            else:
+                images.append(reference)
+        edit_preset = resolver.catalog.presets.get(EDIT_PRESET)
+        preset = EDIT_PRESET if edit_preset is not None and edit_preset.family == resolver.family else None
         try:
             request = GenerationRequest(
-                prompt=instruction, preset=preset, mode="edit", init_image=image.sha256
+                prompt=instruction,
+                preset=preset,
+                mode="edit",
+                init_image=images[0].sha256,
+                references=tuple(image.sha256 for image in images[1:]),
             )
-            request = request.model_copy(update={"size": self.size_for_input(request, image, who.guild_id)})
+            request = request.model_copy(
+                update={"size": self.size_for_input(request, images[0], who.guild_id)}
+            )
             resolution = resolver.resolve(request)
         except ValidationError as exc:
             raise UserError(first_problem(exc)) from exc

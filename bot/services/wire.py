@@ -45,6 +45,7 @@ class JobPayload(BaseModel):
     spec: DrawSpec
     lora_files: dict[str, str] = {}  # LoRA name -> file; the worker checks each file's sha256
     init_image: str | None = None  # base64 of the input PNG (img2img jobs): workers share no files
+    references: list[str] = []  # base64 of an edit's further reference PNGs, in the spec's order
     preview_every_s: float | None = None  # None: no previews (see engine.preview.PreviewEvery)
     preview_every_steps: int | None = None
 
