@@ -28,7 +28,7 @@ from engine.info import (
     process_rss,
     record_warmup,
 )
-from engine.input_image import decode_input
+from engine.input_image import decode_input, reference_problem
 from engine.kontext import KontextModel, load_kontext
 from engine.loading import LoadedModel, load_pipeline
 from engine.lora_slots import lora_switch
@@ -241,6 +241,10 @@ class FluxEngine:
                 given=len(references),
             )
         more = [decode_input(data, sha) for data, sha in zip(references, first.references, strict=True)]
+        if first.mode == "edit" and self.info.family == "flux2":
+            for image in [source, *more]:
+                if image is not None and (problem := reference_problem(*image.size)) is not None:
+                    raise RequestError(problem)
         with self._lock:
             started = time.perf_counter()
             # 1. LoRAs: resident adapters, switched not reloaded.

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageOps
 
 from engine.errors import RequestError
+from engine.messages import Message
 
 ACCEPTED_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WebP"}
 
@@ -85,3 +86,28 @@ def decode_input(png: bytes, sha256: str) -> Image.Image:
     image = Image.open(io.BytesIO(png))
     image.load()
     return image.convert("RGB")
+
+
+# FLUX.2 klein reads a reference of at least 64 pixels a side and at most 8:1 (diffusers'
+# Flux2ImageProcessor refuses others with a ValueError mid-job).
+REFERENCE_MIN_SIDE = 64
+REFERENCE_MAX_ASPECT = 8.0
+
+
+def reference_problem(width: int, height: int) -> Message | None:
+    """Why a picture cannot be a FLUX.2 reference image, or None."""
+    if min(width, height) < REFERENCE_MIN_SIDE:
+        return Message(
+            "a reference image needs at least {least} pixels a side (this one is {width}x{height})",
+            least=REFERENCE_MIN_SIDE,
+            width=width,
+            height=height,
+        )
+    if max(width, height) > REFERENCE_MAX_ASPECT * min(width, height):
+        return Message(
+            "a reference image may be at most {most:g}:1 (this one is {width}x{height})",
+            most=REFERENCE_MAX_ASPECT,
+            width=width,
+            height=height,
+        )
+    return None

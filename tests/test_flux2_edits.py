@@ -141,6 +141,13 @@ async def test_a_reference_the_user_may_not_see_is_not_found_and_limits_hold(kle
     await fake.wait_for(lambda: is_ephemeral_error(fake, token, "at most 4 images"))
     token = await fake.slash("edit", [opt("instruction", "x"), opt("jobs", "12 twelve", 3)], bob)
     await fake.wait_for(lambda: is_ephemeral_error(fake, token, "'twelve' is not a job number"))
+    tiny = fake.attach(_png((9, 9, 9), (40, 40)), "icon.png", "image/png")
+    token = await fake.slash(
+        "edit", [opt("instruction", "x"), opt("image", tiny["id"], 11)], bob, attachments=[tiny]
+    )
+    await fake.wait_for(
+        lambda: is_ephemeral_error(fake, token, "at least 64 pixels a side (this one is 40x40)")
+    )
     bobs, _ = await klein.app.jobs.history(BOB, 1, 10)
     assert bobs == [], "nothing stored for a refused edit"
 

@@ -27,7 +27,7 @@ from bot.store.jobs import Admission, JobStore, NewJob, Quota
 from bot.store.models import Job, JobKind
 from engine.api import GenerationRequest
 from engine.errors import RequestError, first_problem
-from engine.input_image import InputImage
+from engine.input_image import InputImage, reference_problem
 from engine.messages import Message
 from engine.presets import Preset
 from engine.resolve import RequestResolver
@@ -445,6 +445,10 @@ class Studio:
                 images.append(await self._drawn(job, who, reference.picture))
             else:
                 images.append(reference)
+        if resolver.family == "flux2":
+            for image in images:
+                if (problem := reference_problem(image.width, image.height)) is not None:
+                    raise UserError(problem)
         edit_preset = resolver.catalog.presets.get(EDIT_PRESET)
         preset = EDIT_PRESET if edit_preset is not None and edit_preset.family == resolver.family else None
         try:
