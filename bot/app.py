@@ -114,7 +114,9 @@ async def build_app(
         if engine is None:
             engine = await asyncio.to_thread(FluxEngine.load, settings.engine, settings.data_dir)
         metrics.watch_engine(engine)
-        rules = LiveRules(RequestResolver.with_settings(catalog, settings.engine, engine.info.family))
+        rules = LiveRules(
+            RequestResolver.with_settings(catalog, settings.engine, engine.info.family, engine.info.variant)
+        )
         executor = LocalExecutor(engine, rules, files, preview)
         lora_files = engine.lora_files
     classifier = None

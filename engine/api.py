@@ -118,7 +118,7 @@ class Recipe(BaseModel):
             "edit" if self.kind == "edit" else "img2img" if self.init_image_sha256 else "txt2img"
         )
         return DrawSpec(
-            family="flux2" if self.family == "flux2" else "flux1",
+            family="flux3" if self.family == "flux3" else "flux2" if self.family == "flux2" else "flux1",
             mode=mode,
             preset=self.preset,
             prompt=self.prompt,

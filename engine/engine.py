@@ -19,6 +19,7 @@ from engine.embed_cache import PromptEmbedCache
 from engine.enhancer import EnhancerError, PromptEnhancer, endpoint_enhancer
 from engine.errors import ConfigError, GenerationCancelled, OutOfMemory, RequestError
 from engine.families import Embeds, FamilyAdapter, adapter_for, concat_embeds, repeat_embeds
+from engine.flux3 import flux3_class, flux3_plan, set_guidance
 from engine.hashing import FileHasher
 from engine.info import (
     EngineInfo,
@@ -102,6 +103,8 @@ class FluxEngine:
         attention = choose_attention(settings.attention, device)  # refused before minutes of loading
         source = locate_model(settings, data_dir)
         plan = plan or plan_quant(settings, device, source.is_gguf)
+        if source.kind in ("tiny", "diffusers") and flux3_class(Path(source.location)) is not None:
+            plan = flux3_plan(plan, settings)
         hasher = FileHasher(data_dir / "hashes.json")
         started = time.perf_counter()
         loaded = load_pipeline(source, plan, settings, device)
@@ -117,7 +120,7 @@ class FluxEngine:
             model_hashes(source, hasher),
             attention,
         )
-        resolver = RequestResolver.from_settings(settings, loaded.family)
+        resolver = RequestResolver.from_settings(settings, loaded.family, loaded.variant)
         files = LoraFiles(settings.lora_dir or default_lora_dir(source.models_dir, data_dir), hasher)
         loras = lora_switch(loaded.pipe, files, resolver.catalog, settings, plan)
         engine = cls(loaded, resolver, info, loras, PromptEmbedCache(settings.embed_cache_size))
@@ -227,6 +230,13 @@ class FluxEngine:
         images, in its order; with `preview`, `on_step` gets a JPEG of the picture forming that often.
         Raises GenerationCancelled, OutOfMemory, RequestError."""
         first = self._check(specs)
+        if self.info.family == "flux3" and len(specs) > 1:
+            # FLUX.3 attends to each prompt's own padded window: prompts cannot share one call.
+            return [
+                result
+                for spec in specs
+                for result in self.draw([spec], loras, on_step, cancel, init_image, preview, references)
+            ]
         specs, enhance_notes = self._enhanced(specs)
         uses = list(loras) if loras is not None else self.resolver.catalog.lora_uses(first)
         source = None
@@ -355,7 +365,7 @@ class FluxEngine:
                 params.width,
                 preview,
                 self.preview_decoder,
-                unpack_flux2_latents if self.info.family == "flux2" else unpack_latents,
+                unpack_flux2_latents if self.info.family in ("flux2", "flux3") else unpack_latents,
             )
             if preview is not None and on_step is not None and self.preview_decoder is not None
             else None
@@ -383,6 +393,9 @@ class FluxEngine:
             return tensors
 
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        if self.info.family == "flux3":
+            images = self._run_flux3(params, embeds, negative, generators, step_end, source, more)
+            return _Run(images, last_step[0], params.steps, params.steps, NO_CACHE)
         pipe = self.pipe
         extra: dict[str, Any] = {}
         if source is not None and params.mode == "edit" and self.info.family == "flux2":
@@ -436,6 +449,46 @@ class FluxEngine:
             # true CFG: two transformer calls a step (FluxPipeline caches each on its own)
             computed = min(steps, round(full_runs.calls / (2 if params.true_cfg > 1.0 else 1)))
         return _Run(list(out.images), last_step[0], steps, computed, cache)
+
+    def _run_flux3(
+        self,
+        params: DrawSpec,
+        embeds: Embeds,
+        negative: Embeds | None,
+        generators: list[torch.Generator],
+        step_end: Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]],
+        source: Image.Image | None,
+        more: Sequence[Image.Image],
+    ) -> list[Any]:
+        """FLUX.3's modular pipeline (engine/flux3.py): the same step contract through its step hook;
+        references (edits) as its `image` input, which it reads beside the picture itself."""
+
+        def hook(components: Any, index: int, timestep: Any, latents: torch.Tensor) -> None:
+            step_end(components, index, timestep, {"latents": latents})
+
+        set_guidance(self.pipe, params.true_cfg)
+        extra: dict[str, Any] = {"image": [source, *more]} if source is not None else {}
+        try:
+            with torch.inference_mode():
+                images: list[Any] = self.pipe(
+                    **embeds,
+                    **self._family.call_kwargs(params, negative),
+                    **extra,
+                    height=params.height,
+                    width=params.width,
+                    num_inference_steps=params.steps,
+                    num_images_per_prompt=1,
+                    generator=generators,
+                    step_callback=hook,
+                    output="images",
+                )
+        except torch.OutOfMemoryError as exc:
+            self._free_memory()
+            raise OutOfMemory(
+                f"Out of memory drawing {params.width}x{params.height} with preset {params.preset}: "
+                "try a smaller size or fewer images."
+            ) from exc
+        return images
 
     def _cache_for(self, params: DrawSpec, pipe: Any, from_image: bool) -> StepCache:
         """The cache this job can run with. img2img and Kontext name no transformer call of their

@@ -64,8 +64,25 @@ class Flux2:
         return kwargs
 
 
+@dataclass(frozen=True)
+class Flux3:
+    """FLUX.3 klein: eight stacked Qwen3-VL hidden states; the base model's guidance is real CFG
+    (its guider, from the spec's true_cfg, with an empty prompt's embedding as the negative)."""
+
+    name: str = "flux3"
+
+    def encode(self, pipe: Any, prompt: str, max_sequence_length: int) -> Embeds:
+        from engine.flux3 import encode_prompt
+
+        return {"prompt_embeds": encode_prompt(pipe, prompt, max_sequence_length)}
+
+    def call_kwargs(self, resolved: DrawSpec, negative: Embeds | None) -> dict[str, Any]:
+        return {"negative_prompt_embeds": negative["prompt_embeds"]} if negative is not None else {}
+
+
 def adapter_for(family: str) -> FamilyAdapter:
-    return Flux2() if family == "flux2" else Flux1()
+    adapters: dict[str, FamilyAdapter] = {"flux2": Flux2(), "flux3": Flux3()}
+    return adapters.get(family, Flux1())
 
 
 def repeat_embeds(embeds: Embeds, times: int) -> Embeds:

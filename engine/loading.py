@@ -15,6 +15,7 @@ import torch
 from engine import flux2_files
 from engine.checkpoints import EMBEDDED_KEY_PREFIXES, inspect_checkpoint, read_layout
 from engine.errors import ModelLoadError, QuantizationError
+from engine.flux3 import flux3_class, load_flux3
 from engine.quant import DeviceInfo, QuantPlan, text_encoder_quant_config, transformer_quant_config
 from engine.settings import EngineSettings
 from engine.sources import ModelSource
@@ -61,6 +62,8 @@ def _load_diffusers(source: ModelSource, plan: QuantPlan) -> LoadedModel:
     from diffusers import DiffusionPipeline, PipelineQuantizationConfig
 
     local = source.kind != "hub"
+    if local and flux3_class(Path(source.location)) is not None:
+        return _load_flux3(source, plan)
     try:
         class_name = DiffusionPipeline.load_config(source.location, local_files_only=local)["_class_name"]
     except (OSError, ValueError) as exc:
@@ -87,6 +90,13 @@ def _load_diffusers(source: ModelSource, plan: QuantPlan) -> LoadedModel:
     return LoadedModel(
         pipe, family, variant, Path(source.location).name if source.kind == "tiny" else source.location
     )
+
+
+def _load_flux3(source: ModelSource, plan: QuantPlan) -> LoadedModel:
+    """FLUX.3 klein (a modular pipeline folder), loaded as the plan says (flux3.flux3_plan)."""
+    pipe, variant = load_flux3(Path(source.location), plan.dtype)
+    model_id = Path(source.location).name if source.kind == "tiny" else source.location
+    return LoadedModel(pipe, "flux3", variant, model_id)
 
 
 def _variant_of(pipe: Any, family: str, class_name: str) -> str:

@@ -36,6 +36,9 @@ class Preset(BaseModel):
     name: str
     description: str = ""
     family: Family = "flux1"
+    # The model variants of the family it is made for (FLUX.3 klein's distilled and base models need
+    # other steps and guidance); empty: any.
+    variants: list[str] = Field(default_factory=list)
     steps: int = Field(ge=1, le=200)
     steps_range: tuple[int, int]
     # Flux dev's *distilled* guidance (diffusers' guidance_scale); None for schnell, which has none.

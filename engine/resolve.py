@@ -17,8 +17,8 @@ from engine.spec import MAX_SEED, DrawSpec, Mode, SpecLora
 from engine.whitelist import LoraEntry
 
 # How many images an edit may read, per family: FLUX.1 Kontext one; FLUX.2 klein edits with up to
-# four references in the resident model (BFL's klein limit).
-EDIT_REFERENCES = {"flux1": 1, "flux2": 4}
+# four references in the resident model (BFL's klein limit), FLUX.3 klein with up to ten.
+EDIT_REFERENCES = {"flux1": 1, "flux2": 4, "flux3": 10}
 
 
 @dataclass(frozen=True)
@@ -39,15 +39,20 @@ class RequestResolver:
     max_batch_size: int = 4
     # Whether the engine can enhance prompts (an endpoint is set, or the family has its own upsampler).
     can_enhance: bool = False
+    # The loaded model's variant (klein, klein-base, dev...): presets made for other variants are
+    # refused. None where it is not known here (a bot whose engines are workers): any.
+    variant: str | None = None
 
     @classmethod
-    def from_settings(cls, settings: EngineSettings, family: str = "flux1") -> RequestResolver:
+    def from_settings(
+        cls, settings: EngineSettings, family: str = "flux1", variant: str | None = None
+    ) -> RequestResolver:
         """Presets and whitelist from the settings' files, for a model of `family`."""
-        return cls.with_settings(Catalog.load(settings), settings, family)
+        return cls.with_settings(Catalog.load(settings), settings, family, variant)
 
     @classmethod
     def with_settings(
-        cls, catalog: Catalog, settings: EngineSettings, family: str = "flux1"
+        cls, catalog: Catalog, settings: EngineSettings, family: str = "flux1", variant: str | None = None
     ) -> RequestResolver:
         return cls(
             catalog,
@@ -55,6 +60,7 @@ class RequestResolver:
             settings.max_loras_per_job,
             settings.max_batch_size,
             can_enhance=settings.prompt_enhancer is not None,
+            variant=variant,
         )
 
     def with_catalog(self, catalog: Catalog) -> RequestResolver:
@@ -66,9 +72,9 @@ class RequestResolver:
 
     @property
     def default_preset(self) -> str:
-        """The first preset of the presets file that fits the loaded family."""
+        """The first preset of the presets file that fits the loaded family (and variant)."""
         for name, preset in self.catalog.presets.items():
-            if preset.family == self.family:
+            if preset.family == self.family and self._fits_variant(preset):
                 return name
         raise RequestError("no preset in the presets file is for {family} models", family=self.family)
 
@@ -89,7 +95,17 @@ class RequestResolver:
                 family=preset.family,
                 loaded=self.family,
             )
+        if not self._fits_variant(preset):
+            raise RequestError(
+                "preset {preset} is for {variants}, but the loaded model is {loaded}",
+                preset=name,
+                variants=", ".join(preset.variants),
+                loaded=self.variant,
+            )
         return preset
+
+    def _fits_variant(self, preset: Preset) -> bool:
+        return not preset.variants or self.variant is None or self.variant in preset.variants
 
     def resolve(self, request: GenerationRequest) -> Resolution:
         preset = self.preset(request.preset)

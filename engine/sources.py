@@ -11,7 +11,7 @@ from typing import Literal
 from engine.errors import ModelLoadError
 from engine.file_roles import FileRole, find_by_contents, read_contents
 from engine.settings import EngineSettings
-from engine.tiny import ensure_tiny_model
+from engine.tiny import INDEX_FILES, ensure_tiny_model
 
 SourceKind = Literal["tiny", "diffusers", "hub", "single_file"]
 TRANSFORMER_SUFFIXES = (".safetensors", ".sft", ".gguf")
@@ -59,16 +59,16 @@ def locate_model(settings: EngineSettings, data_dir: Path, build: bool = True) -
     """Decide what `engine.model` names; raises ModelLoadError with the setting to fix.
     build=False (doctor) only says where the tiny model would be built: nothing is written."""
     model = settings.model.strip()
-    if model in ("tiny", "tiny-flux1", "tiny-flux2"):
-        family = "flux2" if model == "tiny-flux2" else "flux1"
+    if model in ("tiny", "tiny-flux1", "tiny-flux2", "tiny-flux3"):
+        family = model.removeprefix("tiny-") if model != "tiny" else "flux1"
         folder = data_dir / "models" / f"tiny-{family}"
         if not build:
-            built = (folder / "model_index.json").is_file()
+            built = any((folder / name).is_file() for name in INDEX_FILES)
             note = [] if built else [f"not built yet: the first run builds it in {folder} (about 5 MB)"]
             return ModelSource("tiny", str(folder), notes=note)
         return ModelSource("tiny", str(ensure_tiny_model(folder, family)))
     path = Path(model).expanduser()
-    if path.is_dir() and (path / "model_index.json").is_file():
+    if path.is_dir() and any((path / name).is_file() for name in INDEX_FILES):
         return ModelSource("diffusers", str(path))
     if path.is_dir():
         return _from_models_dir(path, settings)

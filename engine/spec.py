@@ -17,7 +17,7 @@ from engine.step_cache import NO_CACHE, StepCacheField
 
 MAX_SEED = 2**32 - 1  # A1111/Forge seeds are 32-bit; keeping to that makes recipes portable.
 SHA256 = r"^[0-9a-f]{64}$"
-Family = Literal["flux1", "flux2"]
+Family = Literal["flux1", "flux2", "flux3"]
 # What the engine does with a spec: draw from text, redraw an input image (img2img: Vary, Upscale,
 # image prompts), or edit one with an instruction (Kontext).
 Mode = Literal["txt2img", "img2img", "edit"]

@@ -3,7 +3,8 @@
 Same component classes and latent layout as the real FLUX.1 (16-channel VAE with 8x downsampling,
 2x2 patch packing, CLIP pooled + T5 sequence embeddings), so every code path runs on it; only the
 widths are tiny. Weights are random with a fixed seed, so pictures are noise-like but reproducible.
-`tiny-flux2` is the same for FLUX.2 klein (Qwen3 text encoder).
+`tiny-flux2` is the same for FLUX.2 klein (Qwen3 text encoder), `tiny-flux3` for FLUX.3 klein
+(Qwen3-VL text encoder, step-distilled).
 """
 
 from __future__ import annotations
@@ -198,17 +199,145 @@ def build_tiny_flux2_klein() -> Any:
     )
 
 
-TINY_BUILDERS = {"flux1": build_tiny_flux1, "flux2": build_tiny_flux2_klein}
+# Qwen's chat and vision special tokens: FLUX.3's text encoder reads a chat-templated prompt.
+QWEN_SPECIAL = (
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|endoftext|>",
+)
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+)
+
+
+def qwen_word_tokenizer() -> Any:
+    """A WordLevel tokenizer with Qwen's special tokens (matched before the whitespace split)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1}
+    for word in (*QWEN_SPECIAL, *_WORDS, "user", "assistant", "system"):
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=list(QWEN_SPECIAL),
+        model_max_length=8192,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_flux3_klein(distilled: bool = True) -> Any:
+    """A FLUX.3 klein modular pipeline (Qwen3-VL text encoder with the 32 layers whose hidden states
+    FLUX.3 stacks, FLUX.2's 32-channel VAE) with random weights; step-distilled (flow map) or base."""
+    from diffusers import (
+        AutoencoderKLFlux2,
+        Flux3AutoBlocks,
+        Flux3DistilledAutoBlocks,
+        Flux3Transformer2DModel,
+    )
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(TINY_SEED)
+    tokenizer = qwen_word_tokenizer()
+    ids = tokenizer.convert_tokens_to_ids
+    hidden = 16
+    text_encoder = Qwen3VLForConditionalGeneration(
+        Qwen3VLConfig(
+            text_config={
+                "vocab_size": 256,
+                "hidden_size": hidden,
+                "intermediate_size": 16,
+                "num_hidden_layers": 32,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 2,
+                "head_dim": 8,
+                "max_position_embeddings": 8192,
+                "rope_parameters": {
+                    "rope_type": "default",
+                    "rope_theta": 1e6,
+                    "mrope_section": [2, 1, 1],
+                    "mrope_interleaved": True,
+                },
+                "pad_token_id": 0,
+            },
+            vision_config={
+                "depth": 1,
+                "hidden_size": 16,
+                "intermediate_size": 16,
+                "num_heads": 2,
+                "out_hidden_size": hidden,
+                "patch_size": 16,
+                "num_position_embeddings": 16,
+                "deepstack_visual_indexes": [0],
+            },
+            image_token_id=ids("<|image_pad|>"),
+            video_token_id=ids("<|video_pad|>"),
+            vision_start_token_id=ids("<|vision_start|>"),
+            vision_end_token_id=ids("<|vision_end|>"),
+        )
+    )
+    transformer = Flux3Transformer2DModel(
+        in_channels=128,
+        cond_in_channels=128,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=8 * hidden,  # eight stacked hidden states
+        timestep_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),
+        flow_map=distilled,
+    )
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=32,
+        norm_num_groups=4,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        mid_block_add_attention=False,
+    )
+    for module in (text_encoder, transformer, vae):
+        module.eval()
+    blocks = Flux3DistilledAutoBlocks() if distilled else Flux3AutoBlocks()
+    blocks.sub_blocks.pop("prompt_upsampler")
+    pipe = blocks.init_pipeline()
+    pipe.update_components(text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae)
+    return pipe
+
+
+TINY_BUILDERS = {
+    "flux1": build_tiny_flux1,
+    "flux2": build_tiny_flux2_klein,
+    "flux3": build_tiny_flux3_klein,
+}
+INDEX_FILES = ("model_index.json", "modular_model_index.json")  # FLUX.3 is a modular pipeline
 
 
 def ensure_tiny_model(directory: Path, family: str = "flux1") -> Path:
     """The tiny model's diffusers folder, built and saved there on first use."""
-    if (directory / "model_index.json").is_file():
+    if any((directory / name).is_file() for name in INDEX_FILES):
         return directory
     log.info("building the tiny random-weight %s model in %s", family, directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.with_name(directory.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    TINY_BUILDERS[family]().save_pretrained(tmp)
+    pipe = TINY_BUILDERS[family]()
+    if family == "flux3":
+        pipe.save_pretrained(str(tmp), overwrite_modular_index=True)
+    else:
+        pipe.save_pretrained(tmp)
     tmp.replace(directory)  # atomic: a half-written model is never mistaken for a whole one
     return directory

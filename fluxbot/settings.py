@@ -68,7 +68,7 @@ class WorkerSettings(BaseModel):
     )
     job_timeout_s: float = Field(900.0, gt=0, le=86400, description="arq cancels a job running this long")
     max_tries: int = Field(2, ge=1, le=10, description="runs per job when workers die (2 = one retry)")
-    family: Literal["auto", "flux1", "flux2"] = Field(
+    family: Literal["auto", "flux1", "flux2", "flux3"] = Field(
         "auto",
         description="model family the bot checks requests against when it holds no engine; "
         "auto: flux2 for 'tiny-flux2', else flux1",
@@ -201,7 +201,8 @@ class Settings(BaseSettings):
         """The family the bot checks requests against when the engines live in workers."""
         if self.workers.family != "auto":
             return self.workers.family
-        return "flux2" if self.engine.model == "tiny-flux2" else "flux1"
+        tiny = {"tiny-flux2": "flux2", "tiny-flux3": "flux3"}
+        return tiny.get(self.engine.model, "flux1")
 
     @field_validator("admin_permission")
     @classmethod

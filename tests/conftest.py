@@ -64,6 +64,25 @@ steps_range = [1, 8]
 width = 64
 height = 64
 megapixels_range = [0.001, 4.2]
+
+[flux3-distilled]
+family = "flux3"
+variants = ["klein"]
+steps = 3
+steps_range = [1, 16]
+width = 64
+height = 64
+megapixels_range = [0.001, 4.2]
+
+[flux3]
+family = "flux3"
+variants = ["klein-base"]
+steps = 3
+steps_range = [1, 16]
+true_cfg = 4.0
+width = 64
+height = 64
+megapixels_range = [0.001, 4.2]
 """
 
 

@@ -1,0 +1,192 @@
+"""FLUX.3 klein, which diffusers 0.42 ships only as a modular pipeline (Flux3ModularPipeline and the
+step-distilled, flow-map Flux3DistilledModularPipeline), driven as diffusers documents it.
+
+What differs from the FLUX.1/FLUX.2 pipelines, and how the engine keeps its one contract:
+- no `callback_on_step_end`: a block appended to each denoise loop calls the engine's step callback
+  after every scheduler step (progress, previews, cancel by raising, the memory cap);
+- the prompt upsampler step (a Qwen3.5 fine-tune) is taken out: prompts are enhanced by the engine's
+  enhancer, and stored, so reruns do not ask again;
+- the text-encoder step is taken out: the engine encodes prompts itself with diffusers' own
+  `Flux3TextEncoderStep._get_qwen3_vl_prompt_embeds` (so its embedding cache works), and hands the
+  pipeline `prompt_embeds`;
+- the `tokenizer` component is a Qwen3-VL processor in the real checkpoint, whose video part needs
+  torchvision; the text step uses only its chat template and its tokenizer, so a plain tokenizer is
+  wrapped to offer exactly that.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.errors import ModelLoadError, QuantizationError
+from engine.quant import QuantPlan
+from engine.settings import EngineSettings
+
+log = logging.getLogger(__name__)
+
+MODULAR_INDEX = "modular_model_index.json"
+FLUX3_PIPELINES = {"Flux3ModularPipeline": "klein-base", "Flux3DistilledModularPipeline": "klein"}
+HIDDEN_STATE_LAYERS = (4, 8, 12, 16, 20, 24, 28, 32)  # what FLUX.3 stacks into its prompt embedding
+PAD_MULTIPLE = 80  # the prompt window rounds up to this; the transformer attends to the padding
+StepHook = Callable[[Any, int, Any, torch.Tensor], None]  # (components, step index, timestep, latents)
+
+
+class QwenChatProcessor:
+    """What FLUX.3's text step uses of its processor: the chat template and the tokenizer."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def apply_chat_template(self, *args: Any, **kwargs: Any) -> Any:
+        return self.tokenizer.apply_chat_template(*args, **kwargs)
+
+    def decode(self, *args: Any, **kwargs: Any) -> Any:
+        return self.tokenizer.decode(*args, **kwargs)
+
+
+def flux3_class(location: Path) -> str | None:
+    """The FLUX.3 pipeline class a folder's modular index names, or None when it is no FLUX.3 folder."""
+    index = location / MODULAR_INDEX
+    if not index.is_file():
+        return None
+    try:
+        name = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {index}: {exc}") from exc
+    return name if name in FLUX3_PIPELINES else None
+
+
+def _step_end_block() -> Any:
+    from diffusers.modular_pipelines import InputParam, ModularPipelineBlocks
+
+    class StepEnd(ModularPipelineBlocks):  # type: ignore[misc]
+        """After each scheduler step: the engine's callback (raising stops the run; nothing decodes)."""
+
+        model_name = "flux3"
+
+        @property
+        def description(self) -> str:
+            return "Calls step_callback(components, i, t, latents) after each scheduler step."
+
+        @property
+        def inputs(self) -> list[Any]:
+            return [InputParam("step_callback", required=False, description="the engine's step callback")]
+
+        @property
+        def intermediate_outputs(self) -> list[Any]:
+            return []
+
+        def __call__(self, components: Any, block_state: Any, i: int, t: torch.Tensor) -> Any:
+            if block_state.step_callback is not None:
+                block_state.step_callback(components, i, t, block_state.latents)
+            return components, block_state
+
+    return StepEnd()
+
+
+def load_flux3(location: Path, dtype: torch.dtype) -> tuple[Flux3Model, str]:
+    """The FLUX.3 pipeline of a diffusers (modular) folder, and its variant (klein, klein-base)."""
+    from diffusers import Flux3AutoBlocks, Flux3DistilledAutoBlocks
+    from diffusers.modular_pipelines.flux3.encoders import Flux3TextEncoderStep
+    from transformers import AutoTokenizer
+
+    name = flux3_class(location)
+    if name is None:
+        raise ModelLoadError(f"{location} is not a FLUX.3 modular pipeline folder")
+    variant = FLUX3_PIPELINES[name]
+    blocks = Flux3DistilledAutoBlocks() if variant == "klein" else Flux3AutoBlocks()
+    for step in ("prompt_upsampler", "text_encoder"):
+        if step in blocks.sub_blocks:
+            blocks.sub_blocks.pop(step)
+    for workflow in ("image_conditioned", "text2image"):
+        loop = blocks.sub_blocks["denoise"].sub_blocks[workflow].sub_blocks["denoise"]
+        loop.sub_blocks.insert("step_end", _step_end_block(), len(loop.sub_blocks))
+        loop.set_progress_bar_config(disable=True)  # the pipeline's own setting does not reach it
+    # The blocks log an error with a traceback at every nesting level when a step raises, which a
+    # cancelled job does on purpose: the engine logs what actually failed.
+    logging.getLogger("diffusers.modular_pipelines.modular_pipeline").setLevel(logging.CRITICAL)
+    try:
+        pipe = blocks.init_pipeline(str(location))
+        pipe.load_components(dtype=dtype)
+        # The text encoder is the text step's component, loaded by that step's own spec; its
+        # processor's tokenizer and chat template are all the step uses (see the module's docstring).
+        encoder = Flux3TextEncoderStep().init_pipeline(str(location))
+        encoder.load_components(names=["text_encoder"], dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(location), subfolder="tokenizer")
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"cannot load {location}: {str(exc).splitlines()[0][:300]}") from exc
+    pipe.set_progress_bar_config(disable=True)
+    return Flux3Model(pipe, encoder.text_encoder.eval(), QwenChatProcessor(tokenizer)), variant
+
+
+class Flux3Model:
+    """The FLUX.3 modular pipeline with its text encoder beside it: the pipeline takes prompt
+    embeddings, which the engine makes (and caches). Everything else is the pipeline's own."""
+
+    def __init__(self, pipe: Any, text_encoder: Any, tokenizer: QwenChatProcessor) -> None:
+        self.pipe = pipe
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+
+    def __call__(self, **kwargs: Any) -> Any:
+        return self.pipe(**kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # transformer, vae, scheduler, LoRA methods, guider...
+        return getattr(self.pipe, name)
+
+    def to(self, device: str) -> Flux3Model:
+        self.pipe.to(device)
+        self.text_encoder.to(device)
+        return self
+
+
+def encode_prompt(pipe: Any, prompt: str, max_sequence_length: int) -> torch.Tensor:
+    """FLUX.3's prompt embedding, by diffusers' own text step (chat template, the window rounded up to
+    80 tokens, eight hidden states stacked)."""
+    from diffusers.modular_pipelines.flux3.encoders import Flux3TextEncoderStep
+
+    embeds: torch.Tensor = Flux3TextEncoderStep._get_qwen3_vl_prompt_embeds(
+        pipe.text_encoder,
+        pipe.tokenizer,
+        prompt,
+        pipe.text_encoder.device,
+        max_sequence_length=max(max_sequence_length, PAD_MULTIPLE),
+        pad_multiple=PAD_MULTIPLE,
+        hidden_states_layers=HIDDEN_STATE_LAYERS,
+    )
+    return embeds
+
+
+def set_guidance(pipe: Any, guidance: float | None) -> None:
+    """The base model's classifier-free guidance (its guider component); the distilled one has none."""
+    if "guider" not in pipe.component_names or guidance is None:
+        return
+    from diffusers import ClassifierFreeGuidance
+
+    if getattr(pipe.guider, "guidance_scale", None) != guidance:
+        pipe.update_components(guider=ClassifierFreeGuidance(guidance_scale=guidance))
+
+
+def flux3_plan(plan: QuantPlan, settings: EngineSettings) -> QuantPlan:
+    """FLUX.3 is held unquantized and on the device: the quantization tiers and CPU offload (which
+    modular pipelines do through a ComponentsManager) are not wired for it yet. `auto` says so in
+    the plan's reason; a tier the operator set is refused, not silently dropped."""
+    asked = [f"quant = {settings.quant!r}"] if settings.quant not in ("auto", "bf16") else []
+    if settings.text_encoder_quant not in ("auto", "none"):
+        asked.append(f"text_encoder_quant = {settings.text_encoder_quant!r}")
+    if settings.cpu_offload not in ("auto", "none"):
+        asked.append(f"cpu_offload = {settings.cpu_offload!r}")
+    if asked:
+        raise QuantizationError(
+            f"FLUX.3 loads unquantized and without offload for now: unset {', '.join(asked)} "
+            "(auto, bf16 and none work)"
+        )
+    reason = f"{plan.reason}; FLUX.3: unquantized, no offload (the tiers are not wired for it yet)"
+    return replace(plan, transformer="bf16", text_encoder="none", cpu_offload="none", reason=reason)

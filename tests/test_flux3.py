@@ -1,0 +1,149 @@
+"""FLUX.3 klein (diffusers' modular pipelines) behind the same engine API, on tiny random-weight models
+built from config: distilled and base, progress, previews, cancel, batching, reruns, edits."""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.api import GenerationRequest, StepProgress
+from engine.engine import FluxEngine
+from engine.errors import GenerationCancelled, QuantizationError, RequestError
+from engine.input_image import InputImage, normalize_input_image
+from engine.preview import PreviewEvery
+from engine.settings import EngineSettings
+from engine.tiny import build_tiny_flux3_klein
+from tests.conftest import pixels
+
+
+@pytest.fixture(scope="module")
+def flux3(make_settings: Callable[..., EngineSettings], data_dir: Path) -> FluxEngine:
+    return FluxEngine.load(make_settings(model="tiny-flux3"), data_dir)
+
+
+@pytest.fixture(scope="module")
+def flux3_base(
+    make_settings: Callable[..., EngineSettings], data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> FluxEngine:
+    folder = tmp_path_factory.mktemp("flux3-base") / "tiny-flux3-base"
+    build_tiny_flux3_klein(distilled=False).save_pretrained(str(folder), overwrite_modular_index=True)
+    return FluxEngine.load(make_settings(model=str(folder)), data_dir)
+
+
+def test_flux3_draws_through_the_same_api_with_its_own_preset_and_reruns_exactly(flux3: FluxEngine) -> None:
+    seen: list[StepProgress] = []
+    result = flux3.generate(GenerationRequest(prompt="a red cat", seed=3), on_step=seen.append)
+
+    recipe = result.recipes[0]
+    assert (recipe.family, recipe.variant, recipe.preset, recipe.steps) == (
+        "flux3",
+        "klein",
+        "flux3-distilled",
+        3,
+    )
+    assert result.images[0].size == (64, 64) and pixels(result.images[0]).std() > 0
+    assert [(p.step, p.total) for p in seen] == [(1, 3), (2, 3), (3, 3)]
+    again = flux3.draw([recipe.spec()])[0]
+    assert again.timings.embeds_cached
+    assert np.array_equal(pixels(again.images[0]), pixels(result.images[0]))
+    other = flux3.generate(GenerationRequest(prompt="a red cat", seed=4))
+    assert not np.array_equal(pixels(other.images[0]), pixels(result.images[0]))
+
+
+def test_flux3_is_diffusers_own_pipeline_call(flux3: FluxEngine) -> None:
+    """The engine's picture is the modular pipeline's own, called as diffusers documents it (with the
+    prompt embeddings of diffusers' own text step)."""
+    from engine.flux3 import encode_prompt
+
+    result = flux3.generate(GenerationRequest(prompt="a blue owl", seed=8))
+    embeds = encode_prompt(flux3.pipe, "a blue owl", 512)
+    direct = flux3.pipe.pipe(
+        prompt_embeds=embeds,
+        height=64,
+        width=64,
+        num_inference_steps=3,
+        generator=torch.Generator("cpu").manual_seed(8),
+        output="images",
+    )[0]
+
+    assert np.array_equal(pixels(result.images[0]), pixels(direct))
+
+
+def test_flux3_batches_split_by_prompt_and_previews_and_cancel_work(flux3: FluxEngine) -> None:
+    short = GenerationRequest(prompt="a fox", seed=1)
+    long = GenerationRequest(prompt="a fox " + "in a misty forest near the river " * 12, seed=2)
+    batch = flux3.generate_batch([short, long])
+    alone = [flux3.generate(short), flux3.generate(long)]
+    assert [
+        np.array_equal(pixels(b.images[0]), pixels(a.images[0])) for b, a in zip(batch, alone, strict=True)
+    ] == [
+        True,
+        True,
+    ]
+
+    seen: list[StepProgress] = []
+    flux3.generate(short, on_step=seen.append, preview=PreviewEvery(seconds=0.0))
+    shown = [p.preview for p in seen if p.preview]
+    from PIL import Image
+
+    assert shown and Image.open(io.BytesIO(shown[0])).format == "JPEG"
+
+    cancel = threading.Event()
+    with pytest.raises(GenerationCancelled):
+        flux3.generate(short, on_step=lambda p: cancel.set(), cancel=cancel)
+    assert np.array_equal(pixels(flux3.generate(short).images[0]), pixels(alone[0].images[0])), (
+        "still serving"
+    )
+
+
+def test_flux3_base_runs_real_guidance_and_presets_follow_the_variant(
+    flux3: FluxEngine, flux3_base: FluxEngine
+) -> None:
+    result = flux3_base.generate(GenerationRequest(prompt="a castle", seed=5))
+
+    recipe = result.recipes[0]
+    assert (recipe.variant, recipe.preset, recipe.true_cfg) == ("klein-base", "flux3", 4.0)
+    assert flux3_base.pipe.guider.guidance_scale == 4.0
+    with pytest.raises(RequestError, match="preset flux3 is for klein-base, but the loaded model is klein"):
+        flux3.resolve(GenerationRequest(prompt="a castle", preset="flux3"))
+    with pytest.raises(RequestError, match="preset dev is for flux1"):
+        flux3.resolve(GenerationRequest(prompt="a castle", preset="dev"))
+    with pytest.raises(RequestError, match="step caches are not wired for FLUX.3"):
+        flux3.resolve(GenerationRequest(prompt="a castle", cache="fbcache:0.1"))
+
+
+def test_flux3_edits_with_references_in_the_resident_model(flux3: FluxEngine) -> None:
+    from PIL import Image
+
+    def reference(seed: int, size: tuple[int, int]) -> InputImage:
+        rng = np.random.default_rng(seed)
+        data = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(data, "PNG")
+        return normalize_input_image(data.getvalue(), max_bytes=10**7, max_pixels=10**7)
+
+    first, second = reference(1, (96, 64)), reference(2, (64, 64))
+    request = GenerationRequest(
+        prompt="make it night",
+        mode="edit",
+        size="96x64",
+        seed=2,
+        init_image=first.sha256,
+        references=(second.sha256,),
+    )
+    result = flux3.generate(request, init_image=first.png, references=[second.png])
+
+    assert result.images[0].size == (96, 64)
+    assert result.recipes[0].reference_sha256s == (second.sha256,)
+
+
+def test_flux3_refuses_quantization_it_cannot_do_yet(
+    make_settings: Callable[..., EngineSettings], data_dir: Path
+) -> None:
+    with pytest.raises(QuantizationError, match="FLUX.3 loads unquantized .* quant = 'int8'"):
+        FluxEngine.load(make_settings(model="tiny-flux3", quant="int8"), data_dir)
