@@ -137,8 +137,8 @@ async def build_app(
         blocked,
         files,
         settings.images,
-        # FLUX.1 edits with Kontext beside the model; FLUX.2 klein edits with the resident model.
-        edits=settings.engine.kontext is not None or rules.resolver.family == "flux2",
+        # FLUX.1 edits with Kontext beside the model; FLUX.2 and FLUX.3 klein with the resident model.
+        edits=settings.engine.kontext is not None or rules.resolver.family in ("flux2", "flux3"),
     )
     dispatcher.server_weight = studio.server_weight  # servers share the GPU by the rules admins set
     studio.flagged_default = settings.safety.flagged_action

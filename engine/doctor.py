@@ -12,6 +12,7 @@ import torch
 
 from engine.checkpoints import describe_layout, inspect_checkpoint
 from engine.errors import EngineError, LoraError
+from engine.flux3 import FLUX3_PIPELINES, flux3_class, flux3_plan
 from engine.hashing import FileHasher
 from engine.info import last_warmup
 from engine.lora_layout import lora_layout
@@ -67,8 +68,35 @@ def run_doctor(settings: EngineSettings, data_dir: Path) -> DoctorReport:
     return report
 
 
+def folder_family(folder: Path) -> str | None:
+    """What a diffusers folder holds, from its index alone (nothing loaded): family and variant."""
+    import json
+
+    if (name := flux3_class(folder)) is not None:
+        return f"FLUX.3 {FLUX3_PIPELINES[name]} ({name}, a modular pipeline)"
+
+    def read(path: Path) -> dict[str, object]:
+        try:
+            value = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return value if isinstance(value, dict) else {}
+
+    index = read(folder / "model_index.json")
+    name = str(index.get("_class_name", ""))
+    if name == "Flux2KleinPipeline":
+        return f"FLUX.2 {'klein' if index.get('is_distilled') else 'klein-base'} ({name})"
+    if name == "Flux2Pipeline":
+        return f"FLUX.2 dev ({name})"
+    if name == "FluxPipeline":
+        guidance = read(folder / "transformer" / "config.json").get("guidance_embeds")
+        return f"FLUX.1 {'dev' if guidance else 'schnell'} ({name})"
+    return None
+
+
 def _enhancer(report: DoctorReport, settings: EngineSettings) -> None:
-    """The prompt enhancer as configured (not called: doctor asks no one anything)."""
+    """The prompt enhancer as configured (not called: doctor asks no one anything). FLUX.3's own
+    upsampler (flux-3-image-klein-pup) is not wired: its step is taken out of the pipeline."""
     if not settings.prompt_enhancer:
         report.add("ok", "enhancer", "off (engine.prompt_enhancer unset: enhance:true is refused)")
         return
@@ -143,6 +171,8 @@ def _model(report: DoctorReport, settings: EngineSettings, data_dir: Path) -> Mo
         report.add("fail", "model", str(exc))
         return None
     report.add("ok", "model", f"{source.kind}: {source.location}")
+    if source.kind in ("tiny", "diffusers") and (family := folder_family(Path(source.location))) is not None:
+        report.add("ok", "family", family)
     for note in source.notes:
         report.add("ok", "model file", note)
     if source.kind == "single_file":
@@ -164,6 +194,11 @@ def _quant(
 ) -> None:
     try:
         plan = plan_quant(settings, device, source is not None and source.is_gguf)
+        folder = (
+            Path(source.location) if source is not None and source.kind in ("tiny", "diffusers") else None
+        )
+        if folder is not None and flux3_class(folder) is not None:
+            plan = flux3_plan(plan, settings)
     except EngineError as exc:
         report.add("fail", "quant", str(exc))
         return

@@ -85,6 +85,10 @@ class ResidentLoras:
                 load_text_encoder_lora(self._pipe.text_encoder, tensors.text_encoder, name)
             if tensors.transformer:
                 self._pipe.load_lora_weights(tensors.transformer, adapter_name=name)
+            if not any(name in names for names in self._pipe.get_list_adapters().values()):
+                # diffusers only warns when no key of a file fits the model (a kohya file for FLUX.3):
+                # such a LoRA would change nothing, so it is refused.
+                raise KeyError("none of its tensors fit the model's layers")
         except (ValueError, KeyError, RuntimeError) as exc:
             self._remove(name)  # a half-loaded LoRA would stay active in one component
             raise LoraError(

@@ -147,3 +147,86 @@ def test_flux3_refuses_quantization_it_cannot_do_yet(
 ) -> None:
     with pytest.raises(QuantizationError, match="FLUX.3 loads unquantized .* quant = 'int8'"):
         FluxEngine.load(make_settings(model="tiny-flux3", quant="int8"), data_dir)
+
+
+def _flux3_lora(folder: Path, out: Path, seed: int) -> Path:
+    """A random LoRA for the tiny FLUX.3 transformer's attention, made with peft, in diffusers' layout."""
+    from diffusers import Flux3Transformer2DModel
+    from peft import LoraConfig, get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    transformer = Flux3Transformer2DModel.from_pretrained(folder, subfolder="transformer")
+    transformer.add_adapter(
+        LoraConfig(
+            r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"]
+        )
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({f"transformer.{k}": v for k, v in get_peft_model_state_dict(transformer).items()}, out)
+    return out
+
+
+def test_a_lora_on_flux3_changes_the_picture_and_switching_it_off_restores_it(
+    make_settings: Callable[..., EngineSettings], data_dir: Path, tmp_path: Path
+) -> None:
+    from engine.api import LoraChoice
+    from engine.errors import LoraError
+    from engine.tiny import ensure_tiny_model
+    from tests.lora_support import sha, whitelist_toml
+
+    folder = ensure_tiny_model(data_dir / "models" / "tiny-flux3", "flux3")
+    lora = _flux3_lora(folder, tmp_path / "Lora" / "glow3.safetensors", 1)
+    kohya = tmp_path / "Lora" / "kohya.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_single_blocks_0_linear1.lora_down.weight": torch.zeros(4, 16)}, kohya)
+    whitelist = tmp_path / "loras.toml"
+    whitelist.write_text(
+        whitelist_toml(
+            {
+                "glow3": {"file": "glow3.safetensors", "sha256": sha(lora), "families": ["flux3"]},
+                "kohya": {"file": "kohya.safetensors", "sha256": sha(kohya), "families": ["flux3"]},
+            }
+        )
+    )
+    engine = FluxEngine.load(
+        make_settings(model="tiny-flux3", loras_file=whitelist, lora_dir=tmp_path / "Lora"), data_dir
+    )
+    plain = GenerationRequest(prompt="a cat", seed=6)
+
+    before = pixels(engine.generate(plain).images[0])
+    styled = engine.generate(plain.model_copy(update={"loras": (LoraChoice(name="glow3", weight=1.0),)}))
+    after = pixels(engine.generate(plain).images[0])
+    tagged = engine.generate(GenerationRequest(prompt="a cat <lora:glow3:1>", seed=6))
+
+    assert not np.array_equal(before, pixels(styled.images[0]))
+    assert np.array_equal(before, after)
+    assert np.array_equal(pixels(styled.images[0]), pixels(tagged.images[0]))
+    assert [lo.name for lo in styled.recipes[0].loras] == ["glow3"]
+    with pytest.raises(LoraError, match="LoRA kohya: does not fit this model"):
+        engine.generate(plain.model_copy(update={"loras": (LoraChoice(name="kohya"),)}))
+    assert np.array_equal(before, pixels(engine.generate(plain).images[0])), (
+        "a refused LoRA leaves nothing behind"
+    )
+
+
+def test_doctor_names_family_variant_and_upsampler(
+    make_settings: Callable[..., EngineSettings], data_dir: Path, flux3: FluxEngine
+) -> None:
+    from engine.doctor import run_doctor
+    from engine.tiny import ensure_tiny_model
+
+    ensure_tiny_model(data_dir / "models" / "tiny-flux2", "flux2")
+    ensure_tiny_model(data_dir / "models" / "tiny-flux1", "flux1")
+    for model, family in (
+        ("tiny-flux3", "FLUX.3 klein (Flux3DistilledModularPipeline, a modular pipeline)"),
+        ("tiny-flux2", "FLUX.2 klein (Flux2KleinPipeline)"),
+        ("tiny", "FLUX.1 dev (FluxPipeline)"),
+    ):
+        report = run_doctor(make_settings(model=model), data_dir).render()
+        assert "family" in report and family in report, report
+    report = run_doctor(
+        make_settings(model="tiny-flux3", prompt_enhancer="http://127.0.0.1:9/v1"), data_dir
+    ).render()
+    assert "llama3.2 at http://127.0.0.1:9/v1" in report and "FLUX.3: unquantized" in report
