@@ -96,7 +96,15 @@ def folder_family(folder: Path) -> str | None:
 
 def _enhancer(report: DoctorReport, settings: EngineSettings) -> None:
     """The prompt enhancer as configured (not called: doctor asks no one anything). FLUX.3's own
-    upsampler (flux-3-image-klein-pup) is not wired: its step is taken out of the pipeline."""
+    upsampler, where set, is named first: it serves enhance:true on a FLUX.3 host."""
+    if settings.prompt_upsampler is not None:
+        where = settings.prompt_upsampler
+        if where != "tiny" and not (Path(where) / "config.json").is_file():
+            report.add("fail", "upsampler", f"engine.prompt_upsampler: no model folder at {where}")
+        else:
+            report.add(
+                "ok", "upsampler", f"FLUX.3's own prompt upsampler: {where} (greedy, BFL's system prompt)"
+            )
     if not settings.prompt_enhancer:
         report.add("ok", "enhancer", "off (engine.prompt_enhancer unset: enhance:true is refused)")
         return

@@ -19,7 +19,7 @@ from engine.embed_cache import PromptEmbedCache
 from engine.enhancer import EnhancerError, PromptEnhancer, endpoint_enhancer
 from engine.errors import ConfigError, GenerationCancelled, OutOfMemory, RequestError
 from engine.families import Embeds, FamilyAdapter, adapter_for, concat_embeds, repeat_embeds
-from engine.flux3 import flux3_class, flux3_plan, set_guidance
+from engine.flux3 import Flux3Upsampler, flux3_class, flux3_plan, set_guidance
 from engine.hashing import FileHasher
 from engine.info import (
     EngineInfo,
@@ -55,6 +55,7 @@ from engine.speed import (
     compiled_graphs,
 )
 from engine.step_cache import NO_CACHE, StepCache
+from engine.tiny import ensure_tiny_upsampler
 from engine.whitelist import LoraFiles, LoraUse, default_lora_dir
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,18 @@ class FluxEngine:
         engine.set_memory_cap(settings.memory_cap_gb)
         engine.vae_tiling_above_mp = settings.vae_tiling_above_megapixels
         engine.enhancer = endpoint_enhancer(settings)
+        if settings.prompt_upsampler is not None:
+            if loaded.family != "flux3":
+                raise ConfigError(
+                    "engine.prompt_upsampler is FLUX.3's; for other models use engine.prompt_enhancer"
+                )
+            where = settings.prompt_upsampler
+            folder = (
+                ensure_tiny_upsampler(data_dir / "models" / "tiny-flux3-pup")
+                if where == "tiny"
+                else Path(where)
+            )
+            engine.enhancer = Flux3Upsampler.load(folder, device.device, plan.dtype)
         if loaded.family == "flux1" or settings.preview in ("latent", "off"):  # TAEF1 is FLUX.1's
             engine.preview_decoder = preview_decoder(settings.preview, device.device, plan.dtype)
         else:

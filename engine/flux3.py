@@ -190,3 +190,47 @@ def flux3_plan(plan: QuantPlan, settings: EngineSettings) -> QuantPlan:
         )
     reason = f"{plan.reason}; FLUX.3: unquantized, no offload (the tiers are not wired for it yet)"
     return replace(plan, transformer="bf16", text_encoder="none", cpu_offload="none", reason=reason)
+
+
+class Flux3Upsampler:
+    """FLUX.3's own prompt upsampler (black-forest-labs/flux-3-image-klein-pup, a Qwen3.5 fine-tune)
+    as the engine's enhancer: diffusers' `upsample_prompt`, with BFL's system prompt and greedy
+    decoding, what the pipeline's upsampler step runs. Text-to-image prompts only: the processor is the
+    tokenizer's chat template (no image processor, which needs torchvision)."""
+
+    def __init__(self, model: Any, tokenizer: Any, location: str, max_new_tokens: int = 512) -> None:
+        self.model = model
+        self.processor = QwenChatProcessor(tokenizer)
+        self.location = location
+        self.max_new_tokens = max_new_tokens
+
+    @property
+    def name(self) -> str:
+        return f"FLUX.3's prompt upsampler ({self.location})"
+
+    @classmethod
+    def load(cls, location: Path, device: str, dtype: torch.dtype) -> Flux3Upsampler:
+        from transformers import AutoTokenizer, Qwen3_5ForConditionalGeneration
+
+        try:
+            model = Qwen3_5ForConditionalGeneration.from_pretrained(str(location), dtype=dtype).to(device)
+            tokenizer = AutoTokenizer.from_pretrained(str(location))
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(
+                f"engine.prompt_upsampler: cannot load {location}: {str(exc).splitlines()[0][:200]}"
+            ) from exc
+        return cls(model.eval(), tokenizer, location.name)
+
+    def enhance(self, prompt: str) -> str:
+        from diffusers.modular_pipelines.flux3.prompt_upsampler import upsample_prompt
+
+        from engine.enhancer import EnhancerError, tidy
+
+        try:
+            with torch.inference_mode():
+                caption = upsample_prompt(
+                    self.model, self.processor, prompt, max_new_tokens=self.max_new_tokens
+                )
+        except (RuntimeError, ValueError) as exc:  # an empty caption is a RuntimeError in diffusers
+            raise EnhancerError("the prompt upsampler failed: {problem}", problem=type(exc).__name__) from exc
+        return tidy(caption)

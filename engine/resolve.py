@@ -59,7 +59,8 @@ class RequestResolver:
             family,
             settings.max_loras_per_job,
             settings.max_batch_size,
-            can_enhance=settings.prompt_enhancer is not None,
+            can_enhance=settings.prompt_enhancer is not None
+            or (settings.prompt_upsampler is not None and family == "flux3"),
             variant=variant,
         )
 

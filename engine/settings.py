@@ -32,7 +32,8 @@ class EngineSettings(BaseModel):
 
     model: str = Field(
         "tiny",
-        description="'tiny' (random-weight FLUX.1 built offline; 'tiny-flux2' for FLUX.2 klein), "
+        description="'tiny' (random-weight FLUX.1 built offline; 'tiny-flux2' for FLUX.2 klein, "
+        "'tiny-flux3' for FLUX.3 klein), "
         "a diffusers folder, a hub id, a single .safetensors/.gguf transformer file, "
         "or a Forge/ComfyUI models/ folder.",
     )
@@ -107,6 +108,11 @@ class EngineSettings(BaseModel):
         None,
         description="OpenAI-compatible endpoint that expands prompts for /imagine enhance:true "
         '(Ollama: "http://127.0.0.1:11434/v1"; LM Studio, vLLM, llama.cpp server); unset: no enhancer',
+    )
+    prompt_upsampler: str | None = Field(
+        None,
+        description="FLUX.3 only: its own prompt upsampler for enhance:true, a folder of "
+        "black-forest-labs/flux-3-image-klein-pup (or 'tiny', random, offline); preferred over the endpoint",
     )
     prompt_enhancer_model: str = Field(
         "llama3.2", min_length=1, max_length=200, description="The model name the endpoint serves"

@@ -318,6 +318,85 @@ def build_tiny_flux3_klein(distilled: bool = True) -> Any:
     return pipe
 
 
+# The upsampler's chat template: its messages carry content as lists of parts.
+PARTS_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }} "
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'text' %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+)
+
+
+def build_tiny_prompt_upsampler() -> tuple[Any, Any]:
+    """FLUX.3's prompt upsampler in miniature: a random Qwen3.5 (hybrid linear/full attention, as
+    flux-3-image-klein-pup is) and its tokenizer, for the offline tests of the family's own enhancer."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    tokenizer = qwen_word_tokenizer()
+    tokenizer.chat_template = PARTS_CHAT_TEMPLATE
+    ids = tokenizer.convert_tokens_to_ids
+    torch.manual_seed(TINY_SEED + 1)
+    model = Qwen3_5ForConditionalGeneration(
+        Qwen3_5Config(
+            text_config={
+                "vocab_size": len(tokenizer),
+                "hidden_size": 16,
+                "intermediate_size": 16,
+                "num_hidden_layers": 2,
+                "layer_types": ["linear_attention", "full_attention"],
+                "num_attention_heads": 2,
+                "num_key_value_heads": 1,
+                "head_dim": 8,
+                "linear_conv_kernel_dim": 2,
+                "linear_key_head_dim": 4,
+                "linear_value_head_dim": 4,
+                "linear_num_key_heads": 2,
+                "linear_num_value_heads": 2,
+                "max_position_embeddings": 4096,
+                "rope_parameters": {
+                    "rope_type": "default",
+                    "rope_theta": 1e6,
+                    "mrope_section": [1, 1, 0],
+                    "mrope_interleaved": True,
+                    "partial_rotary_factor": 0.5,
+                },
+                "pad_token_id": 0,
+                "eos_token_id": ids("<|im_end|>"),
+            },
+            vision_config={
+                "depth": 1,
+                "hidden_size": 16,
+                "intermediate_size": 16,
+                "num_heads": 2,
+                "out_hidden_size": 16,
+                "patch_size": 16,
+                "num_position_embeddings": 16,
+            },
+            image_token_id=ids("<|image_pad|>"),
+            video_token_id=ids("<|video_pad|>"),
+            vision_start_token_id=ids("<|vision_start|>"),
+            vision_end_token_id=ids("<|vision_end|>"),
+        )
+    ).eval()
+    model.generation_config.eos_token_id = ids("<|im_end|>")
+    model.generation_config.pad_token_id = 0
+    return model, tokenizer
+
+
+def ensure_tiny_upsampler(directory: Path) -> Path:
+    """The tiny prompt upsampler's folder (model and tokenizer), built and saved there on first use."""
+    if (directory / "config.json").is_file():
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model, tokenizer = build_tiny_prompt_upsampler()
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(directory)
+    return directory
+
+
 TINY_BUILDERS = {
     "flux1": build_tiny_flux1,
     "flux2": build_tiny_flux2_klein,

@@ -230,3 +230,28 @@ def test_doctor_names_family_variant_and_upsampler(
         make_settings(model="tiny-flux3", prompt_enhancer="http://127.0.0.1:9/v1"), data_dir
     ).render()
     assert "llama3.2 at http://127.0.0.1:9/v1" in report and "FLUX.3: unquantized" in report
+
+
+def test_flux3_enhances_with_its_own_upsampler_and_reruns_the_stored_caption(
+    make_settings: Callable[..., EngineSettings], data_dir: Path
+) -> None:
+    from engine.doctor import run_doctor
+
+    settings = make_settings(model="tiny-flux3", prompt_upsampler="tiny")
+    engine = FluxEngine.load(settings, data_dir)
+
+    result = engine.generate(GenerationRequest(prompt="a red cat", seed=2, enhance=True))
+
+    recipe = result.recipes[0]
+    assert engine.enhancer is not None and "prompt upsampler" in engine.enhancer.name
+    assert recipe.enhanced_prompt and recipe.enhanced_prompt != "a red cat" and recipe.enhance_note is None
+    # The random upsampler is greedy: the same prompt, the same caption; the stored one draws again.
+    assert engine.generate(GenerationRequest(prompt="a red cat", seed=2, enhance=True)).recipes[
+        0
+    ].enhanced_prompt == (recipe.enhanced_prompt)
+    spec = recipe.spec()
+    assert spec.enhanced_prompt == recipe.enhanced_prompt and not spec.needs_enhancement
+    assert np.array_equal(pixels(engine.draw([spec])[0].images[0]), pixels(result.images[0]))
+    assert "upsampler" in run_doctor(settings, data_dir).render()
+    with pytest.raises(Exception, match="prompt_upsampler is FLUX.3's"):
+        FluxEngine.load(make_settings(model="tiny-flux2", prompt_upsampler="tiny"), data_dir)
