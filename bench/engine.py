@@ -9,6 +9,10 @@
    dev's 28 steps, interleaved.
 5. Compilation: regional vs full compile (+ warm-up) time and each one's run time against eager.
    (CPU figures; the GPU goals, >= 2.5x plain bf16 diffusers and >= 4x with a cache, are bench/gpu.py's.)
+6. Families: FLUX.2 klein and FLUX.3 klein, FluxEngine.generate vs each family's own diffusers
+   pipeline call on the same tiny model, seed and size, interleaved (goal <= 1.03x).
+7. Prompt enhancement: latency of an enhanced job against the same job without, with a local
+   OpenAI-compatible server answering at once (the enhancer's own cost, without an LLM's).
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -213,22 +219,142 @@ def compilation(data_dir: Path, presets: Path, repeats: int) -> None:
         print(f"   {mode:<9} {took}   {t * 1000:8.1f} ms per image   {eager / t:5.2f}x eager")
 
 
+FAMILY_PRESETS = """
+[klein]
+family = "flux2"
+steps = 8
+steps_range = [1, 50]
+width = 512
+height = 512
+megapixels_range = [0.01, 2.1]
+
+[flux3-distilled]
+family = "flux3"
+steps = 8
+steps_range = [1, 50]
+width = 512
+height = 512
+megapixels_range = [0.01, 2.1]
+"""
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each function, run in turns so drift hits all alike (after one warm-up)."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def families(data_dir: Path, repeats: int) -> None:
+    from engine.flux3 import encode_prompt
+
+    presets = data_dir / "family-presets.toml"
+    presets.write_text(FAMILY_PRESETS)
+    prompt = "a red fox in a snowy forest"
+    print(f"6. families: engine vs each family's own pipeline, tiny 512x512 x 8 steps, median of {repeats}")
+    for model in ("tiny-flux2", "tiny-flux3"):
+        settings = EngineSettings(
+            model=model, presets_file=presets, loras_file=data_dir / "none.toml", embed_cache_size=0
+        )
+        engine = FluxEngine.load(settings, data_dir)
+        pipe = engine.pipe
+
+        def direct(pipe: Any = pipe, model: str = model) -> None:
+            generator = torch.Generator("cpu").manual_seed(7)
+            with torch.inference_mode():
+                if model == "tiny-flux3":
+                    embeds = encode_prompt(pipe, prompt, 512)  # what its text step computes, every call
+                    pipe.pipe(
+                        prompt_embeds=embeds,
+                        height=512,
+                        width=512,
+                        num_inference_steps=8,
+                        generator=generator,
+                        output="images",
+                    )
+                else:
+                    pipe(
+                        prompt=prompt,
+                        height=512,
+                        width=512,
+                        num_inference_steps=8,
+                        generator=generator,
+                        guidance_scale=1.0,
+                        max_sequence_length=512,
+                    )
+
+        def via_engine(engine: FluxEngine = engine) -> None:
+            engine.generate(GenerationRequest(prompt=prompt, seed=7))
+
+        t = interleaved({"direct": direct, "engine": via_engine}, repeats)
+        print(
+            f"   {model:<11} direct {t['direct'] * 1000:8.1f} ms   engine {t['engine'] * 1000:8.1f} ms   "
+            f"{t['engine'] / t['direct']:5.3f}x   (goal <= 1.03x)"
+        )
+
+
+def enhancement(data_dir: Path, presets: Path, repeats: int) -> None:
+    from tests.chat_server import chat_server
+
+    with chat_server() as chat:
+        settings = EngineSettings(
+            model="tiny", presets_file=presets, loras_file=data_dir / "none.toml", prompt_enhancer=chat.url
+        )
+        engine = FluxEngine.load(settings, data_dir)
+        plain = GenerationRequest(prompt="a lighthouse", preset="bench", seed=3)
+        enhanced = plain.model_copy(update={"enhance": True})
+        t = interleaved(
+            {"plain": lambda: engine.generate(plain), "enhanced": lambda: engine.generate(enhanced)}, repeats
+        )
+        started = time.perf_counter()
+        for _ in range(repeats * 4):
+            assert engine.enhancer is not None
+            engine.enhancer.enhance("a lighthouse")
+        call = (time.perf_counter() - started) / (repeats * 4)
+    print(
+        f"7. enhancement against a local chat-completions server, tiny 768x768 x 8 steps, median of {repeats}"
+    )
+    print(f"   one enhancer call (HTTP + openai client)  {call * 1000:8.1f} ms")
+    print(f"   job without / with enhancement  {t['plain'] * 1000:8.1f} / {t['enhanced'] * 1000:8.1f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument(
+        "--only", help="comma-separated sections: overhead,reroll,memory,caches,compile,families,enhance"
+    )
     args = parser.parse_args()
     repeats = 3 if args.quick else 7
+    chosen = set(args.only.split(",")) if args.only else None
+
+    def wanted(name: str) -> bool:
+        return chosen is None or name in chosen
+
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         presets = work / "presets.toml"
         presets.write_text(PRESETS)
         (work / "none.toml").write_text("")
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU\n")
-        overhead(work, presets, repeats)
-        reroll(work, presets, repeats)
-        memory(work)
-        step_caches(work, presets, repeats)
-        compilation(work, presets, repeats)
+        sections: list[tuple[str, Callable[[], None]]] = [
+            ("overhead", lambda: overhead(work, presets, repeats)),
+            ("reroll", lambda: reroll(work, presets, repeats)),
+            ("memory", lambda: memory(work)),
+            ("caches", lambda: step_caches(work, presets, repeats)),
+            ("compile", lambda: compilation(work, presets, repeats)),
+            ("families", lambda: families(work, repeats)),
+            ("enhance", lambda: enhancement(work, presets, repeats)),
+        ]
+        for name, run in sections:
+            if wanted(name):
+                run()
 
 
 if __name__ == "__main__":
