@@ -446,13 +446,7 @@ class FluxEngine:
                     callback_on_step_end=step_end,
                 )
         except torch.OutOfMemoryError as exc:
-            self._free_memory()
-            log.warning("out of memory at %dx%d x%d (%s)", params.width, params.height, len(seeds), exc)
-            raise OutOfMemory(
-                f"Out of memory drawing {params.width}x{params.height}"
-                + (f" x{len(seeds)}" if len(seeds) > 1 else "")
-                + f" with preset {params.preset}: try a smaller size, fewer images or a lighter preset."
-            ) from exc
+            raise self._out_of_memory(params, len(seeds), exc) from exc
         finally:
             if tiled:
                 pipe.vae.disable_tiling()
@@ -496,12 +490,18 @@ class FluxEngine:
                     output="images",
                 )
         except torch.OutOfMemoryError as exc:
-            self._free_memory()
-            raise OutOfMemory(
-                f"Out of memory drawing {params.width}x{params.height} with preset {params.preset}: "
-                "try a smaller size or fewer images."
-            ) from exc
+            raise self._out_of_memory(params, len(generators), exc) from exc
         return images
+
+    def _out_of_memory(self, params: DrawSpec, images: int, exc: Exception) -> OutOfMemory:
+        """What a job that did not fit says (memory freed first, so the next job starts clean)."""
+        self._free_memory()
+        log.warning("out of memory at %dx%d x%d (%s)", params.width, params.height, images, exc)
+        return OutOfMemory(
+            f"Out of memory drawing {params.width}x{params.height}"
+            + (f" x{images}" if images > 1 else "")
+            + f" with preset {params.preset}: try a smaller size, fewer images or a lighter preset."
+        )
 
     def _cache_for(self, params: DrawSpec, pipe: Any, from_image: bool) -> StepCache:
         """The cache this job can run with. img2img and Kontext name no transformer call of their

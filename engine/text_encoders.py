@@ -156,48 +156,52 @@ def upcast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torc
 
 
 def load_tokenizers(settings: EngineSettings, source: ModelSource) -> tuple[Any, Any]:
-    from transformers import AutoTokenizer
-
-    candidates = [settings.tokenizers] if settings.tokenizers else []
-    if source.models_dir is not None:
-        candidates.append(str(source.models_dir / "tokenizers"))
-    candidates.append(DEFAULT_TOKENIZERS)
-    problems = []
-    for location in candidates:
-        local = Path(location).exists()
-        if not local and location != DEFAULT_TOKENIZERS:
-            continue
-        try:
-            return (
-                AutoTokenizer.from_pretrained(location, subfolder="tokenizer", local_files_only=local),
-                AutoTokenizer.from_pretrained(location, subfolder="tokenizer_2", local_files_only=local),
-            )
-        except (OSError, ValueError) as exc:
-            problems.append(f"{location}: {str(exc).splitlines()[0][:120]}")
-    raise ModelLoadError(
+    """FLUX.1's CLIP and T5 tokenizers, which single files do not carry."""
+    clip, t5 = _tokenizers(
+        settings,
+        source,
+        DEFAULT_TOKENIZERS,
+        ("tokenizer", "tokenizer_2"),
         "tokenizers not found: set engine.tokenizers to a folder holding tokenizer/ and tokenizer_2/ "
-        "(any FLUX.1 diffusers download has them)" + (f" [{'; '.join(problems)}]" if problems else "")
+        "(any FLUX.1 diffusers download has them)",
     )
+    return clip, t5
 
 
 def load_flux2_tokenizer(settings: EngineSettings, source: ModelSource) -> Any:
     """Qwen3's tokenizer (with its chat template), which Comfy's text-encoder files do not carry."""
+    (qwen,) = _tokenizers(
+        settings,
+        source,
+        DEFAULT_FLUX2_TOKENIZER,
+        ("tokenizer",),
+        "the Qwen3 tokenizer was not found: set engine.tokenizers to a folder holding tokenizer/ (any "
+        "FLUX.2 klein diffusers download has it)",
+    )
+    return qwen
+
+
+def _tokenizers(
+    settings: EngineSettings, source: ModelSource, default: str, subfolders: tuple[str, ...], missing: str
+) -> list[Any]:
+    """The tokenizers in `subfolders` of the first place that has them: engine.tokenizers, a models/
+    folder's tokenizers/, then the hub repo `default` (its download cache, or the network)."""
     from transformers import AutoTokenizer
 
     candidates = [settings.tokenizers] if settings.tokenizers else []
     if source.models_dir is not None:
         candidates.append(str(source.models_dir / "tokenizers"))
-    candidates.append(DEFAULT_FLUX2_TOKENIZER)
+    candidates.append(default)
     problems = []
     for location in candidates:
         local = Path(location).exists()
-        if not local and location != DEFAULT_FLUX2_TOKENIZER:
+        if not local and location != default:
             continue
         try:
-            return AutoTokenizer.from_pretrained(location, subfolder="tokenizer", local_files_only=local)
+            return [
+                AutoTokenizer.from_pretrained(location, subfolder=sub, local_files_only=local)
+                for sub in subfolders
+            ]
         except (OSError, ValueError) as exc:
             problems.append(f"{location}: {str(exc).splitlines()[0][:120]}")
-    raise ModelLoadError(
-        "the Qwen3 tokenizer was not found: set engine.tokenizers to a folder holding tokenizer/ (any "
-        "FLUX.2 klein diffusers download has it)" + (f" [{'; '.join(problems)}]" if problems else "")
-    )
+    raise ModelLoadError(missing + (f" [{'; '.join(problems)}]" if problems else ""))

@@ -30,19 +30,25 @@ _WORDS = (  # noqa: SIM905
 ).split()
 
 
-def word_tokenizer(max_length: int, bos: str | None) -> Any:
-    """A WordLevel tokenizer over a closed list of words, built in memory (no vocabulary download)."""
+def _word_level(words: tuple[str, ...]) -> Any:
+    """A WordLevel tokenizers backend over `words` (ids in order), lower-cased, split on whitespace."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for word in _WORDS:
+    vocab: dict[str, int] = {}
+    for word in words:
         vocab.setdefault(word, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return backend
+
+
+def word_tokenizer(max_length: int, bos: str | None) -> Any:
+    """A WordLevel tokenizer over a closed list of words, built in memory (no vocabulary download)."""
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
+        tokenizer_object=_word_level(("<pad>", "<s>", "</s>", "<unk>", *_WORDS)),
         pad_token="<pad>",
         unk_token="<unk>",
         bos_token=bos,
@@ -133,10 +139,28 @@ def build_tiny_flux1(guidance_embeds: bool = True) -> Any:
     )
 
 
+def tiny_flux2_vae() -> Any:
+    """FLUX.2's 32-channel VAE (8x down, then 2x2 packing) at tiny widths; FLUX.3 shares it."""
+    from diffusers import AutoencoderKLFlux2
+
+    return AutoencoderKLFlux2(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=32,
+        norm_num_groups=4,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        mid_block_add_attention=False,
+    )
+
+
 def build_tiny_flux2_klein() -> Any:
     """A Flux2KleinPipeline (Qwen3 text encoder, 32-channel VAE) with random weights, step-distilled."""
     from diffusers import (
-        AutoencoderKLFlux2,
         FlowMatchEulerDiscreteScheduler,
         Flux2KleinPipeline,
         Flux2Transformer2DModel,
@@ -174,19 +198,7 @@ def build_tiny_flux2_klein() -> Any:
         axes_dims_rope=[4, 4, 4, 4],
         guidance_embeds=False,
     )
-    vae = AutoencoderKLFlux2(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=32,
-        norm_num_groups=4,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        mid_block_add_attention=False,
-    )
+    vae = tiny_flux2_vae()
     for module in (text_encoder, transformer, vae):
         module.eval()
     return Flux2KleinPipeline(
@@ -217,17 +229,12 @@ CHAT_TEMPLATE = (
 
 def qwen_word_tokenizer() -> Any:
     """A WordLevel tokenizer with Qwen's special tokens (matched before the whitespace split)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<pad>": 0, "<unk>": 1}
-    for word in (*QWEN_SPECIAL, *_WORDS, "user", "assistant", "system"):
-        vocab.setdefault(word, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
+        tokenizer_object=_word_level(
+            ("<pad>", "<unk>", *QWEN_SPECIAL, *_WORDS, "user", "assistant", "system")
+        ),
         pad_token="<pad>",
         unk_token="<unk>",
         eos_token="<|im_end|>",
@@ -242,7 +249,6 @@ def build_tiny_flux3_klein(distilled: bool = True) -> Any:
     """A FLUX.3 klein modular pipeline (Qwen3-VL text encoder with the 32 layers whose hidden states
     FLUX.3 stacks, FLUX.2's 32-channel VAE) with random weights; step-distilled (flow map) or base."""
     from diffusers import (
-        AutoencoderKLFlux2,
         Flux3AutoBlocks,
         Flux3DistilledAutoBlocks,
         Flux3Transformer2DModel,
@@ -300,15 +306,7 @@ def build_tiny_flux3_klein(distilled: bool = True) -> Any:
         axes_dims_rope=(4, 4, 4, 4),
         flow_map=distilled,
     )
-    vae = AutoencoderKLFlux2(
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=32,
-        norm_num_groups=4,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        mid_block_add_attention=False,
-    )
+    vae = tiny_flux2_vae()  # FLUX.3 uses FLUX.2's VAE
     for module in (text_encoder, transformer, vae):
         module.eval()
     blocks = Flux3DistilledAutoBlocks() if distilled else Flux3AutoBlocks()
