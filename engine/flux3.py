@@ -174,22 +174,49 @@ def set_guidance(pipe: Any, guidance: float | None) -> None:
         pipe.update_components(guider=ClassifierFreeGuidance(guidance_scale=guidance))
 
 
+# What FLUX.3 can be held as: torchao's 8-bit tiers, applied to the loaded modules (what diffusers'
+# TorchAoConfig does after loading). bitsandbytes nf4 quantizes while loading, which the modular
+# loader is not given here, and modular pipelines offload through a ComponentsManager: both not yet.
+FLUX3_TRANSFORMER_TIERS = ("bf16", "int8", "fp8", "fp8dq")
+FLUX3_TEXT_ENCODER_TIERS = ("none", "int8", "fp8")
+
+
 def flux3_plan(plan: QuantPlan, settings: EngineSettings) -> QuantPlan:
-    """FLUX.3 is held unquantized and on the device: the quantization tiers and CPU offload (which
-    modular pipelines do through a ComponentsManager) are not wired for it yet. `auto` says so in
-    the plan's reason; a tier the operator set is refused, not silently dropped."""
-    asked = [f"quant = {settings.quant!r}"] if settings.quant not in ("auto", "bf16") else []
-    if settings.text_encoder_quant not in ("auto", "none"):
-        asked.append(f"text_encoder_quant = {settings.text_encoder_quant!r}")
+    """The plan for FLUX.3: `auto` maps a tier FLUX.3 lacks to the nearest it has (nf4 -> int8, CPU
+    offload -> none) and says so in the plan's reason; a tier the operator set that FLUX.3 lacks is
+    refused, never silently dropped."""
+    refused = []
+    if settings.quant not in ("auto", *FLUX3_TRANSFORMER_TIERS):
+        refused.append(f"quant = {settings.quant!r}")
+    if settings.text_encoder_quant not in ("auto", *FLUX3_TEXT_ENCODER_TIERS):
+        refused.append(f"text_encoder_quant = {settings.text_encoder_quant!r}")
     if settings.cpu_offload not in ("auto", "none"):
-        asked.append(f"cpu_offload = {settings.cpu_offload!r}")
-    if asked:
+        refused.append(f"cpu_offload = {settings.cpu_offload!r}")
+    if refused:
         raise QuantizationError(
-            f"FLUX.3 loads unquantized and without offload for now: unset {', '.join(asked)} "
-            "(auto, bf16 and none work)"
+            f"FLUX.3 does not take {', '.join(refused)} yet: its tiers are bf16, int8, fp8 and fp8dq "
+            "(text encoder none, int8, fp8), without CPU offload"
         )
-    reason = f"{plan.reason}; FLUX.3: unquantized, no offload (the tiers are not wired for it yet)"
-    return replace(plan, transformer="bf16", text_encoder="none", cpu_offload="none", reason=reason)
+    transformer = plan.transformer if plan.transformer in FLUX3_TRANSFORMER_TIERS else "int8"
+    text_encoder = plan.text_encoder if plan.text_encoder in FLUX3_TEXT_ENCODER_TIERS else "int8"
+    if (transformer, text_encoder, plan.cpu_offload) == (plan.transformer, plan.text_encoder, "none"):
+        return plan
+    reason = f"{plan.reason}; FLUX.3 has no nf4 or offload here: int8 instead, on the device"
+    return replace(
+        plan, transformer=transformer, text_encoder=text_encoder, cpu_offload="none", reason=reason
+    )
+
+
+def quantize_flux3(model: Flux3Model, plan: QuantPlan) -> None:
+    """The plan's torchao tiers applied to the loaded transformer and text encoder."""
+    from torchao.quantization import quantize_
+
+    from engine.quant import text_encoder_quant_config, transformer_quant_config
+
+    if (config := transformer_quant_config(plan.transformer, plan.dtype)) is not None:
+        quantize_(model.transformer, config.quant_type)
+    if (config := text_encoder_quant_config(plan.text_encoder, plan.dtype)) is not None:
+        quantize_(model.text_encoder, config.quant_type)
 
 
 class Flux3Upsampler:

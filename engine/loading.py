@@ -15,7 +15,7 @@ import torch
 from engine import flux2_files
 from engine.checkpoints import EMBEDDED_KEY_PREFIXES, inspect_checkpoint, read_layout
 from engine.errors import ModelLoadError, QuantizationError
-from engine.flux3 import flux3_class, load_flux3
+from engine.flux3 import flux3_class, load_flux3, quantize_flux3
 from engine.quant import DeviceInfo, QuantPlan, text_encoder_quant_config, transformer_quant_config
 from engine.settings import EngineSettings
 from engine.sources import ModelSource
@@ -93,8 +93,9 @@ def _load_diffusers(source: ModelSource, plan: QuantPlan) -> LoadedModel:
 
 
 def _load_flux3(source: ModelSource, plan: QuantPlan) -> LoadedModel:
-    """FLUX.3 klein (a modular pipeline folder), loaded as the plan says (flux3.flux3_plan)."""
+    """FLUX.3 klein (a modular pipeline folder), held as the plan says (flux3.flux3_plan)."""
     pipe, variant = load_flux3(Path(source.location), plan.dtype)
+    quantize_flux3(pipe, plan)
     model_id = Path(source.location).name if source.kind == "tiny" else source.location
     return LoadedModel(pipe, "flux3", variant, model_id)
 

@@ -142,11 +142,32 @@ def test_flux3_edits_with_references_in_the_resident_model(flux3: FluxEngine) ->
     assert result.recipes[0].reference_sha256s == (second.sha256,)
 
 
-def test_flux3_refuses_quantization_it_cannot_do_yet(
-    make_settings: Callable[..., EngineSettings], data_dir: Path
+def test_flux3_int8_tier_loads_quantized_and_refuses_what_it_lacks(
+    make_settings: Callable[..., EngineSettings], data_dir: Path, flux3: FluxEngine
 ) -> None:
-    with pytest.raises(QuantizationError, match="FLUX.3 loads unquantized .* quant = 'int8'"):
-        FluxEngine.load(make_settings(model="tiny-flux3", quant="int8"), data_dir)
+    from engine.flux3 import flux3_plan
+    from engine.quant import DeviceInfo, plan_quant
+
+    quantized = FluxEngine.load(
+        make_settings(model="tiny-flux3", quant="int8", text_encoder_quant="int8"), data_dir
+    )
+    request = GenerationRequest(prompt="a cat", seed=9)
+
+    result = quantized.generate(request)
+
+    weight = quantized.pipe.transformer.single_transformer_blocks[0].attn.to_q.weight
+    assert type(weight).__module__.startswith("torchao"), type(weight)
+    assert (result.recipes[0].quant, result.recipes[0].text_encoder_quant) == ("int8", "int8")
+    assert np.abs(pixels(result.images[0]) - pixels(flux3.generate(request).images[0])).mean() < 20
+    with pytest.raises(QuantizationError, match="FLUX.3 does not take cpu_offload = 'model'"):
+        FluxEngine.load(make_settings(model="tiny-flux3", cpu_offload="model"), data_dir)
+    # auto on a 10 GB card would pick nf4 with offload: FLUX.3 gets int8 on the device, and says why.
+    small = DeviceInfo("cuda:0", "a 10 GB card", 10.0, 10.0, (8, 9))
+    plan = flux3_plan(plan_quant(EngineSettings(), small, False), EngineSettings())
+    assert (plan.transformer, plan.text_encoder, plan.cpu_offload) == ("int8", "int8", "none")
+    assert "FLUX.3 has no nf4" in plan.reason
+    with pytest.raises(QuantizationError, match="FLUX.3 does not take quant = 'nf4'"):
+        flux3_plan(plan, EngineSettings(quant="nf4"))
 
 
 def _flux3_lora(folder: Path, out: Path, seed: int) -> Path:
@@ -229,7 +250,7 @@ def test_doctor_names_family_variant_and_upsampler(
     report = run_doctor(
         make_settings(model="tiny-flux3", prompt_enhancer="http://127.0.0.1:9/v1"), data_dir
     ).render()
-    assert "llama3.2 at http://127.0.0.1:9/v1" in report and "FLUX.3: unquantized" in report
+    assert "llama3.2 at http://127.0.0.1:9/v1" in report
 
 
 def test_flux3_enhances_with_its_own_upsampler_and_reruns_the_stored_caption(
