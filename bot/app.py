@@ -141,6 +141,7 @@ async def build_app(
         edits=settings.engine.kontext is not None or rules.resolver.family in ("flux2", "flux3"),
     )
     dispatcher.server_weight = studio.server_weight  # servers share the GPU by the rules admins set
+    dispatcher.outcomes.screen = studio.blocked_term  # an enhancer's prompt meets the same blocklists
     studio.flagged_default = settings.safety.flagged_action
     policy = AdminPolicy(
         frozenset(settings.admin_user_ids),

@@ -14,6 +14,7 @@ from bot.services.admin import QueueView, Stats
 from bot.services.community import ChannelRules, RoleRule, Source
 from bot.services.community_admin import Explained
 from bot.services.execution import INTERNAL_ERROR
+from bot.services.outcomes import ENHANCED_BLOCKED
 from bot.services.redis_executor import FAILURES
 from bot.services.studio import HistoryPage, Ticket
 from bot.services.workers import WorkerInfo
@@ -141,15 +142,23 @@ def _made_from(tr: Language, job: Job) -> str | None:
 ENHANCED_SHOWN = 1200  # of an enhanced prompt, in the result message (the PNG's recipe has it all)
 
 
-def enhance_note(tr: Language, job: Job) -> str | None:
+def enhance_note(tr: Language, job: Job, room: int = MESSAGE_LIMIT) -> str | None:
     """The prompt the model read when it was enhanced (a spoiler: long, and the user's own prompt
-    stays the headline), or why it was drawn as written although enhancement was asked for."""
+    stays the headline), in at most `room` characters, or why it was drawn as written although
+    enhancement was asked for. Escaping can lengthen the text: it is cut until it fits, spoiler closed."""
     recipe = job.recipe or {}
     enhanced, failed = recipe.get("enhanced_prompt"), recipe.get("enhance_note")
     if isinstance(enhanced, str) and enhanced:
-        return "✨ " + tr.tr("Enhanced prompt:") + f" ||{short(enhanced, ENHANCED_SHOWN)}||"
+        label, limit = "✨ " + tr.tr("Enhanced prompt:"), ENHANCED_SHOWN
+        while limit > 0:
+            note = f"{label} ||{short(enhanced, limit)}||"
+            if len(note) <= room:
+                return note
+            limit = min(limit - 1, int(limit * 0.8))
+        return None
     if isinstance(failed, str) and failed:
-        return "✨ " + tr.tr("The prompt enhancer did not answer, so your prompt was drawn as written.")
+        note = "✨ " + tr.tr("The prompt enhancer did not answer, so your prompt was drawn as written.")
+        return note if len(note) <= room else None
     return None
 
 
@@ -175,12 +184,11 @@ def final(tr: Language, job: Job, safety_action: str | None = None, as_jpeg: boo
     """The result message. `safety_action`: what the delivery did with flagged images, if anything;
     `as_jpeg`: the PNGs were over the upload limit and JPEG copies went out instead."""
     if job.status == JobStatus.DONE:
-        notes = [
-            enhance_note(tr, job),
-            safety_note(tr, safety_action),
-            jpeg_note(tr, job.id) if as_jpeg else None,
-        ]
-        return fit(footer(tr, job) + "".join(f"\n{note}" for note in notes if note))
+        notes = [safety_note(tr, safety_action), jpeg_note(tr, job.id) if as_jpeg else None]
+        text = footer(tr, job) + "".join(f"\n{note}" for note in notes if note)
+        # The enhanced prompt last, in the room the rest leaves: its spoiler is always closed.
+        note = enhance_note(tr, job, MESSAGE_LIMIT - len(text) - 1)
+        return fit(text + (f"\n{note}" if note else ""))
     if job.status == JobStatus.CANCELLED:
         # job.error is the stored, English reason ("cancelled by its owner"): the database stays English.
         reasons = {
@@ -194,7 +202,7 @@ def final(tr: Language, job: Job, safety_action: str | None = None, as_jpeg: boo
 
 
 # Why a job failed, as the executors store it (English, like the whole database): shown translated.
-_FAILURES = (INTERNAL_ERROR, *FAILURES)
+_FAILURES = (INTERNAL_ERROR, ENHANCED_BLOCKED, *FAILURES)
 
 
 @functools.cache

@@ -12,14 +12,14 @@ import torch
 
 from engine.checkpoints import describe_layout, inspect_checkpoint
 from engine.errors import EngineError, LoraError
-from engine.flux3 import FLUX3_PIPELINES, flux3_class, flux3_plan
+from engine.flux3 import flux3_class, flux3_plan
 from engine.hashing import FileHasher
 from engine.info import last_warmup
 from engine.lora_layout import lora_layout
 from engine.presets import Preset, load_presets
 from engine.quant import DeviceInfo, auto_tier, plan_quant, probe_device
 from engine.settings import EngineSettings
-from engine.sources import ModelSource, locate_model
+from engine.sources import ModelSource, folder_model, locate_model
 from engine.speed import choose_attention
 from engine.whitelist import LoraFiles, default_lora_dir, load_whitelist
 
@@ -66,32 +66,6 @@ def run_doctor(settings: EngineSettings, data_dir: Path) -> DoctorReport:
     _enhancer(report, settings)
     _packages(report)
     return report
-
-
-def folder_family(folder: Path) -> str | None:
-    """What a diffusers folder holds, from its index alone (nothing loaded): family and variant."""
-    import json
-
-    if (name := flux3_class(folder)) is not None:
-        return f"FLUX.3 {FLUX3_PIPELINES[name]} ({name}, a modular pipeline)"
-
-    def read(path: Path) -> dict[str, object]:
-        try:
-            value = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return {}
-        return value if isinstance(value, dict) else {}
-
-    index = read(folder / "model_index.json")
-    name = str(index.get("_class_name", ""))
-    if name == "Flux2KleinPipeline":
-        return f"FLUX.2 {'klein' if index.get('is_distilled') else 'klein-base'} ({name})"
-    if name == "Flux2Pipeline":
-        return f"FLUX.2 dev ({name})"
-    if name == "FluxPipeline":
-        guidance = read(folder / "transformer" / "config.json").get("guidance_embeds")
-        return f"FLUX.1 {'dev' if guidance else 'schnell'} ({name})"
-    return None
 
 
 def _enhancer(report: DoctorReport, settings: EngineSettings) -> None:
@@ -179,8 +153,10 @@ def _model(report: DoctorReport, settings: EngineSettings, data_dir: Path) -> Mo
         report.add("fail", "model", str(exc))
         return None
     report.add("ok", "model", f"{source.kind}: {source.location}")
-    if source.kind in ("tiny", "diffusers") and (family := folder_family(Path(source.location))) is not None:
-        report.add("ok", "family", family)
+    if source.kind in ("tiny", "diffusers") and (found := folder_model(Path(source.location))) is not None:
+        names = {"flux1": "FLUX.1", "flux2": "FLUX.2", "flux3": "FLUX.3"}
+        variant = f" {found.variant}" if found.variant else ""
+        report.add("ok", "family", f"{names[found.family]}{variant} ({found.pipeline})")
     for note in source.notes:
         report.add("ok", "model file", note)
     if source.kind == "single_file":

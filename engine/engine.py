@@ -19,7 +19,7 @@ from engine.embed_cache import PromptEmbedCache
 from engine.enhancer import EnhancerError, PromptEnhancer, endpoint_enhancer
 from engine.errors import ConfigError, GenerationCancelled, OutOfMemory, RequestError
 from engine.families import Embeds, FamilyAdapter, adapter_for, concat_embeds, repeat_embeds
-from engine.flux3 import Flux3Upsampler, flux3_class, flux3_plan, set_guidance
+from engine.flux3 import Flux3Upsampler, plan_for, set_guidance
 from engine.hashing import FileHasher
 from engine.info import (
     EngineInfo,
@@ -43,7 +43,7 @@ from engine.preview import (
     unpack_latents,
 )
 from engine.quant import QuantPlan, plan_quant, probe_device
-from engine.resolve import EDIT_REFERENCES, RequestResolver
+from engine.resolve import RequestResolver, reference_count_problem
 from engine.settings import EngineSettings
 from engine.sources import locate_model
 from engine.spec import DrawSpec, PreviewEvery
@@ -103,9 +103,7 @@ class FluxEngine:
         device = probe_device(settings.device)
         attention = choose_attention(settings.attention, device)  # refused before minutes of loading
         source = locate_model(settings, data_dir)
-        plan = plan or plan_quant(settings, device, source.is_gguf)
-        if source.kind in ("tiny", "diffusers") and flux3_class(Path(source.location)) is not None:
-            plan = flux3_plan(plan, settings)
+        plan = plan_for(plan or plan_quant(settings, device, source.is_gguf), settings, source)
         hasher = FileHasher(data_dir / "hashes.json")
         started = time.perf_counter()
         loaded = load_pipeline(source, plan, settings, device)
@@ -251,6 +249,8 @@ class FluxEngine:
                 for result in self.draw([spec], loras, on_step, cancel, init_image, preview, references)
             ]
         specs, enhance_notes = self._enhanced(specs)
+        if cancel is not None and cancel.is_set():  # cancelled while the enhancer answered
+            raise GenerationCancelled(0, first.steps)
         uses = list(loras) if loras is not None else self.resolver.catalog.lora_uses(first)
         source = None
         if first.init_image is not None:
@@ -280,7 +280,7 @@ class FluxEngine:
                 parts.append(repeat_embeds(embeds, len(r.seeds)))
                 all_cached &= cached
             negative = None
-            if first.true_cfg > 1.0:
+            if first.true_cfg > 1.0 or self._klein_base_cfg(first):
                 empty, _ = self._embeds("", first.max_sequence_length, lora_key)
                 negative = repeat_embeds(empty, sum(len(r.seeds) for r in specs))
             encoded = time.perf_counter()
@@ -341,15 +341,21 @@ class FluxEngine:
             )
         if sum(s.batch_size for s in specs) > self.max_batch_size:
             raise RequestError("more than {most} images in one call", most=self.max_batch_size)
+        if first.mode == "img2img" and self.info.family != "flux1":
+            raise RequestError(
+                "image-to-image needs a FLUX.1 model (this engine holds {family})", family=self.info.family
+            )
         if first.mode == "edit" and self.info.family == "flux1" and self.kontext is None:
             raise RequestError("edits need FLUX.1 Kontext, and this engine has none (engine.kontext)")
-        if len(first.inputs) > EDIT_REFERENCES.get(self.info.family, 1):
-            raise RequestError(
-                "this model edits with at most {most} images (got {count})",
-                most=EDIT_REFERENCES.get(self.info.family, 1),
-                count=len(first.inputs),
-            )
+        if (problem := reference_count_problem(self.info.family, len(first.inputs))) is not None:
+            raise RequestError(problem)
         return first
+
+    def _klein_base_cfg(self, spec: DrawSpec) -> bool:
+        """FLUX.2 klein base runs real CFG at guidance > 1 with an empty prompt's embedding, which the
+        pipeline would encode once for the whole batch: the engine hands it one per image instead."""
+        distilled = getattr(getattr(self.pipe, "config", None), "is_distilled", True)
+        return self.info.family == "flux2" and not distilled and (spec.guidance or 1.0) > 1.0
 
     def _embeds(self, prompt: str, max_len: int, lora_key: tuple[Any, ...]) -> tuple[Embeds, bool]:
         def encode() -> Embeds:

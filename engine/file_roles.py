@@ -33,6 +33,10 @@ _GGUF_ROLES: dict[str, FileRole] = {
 }
 
 
+UMT5_VOCABULARY = 250_000  # umT5's 256,384 and anything near it: not T5 v1.1's 32,128
+OTHER_CLIP_WIDTHS = (1024,)  # CLIP-H / SD2's OpenCLIP (CLIP-G's 1280 has a role of its own)
+
+
 @dataclass(frozen=True)
 class FileContents:
     """A file's role and the words doctor and the loader's notes use for it."""
@@ -55,12 +59,19 @@ def _classify(keys: Mapping[str, tuple[int, ...]]) -> FileContents:
             return FileContents("flux2_transformer", "a FLUX.2 transformer")
         return FileContents("transformer", "a FLUX.1 transformer")
     if _ends(keys, "block.0.layer.0.SelfAttention.q.weight"):
+        # T5 v1.1 has 32,128 tokens; umT5 (Wan's encoder, the same layout) 256,384: no FLUX T5-XXL.
+        embedding = _ends(keys, "shared.weight") or _ends(keys, "encoder.embed_tokens.weight")
+        vocabulary = keys[embedding][0] if embedding is not None else 0
+        if vocabulary >= UMT5_VOCABULARY:
+            return FileContents("other", f"a umT5 encoder ({vocabulary} tokens), not FLUX's T5-XXL")
         return FileContents("t5xxl", "a T5 text encoder")
     token_embedding = _ends(keys, "embeddings.token_embedding.weight")
     if token_embedding is not None:
         width = keys[token_embedding][-1]
         if width == 1280:
             return FileContents("clip_g", "a CLIP-G text encoder (SDXL's, not FLUX's)")
+        if width in OTHER_CLIP_WIDTHS:
+            return FileContents("other", f"a CLIP text encoder {width} wide (CLIP-L is 768)")
         return FileContents("clip_l", f"a CLIP text encoder, {width} wide")
     q_norm = _ends(keys, "layers.0.self_attn.q_norm.weight")
     embed = _ends(keys, "embed_tokens.weight")

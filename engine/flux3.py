@@ -28,6 +28,7 @@ import torch
 from engine.errors import ModelLoadError, QuantizationError
 from engine.quant import QuantPlan
 from engine.settings import EngineSettings
+from engine.sources import ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +206,13 @@ def flux3_plan(plan: QuantPlan, settings: EngineSettings) -> QuantPlan:
     return replace(
         plan, transformer=transformer, text_encoder=text_encoder, cpu_offload="none", reason=reason
     )
+
+
+def plan_for(plan: QuantPlan, settings: EngineSettings, source: ModelSource) -> QuantPlan:
+    """`plan` as the located model can be held: flux3_plan for a FLUX.3 folder, else unchanged."""
+    if source.kind in ("tiny", "diffusers") and flux3_class(Path(source.location)) is not None:
+        return flux3_plan(plan, settings)
+    return plan
 
 
 def quantize_flux3(model: Flux3Model, plan: QuantPlan) -> None:

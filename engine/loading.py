@@ -102,7 +102,9 @@ def _load_flux3(source: ModelSource, plan: QuantPlan) -> LoadedModel:
 
 def _variant_of(pipe: Any, family: str, class_name: str) -> str:
     if family == "flux2":
-        return "klein" if class_name == "Flux2KleinPipeline" else "dev"
+        if class_name == "Flux2KleinPipeline":
+            return "klein" if pipe.config.is_distilled else "klein-base"
+        return "dev"
     return "dev" if pipe.transformer.config.guidance_embeds else "schnell"
 
 

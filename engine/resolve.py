@@ -21,6 +21,16 @@ from engine.whitelist import LoraEntry
 EDIT_REFERENCES = {"flux1": 1, "flux2": 4, "flux3": 10}
 
 
+def reference_count_problem(family: str, count: int) -> Message | None:
+    """Why an edit of `count` images is more than this family's model reads, or None."""
+    most = EDIT_REFERENCES.get(family, 1)
+    if count <= most:
+        return None
+    if most == 1:
+        return Message("FLUX.1 Kontext edits one picture at a time (got {count})", count=count)
+    return Message("this model edits with at most {most} images (got {count})", most=most, count=count)
+
+
 @dataclass(frozen=True)
 class Resolution:
     spec: DrawSpec
@@ -139,8 +149,13 @@ class RequestResolver:
             )
         mode = self._mode(request)
         loras = self._loras(preset, request, mode)
+        enhance = self._enhance(preset, request.enhance, mode)
+        # With enhancement every trigger word leads: the expansion may drop one the user typed.
         triggers = [
-            w for entry, _ in loras for w in entry.trigger_words if w.lower() not in request.prompt.lower()
+            w
+            for entry, _ in loras
+            for w in entry.trigger_words
+            if enhance or w.lower() not in request.prompt.lower()
         ]
         cache = request.cache if request.cache is not None else preset.cache
         cache.check_family(self.family)
@@ -164,7 +179,7 @@ class RequestResolver:
             references=request.references,
             strength=self._strength(preset, request, mode),
             cache=cache,
-            enhance=self._enhance(preset, request.enhance, mode),
+            enhance=enhance,
         )
         return Resolution(spec, tuple(warnings), self.nsfw(spec))
 
@@ -216,21 +231,12 @@ class RequestResolver:
         self.catalog.lora_uses(spec)
         return preset
 
-    @property
-    def max_references(self) -> int:
-        """How many images an edit may read with this family."""
-        return EDIT_REFERENCES.get(self.family, 1)
-
     def _mode(self, request: GenerationRequest) -> Mode:
         if request.mode == "edit":
             if request.init_image is None:
                 raise RequestError("an edit needs an image to edit")
-            if 1 + len(request.references) > self.max_references:
-                raise RequestError(
-                    "this model edits with at most {most} images (got {count})",
-                    most=self.max_references,
-                    count=1 + len(request.references),
-                )
+            if (problem := reference_count_problem(self.family, 1 + len(request.references))) is not None:
+                raise RequestError(problem)
             return "edit"
         if request.references:
             raise RequestError("reference images are for edits")

@@ -22,6 +22,9 @@ def _compile_mode(value: object) -> object:
     return value
 
 
+# The random-weight models fluxbot builds itself, by name -> family ("tiny" is tiny-flux1).
+TINY_MODELS = {"tiny-flux1": "flux1", "tiny-flux2": "flux2", "tiny-flux3": "flux3"}
+
 CompileMode = Annotated[Literal["off", "regional", "full"], BeforeValidator(_compile_mode)]
 
 

@@ -10,7 +10,7 @@ from typing import Literal
 
 from engine.errors import ModelLoadError
 from engine.file_roles import FileRole, find_by_contents, read_contents
-from engine.settings import EngineSettings
+from engine.settings import TINY_MODELS, EngineSettings
 from engine.tiny import INDEX_FILES, ensure_tiny_model
 
 SourceKind = Literal["tiny", "diffusers", "hub", "single_file"]
@@ -59,8 +59,8 @@ def locate_model(settings: EngineSettings, data_dir: Path, build: bool = True) -
     """Decide what `engine.model` names; raises ModelLoadError with the setting to fix.
     build=False (doctor) only says where the tiny model would be built: nothing is written."""
     model = settings.model.strip()
-    if model in ("tiny", "tiny-flux1", "tiny-flux2", "tiny-flux3"):
-        family = model.removeprefix("tiny-") if model != "tiny" else "flux1"
+    if model in ("tiny", *TINY_MODELS):
+        family = TINY_MODELS.get(model, "flux1")
         folder = data_dir / "models" / f"tiny-{family}"
         if not build:
             built = any((folder / name).is_file() for name in INDEX_FILES)
@@ -144,6 +144,9 @@ _PARTS: dict[str, tuple[tuple[str, FileRole, tuple[str, ...], tuple[str, ...]], 
 }
 
 
+_OTHER_MODELS = re.compile(r"(^|[^a-z0-9])(sd3|sd35|sdxl|sd_xl|sd15|sd21|wan|hunyuan|ltx)([^a-z0-9]|$)")
+
+
 def _single_file(transformer: Path, settings: EngineSettings, models_dir: Path | None) -> ModelSource:
     search = [transformer.parent]
     if models_dir is not None:
@@ -153,6 +156,9 @@ def _single_file(transformer: Path, settings: EngineSettings, models_dir: Path |
     # Each part is found by what its file holds; the name only breaks ties (fp16 before fp8 when both
     # are there) and names a file nothing can be read from, so its load says what is wrong with it.
     contents = {path: read_contents(path) for path in _candidates(search) if path != transformer}
+    # SD3's VAE has FLUX.1's shape (16 latent channels) but other weights: no tensor tells them
+    # apart, so a file whose name says it belongs to another model is never taken for FLUX's.
+    contents = {p: c for p, c in contents.items() if not _OTHER_MODELS.search(p.name.lower())}
     found: dict[str, Path | None] = {}
     for setting, role, exact, stems in _PARTS[family]:
         path = getattr(settings, setting) or find_by_contents(contents, role, _name_rank(exact, stems))
@@ -213,3 +219,58 @@ def _name_rank(exact: tuple[str, ...], stems: tuple[str, ...]) -> Callable[[Path
         return None
 
     return rank
+
+
+@dataclass(frozen=True)
+class FolderModel:
+    """What a diffusers folder's index says it holds (nothing loaded)."""
+
+    family: str
+    variant: str | None
+    pipeline: str
+
+
+def folder_model(folder: Path) -> FolderModel | None:
+    """A diffusers folder's family, variant and pipeline class, from its index files."""
+    import json
+
+    def read(path: Path) -> dict[str, object]:
+        try:
+            value = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return value if isinstance(value, dict) else {}
+
+    modular = read(folder / "modular_model_index.json")
+    name = str(modular.get("_class_name", ""))
+    if name in ("Flux3ModularPipeline", "Flux3DistilledModularPipeline"):
+        return FolderModel("flux3", "klein" if "Distilled" in name else "klein-base", name)
+    index = read(folder / "model_index.json")
+    name = str(index.get("_class_name", ""))
+    if name == "Flux2KleinPipeline":
+        return FolderModel("flux2", "klein" if index.get("is_distilled") else "klein-base", name)
+    if name == "Flux2Pipeline":
+        return FolderModel("flux2", "dev", name)
+    if name == "FluxPipeline":
+        guidance = read(folder / "transformer" / "config.json").get("guidance_embeds")
+        return FolderModel("flux1", None if guidance is None else "dev" if guidance else "schnell", name)
+    return None
+
+
+def model_family(source: ModelSource) -> str:
+    """The family of a located model, from its files alone: what requests are checked against
+    before anything loads (the CLI). A hub id is taken by its name; FLUX.1 where nothing says more."""
+    if source.kind == "single_file":
+        return source.family
+    if source.kind == "tiny":
+        return TINY_MODELS.get(Path(source.location).name, "flux1")
+    if source.kind == "diffusers" and (found := folder_model(Path(source.location))) is not None:
+        return found.family
+    name = source.location.lower()
+    return (
+        "flux3"
+        if "flux-3" in name or "flux.3" in name
+        else "flux2"
+        if "flux.2" in name or "flux-2" in name
+        else "flux1"
+    )

@@ -125,6 +125,7 @@ def _imagine(args: argparse.Namespace, settings: Settings) -> int:
     from engine.input_image import normalize_input_image
     from engine.png import save_png
     from engine.resolve import RequestResolver
+    from engine.sources import locate_model, model_family
 
     if args.out is not None and args.out.suffix.lower() != ".png":
         raise EngineError(f"--out must name a .png file, got {args.out}")
@@ -163,15 +164,17 @@ def _imagine(args: argparse.Namespace, settings: Settings) -> int:
         mode="edit" if args.edit else None,
         enhance=args.enhance,
     )
-    RequestResolver.from_settings(settings.engine).resolve(request)  # refuse bad input before loading
+    # Bad input is refused before minutes of loading, against the family the model's files say.
+    family = model_family(locate_model(settings.engine, settings.data_dir, build=False))
+    RequestResolver.from_settings(settings.engine, family).resolve(request)
     print("loading the model (once per process)...", file=sys.stderr)
     engine = FluxEngine.load(settings.engine, settings.data_dir)
     resolution = engine.resolver.resolve(request)
     for warning in resolution.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     spec = resolution.spec
-    if spec.enhance:
-        print(f"enhancing the prompt ({settings.engine.prompt_enhancer_model})...", file=sys.stderr)
+    if spec.enhance and engine.enhancer is not None:
+        print(f"enhancing the prompt ({engine.enhancer.name})...", file=sys.stderr)
     with tqdm(total=spec.steps, desc="denoising", unit="step", file=sys.stderr) as bar:
 
         def on_step(progress: StepProgress) -> None:

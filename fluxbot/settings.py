@@ -14,7 +14,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from engine.settings import EngineSettings
+from engine.settings import TINY_MODELS, EngineSettings
 
 DEFAULT_CONFIG_FILE = Path("config/fluxbot.toml")
 
@@ -71,7 +71,7 @@ class WorkerSettings(BaseModel):
     family: Literal["auto", "flux1", "flux2", "flux3"] = Field(
         "auto",
         description="model family the bot checks requests against when it holds no engine; "
-        "auto: flux2 for 'tiny-flux2', else flux1",
+        "auto: flux2 for 'tiny-flux2', flux3 for 'tiny-flux3', else flux1",
     )
 
     @model_validator(mode="after")
@@ -201,8 +201,7 @@ class Settings(BaseSettings):
         """The family the bot checks requests against when the engines live in workers."""
         if self.workers.family != "auto":
             return self.workers.family
-        tiny = {"tiny-flux2": "flux2", "tiny-flux3": "flux3"}
-        return tiny.get(self.engine.model, "flux1")
+        return TINY_MODELS.get(self.engine.model, "flux1")
 
     @field_validator("admin_permission")
     @classmethod

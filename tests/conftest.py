@@ -59,8 +59,20 @@ max_sequence_length = 256
 
 [klein]
 family = "flux2"
+variants = ["klein"]
 steps = 2
 steps_range = [1, 8]
+width = 64
+height = 64
+megapixels_range = [0.001, 4.2]
+
+[klein-base]
+family = "flux2"
+variants = ["klein-base"]
+steps = 3
+steps_range = [1, 16]
+guidance = 4.0
+guidance_range = [1.0, 10.0]
 width = 64
 height = 64
 megapixels_range = [0.001, 4.2]

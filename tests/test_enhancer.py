@@ -210,6 +210,48 @@ async def test_enhance_through_discord_is_shown_stored_and_rerun_without_a_secon
         assert failed_job.spec.enhance is False and failed_job.spec.enhanced_prompt is None
 
 
+async def test_an_enhanced_prompt_meets_the_blocklist_and_trigger_words_lead_it(
+    fake: FakeDiscord,
+    tmp_path: Path,
+    make_settings: Callable[..., EngineSettings],
+    data_dir: Path,
+    chat: ChatServer,
+) -> None:
+    from fluxbot.settings import SafetySettings
+
+    def engine_settings(**kw: object) -> EngineSettings:
+        return make_settings(prompt_enhancer=chat.url, **kw)
+
+    # "golden" is in every expansion the server writes, never in what the user typed.
+    settings = make_bot_settings(
+        tmp_path, engine_settings, fake, safety=SafetySettings(blocked_terms=["golden"])
+    )
+    async with running_bot(fake, settings, data_dir) as bot:
+        token = await fake.slash(
+            "imagine", [opt("prompt", "a barn"), opt("enhance", True, 5)], fake.member(ALICE, "alice")
+        )
+        message = await fake.wait_for(
+            lambda: (m := fake.original(token)) and "❌" in m.get("content", "") and m
+        )
+        assert "The enhanced prompt used a blocked term ('golden'), so nothing was kept" in message["content"]
+        job = await bot.app.jobs.get(1)
+        assert job is not None and job.status == JobStatus.FAILED and not job.images
+
+    from engine.catalog import Catalog
+    from engine.resolve import RequestResolver
+    from engine.whitelist import LoraEntry
+
+    inky = LoraEntry(name="inky", file="inky.safetensors", sha256="0" * 64, trigger_words=["inkstyle"])
+    resolver = RequestResolver(
+        Catalog.from_files(settings.engine.presets_path, settings.engine.loras_path).with_lora(inky),
+        can_enhance=True,
+    )
+    typed = GenerationRequest(prompt="an inkstyle cat", loras=[{"name": "inky"}])  # type: ignore[list-item]
+    assert resolver.resolve(typed).spec.final_prompt == "an inkstyle cat", "typed: not added twice"
+    enhanced = resolver.resolve(typed.model_copy(update={"enhance": True})).spec
+    assert enhanced.final_prompt == "inkstyle, an inkstyle cat", "the expansion may drop it: it leads"
+
+
 async def test_enhance_without_an_enhancer_is_a_private_one_liner(harness: Harness) -> None:
     fake = harness.fake
     token = await fake.slash(
@@ -221,3 +263,28 @@ async def test_enhance_without_an_enhancer_is_a_private_one_liner(harness: Harne
 
 def png_pixels(fake: FakeDiscord, message: dict[str, object]) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png_of(fake, message))))  # type: ignore[arg-type]
+
+
+def test_a_hostile_enhancement_fits_discords_limit_with_its_spoiler_closed() -> None:
+    from bot import render
+    from bot.i18n import Languages
+    from bot.store.models import Job, JobKind
+    from tests.bot_support import spec_for
+
+    tr = Languages.load().for_locale("en-US")
+    hostile = "*_~`|>" * 300  # every character escaped: twice as long once escaped
+    job = Job(
+        id=7,
+        user_id=1,
+        kind=JobKind.IMAGINE,
+        spec=spec_for("a barn " * 250, enhance=True, enhanced_prompt="x"),
+        status=JobStatus.DONE,
+        recipe={"enhanced_prompt": hostile},
+        timings={"total_s": 1.0},
+    )
+
+    text = render.final(tr, job, safety_action="spoiler")
+
+    assert len(text) <= render.MESSAGE_LIMIT
+    assert text.endswith("||") and text.count("||") == 2
+    assert "Flagged by the safety filter" in text, "the safety note is never cut for the enhancement"

@@ -140,3 +140,12 @@ def test_flux2_edit_limits_are_checked(flux2: FluxEngine) -> None:
         flux2.draw([spec], init_image=refs[0].png)
     with pytest.raises(Exception, match="hash"):
         flux2.draw([spec], init_image=refs[0].png, references=[refs[2].png])
+
+
+def test_flux2_refuses_image_to_image_in_the_engine(flux2: FluxEngine) -> None:
+    """A stored img2img spec reaching a FLUX.2 engine is refused, not drawn as an edit."""
+    ref = _reference(1, (64, 64))
+    spec = flux2.resolve(GenerationRequest(prompt="x", mode="edit", init_image=ref.sha256))
+    img2img = spec.model_copy(update={"mode": "img2img", "strength": 0.5})
+    with pytest.raises(RequestError, match="image-to-image needs a FLUX.1 model"):
+        flux2.draw([img2img], init_image=ref.png)

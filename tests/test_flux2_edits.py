@@ -111,6 +111,8 @@ async def test_edit_with_one_and_three_references_the_button_and_an_exact_rerun(
     assert three_recipe.reference_sha256s[0] == hat.sha256
     assert not np.array_equal(_pixels(png_of(fake, one)), _pixels(png_of(fake, three)))
 
+    vary = await fake.click(first["id"], f"fluxbot:subtle:{_job_id(first)}", bob)
+    await fake.wait_for(lambda: is_ephemeral_error(fake, vary, "Vary and Upscale redraw with FLUX.1's"))
     click = await fake.click(first["id"], f"fluxbot:edit:{_job_id(first)}", bob)
     await fake.wait_for(lambda: fake.response_to(click))
     from_button = await finished_message(fake, await fake.submit_modal(click, ["make it snow"], bob))

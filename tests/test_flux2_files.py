@@ -216,6 +216,10 @@ def test_the_base_klein_is_told_by_its_file_name(
     engine = FluxEngine.load(klein_files(model=str(base)), data_dir)
 
     assert engine.info.variant == "klein-base" and engine.pipe.config.is_distilled is False
+    # The base model's own preset (real CFG at 4, an empty prompt's embedding per image), batched too.
+    results = engine.generate_batch([REQUEST, REQUEST.model_copy(update={"prompt": "a blue dog"})])
+    assert [r.recipes[0].preset for r in results] == ["klein-base", "klein-base"]
+    assert results[0].recipes[0].guidance == 4.0
     forced = FluxEngine.load(klein_files(model=str(base), variant="klein"), data_dir)
     assert forced.pipe.config.is_distilled is True
 

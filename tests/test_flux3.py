@@ -241,7 +241,7 @@ def test_doctor_names_family_variant_and_upsampler(
     ensure_tiny_model(data_dir / "models" / "tiny-flux2", "flux2")
     ensure_tiny_model(data_dir / "models" / "tiny-flux1", "flux1")
     for model, family in (
-        ("tiny-flux3", "FLUX.3 klein (Flux3DistilledModularPipeline, a modular pipeline)"),
+        ("tiny-flux3", "FLUX.3 klein (Flux3DistilledModularPipeline)"),
         ("tiny-flux2", "FLUX.2 klein (Flux2KleinPipeline)"),
         ("tiny", "FLUX.1 dev (FluxPipeline)"),
     ):

@@ -807,6 +807,14 @@ def test_text_encoders_and_vae_are_found_by_what_their_files_hold(
         models / "text_encoders" / "a_clip_g.safetensors",
     )
     (models / "text_encoders" / "a_partial_download.safetensors").write_bytes(b"\x00" * 64)
+    save_file(  # Wan's umT5: T5's layout, another vocabulary
+        {
+            "shared.weight": torch.zeros(256384, 1),
+            "encoder.block.0.layer.0.SelfAttention.q.weight": torch.zeros(1, 1),
+        },
+        models / "text_encoders" / "a_umt5_xxl_fp8.safetensors",
+    )
+    (models / "vae" / "a_sd3_vae.safetensors").write_bytes(split_files["vae"].read_bytes())  # FLUX's shape
 
     source = locate_model(single_file_settings(model=str(models)), data_dir)
 
@@ -819,6 +827,7 @@ def test_text_encoders_and_vae_are_found_by_what_their_files_hold(
         "qwen_3_4b.safetensors": "qwen3",
         "a_clip_g.safetensors": "clip_g",
         "a_partial_download.safetensors": "unreadable",
+        "a_umt5_xxl_fp8.safetensors": "other",
     }
     assert read_contents(models / "vae" / "a_flux2-vae.safetensors").role == "flux2_vae"
     # The found files draw what the same files named by hand draw.

@@ -191,9 +191,9 @@ async def history(
     job_id="The job whose picture to edit (see /history)",
     image="Or: the picture to edit (PNG, JPEG or WebP)",
     picture="With job_id: which of its pictures (default 1)",
-    image2="FLUX.2: another reference image",
-    image3="FLUX.2: another reference image",
-    jobs="FLUX.2: more reference jobs after those, e.g. 12 15:2 (job:picture)",
+    image2="FLUX.2/FLUX.3: another reference image",
+    image3="FLUX.2/FLUX.3: another reference image",
+    jobs="FLUX.2/FLUX.3: more reference jobs after those, e.g. 12 15:2 (job:picture)",
 )
 async def edit(
     interaction: discord.Interaction[FluxBot],
@@ -215,8 +215,9 @@ async def edit(
             order.append(JobPicture(job_id, picture))
         order += [a for a in (image, image2, image3) if a is not None]
         order += parse_job_pictures(jobs or "")
-        if not order:
-            raise UserError("Give the image to edit: attach one, or name a job_id.")
+        if picture != 1 and job_id is None:
+            raise UserError("picture goes with job_id: which of that job's pictures to edit.")
+        studio.check_edit_count(interaction.guild_id, len(order))  # before any upload is read
         for attachment in order:
             if isinstance(attachment, discord.Attachment):
                 check_attachment(attachment, studio.images.max_input_mb)

@@ -38,6 +38,9 @@ class Artifact(Protocol):
     @property
     def index(self) -> int: ...
 
+    @property
+    def recipe(self) -> Recipe: ...
+
     def store(self, files: ImageFiles, job_id: int) -> StoredImage:
         """Blocking (PNG encode, write, hash): the dispatcher calls it in a thread."""
         ...

@@ -19,11 +19,16 @@ from bot.services.faults import Faults, is_disk_fault
 from bot.store.files import ImageFiles
 from bot.store.jobs import JobStore, StoredImage
 from bot.store.models import Job, JobStatus
+from engine.messages import N_
 
 if TYPE_CHECKING:
     from bot.services.image_safety import ImageClassifier
 
 log = logging.getLogger(__name__)
+# Stored in English like every failure reason, translated where shown (render.py).
+ENHANCED_BLOCKED = N_(
+    "The enhanced prompt used a blocked term ({term}), so nothing was kept. Try it without enhance."
+)
 IMAGES_FAULT_S = 10.0  # how long an unwritable image folder may fail before /healthz reports it
 
 
@@ -45,6 +50,9 @@ class OutcomeRecorder:
         self.clock = clock  # learns seconds per step from every finished job (ETAs)
         self.classifier = classifier  # the optional image safety check, between storing and delivery
         self.on_images_written = on_images_written
+        # The blocked-terms check (Studio.blocked_term: server, text -> term), for what the engine
+        # wrote itself: an enhanced prompt is made after admission, so it is checked here.
+        self.screen: Callable[[int | None, str], str | None] = lambda guild_id, text: None
 
     async def record(self, job_id: int, outcome: Outcome, cancelled_by: str | None = None) -> Job | None:
         """The finished job as stored, to deliver; None when there is nothing to deliver: the shutdown
@@ -58,6 +66,9 @@ class OutcomeRecorder:
         safety: dict[str, Any] | None = None
         if outcome.kind == "cancelled":
             status, error = JobStatus.CANCELLED, f"cancelled by {cancelled_by or 'an admin'}"
+        elif outcome.kind == "done" and (term := await self._blocked_enhancement(job_id, outcome)):
+            error = ENHANCED_BLOCKED.format(term=repr(term))
+            log.info("job %d: its enhanced prompt used a blocked term; nothing kept", job_id)
         elif outcome.kind == "done":
             try:
                 stored = await self._save_images(job_id, outcome.images)
@@ -81,6 +92,14 @@ class OutcomeRecorder:
             return None
         self._count(job)
         return job
+
+    async def _blocked_enhancement(self, job_id: int, outcome: Outcome) -> str | None:
+        """A blocked term in the prompt an enhancer wrote for this job, if any (none: not enhanced)."""
+        enhanced = outcome.images[0].recipe.enhanced_prompt if outcome.images else None
+        if not enhanced:
+            return None
+        job = await self.store.get(job_id)
+        return self.screen(job.guild_id if job is not None else None, enhanced)
 
     async def cancel_waiting(self, job_id: int, by: str) -> Job | None:
         """A job cancelled before any engine had it; None when it had already finished."""

@@ -30,7 +30,7 @@ from engine.errors import RequestError, first_problem
 from engine.input_image import InputImage, reference_problem
 from engine.messages import Message
 from engine.presets import Preset
-from engine.resolve import RequestResolver
+from engine.resolve import RequestResolver, reference_count_problem
 from engine.spec import MAX_SEED, DrawSpec
 from fluxbot.settings import ImageSettings, LimitSettings
 
@@ -229,7 +229,7 @@ class Studio:
         job is never queued, or answered as queued, before it is committed."""
         if not self.accepting:
             raise LimitReached("fluxbot is restarting; try again in a minute.")
-        term = self.blocked.find(spec.prompt) or self.community.blocked_in(who.guild_id).find(spec.prompt)
+        term = self.blocked_term(who.guild_id, spec.prompt, spec.enhanced_prompt or "")
         if term is not None:
             self.metrics.rejections.labels("policy").inc()
             raise NotAllowed(
@@ -378,6 +378,30 @@ class Studio:
         variation = spec.model_copy(update={"seed": (spec.seed + 1) % (MAX_SEED + 1), "batch_size": batch})
         return await self.admit(who, variation, JobKind.VARIATION, parent.id, on_stored)
 
+    def check_edit_count(self, guild_id: int | None, count: int) -> None:
+        """Refuses an edit of no image, or of more than the model reads (before anything is read)."""
+        if count == 0:
+            raise UserError("Give the image to edit: attach one, or name a job_id.")
+        if (problem := reference_count_problem(self.resolver_for(guild_id).family, count)) is not None:
+            raise UserError(problem)
+
+    def blocked_term(self, guild_id: int | None, *texts: str) -> str | None:
+        """The first blocked term (global, then the server's) in any of `texts`."""
+        for text in texts:
+            if term := self.blocked.find(text) or self.community.blocked_in(guild_id).find(text):
+                return term
+        return None
+
+    def _require_redraws(self, who: Requester) -> None:
+        """Vary and Upscale redraw a picture with FLUX.1's img2img; other families have none here."""
+        family = self.resolver_for(who.guild_id).family
+        if family != "flux1":
+            raise UserError(
+                "Vary and Upscale redraw with FLUX.1's image-to-image, which this {family} model lacks: "
+                "use /edit.",
+                family=family,
+            )
+
     async def vary(
         self, who: Requester, job_id: int, strong: bool, on_stored: OnStored | None = None
     ) -> Ticket:
@@ -385,6 +409,7 @@ class Studio:
         as the presser's own job."""
         kind = JobKind.VARY_STRONG if strong else JobKind.VARY_SUBTLE
         self._require_kind(who, kind)
+        self._require_redraws(who)
         parent, preset = await self._stored(job_id, who)
         image = await self._drawn(parent, who)
         strength = preset.vary_strong_strength if strong else preset.vary_subtle_strength
@@ -397,6 +422,7 @@ class Studio:
         """Upscale x2 (hi-res fix): the job's `picture` (1-based) resized 2x, then redrawn lightly at
         that size with its seed; refused past the preset's megapixel cap."""
         self._require_kind(who, JobKind.UPSCALE)
+        self._require_redraws(who)
         parent, preset = await self._stored(job_id, who)
         image = await self._drawn(parent, who, picture)
         width, height = 2 * image.width, 2 * image.height
@@ -426,22 +452,13 @@ class Studio:
             raise UserError(EDITS_OFF)
         self._require_kind(who, JobKind.EDIT)
         resolver = self.resolver_for(who.guild_id)
-        if not references:
-            raise UserError("Give the image to edit: attach one, or name a job_id.")
-        if len(references) > 1 and resolver.max_references == 1:
-            raise UserError("FLUX.1 Kontext edits one picture at a time.")
-        if len(references) > resolver.max_references:
-            raise UserError(
-                "This model edits with at most {most} images (you gave {count}).",
-                most=resolver.max_references,
-                count=len(references),
-            )
+        self.check_edit_count(who.guild_id, len(references))
         parent: Job | None = None
         images: list[InputImage] = []
-        for reference in references:
+        for index, reference in enumerate(references):
             if isinstance(reference, JobPicture):
                 job = await self._job(reference.job_id, who)
-                parent = parent or job
+                parent = job if index == 0 else parent  # the job whose picture is edited
                 images.append(await self._drawn(job, who, reference.picture))
             else:
                 images.append(reference)
@@ -550,6 +567,7 @@ def _redraw(spec: DrawSpec, image: InputImage, strength: float, seed: int) -> Dr
         update={
             "mode": "img2img",
             "init_image": image.sha256,
+            "references": (),  # an edit's other references are not part of redrawing its picture
             "strength": strength,
             "seed": seed,
             "batch_size": 1,
