@@ -341,6 +341,15 @@ class FluxEngine:
             )
         if sum(s.batch_size for s in specs) > self.max_batch_size:
             raise RequestError("more than {most} images in one call", most=self.max_batch_size)
+        preset = self.resolver.catalog.presets.get(first.preset)
+        if preset is not None and preset.variants and self.info.variant not in preset.variants:
+            # A bot whose engines are workers does not know their variant when it resolves.
+            raise RequestError(
+                "preset {preset} is for {variants}, but the loaded model is {loaded}",
+                preset=first.preset,
+                variants=", ".join(preset.variants),
+                loaded=self.info.variant,
+            )
         if first.mode == "img2img" and self.info.family != "flux1":
             raise RequestError(
                 "image-to-image needs a FLUX.1 model (this engine holds {family})", family=self.info.family

@@ -69,6 +69,7 @@ async def test_edit_with_one_and_three_references_the_button_and_an_exact_rerun(
     )
     labels = [c["label"] for row in first["components"] for c in row["components"]]
     assert labels[-1] == "Edit", "FLUX.2 klein edits with the resident model: the button is there"
+    assert "Upscale x2" not in labels, "Vary and Upscale are FLUX.1's image-to-image: not offered"
 
     one = await finished_message(
         fake,
@@ -111,8 +112,11 @@ async def test_edit_with_one_and_three_references_the_button_and_an_exact_rerun(
     assert three_recipe.reference_sha256s[0] == hat.sha256
     assert not np.array_equal(_pixels(png_of(fake, one)), _pixels(png_of(fake, three)))
 
-    vary = await fake.click(first["id"], f"fluxbot:subtle:{_job_id(first)}", bob)
-    await fake.wait_for(lambda: is_ephemeral_error(fake, vary, "Vary and Upscale redraw with FLUX.1's"))
+    # A stale client's press (the buttons are not offered) is refused before anything is stored.
+    from bot.services.studio import Requester
+
+    with pytest.raises(UserError, match="Vary and Upscale redraw with FLUX.1's image-to-image"):
+        await klein.app.studio.vary(Requester(user_id=BOB, user_name="bob"), _job_id(first), strong=False)
     click = await fake.click(first["id"], f"fluxbot:edit:{_job_id(first)}", bob)
     await fake.wait_for(lambda: fake.response_to(click))
     from_button = await finished_message(fake, await fake.submit_modal(click, ["make it snow"], bob))

@@ -108,9 +108,13 @@ class EditModal(discord.ui.Modal):
         )
 
 
-def result_view(tr: Language, job_id: int, edits: bool = False) -> discord.ui.View:
+REDRAWS = ("subtle", "strong", "upscale")  # FLUX.1's image-to-image
+
+
+def result_view(tr: Language, job_id: int, edits: bool = False, redraws: bool = True) -> discord.ui.View:
+    """The buttons a result gets: Edit where the model edits, Vary and Upscale where it redraws."""
     view = discord.ui.View(timeout=None)
     for action in ACTIONS:
-        if action != "edit" or edits:
+        if (action != "edit" or edits) and (action not in REDRAWS or redraws):
             view.add_item(JobButton(action, job_id, label(tr, action)))
     return view
