@@ -74,6 +74,11 @@ async def app(
     def engine(**kw: object) -> EngineSettings:
         return make_settings(model="tiny-flux2", prompt_enhancer=chat.url, **kw)
 
+    # Each test has a fresh database, so job ids start again at 1: an empty Redis keeps arq from
+    # taking a new job for the last test's job of the same id (the worker re-registers itself).
+    flush_redis()
+    await klein_worker.wait_ready()
+
     settings = bot_settings(
         tmp_path,
         engine,
