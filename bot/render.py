@@ -110,6 +110,10 @@ def _made_from(tr: Language, job: Job) -> str | None:
     spec = job.spec
     if spec.init_image is None:
         return None
+    if spec.mode == "inpaint":
+        if job.parent_id:
+            return tr.tr("inpaint of job {job}", job=job.parent_id)
+        return tr.tr("inpaint")
     if spec.mode == "edit" and spec.family in ("flux2", "flux3"):
         more = len(spec.inputs) - 1
         if job.parent_id and more:

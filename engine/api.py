@@ -45,6 +45,7 @@ class GenerationRequest(BaseModel):
     init_image: str | None = Field(None, pattern=SHA256)
     # Edits: further reference images after init_image (models that read several: FLUX.2 klein).
     references: tuple[Sha256, ...] = Field((), max_length=MAX_REFERENCES - 1)
+    mask: str | None = Field(None, pattern=SHA256)  # "inpaint": the stored mask PNG (white: repaint)
     strength: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
     # "edit": a Kontext instruction edit of init_image; default: txt2img, or img2img with an image.
     mode: Mode | None = None
@@ -94,6 +95,8 @@ class Recipe(BaseModel):
     reference_sha256s: tuple[str, ...] = ()  # edits: the reference images after the first
     strength: float | None = None
     kontext_files: dict[str, str] | None = None  # edits: the Kontext transformer's file -> sha256
+    fill_files: dict[str, str] | None = None  # inpaints: the Fill transformer's file -> sha256
+    mask_sha256: str | None = None  # inpaints: the mask's stored PNG
     # The step cache the job ran with (engine/step_cache.py) and how many of its denoising steps ran
     # the full transformer (None: recipes from before step caching, all of them).
     cache: str = "none"
@@ -133,6 +136,7 @@ class Recipe(BaseModel):
             loras=self.loras,
             init_image=self.init_image_sha256,
             references=self.reference_sha256s,
+            mask=self.mask_sha256,
             strength=self.strength,
             cache=StepCache.parse(self.cache),
             enhance=self.enhanced_prompt is not None,

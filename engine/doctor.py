@@ -96,27 +96,28 @@ def _enhancer(report: DoctorReport, settings: EngineSettings) -> None:
 
 
 def _images(report: DoctorReport, settings: EngineSettings) -> None:
-    """Kontext edits and previews: what is configured, and whether its files are there (not loaded)."""
-    where = settings.kontext
-    if where is None:
-        report.add(
-            "ok",
-            "kontext",
-            'off: /edit says how to enable it (engine.kontext = "<folder, .safetensors or .gguf>")',
-        )
-    elif where == "tiny":
-        report.add("ok", "kontext", "the tiny random Kontext transformer (offline tests)")
-    else:
-        path = Path(where).expanduser()
-        if not path.exists():
-            report.add("fail", "kontext", f"engine.kontext: {path} does not exist")
-        elif path.is_dir():
-            report.add("ok", "kontext", f"diffusers folder {path}")
+    """Kontext edits, Fill inpainting and previews: what is configured, and whether its files are
+    there (not loaded)."""
+    for name, where, command in (("kontext", settings.kontext, "/edit"), ("fill", settings.fill, "/inpaint")):
+        if where is None:
+            report.add(
+                "ok",
+                name,
+                f'off: {command} says how to enable it (engine.{name} = "<folder, .safetensors or .gguf>")',
+            )
+        elif where == "tiny":
+            report.add("ok", name, f"the tiny random {name} transformer (offline tests)")
         else:
-            try:
-                report.add("ok", "kontext", f"{path.name}: {describe_layout(path)}")
-            except EngineError as exc:
-                report.add("fail", "kontext", str(exc))
+            path = Path(where).expanduser()
+            if not path.exists():
+                report.add("fail", name, f"engine.{name}: {path} does not exist")
+            elif path.is_dir():
+                report.add("ok", name, f"diffusers folder {path}")
+            else:
+                try:
+                    report.add("ok", name, f"{path.name}: {describe_layout(path)}")
+                except EngineError as exc:
+                    report.add("fail", name, str(exc))
     preview = settings.preview
     if preview.startswith("taef1:") and not Path(preview.removeprefix("taef1:")).expanduser().is_dir():
         report.add("fail", "preview", f"engine.preview: {preview.removeprefix('taef1:')} is not a folder")

@@ -18,6 +18,7 @@ from engine.api import GenerationRequest, GenerationResult, Recipe, StepProgress
 from engine.embed_cache import PromptEmbedCache
 from engine.enhancer import EnhancerError, PromptEnhancer, endpoint_enhancer
 from engine.errors import ConfigError, GenerationCancelled, OutOfMemory, RequestError
+from engine.extra_models import FILL, KONTEXT, ExtraModel, load_extra
 from engine.families import Embeds, FamilyAdapter, adapter_for, concat_embeds, repeat_embeds
 from engine.flux3 import Flux3Upsampler, plan_for, set_guidance
 from engine.hashing import FileHasher
@@ -30,7 +31,6 @@ from engine.info import (
     record_warmup,
 )
 from engine.input_image import decode_input, reference_problem
-from engine.kontext import KontextModel, load_kontext
 from engine.loading import LoadedModel, load_pipeline
 from engine.lora_slots import lora_switch
 from engine.loras import LoraSwitch
@@ -86,7 +86,8 @@ class FluxEngine:
         self._versions = library_versions()
         self.memory_cap_bytes: int | None = None
         self._img2img_pipe: Any = None
-        self.kontext: KontextModel | None = None
+        self.kontext: ExtraModel | None = None  # FLUX.1 Kontext: edits
+        self.fill: ExtraModel | None = None  # FLUX.1 Fill: inpainting
         self.preview_decoder: LatentDecoder | None = latent_rgb
         self.vae_tiling_above_mp = 1.6
         self.warmup_s: float | None = None  # compile + warm-up at start (None: not compiled)
@@ -146,12 +147,13 @@ class FluxEngine:
             raise ConfigError(
                 'engine.preview: TAEF1 decodes FLUX.1 latents; for FLUX.2 use "latent" or "off"'
             )
-        if settings.kontext is not None:
+        for kind, location in ((KONTEXT, settings.kontext), (FILL, settings.fill)):
+            if location is None:
+                continue
             if loaded.family != "flux1":
-                raise ConfigError("engine.kontext edits need a FLUX.1 model")
-            engine.kontext = load_kontext(
-                settings.kontext, loaded.pipe, plan, device, data_dir, hasher, settings.configs
-            )
+                raise ConfigError(f"engine.{kind.name} needs a FLUX.1 model")
+            extra = load_extra(kind, location, loaded.pipe, plan, device, data_dir, hasher, settings.configs)
+            setattr(engine, kind.name, extra)
         engine.speed_up()
         if engine.warmup_s is not None:
             record_warmup(data_dir, engine.info, engine.warmup_s, engine.warmup_graphs)
@@ -160,7 +162,9 @@ class FluxEngine:
     def speed_up(self) -> None:
         """The attention backend, then compilation and a warm-up (every graph a job will need is
         compiled now, not in the first user's job)."""
-        transformers = [self.pipe.transformer] + ([self.kontext.pipe.transformer] if self.kontext else [])
+        transformers = [self.pipe.transformer] + [
+            extra.pipe.transformer for extra in (self.kontext, self.fill) if extra is not None
+        ]
         for transformer in transformers:
             apply_attention(transformer, self.info.attention)
         mode = self.info.plan.compile
@@ -257,13 +261,15 @@ class FluxEngine:
             if init_image is None:
                 raise RequestError("this job draws from an input image, and none was given to the engine")
             source = decode_input(init_image, first.init_image)
-        if len(references) != len(first.references):
+        others = first.inputs[1:]  # its references, then its mask
+        if len(references) != len(others):
             raise RequestError(
                 "this job reads {wanted} more reference images, and the engine was given {given}",
-                wanted=len(first.references),
+                wanted=len(others),
                 given=len(references),
             )
-        more = [decode_input(data, sha) for data, sha in zip(references, first.references, strict=True)]
+        more = [decode_input(data, sha) for data, sha in zip(references, others, strict=True)]
+        mask = more.pop() if first.mask is not None else None
         if first.mode == "edit" and self.info.family == "flux2":
             for image in [source, *more]:
                 if image is not None and (problem := reference_problem(*image.size)) is not None:
@@ -287,7 +293,7 @@ class FluxEngine:
             # 3. Denoise and decode: the pipeline's own loop, one generator per image for reproducibility.
             seeds = [s for r in specs for s in r.seeds]
             run = self._run(
-                first, concat_embeds(parts), negative, seeds, on_step, cancel, source, preview, more
+                first, concat_embeds(parts), negative, seeds, on_step, cancel, source, preview, more, mask
             )
             finished = time.perf_counter()
         timings = Timings(
@@ -356,7 +362,10 @@ class FluxEngine:
             )
         if first.mode == "edit" and self.info.family == "flux1" and self.kontext is None:
             raise RequestError("edits need FLUX.1 Kontext, and this engine has none (engine.kontext)")
-        if (problem := reference_count_problem(self.info.family, len(first.inputs))) is not None:
+        if first.mode == "inpaint" and self.fill is None:
+            raise RequestError("inpainting needs FLUX.1 Fill, and this engine has none (engine.fill)")
+        edited = 1 + len(first.references) if first.mode == "edit" else 1
+        if (problem := reference_count_problem(self.info.family, edited)) is not None:
             raise RequestError(problem)
         return first
 
@@ -384,6 +393,7 @@ class FluxEngine:
         source: Image.Image | None = None,
         preview: PreviewEvery | None = None,
         more: Sequence[Image.Image] = (),
+        mask: Image.Image | None = None,
     ) -> _Run:
         start = time.perf_counter()
         last_step = [start]
@@ -433,7 +443,12 @@ class FluxEngine:
         elif source is not None:
             # Resized here to the job's size (Lanczos): an upscale is this resize, then a light redraw.
             images = [source.resize((params.width, params.height), Image.Resampling.LANCZOS)] * len(seeds)
-            if params.mode == "edit":
+            if params.mode == "inpaint":
+                assert self.fill is not None and mask is not None  # _check refused it otherwise
+                pipe = self.fill.pipe
+                mask = mask.convert("L").resize((params.width, params.height), Image.Resampling.LANCZOS)
+                extra = {"image": images, "mask_image": [mask] * len(seeds)}
+            elif params.mode == "edit":
                 assert self.kontext is not None  # generate_batch refused the edit otherwise
                 pipe = self.kontext.pipe
                 # Kontext would resize to its preferred sizes and rescale to max_area (1 MP): the
@@ -449,9 +464,12 @@ class FluxEngine:
             if tiled:
                 pipe.vae.enable_tiling()  # large upscales: decode in tiles, not one huge activation
             with torch.inference_mode(), cached_run(pipe.transformer, cache, params.steps) as full_runs:
+                family_kwargs = self._family.call_kwargs(params, negative)
+                if params.mode == "inpaint":
+                    family_kwargs.pop("true_cfg_scale", None)  # FluxFillPipeline has no true CFG
                 out = pipe(
                     **embeds,
-                    **self._family.call_kwargs(params, negative),
+                    **family_kwargs,
                     **extra,
                     height=params.height,
                     width=params.width,
@@ -470,7 +488,13 @@ class FluxEngine:
         if full_runs is not None:
             # true CFG: two transformer calls a step (FluxPipeline caches each on its own)
             computed = min(steps, round(full_runs.calls / (2 if params.true_cfg > 1.0 else 1)))
-        return _Run(list(out.images), last_step[0], steps, computed, cache)
+        images = list(out.images)
+        if params.mode == "inpaint" and mask is not None and source is not None:
+            # Only the mask's part is repainted: outside it the picture is the input's own pixels,
+            # not their trip through the VAE (soft mask edges blend).
+            kept = source.resize((params.width, params.height), Image.Resampling.LANCZOS)
+            images = [Image.composite(image.convert("RGB"), kept, mask) for image in images]
+        return _Run(images, last_step[0], steps, computed, cache)
 
     def _run_flux3(
         self,
@@ -542,9 +566,10 @@ class FluxEngine:
         return self._img2img_pipe
 
     def _recipe(self, r: DrawSpec, seed: int, run: _Run, enhance_note: str | None = None) -> Recipe:
-        kontext = self.kontext.files if r.mode == "edit" and self.kontext is not None else None
+        extra = {"edit": self.kontext, "inpaint": self.fill}.get(r.mode)
+        files = extra.files if extra is not None else None
         return make_recipe(
-            self.info, self._versions, r, seed, kontext, str(run.cache), run.computed_steps, enhance_note
+            self.info, self._versions, r, seed, files, str(run.cache), run.computed_steps, enhance_note
         )
 
     def _enhanced(self, specs: Sequence[DrawSpec]) -> tuple[list[DrawSpec], list[str | None]]:

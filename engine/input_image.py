@@ -111,3 +111,28 @@ def reference_problem(width: int, height: int) -> Message | None:
             height=height,
         )
     return None
+
+
+MASK_ASPECT_TOLERANCE = 0.02  # a mask is stretched to its picture only when their aspects agree
+
+
+def mask_problem(mask_png: bytes, width: int, height: int) -> Message | None:
+    """Why an uploaded mask (white: repaint) cannot mask a `width` x `height` picture, or None: a
+    mask of another aspect (it would be stretched over the wrong part), one that selects nothing,
+    one that selects everything (that is a new picture: /imagine). Blocking."""
+    mask = Image.open(io.BytesIO(mask_png)).convert("L")
+    if abs(mask.width / mask.height - width / height) > MASK_ASPECT_TOLERANCE * (width / height):
+        return Message(
+            "the mask is {mw}x{mh}, the picture {width}x{height}: draw the mask over the picture itself",
+            mw=mask.width,
+            mh=mask.height,
+            width=width,
+            height=height,
+        )
+    low, high = mask.getextrema()  # one band ("L"): (darkest, brightest)
+    assert isinstance(low, int) and isinstance(high, int)
+    if high < 128:
+        return Message("the mask selects nothing: paint the part to repaint white")
+    if low >= 128:
+        return Message("the mask covers the whole picture: for a new picture use /imagine")
+    return None

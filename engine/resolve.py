@@ -177,6 +177,7 @@ class RequestResolver:
             loras=tuple(SpecLora(name=e.name, sha256=e.sha256, weight=w) for e, w in loras),
             init_image=request.init_image,
             references=request.references,
+            mask=request.mask,
             strength=self._strength(preset, request, mode),
             cache=cache,
             enhance=enhance,
@@ -232,6 +233,16 @@ class RequestResolver:
         return preset
 
     def _mode(self, request: GenerationRequest) -> Mode:
+        if request.mask is not None and request.mode != "inpaint":
+            raise RequestError("a mask is for inpainting")
+        if request.mode == "inpaint":
+            if request.init_image is None or request.mask is None:
+                raise RequestError("inpainting needs a picture and a mask")
+            if self.family != "flux1":
+                raise RequestError(
+                    "inpainting needs a FLUX.1 model (this one is {family})", family=self.family
+                )
+            return "inpaint"
         if request.mode == "edit":
             if request.init_image is None:
                 raise RequestError("an edit needs an image to edit")
@@ -265,6 +276,10 @@ class RequestResolver:
 
     @staticmethod
     def _strength(preset: Preset, request: GenerationRequest, mode: Mode) -> float | None:
+        if mode == "inpaint":
+            if request.strength is not None:
+                raise RequestError("inpainting takes no strength (the mask says what is repainted)")
+            return None
         if mode == "edit":
             # Kontext reads the whole input image beside the picture: no strength.
             if request.strength is not None:
@@ -309,9 +324,10 @@ class RequestResolver:
         return guidance
 
     def _loras(self, preset: Preset, request: GenerationRequest, mode: Mode) -> list[tuple[LoraEntry, float]]:
-        if mode == "edit":
+        if mode in ("edit", "inpaint"):
+            # The resident transformer's adapters do not reach Kontext's or Fill's.
             if request.loras:
-                raise RequestError("edits take no LoRAs")
+                raise RequestError("edits and inpainting take no LoRAs")
             return []
         chosen: list[tuple[LoraEntry, float]] = []
         for pl in preset.loras:

@@ -102,6 +102,11 @@ class EngineSettings(BaseModel):
         description="FLUX.1 Kontext transformer for /edit: a diffusers folder, a single .safetensors/.gguf "
         "file, or 'tiny' (random, offline); unset: no edits",
     )
+    fill: str | None = Field(
+        None,
+        description="FLUX.1 Fill transformer for /inpaint: a diffusers folder, a single .safetensors/.gguf "
+        "file (flux1-fill-dev), or 'tiny' (random, offline); unset: no inpainting",
+    )
     preview: str = Field(
         "latent",
         description='live previews: "latent" (a fixed latent-to-RGB projection, microseconds), '

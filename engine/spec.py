@@ -19,8 +19,9 @@ MAX_SEED = 2**32 - 1  # A1111/Forge seeds are 32-bit; keeping to that makes reci
 SHA256 = r"^[0-9a-f]{64}$"
 Family = Literal["flux1", "flux2", "flux3"]
 # What the engine does with a spec: draw from text, redraw an input image (img2img: Vary, Upscale,
-# image prompts), or edit one with an instruction (Kontext).
-Mode = Literal["txt2img", "img2img", "edit"]
+# image prompts), edit one with an instruction (Kontext, FLUX.2/3 references), or repaint the masked
+# part of one (FLUX.1 Fill).
+Mode = Literal["txt2img", "img2img", "edit", "inpaint"]
 Sha256 = Annotated[str, Field(pattern=SHA256)]
 MAX_REFERENCES = 10  # what any FLUX edit model takes at most (FLUX.2's limit); each family has its own
 
@@ -60,6 +61,7 @@ class DrawSpec(BaseModel):
     # Edits with a model that reads several reference images (FLUX.2 klein): the ones after
     # init_image, in the order the user gave them, by the sha256 of their stored PNGs.
     references: tuple[Sha256, ...] = Field((), max_length=MAX_REFERENCES - 1)
+    mask: str | None = Field(None, pattern=SHA256)  # inpaint: the mask PNG's sha256 (white: repaint)
     strength: float | None = Field(None, gt=0.0, le=1.0)  # img2img: how much is redrawn
     cache: StepCacheField = NO_CACHE
     # Prompt enhancement (engine/enhancer.py): asked for, and once made, the expansion the model reads
@@ -81,14 +83,19 @@ class DrawSpec(BaseModel):
             raise ValueError("an edit spec needs an input image, and takes no strength and no LoRAs")
         if self.references and self.mode != "edit":
             raise ValueError("only an edit spec takes more reference images")
+        if (self.mode == "inpaint") != (self.mask is not None) or (
+            self.mode == "inpaint" and not self.init_image
+        ):
+            raise ValueError("an inpaint spec has an input image and a mask, and only it has a mask")
         if self.enhanced_prompt is not None and not self.enhance:
             raise ValueError("an enhanced prompt belongs to a spec that asked for enhancement")
         return self
 
     @property
     def inputs(self) -> tuple[str, ...]:
-        """Every input image the spec draws from, in order (init_image first)."""
-        return ((self.init_image,) if self.init_image else ()) + self.references
+        """Every input image the spec draws from, in order: init_image, its references, its mask."""
+        first = (self.init_image,) if self.init_image else ()
+        return first + self.references + ((self.mask,) if self.mask else ())
 
     @property
     def needs_enhancement(self) -> bool:
@@ -126,6 +133,7 @@ class DrawSpec(BaseModel):
             self.loras,
             self.init_image,
             self.references,
+            self.mask,
             self.strength,
             self.cache,
         )

@@ -57,6 +57,15 @@ height = 64
 megapixels_range = [0.001, 2.1]
 max_sequence_length = 256
 
+[fill]
+steps = 3
+steps_range = [1, 50]
+guidance = 30.0
+guidance_range = [1.0, 30.0]
+width = 64
+height = 64
+megapixels_range = [0.001, 4.2]
+
 [klein]
 family = "flux2"
 variants = ["klein"]

@@ -15,7 +15,8 @@ from bot.commands.submit import submit
 from bot.i18n import Language
 from bot.mentions import NOBODY
 from bot.services.errors import UserError
-from bot.services.studio import EDITS_OFF, JobPicture, OnStored, Requester, Studio, Ticket
+from bot.services.studio import EDITS_OFF, INPAINTS_OFF, JobPicture, OnStored, Requester, Studio, Ticket
+from engine.input_image import InputImage
 from engine.messages import Message
 
 if TYPE_CHECKING:
@@ -235,6 +236,49 @@ async def edit(
     await submit(interaction, create)
 
 
+@app_commands.command(name="inpaint", description="Repaint part of a picture: white in the mask is redrawn")
+@app_commands.describe(
+    prompt="What to paint where the mask is white",
+    mask="The mask (PNG, JPEG or WebP, the picture's aspect): white = repaint, black = keep",
+    job_id="The job whose picture to repaint (see /history)",
+    image="Or: the picture to repaint",
+    picture="With job_id: which of its pictures (default 1)",
+)
+async def inpaint(
+    interaction: discord.Interaction[FluxBot],
+    prompt: str,
+    mask: discord.Attachment,
+    job_id: int | None = None,
+    image: discord.Attachment | None = None,
+    picture: int = 1,
+) -> None:
+    studio = _studio(interaction)
+    try:
+        if not studio.inpaints:
+            raise UserError(INPAINTS_OFF)
+        if (image is None) == (job_id is None):
+            raise UserError("Give exactly one of job_id or image: the picture to repaint.")
+        if picture != 1 and job_id is None:
+            raise UserError("picture goes with job_id: which of that job's pictures to edit.")
+        for attachment in (mask, image):
+            if attachment is not None:
+                check_attachment(attachment, studio.images.max_input_mb)
+    except UserError as exc:
+        await reply_error(interaction, exc)
+        return
+
+    async def create(who: Requester, on_stored: OnStored) -> Ticket:
+        stored_mask = await studio.image_prompt(await mask.read())
+        target: JobPicture | InputImage = (
+            await studio.image_prompt(await image.read())
+            if image is not None
+            else JobPicture(job_id or 0, picture)
+        )
+        return await studio.inpaint(who, prompt, target, stored_mask, on_stored)
+
+    await submit(interaction, create)
+
+
 _JOB_PICTURE = re.compile(r"^#?(\d{1,19})(?::(\d{1,2}))?$")
 
 
@@ -249,4 +293,4 @@ def parse_job_pictures(text: str) -> list[JobPicture]:
     return found
 
 
-COMMANDS: list[app_commands.Command[Any, Any, None]] = [imagine, rerun, history, upscale, edit]
+COMMANDS: list[app_commands.Command[Any, Any, None]] = [imagine, rerun, history, upscale, edit, inpaint]

@@ -39,6 +39,7 @@ KIND_OF: Mapping[JobKind, Kind] = MappingProxyType(
         JobKind.VARY_STRONG: "vary",
         JobKind.UPSCALE: "upscale",
         JobKind.EDIT: "edit",
+        JobKind.INPAINT: "edit",  # repainting part of a picture is an edit of it
     }
 )
 ALL = "*"  # in an allowed list: everything

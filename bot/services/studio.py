@@ -3,6 +3,7 @@ and reruns. Everything a user asks for that makes a job comes through `imagine`.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import math
@@ -27,7 +28,7 @@ from bot.store.jobs import Admission, JobStore, NewJob, Quota
 from bot.store.models import Job, JobKind
 from engine.api import GenerationRequest
 from engine.errors import RequestError, first_problem
-from engine.input_image import InputImage, reference_problem
+from engine.input_image import InputImage, mask_problem, reference_problem
 from engine.messages import Message
 from engine.presets import Preset
 from engine.resolve import RequestResolver, reference_count_problem
@@ -37,6 +38,11 @@ from fluxbot.settings import ImageSettings, LimitSettings
 log = logging.getLogger(__name__)
 HISTORY_PAGE = 10
 EDIT_PRESET = "kontext"
+FILL_PRESET = "fill"
+INPAINTS_OFF = Message(
+    "Inpainting needs FLUX.1 Fill, which this fluxbot has not loaded. An admin enables it with "
+    'engine.fill = "<Fill diffusers folder, .safetensors or .gguf>" (see the README).'
+)
 EDITS_OFF = Message(
     "Edits need FLUX.1 Kontext, which this fluxbot has not loaded. An admin enables them with "
     'engine.kontext = "<Kontext diffusers folder, .safetensors or .gguf>" (see the README).'
@@ -109,8 +115,10 @@ class Studio:
         files: ImageFiles | None = None,
         images: ImageSettings | None = None,
         edits: bool = False,
+        inpaints: bool = False,
     ) -> None:
         self.edits = edits  # engine.kontext is set: /edit and the Edit button work
+        self.inpaints = inpaints  # engine.fill is set: /inpaint works
         self.images = images or ImageSettings()
         self.pictures = Pictures(files, self.images, metrics)
         self.metrics = metrics
@@ -486,6 +494,46 @@ class Studio:
             raise UserError.of(exc) from exc
         parent_id = parent.id if parent is not None else None
         return await self.admit(who, resolution.spec, JobKind.EDIT, parent_id, on_stored, resolution.warnings)
+
+    async def inpaint(
+        self,
+        who: Requester,
+        prompt: str,
+        picture: JobPicture | InputImage,
+        mask: InputImage,
+        on_stored: OnStored | None = None,
+    ) -> Ticket:
+        """Repaint the white part of `mask` over a job's picture (one `who` may see) or an uploaded
+        one, with FLUX.1 Fill and `prompt`, as the asker's own job; outside the mask the picture is kept."""
+        if not self.inpaints:
+            raise UserError(INPAINTS_OFF)
+        self._require_kind(who, JobKind.INPAINT)
+        parent: Job | None = None
+        if isinstance(picture, JobPicture):
+            parent = await self._job(picture.job_id, who)
+            image = await self._drawn(parent, who, picture.picture)
+        else:
+            image = picture
+        problem = await asyncio.to_thread(mask_problem, mask.png, image.width, image.height)
+        if problem is not None:
+            raise UserError(problem)
+        resolver = self.resolver_for(who.guild_id)
+        fill = resolver.catalog.presets.get(FILL_PRESET)
+        preset = FILL_PRESET if fill is not None and fill.family == resolver.family else None
+        try:
+            request = GenerationRequest(
+                prompt=prompt, preset=preset, mode="inpaint", init_image=image.sha256, mask=mask.sha256
+            )
+            request = request.model_copy(update={"size": self.size_for_input(request, image, who.guild_id)})
+            resolution = resolver.resolve(request)
+        except ValidationError as exc:
+            raise UserError(first_problem(exc)) from exc
+        except RequestError as exc:
+            raise UserError.of(exc) from exc
+        parent_id = parent.id if parent is not None else None
+        return await self.admit(
+            who, resolution.spec, JobKind.INPAINT, parent_id, on_stored, resolution.warnings
+        )
 
     async def _stored(self, job_id: int, who: Requester) -> tuple[Job, Preset]:
         """A job `who` may see, whose spec may still be drawn (its preset and LoRAs not withdrawn)."""

@@ -104,7 +104,8 @@ class JobKind(enum.StrEnum):
     VARY_SUBTLE = "vary_subtle"  # img2img from a result, low strength
     VARY_STRONG = "vary_strong"
     UPSCALE = "upscale"  # 2x resize, then a light img2img redraw
-    EDIT = "edit"  # FLUX.1 Kontext instruction edit
+    EDIT = "edit"  # an instruction edit (FLUX.1 Kontext, FLUX.2/FLUX.3 references)
+    INPAINT = "inpaint"  # the masked part of a picture repainted (FLUX.1 Fill)
 
 
 class User(Base):

@@ -1,0 +1,168 @@
+"""Inpainting with FLUX.1 Fill beside the resident model: the mask's part repainted, the rest kept,
+exact reruns, hostile masks refused in one line with nothing stored; through the engine and Discord."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.api import GenerationRequest
+from engine.engine import FluxEngine
+from engine.errors import RequestError
+from engine.input_image import InputImage, normalize_input_image
+from engine.png import read_recipe
+from engine.settings import EngineSettings
+from tests.conftest import pixels
+from tests.discord_support import (
+    ALICE,
+    BOB,
+    Harness,
+    finished_message,
+    is_ephemeral_error,
+    make_bot_settings,
+    opt,
+    png_of,
+    running_bot,
+)
+from tests.fake_discord import FakeDiscord
+
+
+@pytest.fixture(scope="module")
+def fill_engine(make_settings: Callable[..., EngineSettings], data_dir: Path) -> FluxEngine:
+    return FluxEngine.load(make_settings(fill="tiny"), data_dir)
+
+
+def _stored(picture: Image.Image) -> InputImage:
+    data = io.BytesIO()
+    picture.save(data, "PNG")
+    return normalize_input_image(data.getvalue(), max_bytes=10**7, max_pixels=10**7)
+
+
+def _photo(size: tuple[int, int] = (64, 64), seed: int = 1) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def _mask(size: tuple[int, int] = (64, 64), box: tuple[int, int, int, int] = (0, 0, 32, 64)) -> Image.Image:
+    mask = Image.new("L", size, 0)
+    mask.paste(255, box)
+    return mask
+
+
+def test_fill_repaints_only_the_masked_part_and_reruns_exactly(fill_engine: FluxEngine) -> None:
+    picture, mask = _stored(_photo()), _stored(_mask())
+    request = GenerationRequest(
+        prompt="a red door",
+        mode="inpaint",
+        preset="fill",
+        init_image=picture.sha256,
+        mask=mask.sha256,
+        seed=3,
+    )
+
+    result = fill_engine.generate(request, init_image=picture.png, references=[mask.png])
+
+    out, before = pixels(result.images[0]), pixels(Image.open(io.BytesIO(picture.png)))
+    assert np.array_equal(out[:, 32:], before[:, 32:]), "outside the mask: the input's own pixels"
+    assert not np.array_equal(out[:, :32], before[:, :32]), "inside it: repainted"
+    recipe = result.recipes[0]
+    assert (recipe.kind, recipe.mode, recipe.preset, recipe.guidance) == ("inpaint", "inpaint", "fill", 30.0)
+    assert recipe.mask_sha256 == mask.sha256 and recipe.fill_files
+    assert fill_engine.fill is not None and fill_engine.fill.pipe.vae is fill_engine.pipe.vae
+    assert fill_engine.fill.pipe.text_encoder_2 is fill_engine.pipe.text_encoder_2, "shared, not copied"
+    assert (
+        fill_engine.fill.pipe.transformer.config.in_channels
+        == 6 * fill_engine.pipe.transformer.config.in_channels
+    )
+    again = fill_engine.draw([recipe.spec()], init_image=picture.png, references=[mask.png])[0]
+    assert np.array_equal(pixels(again.images[0]), out)
+
+
+def test_inpaint_needs_fill_a_mask_and_no_loras(engine: FluxEngine, fill_engine: FluxEngine) -> None:
+    picture, mask = _stored(_photo()), _stored(_mask())
+    request = GenerationRequest(prompt="x", mode="inpaint", init_image=picture.sha256, mask=mask.sha256)
+    with pytest.raises(RequestError, match="inpainting needs FLUX.1 Fill"):
+        engine.draw([engine.resolve(request)], init_image=picture.png, references=[mask.png])
+    with pytest.raises(RequestError, match="a mask is for inpainting"):
+        fill_engine.resolve(GenerationRequest(prompt="x", mask=mask.sha256))
+    with pytest.raises(RequestError, match="take no LoRAs"):
+        fill_engine.resolve(request.model_copy(update={"loras": ({"name": "x"},)}))  # type: ignore[dict-item]
+
+
+@pytest.fixture
+async def fill_bot(
+    fake: FakeDiscord, tmp_path: Path, make_settings: Callable[..., EngineSettings], data_dir: Path
+) -> AsyncIterator[Harness]:
+    settings = make_bot_settings(tmp_path, lambda **kw: make_settings(fill="tiny", **kw), fake)
+    async with running_bot(fake, settings, data_dir) as harness:
+        yield harness
+
+
+def _png(picture: Image.Image) -> bytes:
+    data = io.BytesIO()
+    picture.save(data, "PNG")
+    return data.getvalue()
+
+
+def _job_id(message: dict[str, Any]) -> int:
+    return int(message["components"][0]["components"][0]["custom_id"].split(":")[-1])
+
+
+async def test_inpaint_through_discord_on_a_job_and_hostile_masks(fill_bot: Harness) -> None:
+    fake = fill_bot.fake
+    alice, bob = fake.member(ALICE, "alice"), fake.member(BOB, "bob")
+    original = await finished_message(
+        fake, await fake.slash("imagine", [opt("prompt", "a house"), opt("seed", 2, 4)], alice)
+    )
+    drawn = np.asarray(Image.open(io.BytesIO(png_of(fake, original))).convert("RGB"))
+
+    mask = fake.attach(_png(_mask(box=(0, 0, 32, 64))), "mask.png", "image/png")
+    token = await fake.slash(
+        "inpaint",
+        [opt("prompt", "a red door"), opt("mask", mask["id"], 11), opt("job_id", _job_id(original), 4)],
+        bob,
+        attachments=[mask],
+    )
+    repainted = await finished_message(fake, token)
+
+    out = np.asarray(Image.open(io.BytesIO(png_of(fake, repainted))).convert("RGB"))
+    assert np.array_equal(out[:, 32:], drawn[:, 32:]) and not np.array_equal(out[:, :32], drawn[:, :32])
+    recipe = read_recipe(png_of(fake, repainted))
+    assert (recipe.kind, recipe.parent_job) == ("inpaint", _job_id(original))
+    assert "inpaint of job" in repainted["content"]
+
+    hostile = {
+        "black": (_png(Image.new("L", (64, 64), 0)), "the mask selects nothing"),
+        "white": (_png(Image.new("L", (64, 64), 255)), "the mask covers the whole picture"),
+        "wide": (_png(_mask((128, 32), (0, 0, 10, 10))), "the mask is 128x32, the picture 64x64"),
+        "text": (b"not an image at all", "not a readable PNG, JPEG or WebP image"),
+    }
+    for name, (data, refusal) in hostile.items():
+        attached = fake.attach(data, f"{name}.png", "image/png")
+        token = await fake.slash(
+            "inpaint",
+            [opt("prompt", "x"), opt("mask", attached["id"], 11), opt("job_id", _job_id(original), 4)],
+            bob,
+            attachments=[attached],
+        )
+        await fake.wait_for(lambda token=token, refusal=refusal: is_ephemeral_error(fake, token, refusal))
+    bobs, _ = await fill_bot.app.jobs.history(BOB, 1, 10)
+    assert len(bobs) == 1, "only the good inpaint was stored"
+
+
+async def test_without_fill_inpaint_says_how_to_enable_it(harness: Harness) -> None:
+    fake = harness.fake
+    mask = fake.attach(_png(_mask()), "mask.png", "image/png")
+    token = await fake.slash(
+        "inpaint",
+        [opt("prompt", "x"), opt("mask", mask["id"], 11), opt("job_id", 1, 4)],
+        fake.member(ALICE, "alice"),
+        attachments=[mask],
+    )
+    await fake.wait_for(lambda: is_ephemeral_error(fake, token, "engine.fill = "))
