@@ -64,6 +64,7 @@ class DiscordDelivery:
         self.languages = languages  # a job's messages are public: in its server's language (job.locale)
         self.edits = edits  # the model can edit (Kontext, or FLUX.2 klein): results get an Edit button
         self.redraws = True  # FLUX.1's image-to-image: results get Vary (Subtle/Strong) and Upscale
+        self.outpaints = False  # FLUX.1 Fill is loaded: results get Zoom Out and Pan
         self.previews_everywhere = previews_everywhere
         self.data_dir = data_dir
         self.flagged_action = flagged_action  # safety.flagged_action: "withhold" or "spoiler"
@@ -154,7 +155,11 @@ class DiscordDelivery:
         from bot.commands.buttons import result_view
 
         tr = self._language(job)
-        view = result_view(tr, job.id, self.edits, self.redraws) if job.status == JobStatus.DONE else None
+        view = (
+            result_view(tr, job.id, self.edits, self.redraws, self.outpaints)
+            if job.status == JobStatus.DONE
+            else None
+        )
         uploads = await asyncio.to_thread(self._uploads, job)
         as_jpeg = any(isinstance(content, bytes) for _, content in uploads)
         text = render.final(tr, job, self.flagged_for(job.guild_id) if job.withheld else None, as_jpeg)

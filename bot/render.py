@@ -110,6 +110,8 @@ def _made_from(tr: Language, job: Job) -> str | None:
     spec = job.spec
     if spec.init_image is None:
         return None
+    if spec.mode == "inpaint" and job.kind == JobKind.OUTPAINT:
+        return tr.tr("zoom out or pan of job {job}", job=job.parent_id or 0)
     if spec.mode == "inpaint":
         if job.parent_id:
             return tr.tr("inpaint of job {job}", job=job.parent_id)

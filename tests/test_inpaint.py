@@ -166,3 +166,76 @@ async def test_without_fill_inpaint_says_how_to_enable_it(harness: Harness) -> N
         attachments=[mask],
     )
     await fake.wait_for(lambda: is_ephemeral_error(fake, token, "engine.fill = "))
+
+
+@pytest.mark.parametrize(
+    ("move", "size", "box"),
+    [
+        ("zoom15", (96, 96), (16, 16, 80, 80)),
+        ("zoom2", (128, 128), (32, 32, 96, 96)),
+        ("left", (96, 64), (32, 0, 96, 64)),
+        ("right", (96, 64), (0, 0, 64, 64)),
+        ("up", (64, 96), (0, 32, 64, 96)),
+        ("down", (64, 96), (0, 0, 64, 64)),
+    ],
+)
+def test_zoom_out_and_pan_canvases_keep_the_picture_and_mask_the_new_border(
+    move: str, size: tuple[int, int], box: tuple[int, int, int, int]
+) -> None:
+    from engine.outpaint import SEAM, pan, zoom_out
+
+    picture = _photo()
+    canvas = (
+        zoom_out(picture, {"zoom15": 1.5, "zoom2": 2.0}[move], 10**7)
+        if move.startswith("zoom")
+        else pan(
+            picture,
+            move,
+            10**7,  # type: ignore[arg-type]
+        )
+    )
+
+    assert canvas.image.size == size and canvas.box == box
+    assert np.array_equal(np.asarray(canvas.image.crop(box)), np.asarray(picture)), (
+        "the picture itself, unscaled"
+    )
+    left, top, right, bottom = canvas.kept
+    assert (right - left, bottom - top) <= (64, 64) and 64 - (right - left) in (0, SEAM, 2 * SEAM)
+    capped = zoom_out(picture, 2.0, 96 * 96)
+    assert capped.image.size == (96, 96) and capped.box == (24, 24, 72, 72), "the cap shrinks it all alike"
+
+
+async def test_zoom_out_and_pan_buttons_draw_only_the_new_border(fill_bot: Harness) -> None:
+    fake = fill_bot.fake
+    alice, bob = fake.member(ALICE, "alice"), fake.member(BOB, "bob")
+    original = await finished_message(
+        fake, await fake.slash("imagine", [opt("prompt", "a house"), opt("seed", 2, 4)], alice)
+    )
+    labels = [c["label"] for row in original["components"] for c in row["components"]]
+    assert {"Zoom Out 1.5x", "Zoom Out 2x", "Pan left", "Pan up", "Pan right", "Pan down"} <= set(labels)
+    assert (
+        all(len(row["components"]) <= 5 for row in original["components"])
+        and len(original["components"]) <= 5
+    )
+    drawn = np.asarray(Image.open(io.BytesIO(png_of(fake, original))).convert("RGB"))
+
+    for move, size, (left, top) in (
+        ("zoom2", (128, 128), (32, 32)),
+        ("left", (96, 64), (32, 0)),
+        ("down", (64, 96), (0, 0)),
+    ):
+        token = await fake.click(original["id"], f"fluxbot:{move}:{_job_id(original)}", bob)
+        result = await finished_message(fake, token)
+        out = np.asarray(Image.open(io.BytesIO(png_of(fake, result))).convert("RGB"))
+        assert (out.shape[1], out.shape[0]) == size, move
+        # The picture sits at (left, top) on the canvas; away from the seams it is its own pixels.
+        inner = out[top + 8 : top + 56, left + 8 : left + 56]
+        assert np.array_equal(inner, drawn[8:56, 8:56]), f"{move}: the picture itself is kept"
+        recipe = read_recipe(png_of(fake, result))
+        assert (recipe.kind, recipe.mode, recipe.parent_job, recipe.prompt) == (
+            "outpaint",
+            "inpaint",
+            _job_id(original),
+            "a house",
+        )
+        assert "zoom out or pan of job" in result["content"]

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import discord
 
 from bot.commands.context import private
 from bot.commands.submit import submit
 from bot.i18n import Language
-from bot.services.studio import JobPicture
+from bot.services.studio import JobPicture, Move
 
 if TYPE_CHECKING:
     from bot.client import FluxBot
@@ -23,7 +23,15 @@ ACTIONS = {
     "strong": "🌪️",
     "upscale": "🔍",
     "edit": "✏️",  # only when FLUX.1 Kontext is loaded
+    # Zoom Out and Pan: only when FLUX.1 Fill is loaded
+    "zoom15": "🔭",
+    "zoom2": "🌌",
+    "left": "⬅️",
+    "up": "⬆️",
+    "right": "➡️",
+    "down": "⬇️",
 }
+OUTPAINTS = ("zoom15", "zoom2", "left", "up", "right", "down")
 
 
 def label(tr: Language, action: str) -> str:
@@ -35,13 +43,19 @@ def label(tr: Language, action: str) -> str:
         "strong": tr.ctext("button", "Vary (Strong)"),
         "upscale": tr.ctext("button", "Upscale x2"),
         "edit": tr.ctext("button", "Edit"),
+        "zoom15": tr.ctext("button", "Zoom Out 1.5x"),
+        "zoom2": tr.ctext("button", "Zoom Out 2x"),
+        "left": tr.ctext("button", "Pan left"),
+        "up": tr.ctext("button", "Pan up"),
+        "right": tr.ctext("button", "Pan right"),
+        "down": tr.ctext("button", "Pan down"),
     }
     return labels[action]
 
 
 class JobButton(
     discord.ui.DynamicItem[discord.ui.Button[Any]],
-    template=r"fluxbot:(?P<action>reroll|vary|subtle|strong|upscale|edit):(?P<job>\d+)",
+    template=r"fluxbot:(?P<action>reroll|vary|subtle|strong|upscale|edit|zoom15|zoom2|left|up|right|down):(?P<job>\d+)",
 ):
     def __init__(self, action: str, job_id: int, text: str | None = None) -> None:
         super().__init__(
@@ -72,6 +86,9 @@ class JobButton(
             await submit(interaction, lambda who, on_stored: studio.variations(who, job_id, on_stored))
         elif action == "edit":
             await interaction.response.send_modal(EditModal(job_id, private(interaction)))
+        elif action in OUTPAINTS:
+            move = cast(Move, action)
+            await submit(interaction, lambda who, on_stored: studio.outpaint(who, job_id, move, on_stored))
         elif action in ("subtle", "strong"):
             strong = action == "strong"
             await submit(interaction, lambda who, on_stored: studio.vary(who, job_id, strong, on_stored))
@@ -111,10 +128,18 @@ class EditModal(discord.ui.Modal):
 REDRAWS = ("subtle", "strong", "upscale")  # FLUX.1's image-to-image
 
 
-def result_view(tr: Language, job_id: int, edits: bool = False, redraws: bool = True) -> discord.ui.View:
-    """The buttons a result gets: Edit where the model edits, Vary and Upscale where it redraws."""
+def result_view(
+    tr: Language, job_id: int, edits: bool = False, redraws: bool = True, outpaints: bool = False
+) -> discord.ui.View:
+    """The buttons a result gets: Edit where the model edits, Vary and Upscale where it redraws, Zoom
+    Out and Pan where FLUX.1 Fill is loaded (at most 12 buttons: three of Discord's rows of five)."""
     view = discord.ui.View(timeout=None)
     for action in ACTIONS:
-        if (action != "edit" or edits) and (action not in REDRAWS or redraws):
+        shown = (
+            (action != "edit" or edits)
+            and (action not in REDRAWS or redraws)
+            and (action not in OUTPAINTS or outpaints)
+        )
+        if shown:
             view.add_item(JobButton(action, job_id, label(tr, action)))
     return view

@@ -40,6 +40,7 @@ KIND_OF: Mapping[JobKind, Kind] = MappingProxyType(
         JobKind.UPSCALE: "upscale",
         JobKind.EDIT: "edit",
         JobKind.INPAINT: "edit",  # repainting part of a picture is an edit of it
+        JobKind.OUTPAINT: "edit",  # so is drawing its new border
     }
 )
 ALL = "*"  # in an allowed list: everything

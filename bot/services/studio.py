@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import io
 import logging
 import math
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
+from PIL import Image
 from pydantic import ValidationError
 
 from bot.observability import Metrics
@@ -30,6 +33,7 @@ from engine.api import GenerationRequest
 from engine.errors import RequestError, first_problem
 from engine.input_image import InputImage, mask_problem, reference_problem
 from engine.messages import Message
+from engine.outpaint import Direction, pan, zoom_out
 from engine.presets import Preset
 from engine.resolve import RequestResolver, reference_count_problem
 from engine.spec import MAX_SEED, DrawSpec
@@ -39,6 +43,9 @@ log = logging.getLogger(__name__)
 HISTORY_PAGE = 10
 EDIT_PRESET = "kontext"
 FILL_PRESET = "fill"
+Move = Literal["zoom15", "zoom2", "left", "right", "up", "down"]
+ZOOMS: dict[str, float] = {"zoom15": 1.5, "zoom2": 2.0}
+PANS: dict[str, Direction] = {"left": "left", "right": "right", "up": "up", "down": "down"}
 INPAINTS_OFF = Message(
     "Inpainting needs FLUX.1 Fill, which this fluxbot has not loaded. An admin enables it with "
     'engine.fill = "<Fill diffusers folder, .safetensors or .gguf>" (see the README).'
@@ -535,6 +542,46 @@ class Studio:
             who, resolution.spec, JobKind.INPAINT, parent_id, on_stored, resolution.warnings
         )
 
+    async def outpaint(
+        self, who: Requester, job_id: int, move: Move, on_stored: OnStored | None = None
+    ) -> Ticket:
+        """Zoom Out (1.5x, 2x) or Pan (left, right, up, down): a job's picture on a larger canvas,
+        its new border drawn by FLUX.1 Fill with the job's prompt, as the presser's own job."""
+        if not self.inpaints:
+            raise UserError(INPAINTS_OFF)
+        self._require_kind(who, JobKind.OUTPAINT)
+        parent, _ = await self._stored(job_id, who)
+        picture = await self._drawn(parent, who)
+        resolver = self.resolver_for(who.guild_id)
+        fill = resolver.catalog.presets.get(FILL_PRESET)
+        preset = fill if fill is not None and fill.family == resolver.family else resolver.preset(None)
+        most = int(preset.megapixels_range[1] * 1e6)
+
+        def build() -> tuple[bytes, bytes]:  # blocking: decode, compose, encode
+            image = Image.open(io.BytesIO(picture.png))
+            canvas = zoom_out(image, ZOOMS[move], most) if move in ZOOMS else pan(image, PANS[move], most)
+            return _png_bytes(canvas.image), _png_bytes(canvas.mask)
+
+        canvas_png, mask_png = await asyncio.to_thread(build)
+        canvas, mask = await self.pictures.upload(canvas_png), await self.pictures.upload(mask_png)
+        try:
+            request = GenerationRequest(
+                prompt=parent.spec.prompt,
+                preset=preset.name,
+                mode="inpaint",
+                init_image=canvas.sha256,
+                mask=mask.sha256,
+                size=f"{canvas.width}x{canvas.height}",
+            )
+            resolution = resolver.resolve(request)
+        except ValidationError as exc:
+            raise UserError(first_problem(exc)) from exc
+        except RequestError as exc:
+            raise UserError.of(exc) from exc
+        return await self.admit(
+            who, resolution.spec, JobKind.OUTPAINT, parent.id, on_stored, resolution.warnings
+        )
+
     async def _stored(self, job_id: int, who: Requester) -> tuple[Job, Preset]:
         """A job `who` may see, whose spec may still be drawn (its preset and LoRAs not withdrawn)."""
         job = await self._job(job_id, who)
@@ -639,3 +686,9 @@ _REJECTION_LABEL = {
     "user_cap": "queue_cap",
     "rate": "rate_limit",
 }
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -106,6 +106,7 @@ class JobKind(enum.StrEnum):
     UPSCALE = "upscale"  # 2x resize, then a light img2img redraw
     EDIT = "edit"  # an instruction edit (FLUX.1 Kontext, FLUX.2/FLUX.3 references)
     INPAINT = "inpaint"  # the masked part of a picture repainted (FLUX.1 Fill)
+    OUTPAINT = "outpaint"  # Zoom Out / Pan: a picture's new border drawn (FLUX.1 Fill)
 
 
 class User(Base):
