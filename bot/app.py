@@ -143,6 +143,12 @@ async def build_app(
     )
     dispatcher.server_weight = studio.server_weight  # servers share the GPU by the rules admins set
     dispatcher.outcomes.screen = studio.blocked_term  # an enhancer's prompt meets the same blocklists
+    if settings.engine.segmenter is not None and studio.inpaints:
+        from engine.segmenter import Segmenter
+
+        studio.segmenter = await asyncio.to_thread(
+            Segmenter.load, settings.engine.segmenter, settings.data_dir
+        )
     studio.flagged_default = settings.safety.flagged_action
     policy = AdminPolicy(
         frozenset(settings.admin_user_ids),

@@ -18,7 +18,8 @@ import discord
 from bot import render
 from bot.i18n import Language, Languages
 from bot.mentions import owner_only
-from bot.store.models import Job, JobStatus
+from bot.store.files import input_path
+from bot.store.models import Job, JobKind, JobStatus
 
 log = logging.getLogger(__name__)
 REROLL_EMOJI = "🔁"
@@ -209,6 +210,9 @@ class DiscordDelivery:
         if job.status != JobStatus.DONE or (job.withheld and self.flagged_for(job.guild_id) == "withhold"):
             return []
         pngs = [(f"fluxbot-{job.id}-{image.seed}", self.data_dir / image.path) for image in job.images]
+        if job.kind == JobKind.INPAINT and job.spec.mask is not None:
+            # The mask that was used (from words, or as uploaded) beside the result.
+            pngs.append((f"fluxbot-{job.id}-mask", self.data_dir / input_path(job.spec.mask)))
         limit = job.upload_limit or DEFAULT_UPLOAD_LIMIT
         if sum(path.stat().st_size for _, path in pngs) <= limit:
             return [(name + ".png", path) for name, path in pngs]

@@ -107,6 +107,11 @@ class EngineSettings(BaseModel):
         description="FLUX.1 Fill transformer for /inpaint: a diffusers folder, a single .safetensors/.gguf "
         "file (flux1-fill-dev), or 'tiny' (random, offline); unset: no inpainting",
     )
+    segmenter: str | None = Field(
+        None,
+        description='CLIPSeg for /inpaint where:"the sky" (masks from words): a folder of '
+        "CIDAS/clipseg-rd64-refined, or 'tiny' (random, offline); runs on the bot's CPU",
+    )
     preview: str = Field(
         "latent",
         description='live previews: "latent" (a fixed latent-to-RGB projection, microseconds), '

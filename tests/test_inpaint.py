@@ -239,3 +239,48 @@ async def test_zoom_out_and_pan_buttons_draw_only_the_new_border(fill_bot: Harne
             "a house",
         )
         assert "zoom out or pan of job" in result["content"]
+
+
+async def test_inpaint_by_words_uses_and_shows_the_segmenters_mask(
+    fake: FakeDiscord, tmp_path: Path, make_settings: Callable[..., EngineSettings], data_dir: Path
+) -> None:
+    settings = make_bot_settings(
+        tmp_path, lambda **kw: make_settings(fill="tiny", segmenter="tiny", **kw), fake
+    )
+    async with running_bot(fake, settings, data_dir) as bot:
+        alice = fake.member(ALICE, "alice")
+        original = await finished_message(
+            fake, await fake.slash("imagine", [opt("prompt", "a house")], alice)
+        )
+        drawn = np.asarray(Image.open(io.BytesIO(png_of(fake, original))).convert("RGB"))
+
+        token = await fake.slash(
+            "inpaint",
+            [opt("prompt", "a blue sky"), opt("where", "the sky"), opt("job_id", _job_id(original), 4)],
+            alice,
+        )
+        result = await finished_message(fake, token)
+
+        names = [a["filename"] for a in result["attachments"]]
+        assert names[-1].endswith("-mask.png"), "the mask used is shown beside the result"
+        mask = np.asarray(
+            Image.open(io.BytesIO(fake.attachment_bytes[result["attachments"][-1]["id"]])).convert("L")
+        )
+        out = np.asarray(Image.open(io.BytesIO(png_of(fake, result))).convert("RGB"))
+        untouched = mask == 0
+        assert 0 < untouched.mean() < 1, "the words selected a part, not all or nothing"
+        assert np.array_equal(out[untouched], drawn[untouched]), "outside the mask: the picture's own pixels"
+        job = await bot.app.jobs.get(_job_id(result))
+        assert job is not None and job.spec.mask is not None
+        again = await finished_message(fake, await fake.slash("rerun", [opt("job_id", job.id, 4)], alice))
+        assert np.array_equal(out, np.asarray(Image.open(io.BytesIO(png_of(fake, again))).convert("RGB")))
+
+
+async def test_inpaint_by_words_without_a_segmenter_says_so(fill_bot: Harness) -> None:
+    fake = fill_bot.fake
+    token = await fake.slash(
+        "inpaint",
+        [opt("prompt", "x"), opt("where", "the sky"), opt("job_id", 1, 4)],
+        fake.member(ALICE, "alice"),
+    )
+    await fake.wait_for(lambda: is_ephemeral_error(fake, token, "Masks from words need a segmentation model"))

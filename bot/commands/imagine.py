@@ -238,8 +238,9 @@ async def edit(
 
 @app_commands.command(name="inpaint", description="Repaint part of a picture: white in the mask is redrawn")
 @app_commands.describe(
-    prompt="What to paint where the mask is white",
-    mask="The mask (PNG, JPEG or WebP, the picture's aspect): white = repaint, black = keep",
+    prompt="What to paint there",
+    where='Words naming the part to repaint, e.g. "the sky" (or attach a mask)',
+    mask="Or: a mask (PNG, JPEG or WebP, the picture's aspect): white = repaint, black = keep",
     job_id="The job whose picture to repaint (see /history)",
     image="Or: the picture to repaint",
     picture="With job_id: which of its pictures (default 1)",
@@ -247,7 +248,8 @@ async def edit(
 async def inpaint(
     interaction: discord.Interaction[FluxBot],
     prompt: str,
-    mask: discord.Attachment,
+    where: str | None = None,
+    mask: discord.Attachment | None = None,
     job_id: int | None = None,
     image: discord.Attachment | None = None,
     picture: int = 1,
@@ -258,6 +260,8 @@ async def inpaint(
             raise UserError(INPAINTS_OFF)
         if (image is None) == (job_id is None):
             raise UserError("Give exactly one of job_id or image: the picture to repaint.")
+        if (mask is None) == (where is None):
+            raise UserError("Give exactly one of where or mask: the part to repaint.")
         if picture != 1 and job_id is None:
             raise UserError("picture goes with job_id: which of that job's pictures to edit.")
         for attachment in (mask, image):
@@ -268,13 +272,15 @@ async def inpaint(
         return
 
     async def create(who: Requester, on_stored: OnStored) -> Ticket:
-        stored_mask = await studio.image_prompt(await mask.read())
+        part: InputImage | str = (
+            await studio.image_prompt(await mask.read()) if mask is not None else where or ""
+        )
         target: JobPicture | InputImage = (
             await studio.image_prompt(await image.read())
             if image is not None
             else JobPicture(job_id or 0, picture)
         )
-        return await studio.inpaint(who, prompt, target, stored_mask, on_stored)
+        return await studio.inpaint(who, prompt, target, part, on_stored)
 
     await submit(interaction, create)
 

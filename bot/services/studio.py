@@ -11,7 +11,7 @@ import math
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from PIL import Image
 from pydantic import ValidationError
@@ -39,6 +39,9 @@ from engine.resolve import RequestResolver, reference_count_problem
 from engine.spec import MAX_SEED, DrawSpec
 from fluxbot.settings import ImageSettings, LimitSettings
 
+if TYPE_CHECKING:
+    from engine.segmenter import Segmenter  # torch: loaded only where engine.segmenter is set
+
 log = logging.getLogger(__name__)
 HISTORY_PAGE = 10
 EDIT_PRESET = "kontext"
@@ -49,6 +52,10 @@ PANS: dict[str, Direction] = {"left": "left", "right": "right", "up": "up", "dow
 INPAINTS_OFF = Message(
     "Inpainting needs FLUX.1 Fill, which this fluxbot has not loaded. An admin enables it with "
     'engine.fill = "<Fill diffusers folder, .safetensors or .gguf>" (see the README).'
+)
+SEGMENTER_OFF = Message(
+    "Masks from words need a segmentation model, which this fluxbot has not loaded: attach a mask "
+    "(white = repaint), or an admin sets engine.segmenter."
 )
 EDITS_OFF = Message(
     "Edits need FLUX.1 Kontext, which this fluxbot has not loaded. An admin enables them with "
@@ -126,6 +133,7 @@ class Studio:
     ) -> None:
         self.edits = edits  # engine.kontext is set: /edit and the Edit button work
         self.inpaints = inpaints  # engine.fill is set: /inpaint works
+        self.segmenter: Segmenter | None = None  # engine.segmenter: /inpaint where:"the sky"
         self.images = images or ImageSettings()
         self.pictures = Pictures(files, self.images, metrics)
         self.metrics = metrics
@@ -502,26 +510,44 @@ class Studio:
         parent_id = parent.id if parent is not None else None
         return await self.admit(who, resolution.spec, JobKind.EDIT, parent_id, on_stored, resolution.warnings)
 
+    async def _mask_from_words(self, image: InputImage, words: str) -> InputImage:
+        """The mask of what `words` name in `image`, stored like an uploaded one."""
+        segmenter = self.segmenter
+        assert segmenter is not None
+
+        def segment() -> bytes:  # blocking: CLIPSeg on the CPU
+            return _png_bytes(segmenter.mask(Image.open(io.BytesIO(image.png)), words))
+
+        try:
+            data = await asyncio.to_thread(segment)
+        except RequestError as exc:
+            raise UserError.of(exc) from exc
+        return await self.pictures.upload(data)
+
     async def inpaint(
         self,
         who: Requester,
         prompt: str,
         picture: JobPicture | InputImage,
-        mask: InputImage,
+        mask: InputImage | str,
         on_stored: OnStored | None = None,
     ) -> Ticket:
-        """Repaint the white part of `mask` over a job's picture (one `who` may see) or an uploaded
-        one, with FLUX.1 Fill and `prompt`, as the asker's own job; outside the mask the picture is kept."""
+        """Repaint part of a job's picture (one `who` may see) or of an uploaded one with FLUX.1 Fill
+        and `prompt`, as the asker's own job: the white part of an uploaded `mask`, or what words
+        name ("the sky", found by engine.segmenter). Outside the mask the picture is kept."""
         if not self.inpaints:
             raise UserError(INPAINTS_OFF)
         self._require_kind(who, JobKind.INPAINT)
+        if isinstance(mask, str) and self.segmenter is None:
+            raise UserError(SEGMENTER_OFF)
         parent: Job | None = None
         if isinstance(picture, JobPicture):
             parent = await self._job(picture.job_id, who)
             image = await self._drawn(parent, who, picture.picture)
         else:
             image = picture
-        problem = await asyncio.to_thread(mask_problem, mask.png, image.width, image.height)
+        stored = await self._mask_from_words(image, mask) if isinstance(mask, str) else mask
+        problem = await asyncio.to_thread(mask_problem, stored.png, image.width, image.height)
         if problem is not None:
             raise UserError(problem)
         resolver = self.resolver_for(who.guild_id)
@@ -529,7 +555,7 @@ class Studio:
         preset = FILL_PRESET if fill is not None and fill.family == resolver.family else None
         try:
             request = GenerationRequest(
-                prompt=prompt, preset=preset, mode="inpaint", init_image=image.sha256, mask=mask.sha256
+                prompt=prompt, preset=preset, mode="inpaint", init_image=image.sha256, mask=stored.sha256
             )
             request = request.model_copy(update={"size": self.size_for_input(request, image, who.guild_id)})
             resolution = resolver.resolve(request)
