@@ -66,6 +66,7 @@ class DiscordDelivery:
         self.edits = edits  # the model can edit (Kontext, or FLUX.2 klein): results get an Edit button
         self.redraws = True  # FLUX.1's image-to-image: results get Vary (Subtle/Strong) and Upscale
         self.outpaints = False  # FLUX.1 Fill is loaded: results get Zoom Out and Pan
+        self.regions = False  # and a segmenter: results get Vary (Region)
         self.previews_everywhere = previews_everywhere
         self.data_dir = data_dir
         self.flagged_action = flagged_action  # safety.flagged_action: "withhold" or "spoiler"
@@ -157,7 +158,7 @@ class DiscordDelivery:
 
         tr = self._language(job)
         view = (
-            result_view(tr, job.id, self.edits, self.redraws, self.outpaints)
+            result_view(tr, job.id, self.edits, self.redraws, self.outpaints, self.regions)
             if job.status == JobStatus.DONE
             else None
         )

@@ -15,7 +15,7 @@ from babel.messages.pofile import read_po
 from discord import app_commands
 
 from bot import locale_tools
-from bot.commands.buttons import ACTIONS, EditModal, label
+from bot.commands.buttons import ACTIONS, EditModal, OutpaintModal, RegionModal, label
 from bot.i18n import CommandTranslator, Language, Languages
 from bot.services.studio import MAX_JOB_ID
 from engine.errors import RequestError
@@ -114,6 +114,11 @@ def test_button_labels_and_the_edit_form_fit_discords_limits_in_every_language(l
         modal = EditModal(MAX_JOB_ID, tr)
         assert len(modal.title) <= 45 and len(modal.instruction.label or "") <= 45
         assert len(modal.instruction.placeholder or "") <= 100
+        for form in (RegionModal(MAX_JOB_ID, tr), OutpaintModal(MAX_JOB_ID, "zoom15", tr)):
+            assert len(form.title) <= 45 and len(form.custom_id) <= 100
+            for field in form.children:
+                assert isinstance(field, discord.ui.TextInput)
+                assert len(field.label or "") <= 45 and len(field.placeholder or "") <= 100
 
 
 @pytest.mark.parametrize(

@@ -224,8 +224,11 @@ async def test_zoom_out_and_pan_buttons_draw_only_the_new_border(fill_bot: Harne
         ("left", (96, 64), (32, 0)),
         ("down", (64, 96), (0, 0)),
     ):
-        token = await fake.click(original["id"], f"fluxbot:{move}:{_job_id(original)}", bob)
-        result = await finished_message(fake, token)
+        click = await fake.click(original["id"], f"fluxbot:{move}:{_job_id(original)}", bob)
+        await fake.wait_for(lambda click=click: fake.response_to(click))
+        # The form's prompt: empty keeps the job's own; the pan left is drawn with another.
+        prompt = "a garden" if move == "left" else ""
+        result = await finished_message(fake, await fake.submit_modal(click, [prompt], bob))
         out = np.asarray(Image.open(io.BytesIO(png_of(fake, result))).convert("RGB"))
         assert (out.shape[1], out.shape[0]) == size, move
         # The picture sits at (left, top) on the canvas; away from the seams it is its own pixels.
@@ -236,7 +239,7 @@ async def test_zoom_out_and_pan_buttons_draw_only_the_new_border(fill_bot: Harne
             "outpaint",
             "inpaint",
             _job_id(original),
-            "a house",
+            prompt or "a house",
         )
         assert "zoom out or pan of job" in result["content"]
 
@@ -272,6 +275,16 @@ async def test_inpaint_by_words_uses_and_shows_the_segmenters_mask(
         assert np.array_equal(out[untouched], drawn[untouched]), "outside the mask: the picture's own pixels"
         job = await bot.app.jobs.get(_job_id(result))
         assert job is not None and job.spec.mask is not None
+        labels = [c["label"] for row in original["components"] for c in row["components"]]
+        assert "Vary (Region)" in labels
+        click = await fake.click(original["id"], f"fluxbot:region:{_job_id(original)}", alice)
+        await fake.wait_for(lambda: fake.response_to(click))
+        region = await finished_message(
+            fake, await fake.submit_modal(click, ["the sky", "a stormy sky"], alice)
+        )
+        region_recipe = read_recipe(png_of(fake, region))
+        assert (region_recipe.kind, region_recipe.prompt) == ("inpaint", "a stormy sky")
+        assert region["attachments"][-1]["filename"].endswith("-mask.png")
         again = await finished_message(fake, await fake.slash("rerun", [opt("job_id", job.id, 4)], alice))
         assert np.array_equal(out, np.asarray(Image.open(io.BytesIO(png_of(fake, again))).convert("RGB")))
 

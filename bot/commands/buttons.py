@@ -23,7 +23,8 @@ ACTIONS = {
     "strong": "🌪️",
     "upscale": "🔍",
     "edit": "✏️",  # only when FLUX.1 Kontext is loaded
-    # Zoom Out and Pan: only when FLUX.1 Fill is loaded
+    # Vary (Region), Zoom Out and Pan: only when FLUX.1 Fill is loaded (Vary (Region): and a segmenter)
+    "region": "🖌️",
     "zoom15": "🔭",
     "zoom2": "🌌",
     "left": "⬅️",
@@ -43,6 +44,7 @@ def label(tr: Language, action: str) -> str:
         "strong": tr.ctext("button", "Vary (Strong)"),
         "upscale": tr.ctext("button", "Upscale x2"),
         "edit": tr.ctext("button", "Edit"),
+        "region": tr.ctext("button", "Vary (Region)"),
         "zoom15": tr.ctext("button", "Zoom Out 1.5x"),
         "zoom2": tr.ctext("button", "Zoom Out 2x"),
         "left": tr.ctext("button", "Pan left"),
@@ -55,7 +57,7 @@ def label(tr: Language, action: str) -> str:
 
 class JobButton(
     discord.ui.DynamicItem[discord.ui.Button[Any]],
-    template=r"fluxbot:(?P<action>reroll|vary|subtle|strong|upscale|edit|zoom15|zoom2|left|up|right|down):(?P<job>\d+)",
+    template=r"fluxbot:(?P<action>reroll|vary|subtle|strong|upscale|edit|region|zoom15|zoom2|left|up|right|down):(?P<job>\d+)",
 ):
     def __init__(self, action: str, job_id: int, text: str | None = None) -> None:
         super().__init__(
@@ -87,8 +89,11 @@ class JobButton(
         elif action == "edit":
             await interaction.response.send_modal(EditModal(job_id, private(interaction)))
         elif action in OUTPAINTS:
-            move = cast(Move, action)
-            await submit(interaction, lambda who, on_stored: studio.outpaint(who, job_id, move, on_stored))
+            await interaction.response.send_modal(
+                OutpaintModal(job_id, cast(Move, action), private(interaction))
+            )
+        elif action == "region":
+            await interaction.response.send_modal(RegionModal(job_id, private(interaction)))
         elif action in ("subtle", "strong"):
             strong = action == "strong"
             await submit(interaction, lambda who, on_stored: studio.vary(who, job_id, strong, on_stored))
@@ -125,20 +130,85 @@ class EditModal(discord.ui.Modal):
         )
 
 
+class RegionModal(discord.ui.Modal):
+    """Vary (Region)'s form: what to repaint (words the segmenter finds) and what to paint there."""
+
+    def __init__(self, job_id: int, tr: Language) -> None:
+        super().__init__(
+            title=tr.ctext("modal title", "Vary a region of job {job}", job=job_id),
+            custom_id=f"fluxbot:region-form:{job_id}",
+        )
+        self.job_id = job_id
+        self.where: discord.ui.TextInput[RegionModal] = discord.ui.TextInput(
+            label=tr.ctext("modal label", "What to repaint"),
+            placeholder=tr.ctext("modal placeholder", "the sky · the red car · her hat"),
+            max_length=200,
+        )
+        self.prompt: discord.ui.TextInput[RegionModal] = discord.ui.TextInput(
+            label=tr.ctext("modal label", "What to paint there"),
+            placeholder=tr.ctext("modal placeholder", "a stormy sky at dusk"),
+            max_length=1000,
+        )
+        self.add_item(self.where)
+        self.add_item(self.prompt)
+
+    async def on_submit(self, interaction: discord.Interaction[Any]) -> None:
+        client: FluxBot = interaction.client
+        studio = client.app.studio
+        where, prompt, job_id = self.where.value, self.prompt.value, self.job_id
+        await submit(
+            interaction,
+            lambda who, on_stored: studio.inpaint(who, prompt, JobPicture(job_id), where, on_stored),
+        )
+
+
+class OutpaintModal(discord.ui.Modal):
+    """Zoom Out / Pan's form: the prompt the new border is drawn with (empty: the job's own)."""
+
+    def __init__(self, job_id: int, move: Move, tr: Language) -> None:
+        super().__init__(
+            title=tr.ctext("modal title", "Widen job {job}", job=job_id),
+            custom_id=f"fluxbot:{move}-form:{job_id}",
+        )
+        self.job_id, self.move = job_id, move
+        self.prompt: discord.ui.TextInput[OutpaintModal] = discord.ui.TextInput(
+            label=tr.ctext("modal label", "Prompt for the new border"),
+            placeholder=tr.ctext("modal placeholder", "Leave empty to keep the job's own prompt"),
+            required=False,
+            max_length=1000,
+        )
+        self.add_item(self.prompt)
+
+    async def on_submit(self, interaction: discord.Interaction[Any]) -> None:
+        client: FluxBot = interaction.client
+        studio = client.app.studio
+        job_id, move, prompt = self.job_id, self.move, self.prompt.value.strip() or None
+        await submit(
+            interaction, lambda who, on_stored: studio.outpaint(who, job_id, move, on_stored, prompt)
+        )
+
+
 REDRAWS = ("subtle", "strong", "upscale")  # FLUX.1's image-to-image
 
 
 def result_view(
-    tr: Language, job_id: int, edits: bool = False, redraws: bool = True, outpaints: bool = False
+    tr: Language,
+    job_id: int,
+    edits: bool = False,
+    redraws: bool = True,
+    outpaints: bool = False,
+    regions: bool = False,
 ) -> discord.ui.View:
     """The buttons a result gets: Edit where the model edits, Vary and Upscale where it redraws, Zoom
-    Out and Pan where FLUX.1 Fill is loaded (at most 12 buttons: three of Discord's rows of five)."""
+    Out and Pan where FLUX.1 Fill is loaded, Vary (Region) where a segmenter is too (at most 13
+    buttons: three of Discord's rows of five)."""
     view = discord.ui.View(timeout=None)
     for action in ACTIONS:
         shown = (
             (action != "edit" or edits)
             and (action not in REDRAWS or redraws)
             and (action not in OUTPAINTS or outpaints)
+            and (action != "region" or regions)
         )
         if shown:
             view.add_item(JobButton(action, job_id, label(tr, action)))

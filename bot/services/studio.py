@@ -569,10 +569,15 @@ class Studio:
         )
 
     async def outpaint(
-        self, who: Requester, job_id: int, move: Move, on_stored: OnStored | None = None
+        self,
+        who: Requester,
+        job_id: int,
+        move: Move,
+        on_stored: OnStored | None = None,
+        prompt: str | None = None,
     ) -> Ticket:
         """Zoom Out (1.5x, 2x) or Pan (left, right, up, down): a job's picture on a larger canvas,
-        its new border drawn by FLUX.1 Fill with the job's prompt, as the presser's own job."""
+        its new border drawn by FLUX.1 Fill with `prompt` (default: the job's), as the presser's own job."""
         if not self.inpaints:
             raise UserError(INPAINTS_OFF)
         self._require_kind(who, JobKind.OUTPAINT)
@@ -592,7 +597,7 @@ class Studio:
         canvas, mask = await self.pictures.upload(canvas_png), await self.pictures.upload(mask_png)
         try:
             request = GenerationRequest(
-                prompt=parent.spec.prompt,
+                prompt=prompt or parent.spec.prompt,
                 preset=preset.name,
                 mode="inpaint",
                 init_image=canvas.sha256,
