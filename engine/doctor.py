@@ -118,6 +118,10 @@ def _images(report: DoctorReport, settings: EngineSettings) -> None:
                     report.add("ok", name, f"{path.name}: {describe_layout(path)}")
                 except EngineError as exc:
                     report.add("fail", name, str(exc))
+    if settings.kontext or settings.fill:
+        report.add(
+            "ok", "extra models", f"{settings.extra_models} (Kontext and Fill beside the resident model)"
+        )
     preview = settings.preview
     if preview.startswith("taef1:") and not Path(preview.removeprefix("taef1:")).expanduser().is_dir():
         report.add("fail", "preview", f"engine.preview: {preview.removeprefix('taef1:')} is not a folder")

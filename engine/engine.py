@@ -18,7 +18,7 @@ from engine.api import GenerationRequest, GenerationResult, Recipe, StepProgress
 from engine.embed_cache import PromptEmbedCache
 from engine.enhancer import EnhancerError, PromptEnhancer, endpoint_enhancer
 from engine.errors import ConfigError, GenerationCancelled, OutOfMemory, RequestError
-from engine.extra_models import FILL, KONTEXT, ExtraModel, load_extra
+from engine.extra_models import FILL, KONTEXT, ExtraModel, ExtraSwap, extra_policy, load_extra
 from engine.families import Embeds, FamilyAdapter, adapter_for, concat_embeds, repeat_embeds
 from engine.flux3 import Flux3Upsampler, plan_for, set_guidance
 from engine.hashing import FileHasher
@@ -88,6 +88,8 @@ class FluxEngine:
         self._img2img_pipe: Any = None
         self.kontext: ExtraModel | None = None  # FLUX.1 Kontext: edits
         self.fill: ExtraModel | None = None  # FLUX.1 Fill: inpainting
+        self.extra_policy = "off"  # resident | swap | off: how Kontext and Fill are held
+        self.swap: ExtraSwap | None = None  # with "swap": which extra is on the GPU now
         self.preview_decoder: LatentDecoder | None = latent_rgb
         self.vae_tiling_above_mp = 1.6
         self.warmup_s: float | None = None  # compile + warm-up at start (None: not compiled)
@@ -147,12 +149,27 @@ class FluxEngine:
             raise ConfigError(
                 'engine.preview: TAEF1 decodes FLUX.1 latents; for FLUX.2 use "latent" or "off"'
             )
-        for kind, location in ((KONTEXT, settings.kontext), (FILL, settings.fill)):
-            if location is None:
-                continue
-            if loaded.family != "flux1":
-                raise ConfigError(f"engine.{kind.name} needs a FLUX.1 model")
-            extra = load_extra(kind, location, loaded.pipe, plan, device, data_dir, hasher, settings.configs)
+        wanted = [
+            (k, where)
+            for k, where in ((KONTEXT, settings.kontext_in_use), (FILL, settings.fill_in_use))
+            if where
+        ]
+        if wanted and loaded.family != "flux1":
+            raise ConfigError(f"engine.{wanted[0][0].name} needs a FLUX.1 model")
+        # Each extra is a transformer the size of the resident one (Fill's first layer is a little wider).
+        size = sum(p.numel() * p.element_size() for p in loaded.pipe.transformer.parameters())
+        engine.extra_policy = (
+            extra_policy(settings.extra_models, device, size * len(wanted)) if wanted else "off"
+        )
+        if engine.extra_policy == "swap":
+            if plan.compile != "off":
+                raise ConfigError('engine.extra_models = "swap" with engine.compile is not supported yet')
+            engine.swap = ExtraSwap(device.device)
+        for kind, location in wanted:
+            place = "cpu" if engine.swap is not None else None
+            extra = load_extra(
+                kind, location, loaded.pipe, plan, device, data_dir, hasher, settings.configs, place
+            )
             setattr(engine, kind.name, extra)
         engine.speed_up()
         if engine.warmup_s is not None:
@@ -445,11 +462,15 @@ class FluxEngine:
             images = [source.resize((params.width, params.height), Image.Resampling.LANCZOS)] * len(seeds)
             if params.mode == "inpaint":
                 assert self.fill is not None and mask is not None  # _check refused it otherwise
+                if self.swap is not None:
+                    self.swap.bring(self.fill)
                 pipe = self.fill.pipe
                 mask = mask.convert("L").resize((params.width, params.height), Image.Resampling.LANCZOS)
                 extra = {"image": images, "mask_image": [mask] * len(seeds)}
             elif params.mode == "edit":
                 assert self.kontext is not None  # generate_batch refused the edit otherwise
+                if self.swap is not None:
+                    self.swap.bring(self.kontext)
                 pipe = self.kontext.pipe
                 # Kontext would resize to its preferred sizes and rescale to max_area (1 MP): the
                 # job's own size and area keep the picture at the size asked for.

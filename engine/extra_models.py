@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,8 +78,10 @@ def load_extra(
     data_dir: Path,
     hasher: FileHasher,
     configs: Path | None = None,
+    place: str | None = None,
 ) -> ExtraModel:
-    """The `kind` transformer from `where`, and its pipeline around the resident components."""
+    """The `kind` transformer from `where`, and its pipeline around the resident components; its
+    transformer on `place` (default: the engine's device; "cpu" for one that is swapped in)."""
     import diffusers
     from diffusers import FluxTransformer2DModel
 
@@ -116,7 +119,7 @@ def load_extra(
             f"engine.{kind.name}: {path.name} is not a FLUX.1 {kind.name} transformer of this model's "
             f"latents ({transformer.config.in_channels} input channels)"
         )
-    transformer.to(device.device)
+    transformer.to(place or device.device)
     pipe = getattr(diffusers, kind.pipeline)(
         scheduler=base.scheduler,
         vae=base.vae,
@@ -156,3 +159,38 @@ def _single_file(path: Path, plan: QuantPlan, configs: Path | None) -> Any:
             quantization_config=quant,
             local_files_only=True,
         )
+
+
+class ExtraSwap:
+    """engine.extra_models = "swap": at most one extra transformer on the GPU. The idle one waits in
+    CPU RAM; a job that needs the other moves this one out and that one in (the seconds are logged)."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.on_device: ExtraModel | None = None
+        self.swaps = 0
+        self.last_swap_s: float | None = None
+
+    def bring(self, extra: ExtraModel) -> None:
+        if self.on_device is extra:
+            return
+        started = time.perf_counter()
+        if self.on_device is not None:
+            self.on_device.pipe.transformer.to("cpu")
+        extra.pipe.transformer.to(self.device)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.on_device = extra
+        self.swaps += 1
+        self.last_swap_s = time.perf_counter() - started
+        log.info("extra transformer swapped onto %s in %.2f s", self.device, self.last_swap_s)
+
+
+def extra_policy(setting: str, device: DeviceInfo, extra_bytes: int) -> str:
+    """resident or swap: `auto` keeps the extras resident on a CPU (nothing to swap to) or where the
+    GPU's free memory holds them with 2 GB to spare, and swaps them otherwise."""
+    if setting != "auto":
+        return setting
+    if not device.is_cuda or device.free_gb is None:
+        return "resident"
+    return "resident" if device.free_gb * 1024**3 >= extra_bytes + 2 * 1024**3 else "swap"

@@ -107,6 +107,12 @@ class EngineSettings(BaseModel):
         description="FLUX.1 Fill transformer for /inpaint: a diffusers folder, a single .safetensors/.gguf "
         "file (flux1-fill-dev), or 'tiny' (random, offline); unset: no inpainting",
     )
+    extra_models: Literal["auto", "resident", "swap", "off"] = Field(
+        "auto",
+        description="Kontext and Fill beside the resident model: 'resident' (both on the GPU), 'swap' (the "
+        "idle one waits in CPU RAM and moves to the GPU when a job needs it), 'off' (not loaded: no /edit "
+        "on FLUX.1, no /inpaint); auto: resident where free VRAM holds them, else swap",
+    )
     segmenter: str | None = Field(
         None,
         description='CLIPSeg for /inpaint where:"the sky" (masks from words): a folder of '
@@ -137,6 +143,16 @@ class EngineSettings(BaseModel):
     vae_tiling_above_megapixels: float = Field(
         1.6, gt=0, description="Decode images larger than this in VAE tiles (upscales): less peak memory"
     )
+
+    @property
+    def kontext_in_use(self) -> str | None:
+        """engine.kontext, unless extra_models is off."""
+        return None if self.extra_models == "off" else self.kontext
+
+    @property
+    def fill_in_use(self) -> str | None:
+        """engine.fill, unless extra_models is off."""
+        return None if self.extra_models == "off" else self.fill
 
     @property
     def presets_path(self) -> Path:

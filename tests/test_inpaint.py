@@ -297,3 +297,53 @@ async def test_inpaint_by_words_without_a_segmenter_says_so(fill_bot: Harness) -
         fake.member(ALICE, "alice"),
     )
     await fake.wait_for(lambda: is_ephemeral_error(fake, token, "Masks from words need a segmentation model"))
+
+
+def test_swap_keeps_one_extra_transformer_on_the_device_and_draws_the_same(
+    make_settings: Callable[..., EngineSettings], data_dir: Path, fill_engine: FluxEngine
+) -> None:
+    from engine.extra_models import extra_policy
+    from engine.quant import DeviceInfo
+
+    swapping = FluxEngine.load(make_settings(fill="tiny", kontext="tiny", extra_models="swap"), data_dir)
+    picture, mask = _stored(_photo()), _stored(_mask())
+    inpaint = GenerationRequest(
+        prompt="a red door",
+        mode="inpaint",
+        preset="fill",
+        init_image=picture.sha256,
+        mask=mask.sha256,
+        seed=3,
+    )
+    edit = GenerationRequest(
+        prompt="make it night", mode="edit", init_image=picture.sha256, size="64x64", seed=3
+    )
+
+    first = swapping.generate(inpaint, init_image=picture.png, references=[mask.png])
+    assert swapping.swap is not None and swapping.swap.on_device is swapping.fill
+    swapping.generate(edit, init_image=picture.png)
+    assert swapping.swap.on_device is swapping.kontext
+    again = swapping.generate(inpaint, init_image=picture.png, references=[mask.png])
+
+    assert swapping.swap.swaps == 3 and swapping.extra_policy == "swap"
+    resident = fill_engine.generate(inpaint, init_image=picture.png, references=[mask.png])
+    assert np.array_equal(pixels(first.images[0]), pixels(resident.images[0])), "swapping changes no pixel"
+    assert np.array_equal(pixels(again.images[0]), pixels(first.images[0]))
+    # auto: resident on a CPU and where the GPU holds them with room to spare; swap where it does not.
+    assert extra_policy("auto", DeviceInfo("cpu", "cpu"), 10**12) == "resident"
+    assert extra_policy("auto", DeviceInfo("cuda:0", "H100", 80.0, 60.0), 24 * 1024**3) == "resident"
+    assert extra_policy("auto", DeviceInfo("cuda:0", "4090", 24.0, 10.0), 24 * 1024**3) == "swap"
+
+
+def test_extra_models_off_loads_neither_and_says_so(
+    make_settings: Callable[..., EngineSettings], data_dir: Path
+) -> None:
+    off = FluxEngine.load(make_settings(fill="tiny", kontext="tiny", extra_models="off"), data_dir)
+    picture, mask = _stored(_photo()), _stored(_mask())
+    request = GenerationRequest(
+        prompt="x", mode="inpaint", preset="fill", init_image=picture.sha256, mask=mask.sha256
+    )
+
+    assert off.kontext is None and off.fill is None and off.extra_policy == "off"
+    with pytest.raises(RequestError, match="inpainting needs FLUX.1 Fill"):
+        off.generate(request, init_image=picture.png, references=[mask.png])
