@@ -11,7 +11,7 @@ import math
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from PIL import Image
 from pydantic import ValidationError
@@ -35,7 +35,7 @@ from engine.input_image import InputImage, mask_problem, reference_problem
 from engine.messages import Message
 from engine.outpaint import Direction, pan, zoom_out
 from engine.presets import Preset
-from engine.resolve import RequestResolver, reference_count_problem
+from engine.resolve import RequestResolver, Resolution, reference_count_problem
 from engine.spec import MAX_SEED, DrawSpec
 from fluxbot.settings import ImageSettings, LimitSettings
 
@@ -489,24 +489,16 @@ class Studio:
             for image in images:
                 if (problem := reference_problem(image.width, image.height)) is not None:
                     raise UserError(problem)
-        edit_preset = resolver.catalog.presets.get(EDIT_PRESET)
-        preset = EDIT_PRESET if edit_preset is not None and edit_preset.family == resolver.family else None
-        try:
-            request = GenerationRequest(
-                prompt=instruction,
-                preset=preset,
-                mode="edit",
-                init_image=images[0].sha256,
-                references=tuple(image.sha256 for image in images[1:]),
-            )
-            request = request.model_copy(
-                update={"size": self.size_for_input(request, images[0], who.guild_id)}
-            )
-            resolution = resolver.resolve(request)
-        except ValidationError as exc:
-            raise UserError(first_problem(exc)) from exc
-        except RequestError as exc:
-            raise UserError.of(exc) from exc
+        preset = _family_preset(resolver, EDIT_PRESET)
+        resolution = self._resolve_on(
+            who,
+            images[0],
+            prompt=instruction,
+            preset=preset.name if preset else None,
+            mode="edit",
+            init_image=images[0].sha256,
+            references=tuple(image.sha256 for image in images[1:]),
+        )
         parent_id = parent.id if parent is not None else None
         return await self.admit(who, resolution.spec, JobKind.EDIT, parent_id, on_stored, resolution.warnings)
 
@@ -550,19 +542,16 @@ class Studio:
         problem = await asyncio.to_thread(mask_problem, stored.png, image.width, image.height)
         if problem is not None:
             raise UserError(problem)
-        resolver = self.resolver_for(who.guild_id)
-        fill = resolver.catalog.presets.get(FILL_PRESET)
-        preset = FILL_PRESET if fill is not None and fill.family == resolver.family else None
-        try:
-            request = GenerationRequest(
-                prompt=prompt, preset=preset, mode="inpaint", init_image=image.sha256, mask=stored.sha256
-            )
-            request = request.model_copy(update={"size": self.size_for_input(request, image, who.guild_id)})
-            resolution = resolver.resolve(request)
-        except ValidationError as exc:
-            raise UserError(first_problem(exc)) from exc
-        except RequestError as exc:
-            raise UserError.of(exc) from exc
+        preset = _family_preset(self.resolver_for(who.guild_id), FILL_PRESET)
+        resolution = self._resolve_on(
+            who,
+            image,
+            prompt=prompt,
+            preset=preset.name if preset else None,
+            mode="inpaint",
+            init_image=image.sha256,
+            mask=stored.sha256,
+        )
         parent_id = parent.id if parent is not None else None
         return await self.admit(
             who, resolution.spec, JobKind.INPAINT, parent_id, on_stored, resolution.warnings
@@ -584,8 +573,7 @@ class Studio:
         parent, _ = await self._stored(job_id, who)
         picture = await self._drawn(parent, who)
         resolver = self.resolver_for(who.guild_id)
-        fill = resolver.catalog.presets.get(FILL_PRESET)
-        preset = fill if fill is not None and fill.family == resolver.family else resolver.preset(None)
+        preset = _family_preset(resolver, FILL_PRESET) or resolver.preset(None)
         most = int(preset.megapixels_range[1] * 1e6)
 
         def build() -> tuple[bytes, bytes]:  # blocking: decode, compose, encode
@@ -595,23 +583,34 @@ class Studio:
 
         canvas_png, mask_png = await asyncio.to_thread(build)
         canvas, mask = await self.pictures.upload(canvas_png), await self.pictures.upload(mask_png)
+        resolution = self._resolve_on(
+            who,
+            None,
+            prompt=prompt or parent.spec.prompt,
+            preset=preset.name,
+            mode="inpaint",
+            init_image=canvas.sha256,
+            mask=mask.sha256,
+            size=f"{canvas.width}x{canvas.height}",
+        )
+        return await self.admit(
+            who, resolution.spec, JobKind.OUTPAINT, parent.id, on_stored, resolution.warnings
+        )
+
+    def _resolve_on(self, who: Requester, sized_by: InputImage | None, **fields: Any) -> Resolution:
+        """An image-in request (edit, inpaint) resolved for `who`'s server, sized by `sized_by`'s
+        aspect where given; a problem is a UserError naming it."""
+        resolver = self.resolver_for(who.guild_id)
         try:
-            request = GenerationRequest(
-                prompt=prompt or parent.spec.prompt,
-                preset=preset.name,
-                mode="inpaint",
-                init_image=canvas.sha256,
-                mask=mask.sha256,
-                size=f"{canvas.width}x{canvas.height}",
-            )
-            resolution = resolver.resolve(request)
+            request = GenerationRequest(**fields)
+            if sized_by is not None:
+                size = self.size_for_input(request, sized_by, who.guild_id)
+                request = request.model_copy(update={"size": size})
+            return resolver.resolve(request)
         except ValidationError as exc:
             raise UserError(first_problem(exc)) from exc
         except RequestError as exc:
             raise UserError.of(exc) from exc
-        return await self.admit(
-            who, resolution.spec, JobKind.OUTPAINT, parent.id, on_stored, resolution.warnings
-        )
 
     async def _stored(self, job_id: int, who: Requester) -> tuple[Job, Preset]:
         """A job `who` may see, whose spec may still be drawn (its preset and LoRAs not withdrawn)."""
@@ -723,3 +722,9 @@ def _png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _family_preset(resolver: RequestResolver, name: str) -> Preset | None:
+    """The preset `name` where it is for the loaded family (kontext, fill), else None."""
+    preset = resolver.catalog.presets.get(name)
+    return preset if preset is not None and preset.family == resolver.family else None
