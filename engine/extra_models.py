@@ -13,7 +13,6 @@ with the resident VAE, text encoders, tokenizers and scheduler: no second copy o
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import torch
 from engine.errors import ConfigError, ModelLoadError
 from engine.hashing import FileHasher
 from engine.quant import DeviceInfo, QuantPlan, transformer_quant_config
+from engine.tiny import save_atomically
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +61,7 @@ def build_tiny(kind: ExtraKind, directory: Path, like: Any) -> Path:
     transformer = FluxTransformer2DModel.from_config(
         {**like.config, "in_channels": in_channels * kind.input_factor, "out_channels": in_channels}
     )
-    tmp = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    transformer.save_pretrained(tmp / "transformer")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp.replace(directory)
-    return directory
+    return save_atomically(directory, lambda tmp: transformer.save_pretrained(tmp / "transformer"))
 
 
 def load_extra(

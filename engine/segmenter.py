@@ -10,7 +10,6 @@ anything is stored: the mask is an input image like an uploaded one, so reruns u
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,7 +77,7 @@ def ensure_tiny_segmenter(directory: Path) -> Path:
     """A tiny random CLIPSeg with a word-level tokenizer and a 64-pixel image processor, saved once."""
     from transformers import CLIPImageProcessor, CLIPSegConfig, CLIPSegForImageSegmentation
 
-    from engine.tiny import word_tokenizer
+    from engine.tiny import save_atomically, word_tokenizer
 
     if (directory / "config.json").is_file():
         return directory
@@ -118,11 +117,6 @@ def ensure_tiny_segmenter(directory: Path) -> Path:
     with torch.no_grad():
         model.decoder.transposed_convolution.bias.fill_(-5.0)
     processor = CLIPImageProcessor(do_resize=True, size={"height": 64, "width": 64}, do_center_crop=False)
-    tmp = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp.replace(directory)
-    return directory
+    return save_atomically(
+        directory, model.save_pretrained, tokenizer.save_pretrained, processor.save_pretrained
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -385,14 +386,8 @@ def ensure_tiny_upsampler(directory: Path) -> Path:
     """The tiny prompt upsampler's folder (model and tokenizer), built and saved there on first use."""
     if (directory / "config.json").is_file():
         return directory
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     model, tokenizer = build_tiny_prompt_upsampler()
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.replace(directory)
-    return directory
+    return save_atomically(directory, model.save_pretrained, tokenizer.save_pretrained)
 
 
 TINY_BUILDERS = {
@@ -408,13 +403,21 @@ def ensure_tiny_model(directory: Path, family: str = "flux1") -> Path:
     if any((directory / name).is_file() for name in INDEX_FILES):
         return directory
     log.info("building the tiny random-weight %s model in %s", family, directory)
+    pipe = TINY_BUILDERS[family]()
+    if family == "flux3":
+        return save_atomically(
+            directory, lambda tmp: pipe.save_pretrained(str(tmp), overwrite_modular_index=True)
+        )
+    return save_atomically(directory, pipe.save_pretrained)
+
+
+def save_atomically(directory: Path, *writers: Callable[[Path], object]) -> Path:
+    """`directory` written by `writers` into a side folder first, then renamed into place: a
+    half-written model (a crash, a second process) is never mistaken for a whole one."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.with_name(directory.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe = TINY_BUILDERS[family]()
-    if family == "flux3":
-        pipe.save_pretrained(str(tmp), overwrite_modular_index=True)
-    else:
-        pipe.save_pretrained(tmp)
-    tmp.replace(directory)  # atomic: a half-written model is never mistaken for a whole one
+    for write in writers:
+        write(tmp)
+    tmp.replace(directory)
     return directory
