@@ -12,7 +12,7 @@ import torch
 
 from engine.checkpoints import describe_layout, inspect_checkpoint
 from engine.errors import EngineError, LoraError
-from engine.flux3 import flux3_class, flux3_plan
+from engine.flux3 import plan_for
 from engine.hashing import FileHasher
 from engine.info import last_warmup
 from engine.lora_layout import lora_layout
@@ -183,11 +183,8 @@ def _quant(
 ) -> None:
     try:
         plan = plan_quant(settings, device, source is not None and source.is_gguf)
-        folder = (
-            Path(source.location) if source is not None and source.kind in ("tiny", "diffusers") else None
-        )
-        if folder is not None and flux3_class(folder) is not None:
-            plan = flux3_plan(plan, settings)
+        if source is not None:
+            plan = plan_for(plan, settings, source)
     except EngineError as exc:
         report.add("fail", "quant", str(exc))
         return

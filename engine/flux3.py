@@ -16,7 +16,6 @@ What differs from the FLUX.1/FLUX.2 pipelines, and how the engine keeps its one 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import replace
@@ -28,12 +27,10 @@ import torch
 from engine.errors import ModelLoadError, QuantizationError
 from engine.quant import QuantPlan
 from engine.settings import EngineSettings
-from engine.sources import ModelSource
+from engine.sources import FLUX3_PIPELINES, ModelSource, folder_model
 
 log = logging.getLogger(__name__)
 
-MODULAR_INDEX = "modular_model_index.json"
-FLUX3_PIPELINES = {"Flux3ModularPipeline": "klein-base", "Flux3DistilledModularPipeline": "klein"}
 HIDDEN_STATE_LAYERS = (4, 8, 12, 16, 20, 24, 28, 32)  # what FLUX.3 stacks into its prompt embedding
 PAD_MULTIPLE = 80  # the prompt window rounds up to this; the transformer attends to the padding
 StepHook = Callable[[Any, int, Any, torch.Tensor], None]  # (components, step index, timestep, latents)
@@ -54,14 +51,8 @@ class QwenChatProcessor:
 
 def flux3_class(location: Path) -> str | None:
     """The FLUX.3 pipeline class a folder's modular index names, or None when it is no FLUX.3 folder."""
-    index = location / MODULAR_INDEX
-    if not index.is_file():
-        return None
-    try:
-        name = json.loads(index.read_text()).get("_class_name")
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read {index}: {exc}") from exc
-    return name if name in FLUX3_PIPELINES else None
+    found = folder_model(location)
+    return found.pipeline if found is not None and found.family == "flux3" else None
 
 
 def _step_end_block() -> Any:
@@ -101,7 +92,7 @@ def load_flux3(location: Path, dtype: torch.dtype) -> tuple[Flux3Model, str]:
     name = flux3_class(location)
     if name is None:
         raise ModelLoadError(f"{location} is not a FLUX.3 modular pipeline folder")
-    variant = FLUX3_PIPELINES[name]
+    variant = FLUX3_PIPELINES[name]  # the folder's index names one of them (flux3_class)
     blocks = Flux3DistilledAutoBlocks() if variant == "klein" else Flux3AutoBlocks()
     for step in ("prompt_upsampler", "text_encoder"):
         if step in blocks.sub_blocks:

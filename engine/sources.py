@@ -221,6 +221,10 @@ def _name_rank(exact: tuple[str, ...], stems: tuple[str, ...]) -> Callable[[Path
     return rank
 
 
+# FLUX.3 comes as modular pipelines only (modular_model_index.json): class -> variant.
+FLUX3_PIPELINES = {"Flux3ModularPipeline": "klein-base", "Flux3DistilledModularPipeline": "klein"}
+
+
 @dataclass(frozen=True)
 class FolderModel:
     """What a diffusers folder's index says it holds (nothing loaded)."""
@@ -243,8 +247,8 @@ def folder_model(folder: Path) -> FolderModel | None:
 
     modular = read(folder / "modular_model_index.json")
     name = str(modular.get("_class_name", ""))
-    if name in ("Flux3ModularPipeline", "Flux3DistilledModularPipeline"):
-        return FolderModel("flux3", "klein" if "Distilled" in name else "klein-base", name)
+    if name in FLUX3_PIPELINES:
+        return FolderModel("flux3", FLUX3_PIPELINES[name], name)
     index = read(folder / "model_index.json")
     name = str(index.get("_class_name", ""))
     if name == "Flux2KleinPipeline":
