@@ -33,6 +33,7 @@ from fluxbot.logs import quiet
 
 quiet()
 
+from bench.timing import interleaved  # noqa: E402
 from engine.api import GenerationRequest  # noqa: E402
 from engine.engine import FluxEngine  # noqa: E402
 from engine.gguf_writer import write_gguf  # noqa: E402
@@ -236,19 +237,6 @@ width = 512
 height = 512
 megapixels_range = [0.01, 2.1]
 """
-
-
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each function, run in turns so drift hits all alike (after one warm-up)."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def families(data_dir: Path, repeats: int) -> None:

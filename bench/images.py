@@ -19,7 +19,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ quiet()
 
 from PIL import Image  # noqa: E402
 
+from bench.timing import interleaved  # noqa: E402
 from engine.api import GenerationRequest  # noqa: E402
 from engine.engine import FluxEngine  # noqa: E402
 from engine.input_image import normalize_input_image  # noqa: E402
@@ -57,18 +57,6 @@ height = 768
 megapixels_range = [0.01, 2.1]
 """
 PROMPT = "a red fox in a snowy forest"
-
-
-def interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    for fn in runs.values():
-        fn()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):  # interleaved, so drift hits every side alike
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def preview_cost(engine: FluxEngine, repeats: int) -> None:
