@@ -81,6 +81,11 @@ def opt(name: str, value: Any, kind: int = 3) -> dict[str, Any]:
     return {"name": name, "type": kind, "value": value}
 
 
+def job_id_of(message: dict[str, Any]) -> int:
+    """The job a result message shows (its buttons' custom_ids end with it)."""
+    return int(message["components"][0]["components"][0]["custom_id"].split(":")[-1])
+
+
 def png_of(fake: FakeDiscord, message: dict[str, Any]) -> bytes:
     return fake.attachment_bytes[message["attachments"][0]["id"]]
 

@@ -25,6 +25,7 @@ from tests.discord_support import (
     finished_message,
     has_result,
     is_ephemeral_error,
+    job_id_of,
     make_bot_settings,
     opt,
     png_of,
@@ -123,7 +124,7 @@ async def test_rerun_without_seed_gives_identical_pixels(harness: Harness) -> No
     fake = harness.fake
     token = await fake.slash("imagine", [opt("prompt", "a neon city at night")], fake.member(ALICE, "alice"))
     first = await finished_message(fake, token)
-    job_id = int(first["components"][0]["components"][0]["custom_id"].split(":")[-1])
+    job_id = job_id_of(first)
 
     again = await fake.slash("rerun", [opt("job_id", job_id, 4)], fake.member(BOB, "bob"))
     second = await finished_message(fake, again)

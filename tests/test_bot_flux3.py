@@ -20,6 +20,7 @@ from tests.discord_support import (
     BOB,
     Harness,
     finished_message,
+    job_id_of,
     make_bot_settings,
     opt,
     png_of,
@@ -49,10 +50,6 @@ async def flux3_bot(
         yield harness
 
 
-def _job_id(message: dict[str, Any]) -> int:
-    return int(message["components"][0]["components"][0]["custom_id"].split(":")[-1])
-
-
 def _pixels(fake: FakeDiscord, message: dict[str, Any]) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png_of(fake, message))).convert("RGB"))
 
@@ -69,7 +66,7 @@ async def test_flux3_through_discord_draws_reruns_enhances_and_edits(
     )
     recipe = read_recipe(png_of(fake, first))
     assert (recipe.family, recipe.variant, recipe.preset) == ("flux3", "klein", "flux3-distilled")
-    again = await finished_message(fake, await fake.slash("rerun", [opt("job_id", _job_id(first), 4)], bob))
+    again = await finished_message(fake, await fake.slash("rerun", [opt("job_id", job_id_of(first), 4)], bob))
     assert np.array_equal(_pixels(fake, first), _pixels(fake, again))
 
     enhanced = await finished_message(
@@ -84,8 +81,8 @@ async def test_flux3_through_discord_draws_reruns_enhances_and_edits(
             "edit",
             [
                 opt("instruction", "the fox at night"),
-                opt("job_id", _job_id(first), 4),
-                opt("jobs", str(_job_id(enhanced)), 3),
+                opt("job_id", job_id_of(first), 4),
+                opt("jobs", str(job_id_of(enhanced)), 3),
             ],
             bob,
         ),

@@ -18,6 +18,7 @@ from tests.discord_support import (
     BOB,
     Harness,
     finished_message,
+    job_id_of,
     make_bot_settings,
     opt,
     png_of,
@@ -95,7 +96,7 @@ async def test_a_job_in_a_spanish_server_is_public_in_spanish_and_private_in_eac
     with Image.open(io.BytesIO(png_of(fake, message))) as png:
         parameters = png.text["parameters"]  # type: ignore[attr-defined]
     assert parameters.startswith("un gato rojo\nSteps: 24"), "recipes stay English (A1111 reads them)"
-    job_id = int(message["components"][0]["components"][0]["custom_id"].split(":")[-1])
+    job_id = job_id_of(message)
     pressed = await fake.click(
         message["id"], f"fluxbot:subtle:{job_id}", fake.member(BOB, "bob"), locale="en-US"
     )

@@ -27,6 +27,7 @@ from tests.discord_support import (
     Harness,
     finished_message,
     is_ephemeral_error,
+    job_id_of,
     make_bot_settings,
     opt,
     png_of,
@@ -189,7 +190,7 @@ async def test_enhance_through_discord_is_shown_stored_and_rerun_without_a_secon
         expanded = expansion_of("a lighthouse")
         assert "✨ Enhanced prompt: ||A detailed photograph of a lighthouse" in first["content"]
         assert first["content"].startswith("**a lighthouse**"), "the typed prompt stays the headline"
-        job_id = int(first["components"][0]["components"][0]["custom_id"].split(":")[-1])
+        job_id = job_id_of(first)
         stored = await bot.app.jobs.get(job_id)
         assert stored is not None and stored.spec.enhanced_prompt == expanded
         assert len(chat.requests) == 1
@@ -204,7 +205,7 @@ async def test_enhance_through_discord_is_shown_stored_and_rerun_without_a_secon
         failing = await fake.slash("imagine", [opt("prompt", "a red barn"), opt("enhance", True, 5)], alice)
         drawn = await finished_message(fake, failing)
         assert "The prompt enhancer did not answer, so your prompt was drawn as written." in drawn["content"]
-        failed_id = int(drawn["components"][0]["components"][0]["custom_id"].split(":")[-1])
+        failed_id = job_id_of(drawn)
         failed_job = await bot.app.jobs.get(failed_id)
         assert failed_job is not None and failed_job.status == JobStatus.DONE
         assert failed_job.spec.enhance is False and failed_job.spec.enhanced_prompt is None

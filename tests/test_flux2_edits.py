@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -24,6 +23,7 @@ from tests.discord_support import (
     Harness,
     finished_message,
     is_ephemeral_error,
+    job_id_of,
     make_bot_settings,
     opt,
     png_of,
@@ -50,10 +50,6 @@ def _png(color: tuple[int, int, int], size: tuple[int, int]) -> bytes:
     return buffer.getvalue()
 
 
-def _job_id(message: dict[str, Any]) -> int:
-    return int(message["components"][0]["components"][0]["custom_id"].split(":")[-1])
-
-
 def _pixels(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
 
@@ -74,7 +70,7 @@ async def test_edit_with_one_and_three_references_the_button_and_an_exact_rerun(
     one = await finished_message(
         fake,
         await fake.slash(
-            "edit", [opt("instruction", "make it night"), opt("job_id", _job_id(first), 4)], bob
+            "edit", [opt("instruction", "make it night"), opt("job_id", job_id_of(first), 4)], bob
         ),
     )
     photo = fake.attach(_png((200, 40, 40), (64, 80)), "hat.png", "image/png")
@@ -84,9 +80,9 @@ async def test_edit_with_one_and_three_references_the_button_and_an_exact_rerun(
             "edit",
             [
                 opt("instruction", "put the hat from image 2 on the cat"),
-                opt("job_id", _job_id(first), 4),
+                opt("job_id", job_id_of(first), 4),
                 opt("image", photo["id"], 11),
-                opt("jobs", str(_job_id(second)), 3),
+                opt("jobs", str(job_id_of(second)), 3),
             ],
             bob,
             attachments=[photo],
@@ -96,7 +92,7 @@ async def test_edit_with_one_and_three_references_the_button_and_an_exact_rerun(
     one_recipe, three_recipe = read_recipe(png_of(fake, one)), read_recipe(png_of(fake, three))
     assert (one_recipe.kind, one_recipe.parent_job, one_recipe.reference_sha256s) == (
         "edit",
-        _job_id(first),
+        job_id_of(first),
         (),
     )
     assert one_recipe.kontext_files is None and one_recipe.family == "flux2"
@@ -105,7 +101,7 @@ async def test_edit_with_one_and_three_references_the_button_and_an_exact_rerun(
         and three_recipe.init_image_sha256 == one_recipe.init_image_sha256
     )
     assert "edit of job" in one["content"] and "2 more images" in three["content"]
-    stored = await klein.app.jobs.get(_job_id(three))
+    stored = await klein.app.jobs.get(job_id_of(three))
     assert stored is not None and len(stored.spec.inputs) == 3
     # In the order given: the job's picture first, then the attachment, then the other job's picture.
     hat = normalize_input_image(_png((200, 40, 40), (64, 80)), max_bytes=10**7, max_pixels=10**7)
@@ -116,13 +112,15 @@ async def test_edit_with_one_and_three_references_the_button_and_an_exact_rerun(
     from bot.services.studio import Requester
 
     with pytest.raises(UserError, match="Vary and Upscale redraw with FLUX.1's image-to-image"):
-        await klein.app.studio.vary(Requester(user_id=BOB, user_name="bob"), _job_id(first), strong=False)
-    click = await fake.click(first["id"], f"fluxbot:edit:{_job_id(first)}", bob)
+        await klein.app.studio.vary(Requester(user_id=BOB, user_name="bob"), job_id_of(first), strong=False)
+    click = await fake.click(first["id"], f"fluxbot:edit:{job_id_of(first)}", bob)
     await fake.wait_for(lambda: fake.response_to(click))
     from_button = await finished_message(fake, await fake.submit_modal(click, ["make it snow"], bob))
-    assert read_recipe(png_of(fake, from_button)).parent_job == _job_id(first)
+    assert read_recipe(png_of(fake, from_button)).parent_job == job_id_of(first)
 
-    again = await finished_message(fake, await fake.slash("rerun", [opt("job_id", _job_id(three), 4)], alice))
+    again = await finished_message(
+        fake, await fake.slash("rerun", [opt("job_id", job_id_of(three), 4)], alice)
+    )
     assert np.array_equal(_pixels(png_of(fake, three)), _pixels(png_of(fake, again))), "edits rerun exactly"
 
 
@@ -136,13 +134,17 @@ async def test_a_reference_the_user_may_not_see_is_not_found_and_limits_hold(kle
 
     token = await fake.slash(
         "edit",
-        [opt("instruction", "x"), opt("job_id", _job_id(public), 4), opt("jobs", str(_job_id(hidden)), 3)],
+        [
+            opt("instruction", "x"),
+            opt("job_id", job_id_of(public), 4),
+            opt("jobs", str(job_id_of(hidden)), 3),
+        ],
         bob,
     )
     await fake.wait_for(lambda: is_ephemeral_error(fake, token, "There is no job"))
-    five = " ".join(str(_job_id(public)) for _ in range(4))
+    five = " ".join(str(job_id_of(public)) for _ in range(4))
     token = await fake.slash(
-        "edit", [opt("instruction", "x"), opt("job_id", _job_id(public), 4), opt("jobs", five, 3)], bob
+        "edit", [opt("instruction", "x"), opt("job_id", job_id_of(public), 4), opt("jobs", five, 3)], bob
     )
     await fake.wait_for(lambda: is_ephemeral_error(fake, token, "at most 4 images"))
     token = await fake.slash("edit", [opt("instruction", "x"), opt("jobs", "12 twelve", 3)], bob)

@@ -23,6 +23,7 @@ from tests.discord_support import (
     Harness,
     finished_message,
     is_ephemeral_error,
+    job_id_of,
     make_bot_settings,
     opt,
     png_of,
@@ -42,10 +43,6 @@ def _png(color: tuple[int, int, int], size: tuple[int, int] = (96, 64)) -> bytes
 
 def _image_option(attachment: dict[str, Any]) -> dict[str, Any]:
     return opt("image", attachment["id"], 11)
-
-
-def _job_id(message: dict[str, Any]) -> int:
-    return int(message["components"][0]["components"][0]["custom_id"].split(":")[-1])
 
 
 def _pixels(data: bytes) -> np.ndarray:
@@ -68,7 +65,7 @@ async def _imagine_from(harness: Harness, data: bytes, *options: dict[str, Any])
 async def test_an_attached_image_is_drawn_from_and_reruns_exactly(harness: Harness) -> None:
     fake = harness.fake
     first = await _imagine_from(harness, _png((200, 60, 20)), opt("seed", 5, 4), opt("strength", 0.6, 10))
-    job_id = _job_id(first)
+    job_id = job_id_of(first)
 
     rerun = await fake.slash("rerun", [opt("job_id", job_id, 4)], fake.member(BOB, "bob"))
     second = await finished_message(fake, rerun)
@@ -137,7 +134,7 @@ async def test_vary_buttons_redraw_the_picture_as_the_pressers_own_job(harness: 
         "imagine", [opt("prompt", "an old tram"), opt("seed", 3, 4)], fake.member(ALICE, "alice")
     )
     original = await finished_message(fake, token)
-    job_id = _job_id(original)
+    job_id = job_id_of(original)
     labels = [c["label"] for row in original["components"] for c in row["components"]]
     assert labels == ["Reroll", "4 more seeds", "Vary (Subtle)", "Vary (Strong)", "Upscale x2"]
 
@@ -171,7 +168,7 @@ async def test_upscale_doubles_the_size_and_refuses_past_the_megapixel_cap(harne
         "imagine", [opt("prompt", "a harbour"), opt("seed", 8, 4)], fake.member(ALICE, "alice")
     )
     original = await finished_message(fake, token)
-    job_id = _job_id(original)
+    job_id = job_id_of(original)
 
     up = await finished_message(
         fake, await fake.click(original["id"], f"fluxbot:upscale:{job_id}", fake.member(ALICE, "alice"))
@@ -186,7 +183,7 @@ async def test_upscale_doubles_the_size_and_refuses_past_the_megapixel_cap(harne
     big = await fake.slash(
         "imagine", [opt("prompt", "a harbour"), opt("size", "1024x1024")], fake.member(ALICE, "alice")
     )
-    big_job = _job_id(await finished_message(fake, big))
+    big_job = job_id_of(await finished_message(fake, big))
     refused = await fake.slash("upscale", [opt("job_id", big_job, 4)], fake.member(ALICE, "alice"))
     await fake.wait_for(
         lambda: is_ephemeral_error(
@@ -208,7 +205,7 @@ async def test_a_result_over_the_upload_limit_goes_out_as_jpeg_and_the_png_is_ke
     assert attachment["filename"].endswith(".jpg")
     assert len(fake.attachment_bytes[attachment["id"]]) <= 6_000
     assert "sent as JPEG" in message["content"] and "/rerun" in message["content"]
-    job = await harness.app.jobs.get(_job_id(message))
+    job = await harness.app.jobs.get(job_id_of(message))
     assert job is not None and job.upload_limit == 6_000
     kept = harness.app.settings.data_dir / job.images[0].path
     assert read_recipe(kept.read_bytes()).prompt == "a field of poppies", "the PNG with its recipe is kept"
@@ -254,7 +251,7 @@ async def test_edit_command_and_button_draw_a_kontext_edit(kontext_harness: Harn
         "imagine", [opt("prompt", "a quiet street"), opt("seed", 2, 4)], fake.member(ALICE, "alice")
     )
     original = await finished_message(fake, token)
-    job_id = _job_id(original)
+    job_id = job_id_of(original)
     labels = [c["label"] for row in original["components"] for c in row["components"]]
     assert labels[-1] == "Edit"
 
@@ -283,7 +280,7 @@ async def test_edit_command_and_button_draw_a_kontext_edit(kontext_harness: Harn
     jobs, _ = await harness.app.jobs.history(BOB, 1, 10)
     assert sorted(j.kind for j in jobs) == [JobKind.EDIT, JobKind.EDIT]
     again = await finished_message(
-        fake, await fake.slash("rerun", [opt("job_id", _job_id(edited), 4)], fake.member(BOB, "bob"))
+        fake, await fake.slash("rerun", [opt("job_id", job_id_of(edited), 4)], fake.member(BOB, "bob"))
     )
     assert np.array_equal(_pixels(png_of(fake, edited)), _pixels(png_of(fake, again))), (
         "an edit reruns exactly"
@@ -307,9 +304,9 @@ async def test_upscale_takes_the_chosen_picture_of_a_four_image_job(harness: Har
     original = await finished_message(fake, token)
     four = await finished_message(
         fake,
-        await fake.click(original["id"], f"fluxbot:vary:{_job_id(original)}", fake.member(ALICE, "alice")),
+        await fake.click(original["id"], f"fluxbot:vary:{job_id_of(original)}", fake.member(ALICE, "alice")),
     )
-    four_id = _job_id(four)
+    four_id = job_id_of(four)
 
     third = await fake.slash(
         "upscale", [opt("job_id", four_id, 4), opt("picture", 3, 4)], fake.member(ALICE, "alice")
@@ -336,7 +333,7 @@ async def test_a_flagged_picture_is_drawn_from_only_where_it_may_be_shown(harnes
     token = await fake.slash(
         "imagine", [opt("prompt", "a beach"), opt("seed", 4, 4)], fake.member(ALICE, "alice")
     )
-    job_id = _job_id(await finished_message(fake, token))
+    job_id = job_id_of(await finished_message(fake, token))
     # As if asked in an age-restricted channel and flagged there (so shown there, not withheld).
     async with app.db.session() as session, session.begin():
         await session.execute(

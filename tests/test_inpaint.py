@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -25,6 +24,7 @@ from tests.discord_support import (
     Harness,
     finished_message,
     is_ephemeral_error,
+    job_id_of,
     make_bot_settings,
     opt,
     png_of,
@@ -110,10 +110,6 @@ def _png(picture: Image.Image) -> bytes:
     return data.getvalue()
 
 
-def _job_id(message: dict[str, Any]) -> int:
-    return int(message["components"][0]["components"][0]["custom_id"].split(":")[-1])
-
-
 async def test_inpaint_through_discord_on_a_job_and_hostile_masks(fill_bot: Harness) -> None:
     fake = fill_bot.fake
     alice, bob = fake.member(ALICE, "alice"), fake.member(BOB, "bob")
@@ -125,7 +121,7 @@ async def test_inpaint_through_discord_on_a_job_and_hostile_masks(fill_bot: Harn
     mask = fake.attach(_png(_mask(box=(0, 0, 32, 64))), "mask.png", "image/png")
     token = await fake.slash(
         "inpaint",
-        [opt("prompt", "a red door"), opt("mask", mask["id"], 11), opt("job_id", _job_id(original), 4)],
+        [opt("prompt", "a red door"), opt("mask", mask["id"], 11), opt("job_id", job_id_of(original), 4)],
         bob,
         attachments=[mask],
     )
@@ -134,7 +130,7 @@ async def test_inpaint_through_discord_on_a_job_and_hostile_masks(fill_bot: Harn
     out = np.asarray(Image.open(io.BytesIO(png_of(fake, repainted))).convert("RGB"))
     assert np.array_equal(out[:, 32:], drawn[:, 32:]) and not np.array_equal(out[:, :32], drawn[:, :32])
     recipe = read_recipe(png_of(fake, repainted))
-    assert (recipe.kind, recipe.parent_job) == ("inpaint", _job_id(original))
+    assert (recipe.kind, recipe.parent_job) == ("inpaint", job_id_of(original))
     assert "inpaint of job" in repainted["content"]
 
     hostile = {
@@ -147,7 +143,7 @@ async def test_inpaint_through_discord_on_a_job_and_hostile_masks(fill_bot: Harn
         attached = fake.attach(data, f"{name}.png", "image/png")
         token = await fake.slash(
             "inpaint",
-            [opt("prompt", "x"), opt("mask", attached["id"], 11), opt("job_id", _job_id(original), 4)],
+            [opt("prompt", "x"), opt("mask", attached["id"], 11), opt("job_id", job_id_of(original), 4)],
             bob,
             attachments=[attached],
         )
@@ -224,7 +220,7 @@ async def test_zoom_out_and_pan_buttons_draw_only_the_new_border(fill_bot: Harne
         ("left", (96, 64), (32, 0)),
         ("down", (64, 96), (0, 0)),
     ):
-        click = await fake.click(original["id"], f"fluxbot:{move}:{_job_id(original)}", bob)
+        click = await fake.click(original["id"], f"fluxbot:{move}:{job_id_of(original)}", bob)
         await fake.wait_for(lambda click=click: fake.response_to(click))
         # The form's prompt: empty keeps the job's own; the pan left is drawn with another.
         prompt = "a garden" if move == "left" else ""
@@ -238,7 +234,7 @@ async def test_zoom_out_and_pan_buttons_draw_only_the_new_border(fill_bot: Harne
         assert (recipe.kind, recipe.mode, recipe.parent_job, recipe.prompt) == (
             "outpaint",
             "inpaint",
-            _job_id(original),
+            job_id_of(original),
             prompt or "a house",
         )
         assert "zoom out or pan of job" in result["content"]
@@ -259,7 +255,7 @@ async def test_inpaint_by_words_uses_and_shows_the_segmenters_mask(
 
         token = await fake.slash(
             "inpaint",
-            [opt("prompt", "a blue sky"), opt("where", "the sky"), opt("job_id", _job_id(original), 4)],
+            [opt("prompt", "a blue sky"), opt("where", "the sky"), opt("job_id", job_id_of(original), 4)],
             alice,
         )
         result = await finished_message(fake, token)
@@ -273,11 +269,11 @@ async def test_inpaint_by_words_uses_and_shows_the_segmenters_mask(
         untouched = mask == 0
         assert 0 < untouched.mean() < 1, "the words selected a part, not all or nothing"
         assert np.array_equal(out[untouched], drawn[untouched]), "outside the mask: the picture's own pixels"
-        job = await bot.app.jobs.get(_job_id(result))
+        job = await bot.app.jobs.get(job_id_of(result))
         assert job is not None and job.spec.mask is not None
         labels = [c["label"] for row in original["components"] for c in row["components"]]
         assert "Vary (Region)" in labels
-        click = await fake.click(original["id"], f"fluxbot:region:{_job_id(original)}", alice)
+        click = await fake.click(original["id"], f"fluxbot:region:{job_id_of(original)}", alice)
         await fake.wait_for(lambda: fake.response_to(click))
         region = await finished_message(
             fake, await fake.submit_modal(click, ["the sky", "a stormy sky"], alice)
