@@ -7,8 +7,9 @@ BIN := $(VENV)/bin
 
 $(BIN)/fluxbot: pyproject.toml
 	$(PY) -m venv $(VENV)
-	# The CPU wheel of torch is on the dev machines; on a GPU host install the CUDA build first.
-	$(BIN)/pip install -q torch==2.13.0
+	# torch with its matching torchvision (spandrel's upscalers need both); the pair lies on the dev
+	# machines' disk. On a GPU host any CUDA build of the same pair does.
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e ".[engine,quant,postgres,dev]"
 	touch $(BIN)/fluxbot
 
