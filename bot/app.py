@@ -140,6 +140,7 @@ async def build_app(
         # FLUX.1 edits with Kontext beside the model; FLUX.2 and FLUX.3 klein with the resident model.
         edits=settings.engine.kontext_in_use is not None or rules.resolver.family in ("flux2", "flux3"),
         inpaints=settings.engine.fill_in_use is not None and rules.resolver.family == "flux1",
+        upscales=settings.engine.upscaler is not None,
     )
     dispatcher.server_weight = studio.server_weight  # servers share the GPU by the rules admins set
     dispatcher.outcomes.screen = studio.blocked_term  # an enhancer's prompt meets the same blocklists

@@ -168,6 +168,7 @@ async def build_bot(settings: Settings, engine: Any = None) -> FluxBot:
     delivery.flagged_for = app.studio.flagged_action  # a server may withhold what the host spoilers
     delivery.edits = app.studio.edits  # Kontext beside FLUX.1, or FLUX.2 klein itself: an Edit button
     delivery.redraws = app.studio.resolver.family == "flux1"  # Vary and Upscale are FLUX.1's img2img
+    delivery.upscales = app.studio.upscales  # an upscaler model: Upscale on every family
     delivery.outpaints = app.studio.inpaints  # Zoom Out and Pan draw with FLUX.1 Fill
     delivery.regions = app.studio.inpaints and app.studio.segmenter is not None  # Vary (Region): words
     starting.bot = FluxBot(settings, app, delivery, server, languages)

@@ -65,6 +65,7 @@ class DiscordDelivery:
         self.languages = languages  # a job's messages are public: in its server's language (job.locale)
         self.edits = edits  # the model can edit (Kontext, or FLUX.2 klein): results get an Edit button
         self.redraws = True  # FLUX.1's image-to-image: results get Vary (Subtle/Strong) and Upscale
+        self.upscales = False  # an upscaler model: results get Upscale on any family
         self.outpaints = False  # FLUX.1 Fill is loaded: results get Zoom Out and Pan
         self.regions = False  # and a segmenter: results get Vary (Region)
         self.previews_everywhere = previews_everywhere
@@ -158,7 +159,7 @@ class DiscordDelivery:
 
         tr = self._language(job)
         view = (
-            result_view(tr, job.id, self.edits, self.redraws, self.outpaints, self.regions)
+            result_view(tr, job.id, self.edits, self.redraws, self.outpaints, self.regions, self.upscales)
             if job.status == JobStatus.DONE
             else None
         )

@@ -72,13 +72,22 @@ def queued(tr: Language, prompt: str, ticket: Ticket) -> str:
 def progress(tr: Language, job: Job, step: int, total: int, eta_s: float) -> str:
     filled = round(BAR_CELLS * step / max(total, 1))
     bar = "█" * filled + "░" * (BAR_CELLS - filled)
-    status = tr.tr(
-        "{step}/{total} steps · ~{eta} left · job {job}",
-        step=step,
-        total=total,
-        eta=tr.duration(eta_s),
-        job=job.id,
-    )
+    if job.spec.mode == "upscale":  # the upscaler model's tiles: it runs no denoising steps
+        status = tr.tr(
+            "{step}/{total} tiles · ~{eta} left · job {job}",
+            step=step,
+            total=total,
+            eta=tr.duration(eta_s),
+            job=job.id,
+        )
+    else:
+        status = tr.tr(
+            "{step}/{total} steps · ~{eta} left · job {job}",
+            step=step,
+            total=total,
+            eta=tr.duration(eta_s),
+            job=job.id,
+        )
     return f"**{short(job.spec.prompt)}**\n🎨 `{bar}` {status}"
 
 
@@ -110,6 +119,8 @@ def _made_from(tr: Language, job: Job) -> str | None:
     spec = job.spec
     if spec.init_image is None:
         return None
+    if spec.mode == "upscale":
+        return tr.tr("upscale of job {job} (upscaler model, no redraw)", job=job.parent_id or 0)
     if spec.mode == "inpaint" and job.kind == JobKind.OUTPAINT:
         return tr.tr("zoom out or pan of job {job}", job=job.parent_id or 0)
     if spec.mode == "inpaint":
@@ -135,7 +146,7 @@ def _made_from(tr: Language, job: Job) -> str | None:
     made = {
         JobKind.VARY_SUBTLE: tr.tr("vary (subtle)"),
         JobKind.VARY_STRONG: tr.tr("vary (strong)"),
-        JobKind.UPSCALE: tr.tr("upscale x2"),
+        JobKind.UPSCALE: tr.tr("upscale"),
     }.get(job.kind) or tr.tr("from an image")
     strength = float(spec.strength or 0.0)
     if job.parent_id:

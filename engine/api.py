@@ -97,6 +97,9 @@ class Recipe(BaseModel):
     kontext_files: dict[str, str] | None = None  # edits: the Kontext transformer's file -> sha256
     fill_files: dict[str, str] | None = None  # inpaints: the Fill transformer's file -> sha256
     mask_sha256: str | None = None  # inpaints: the mask's stored PNG
+    # Upscales with a model (engine/upscaler.py): its file -> sha256, and what spandrel found in it.
+    upscaler_files: dict[str, str] | None = None
+    upscaler: str | None = None  # "ESRGAN x4 (64nf, 23nb)"
     # The step cache the job ran with (engine/step_cache.py) and how many of its denoising steps ran
     # the full transformer (None: recipes from before step caching, all of them).
     cache: str = "none"
@@ -138,6 +141,8 @@ class Recipe(BaseModel):
             references=self.reference_sha256s,
             mask=self.mask_sha256,
             strength=self.strength,
+            model_upscale=self.upscaler_files is not None,
+            upscaler=next(iter(self.upscaler_files.values())) if self.upscaler_files else None,
             cache=StepCache.parse(self.cache),
             enhance=self.enhanced_prompt is not None,
             enhanced_prompt=self.enhanced_prompt,

@@ -63,6 +63,7 @@ def run_doctor(settings: EngineSettings, data_dir: Path) -> DoctorReport:
     presets = _presets(report, settings)
     _loras(report, settings, data_dir, source, presets)
     _images(report, settings)
+    _upscaler(report, settings, data_dir, source)
     _enhancer(report, settings)
     _packages(report)
     return report
@@ -93,6 +94,29 @@ def _enhancer(report: DoctorReport, settings: EngineSettings) -> None:
         f"{settings.prompt_enhancer_model} at {settings.prompt_enhancer} "
         f"(timeout {settings.prompt_enhancer_timeout_s:g} s; a failure draws the prompt as written)",
     )
+
+
+def _upscaler(
+    report: DoctorReport, settings: EngineSettings, data_dir: Path, source: ModelSource | None
+) -> None:
+    """The upscaler model: found, and read by spandrel on the CPU (its architecture and scale)."""
+    where = settings.upscaler
+    if where is None:
+        report.add("ok", "upscaler", "off: Upscale resizes with Lanczos, then redraws (engine.upscaler)")
+        return
+    if where == "tiny":
+        report.add("ok", "upscaler", "the tiny random Real-ESRGAN-shaped x4 (offline tests)")
+        return
+    from engine.upscaler import Upscaler, find_upscaler
+
+    models_dirs = [d for d in (source.models_dir if source else None, data_dir / "models") if d is not None]
+    try:
+        file = find_upscaler(where, models_dirs)
+        upscaler = Upscaler.load(file, "cpu", FileHasher(None))
+    except EngineError as exc:
+        report.add("fail", "upscaler", str(exc))
+        return
+    report.add("ok", "upscaler", f"{file.name}: {upscaler.description}, tiles of {settings.upscaler_tile} px")
 
 
 def _images(report: DoctorReport, settings: EngineSettings) -> None:

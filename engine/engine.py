@@ -56,6 +56,7 @@ from engine.speed import (
 )
 from engine.step_cache import NO_CACHE, StepCache
 from engine.tiny import ensure_tiny_upsampler
+from engine.upscaler import Upscaler, locate_upscaler
 from engine.whitelist import LoraFiles, LoraUse, default_lora_dir
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class FluxEngine:
         self.max_batch_size = 4  # images in one pipeline call (engine.max_batch_size)
         self.lora_files: LoraFiles | None = None  # the LoRA folder, hash-checked (for admins' additions)
         self.enhancer: PromptEnhancer | None = None  # engine.prompt_enhancer (engine/enhancer.py)
+        self.upscaler: Upscaler | None = None  # engine.upscaler: Upscale enlarges with it first
 
     @classmethod
     def load(cls, settings: EngineSettings, data_dir: Path, plan: QuantPlan | None = None) -> FluxEngine:
@@ -131,6 +133,9 @@ class FluxEngine:
         engine.set_memory_cap(settings.memory_cap_gb)
         engine.vae_tiling_above_mp = settings.vae_tiling_above_megapixels
         engine.enhancer = endpoint_enhancer(settings)
+        if settings.upscaler is not None:
+            file = locate_upscaler(settings.upscaler, source.models_dir, data_dir)
+            engine.upscaler = Upscaler.load(file, device.device, hasher, tile=settings.upscaler_tile)
         if settings.prompt_upsampler is not None:
             if loaded.family != "flux3":
                 raise ConfigError(
@@ -293,25 +298,19 @@ class FluxEngine:
                     raise RequestError(problem)
         with self._lock:
             started = time.perf_counter()
-            # 1. LoRAs: resident adapters, switched not reloaded.
-            self.loras.activate(uses)
-            lora_key = self.loras.text_encoder_signature(uses)
-            # 2. Prompts -> embeddings, from the cache when this prompt was seen before.
-            parts, all_cached = [], True
-            for r in specs:
-                embeds, cached = self._embeds(r.drawn_prompt, r.max_sequence_length, lora_key)
-                parts.append(repeat_embeds(embeds, len(r.seeds)))
-                all_cached &= cached
-            negative = None
-            if first.true_cfg > 1.0 or self._klein_base_cfg(first):
-                empty, _ = self._embeds("", first.max_sequence_length, lora_key)
-                negative = repeat_embeds(empty, sum(len(r.seeds) for r in specs))
-            encoded = time.perf_counter()
-            # 3. Denoise and decode: the pipeline's own loop, one generator per image for reproducibility.
-            seeds = [s for r in specs for s in r.seeds]
-            run = self._run(
-                first, concat_embeds(parts), negative, seeds, on_step, cancel, source, preview, more, mask
-            )
+            if first.model_upscale:
+                # 0. Upscale: the upscaler model enlarges the input; the pipeline redraws it at the
+                # job's size (or, in mode "upscale", the enlargement is the result).
+                assert source is not None  # an upscale spec has an input image
+                source = self._model_upscaled(first, source, on_step, cancel)
+            if first.mode == "upscale":
+                assert source is not None
+                encoded, all_cached = started, True
+                run = _Run([_sized(source, first)], time.perf_counter(), 0, 0, NO_CACHE)
+            else:
+                encoded, all_cached, run = self._denoised(
+                    specs, uses, on_step, cancel, source, preview, more, mask
+                )
             finished = time.perf_counter()
         timings = Timings(
             encode_s=encoded - started,
@@ -336,6 +335,71 @@ class FluxEngine:
             )
             offset += n
         return results
+
+    def _denoised(
+        self,
+        specs: Sequence[DrawSpec],
+        uses: list[LoraUse],
+        on_step: StepCallback | None,
+        cancel: threading.Event | None,
+        source: Image.Image | None,
+        preview: PreviewEvery | None,
+        more: Sequence[Image.Image],
+        mask: Image.Image | None,
+    ) -> tuple[float, bool, _Run]:
+        """LoRAs, prompts, then the pipeline: when encoding ended, whether every prompt's embedding
+        came from the cache, and the run. Under the engine's lock."""
+        first = specs[0]
+        # 1. LoRAs: resident adapters, switched not reloaded.
+        self.loras.activate(uses)
+        lora_key = self.loras.text_encoder_signature(uses)
+        # 2. Prompts -> embeddings, from the cache when this prompt was seen before.
+        parts, all_cached = [], True
+        for r in specs:
+            embeds, cached = self._embeds(r.drawn_prompt, r.max_sequence_length, lora_key)
+            parts.append(repeat_embeds(embeds, len(r.seeds)))
+            all_cached &= cached
+        negative = None
+        if first.true_cfg > 1.0 or self._klein_base_cfg(first):
+            empty, _ = self._embeds("", first.max_sequence_length, lora_key)
+            negative = repeat_embeds(empty, sum(len(r.seeds) for r in specs))
+        encoded = time.perf_counter()
+        # 3. Denoise and decode: the pipeline's own loop, one generator per image for reproducibility.
+        seeds = [s for r in specs for s in r.seeds]
+        run = self._run(
+            first, concat_embeds(parts), negative, seeds, on_step, cancel, source, preview, more, mask
+        )
+        return encoded, all_cached, run
+
+    def _model_upscaled(
+        self,
+        spec: DrawSpec,
+        source: Image.Image,
+        on_step: StepCallback | None,
+        cancel: threading.Event | None,
+    ) -> Image.Image:
+        """The input enlarged by the upscaler model, tile by tile (each tile reported as a step of an
+        upscale-only job: it has no other progress to show)."""
+        assert self.upscaler is not None  # _check refused the spec otherwise
+        started = time.perf_counter()
+
+        def on_tile(done: int, tiles: int) -> None:
+            if on_step is not None and spec.mode == "upscale":
+                on_step(StepProgress(done, tiles, time.perf_counter() - started))
+
+        try:
+            with torch.inference_mode():
+                enlarged = self.upscaler.upscale(source, on_tile, cancel)
+        except torch.OutOfMemoryError as exc:
+            raise self._out_of_memory(spec, 1, exc) from exc
+        log.info(
+            "upscaled %dx%d -> %dx%d with %s in %.2f s",
+            *source.size,
+            *enlarged.size,
+            self.upscaler.file.name,
+            time.perf_counter() - started,
+        )
+        return enlarged
 
     def _check(self, specs: Sequence[DrawSpec]) -> DrawSpec:
         """The engine's own limits, whoever resolved the specs."""
@@ -381,6 +445,19 @@ class FluxEngine:
             raise RequestError("edits need FLUX.1 Kontext, and this engine has none (engine.kontext)")
         if first.mode == "inpaint" and self.fill is None:
             raise RequestError("inpainting needs FLUX.1 Fill, and this engine has none (engine.fill)")
+        if first.model_upscale:
+            if self.upscaler is None:
+                raise RequestError(
+                    "this job upscales with a model, and this engine has none (engine.upscaler)"
+                )
+            if first.upscaler is not None and first.upscaler != self.upscaler.sha256:
+                raise RequestError(
+                    "this job was upscaled with another upscaler model (sha256 {wanted}…); this engine "
+                    "has {name} ({sha}…)",
+                    wanted=first.upscaler[:12],
+                    name=self.upscaler.file.name,
+                    sha=self.upscaler.sha256[:12],
+                )
         edited = 1 + len(first.references) if first.mode == "edit" else 1
         if (problem := reference_count_problem(self.info.family, edited)) is not None:
             raise RequestError(problem)
@@ -589,8 +666,19 @@ class FluxEngine:
     def _recipe(self, r: DrawSpec, seed: int, run: _Run, enhance_note: str | None = None) -> Recipe:
         extra = {"edit": self.kontext, "inpaint": self.fill}.get(r.mode)
         files = extra.files if extra is not None else None
+        upscaler = None
+        if r.model_upscale and self.upscaler is not None:
+            upscaler = (self.upscaler.files, self.upscaler.description)
         return make_recipe(
-            self.info, self._versions, r, seed, files, str(run.cache), run.computed_steps, enhance_note
+            self.info,
+            self._versions,
+            r,
+            seed,
+            files,
+            str(run.cache),
+            run.computed_steps,
+            enhance_note,
+            upscaler,
         )
 
     def _enhanced(self, specs: Sequence[DrawSpec]) -> tuple[list[DrawSpec], list[str | None]]:
@@ -601,7 +689,7 @@ class FluxEngine:
         out: list[DrawSpec] = []
         notes: list[str | None] = []
         for spec in specs:
-            if not spec.needs_enhancement:
+            if not spec.needs_enhancement or spec.mode == "upscale":  # an upscale reads no prompt
                 out.append(spec)
                 notes.append(None)
                 continue
@@ -624,6 +712,12 @@ class FluxEngine:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _sized(picture: Image.Image, spec: DrawSpec) -> Image.Image:
+    """The picture at the spec's size (Lanczos), as it is when it already has it."""
+    size = (spec.width, spec.height)
+    return picture if picture.size == size else picture.resize(size, Image.Resampling.LANCZOS)
 
 
 @dataclass(frozen=True)

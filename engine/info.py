@@ -74,6 +74,7 @@ def make_recipe(
     cache: str,
     computed_steps: int,
     enhance_note: str | None = None,
+    upscaler: tuple[dict[str, str], str] | None = None,
 ) -> Recipe:
     """Everything that made one image, for the PNG, the database and exact reruns."""
     return Recipe(
@@ -111,6 +112,8 @@ def make_recipe(
         computed_steps=computed_steps,
         enhanced_prompt=r.enhanced_prompt,
         enhance_note=enhance_note,
+        upscaler_files=upscaler[0] if upscaler else None,
+        upscaler=upscaler[1] if upscaler else None,
     )
 
 

@@ -118,6 +118,15 @@ class EngineSettings(BaseModel):
         description='CLIPSeg for /inpaint where:"the sky" (masks from words): a folder of '
         "CIDAS/clipseg-rd64-refined, or 'tiny' (random, offline); runs on the bot's CPU",
     )
+    upscaler: str | None = Field(
+        None,
+        description="Upscaler model for Upscale (read by spandrel: Real-ESRGAN, 4x-UltraSharp, SwinIR, HAT, "
+        "DAT, ...): a .pth/.safetensors file, its name in a Forge models/ESRGAN or ComfyUI "
+        "models/upscale_models folder, or 'tiny' (random, offline); unset: Upscale resizes with Lanczos",
+    )
+    upscaler_tile: int = Field(
+        512, ge=64, le=4096, description="Input pixels per tile side when upscaling: less is less memory"
+    )
     preview: str = Field(
         "latent",
         description='live previews: "latent" (a fixed latent-to-RGB projection, microseconds), '

@@ -19,9 +19,9 @@ MAX_SEED = 2**32 - 1  # A1111/Forge seeds are 32-bit; keeping to that makes reci
 SHA256 = r"^[0-9a-f]{64}$"
 Family = Literal["flux1", "flux2", "flux3"]
 # What the engine does with a spec: draw from text, redraw an input image (img2img: Vary, Upscale,
-# image prompts), edit one with an instruction (Kontext, FLUX.2/3 references), or repaint the masked
-# part of one (FLUX.1 Fill).
-Mode = Literal["txt2img", "img2img", "edit", "inpaint"]
+# image prompts), edit one with an instruction (Kontext, FLUX.2/3 references), repaint the masked
+# part of one (FLUX.1 Fill), or only enlarge one with the upscaler model (Upscale without a redraw).
+Mode = Literal["txt2img", "img2img", "edit", "inpaint", "upscale"]
 Sha256 = Annotated[str, Field(pattern=SHA256)]
 MAX_REFERENCES = 10  # what any FLUX edit model takes at most (FLUX.2's limit); each family has its own
 
@@ -63,6 +63,11 @@ class DrawSpec(BaseModel):
     references: tuple[Sha256, ...] = Field((), max_length=MAX_REFERENCES - 1)
     mask: str | None = Field(None, pattern=SHA256)  # inpaint: the mask PNG's sha256 (white: repaint)
     strength: float | None = Field(None, gt=0.0, le=1.0)  # img2img: how much is redrawn
+    # Upscale: the input is first enlarged by the engine's upscaler model (engine/upscaler.py), then
+    # resized to the spec's size (and redrawn, in img2img). `upscaler` pins the model file's sha256:
+    # set when the job is drawn, so a rerun refuses another model instead of drawing other pixels.
+    model_upscale: bool = False
+    upscaler: str | None = Field(None, pattern=SHA256)
     cache: StepCacheField = NO_CACHE
     # Prompt enhancement (engine/enhancer.py): asked for, and once made, the expansion the model reads
     # in place of `prompt` (trigger words still first). Stored, so a rerun draws it again unasked.
@@ -87,6 +92,16 @@ class DrawSpec(BaseModel):
             self.mode == "inpaint" and not self.init_image
         ):
             raise ValueError("an inpaint spec has an input image and a mask, and only it has a mask")
+        if self.mode == "upscale" and (
+            self.init_image is None or self.strength is not None or not self.model_upscale or self.loras
+        ):
+            raise ValueError(
+                "an upscale spec needs an input image and the upscaler, and takes no strength or LoRAs"
+            )
+        if self.model_upscale and self.mode not in ("img2img", "upscale"):
+            raise ValueError("only img2img and upscale specs enlarge their input with the upscaler")
+        if self.upscaler is not None and not self.model_upscale:
+            raise ValueError("an upscaler file belongs to a spec that upscales with it")
         if self.enhanced_prompt is not None and not self.enhance:
             raise ValueError("an enhanced prompt belongs to a spec that asked for enhancement")
         return self
@@ -100,6 +115,11 @@ class DrawSpec(BaseModel):
     @property
     def needs_enhancement(self) -> bool:
         return self.enhance and self.enhanced_prompt is None
+
+    @property
+    def needs_upscaler_pin(self) -> bool:
+        """Upscales with the engine's model before it is known which one: pinned once drawn."""
+        return self.model_upscale and self.upscaler is None
 
     @property
     def drawn_prompt(self) -> str:
@@ -135,6 +155,8 @@ class DrawSpec(BaseModel):
             self.references,
             self.mask,
             self.strength,
+            self.model_upscale,
+            self.upscaler,
             self.cache,
         )
 

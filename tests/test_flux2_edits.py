@@ -65,7 +65,7 @@ async def test_edit_with_one_and_three_references_the_button_and_an_exact_rerun(
     )
     labels = [c["label"] for row in first["components"] for c in row["components"]]
     assert labels[-1] == "Edit", "FLUX.2 klein edits with the resident model: the button is there"
-    assert "Upscale x2" not in labels, "Vary and Upscale are FLUX.1's image-to-image: not offered"
+    assert "Upscale" not in labels, "Vary and Upscale are FLUX.1's image-to-image: not offered"
 
     one = await finished_message(
         fake,

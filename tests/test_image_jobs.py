@@ -136,7 +136,7 @@ async def test_vary_buttons_redraw_the_picture_as_the_pressers_own_job(harness: 
     original = await finished_message(fake, token)
     job_id = job_id_of(original)
     labels = [c["label"] for row in original["components"] for c in row["components"]]
-    assert labels == ["Reroll", "4 more seeds", "Vary (Subtle)", "Vary (Strong)", "Upscale x2"]
+    assert labels == ["Reroll", "4 more seeds", "Vary (Subtle)", "Vary (Strong)", "Upscale"]
 
     subtle = await finished_message(
         fake, await fake.click(original["id"], f"fluxbot:subtle:{job_id}", fake.member(BOB, "bob"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import io
 import shutil
 import time
 from collections import Counter
@@ -16,12 +17,14 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from bot.app import App, build_app
 from bot.render import workers as render_workers
 from bot.services.redis_executor import SHARED_IMAGE_MISSING, TIMED_OUT, WORKERS_DIED
-from bot.services.studio import Requester
+from bot.services.studio import JobPicture, Requester
 from bot.store.models import Job, JobStatus
 from engine.api import GenerationRequest, LoraChoice
 from engine.settings import EngineSettings
@@ -68,7 +71,14 @@ async def worker_pool(
         name: WorkerProcess(
             name,
             worker_env(
-                base / name, presets_file, whitelist, tiny_dir, FLUXBOT_ENGINE__LORA_DIR=str(lora_dir)
+                base / name,
+                presets_file,
+                whitelist,
+                tiny_dir,
+                FLUXBOT_ENGINE__LORA_DIR=str(lora_dir),
+                # FLUX.1 Fill and an upscaler model beside the model: /inpaint and Upscale on workers.
+                FLUXBOT_ENGINE__FILL="tiny",
+                FLUXBOT_ENGINE__UPSCALER="tiny",
             ),
             base,
         )
@@ -544,3 +554,59 @@ async def test_image_jobs_run_on_workers_with_their_input_and_send_previews(
     assert (recipe["kind"], recipe["init_image_sha256"], recipe["strength"]) == ("img2img", image.sha256, 0.5)
     previews = [blob for job_id, blob in events.previews if job_id == ticket.job_id]
     assert previews and Image.open(io.BytesIO(previews[0])).format == "JPEG", "previews cross Redis too"
+
+
+def _png(picture: Image.Image) -> bytes:
+    data = io.BytesIO()
+    picture.save(data, "PNG")
+    return data.getvalue()
+
+
+async def test_inpaint_and_model_upscale_run_on_workers_and_rerun_exactly(
+    workers: Workers,
+    tmp_path: Path,
+    make_settings: Callable[..., EngineSettings],
+    lora_setup: tuple[Path, Path],
+    events: RecordingEvents,
+) -> None:
+    def engine(**kw: Any) -> EngineSettings:
+        return make_settings(fill="tiny", upscaler="tiny", **kw)
+
+    app = await build_app(scaleout_settings(tmp_path, engine, lora_setup), events)
+    await app.start()
+    try:
+        alice = who(ALICE)
+        base = await app.studio.imagine(alice, GenerationRequest(prompt="a house", seed=2))
+        await app.queue.wait_idle(60)
+        mask = Image.new("L", (64, 64), 0)
+        mask.paste(255, (0, 0, 32, 64))
+        stored_mask = await app.studio.image_prompt(_png(mask))
+        inpaint = await app.studio.inpaint(alice, "a red door", JobPicture(base.job_id), stored_mask)
+        upscale = await app.studio.upscale(alice, base.job_id)
+        await app.queue.wait_idle(60)
+
+        original = await app.jobs.get(base.job_id)
+        repainted = await app.jobs.get(inpaint.job_id)
+        upscaled = await app.jobs.get(upscale.job_id)
+        assert original is not None and repainted is not None and upscaled is not None
+        for job in (repainted, upscaled):
+            assert job.status == JobStatus.DONE and job.worker in workers, job.error
+        before = np.asarray(Image.open(app.settings.data_dir / original.images[0].path).convert("RGB"))
+        after = np.asarray(Image.open(app.settings.data_dir / repainted.images[0].path).convert("RGB"))
+        assert np.array_equal(after[:, 32:], before[:, 32:]) and not np.array_equal(after, before)
+        assert repainted.images[0].recipe["mask_sha256"] == stored_mask.sha256
+        # FLUX.1: the upscaler model's x4, then the light redraw; 256x256 fits the preset's cap.
+        spec = upscaled.spec
+        assert (spec.mode, spec.width, spec.model_upscale) == ("img2img", 256, True)
+        assert upscaled.spec.upscaler == next(iter(upscaled.images[0].recipe["upscaler_files"].values()))
+
+        reruns = [await app.studio.rerun(alice, job.id) for job in (repainted, upscaled)]
+        await app.queue.wait_idle(60)
+        for ticket, job in zip(reruns, (repainted, upscaled), strict=True):
+            again = await app.jobs.get(ticket.job_id)
+            assert again is not None and again.status == JobStatus.DONE, again and again.error
+            first_png = Image.open(app.settings.data_dir / job.images[0].path)
+            rerun_png = Image.open(app.settings.data_dir / again.images[0].path)
+            assert np.array_equal(np.asarray(first_png), np.asarray(rerun_png))
+    finally:
+        await app.close()

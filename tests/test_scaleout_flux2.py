@@ -1,5 +1,6 @@
-"""A FLUX.2 klein `fluxbot worker` on Redis: multi-reference edits travel with their PNGs, and an
-enhanced prompt made in the worker is stored with the job, so a rerun asks the enhancer nothing."""
+"""A FLUX.2 klein `fluxbot worker` on Redis: multi-reference edits travel with their PNGs, an
+enhanced prompt made in the worker is stored with the job, so a rerun asks the enhancer nothing, and
+Upscale is the worker's upscaler model alone (FLUX.2 has no image-to-image), pinned once drawn."""
 
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ async def klein_worker(
         FLUXBOT_MODEL="tiny-flux2",
         FLUXBOT_ENGINE__PROMPT_ENHANCER=chat.url,
         FLUXBOT_ENGINE__PROMPT_ENHANCER_MODEL="tiny-llm",
+        FLUXBOT_ENGINE__UPSCALER="tiny",
     )
     flux2 = ensure_tiny_model(data_dir / "models" / "tiny-flux2", "flux2")
     (base / "k1" / "models" / "tiny-flux2").symlink_to(flux2)  # the session's tiny klein, not a rebuild
@@ -72,7 +74,7 @@ async def app(
     chat: ChatServer,
 ) -> AsyncIterator[App]:
     def engine(**kw: object) -> EngineSettings:
-        return make_settings(model="tiny-flux2", prompt_enhancer=chat.url, **kw)
+        return make_settings(model="tiny-flux2", prompt_enhancer=chat.url, upscaler="tiny", **kw)
 
     # Each test has a fresh database, so job ids start again at 1: an empty Redis keeps arq from
     # taking a new job for the last test's job of the same id (the worker re-registers itself).
@@ -138,5 +140,29 @@ async def test_an_enhancement_made_in_the_worker_is_stored_and_reused(app: App, 
     assert rerun is not None and rerun.status == JobStatus.DONE
     assert len(chat.requests) == 1, "the rerun drew the stored enhancement"
     first_png = Image.open(app.settings.data_dir / first.images[0].path)
+    rerun_png = Image.open(app.settings.data_dir / rerun.images[0].path)
+    assert np.array_equal(np.asarray(first_png), np.asarray(rerun_png))
+
+
+async def test_upscale_on_a_klein_worker_is_the_upscaler_model_alone(app: App) -> None:
+    base = await app.studio.imagine(ALICE_HERE, GenerationRequest(prompt="a harbour", seed=5))
+    await app.queue.wait_idle(60)
+
+    ticket = await app.studio.upscale(ALICE_HERE, base.job_id)
+    await app.queue.wait_idle(60)
+
+    job = await app.jobs.get(ticket.job_id)
+    assert job is not None and job.status == JobStatus.DONE, job and job.error
+    assert (job.spec.mode, job.spec.width, job.spec.height) == ("upscale", 256, 256), "4x: the cap allows it"
+    recipe = job.images[0].recipe
+    assert recipe["upscaler"] == "ESRGAN x4 (8nf, 1nb)" and job.worker == "k1"
+    assert job.spec.upscaler == next(iter(recipe["upscaler_files"].values())), "pinned once drawn"
+    assert Image.open(app.settings.data_dir / job.images[0].path).size == (256, 256)
+
+    again = await app.studio.rerun(ALICE_HERE, ticket.job_id)
+    await app.queue.wait_idle(60)
+    rerun = await app.jobs.get(again.job_id)
+    assert rerun is not None and rerun.status == JobStatus.DONE, rerun and rerun.error
+    first_png = Image.open(app.settings.data_dir / job.images[0].path)
     rerun_png = Image.open(app.settings.data_dir / rerun.images[0].path)
     assert np.array_equal(np.asarray(first_png), np.asarray(rerun_png))

@@ -42,7 +42,7 @@ def label(tr: Language, action: str) -> str:
         "vary": tr.ctext("button", "4 more seeds"),
         "subtle": tr.ctext("button", "Vary (Subtle)"),
         "strong": tr.ctext("button", "Vary (Strong)"),
-        "upscale": tr.ctext("button", "Upscale x2"),
+        "upscale": tr.ctext("button", "Upscale"),
         "edit": tr.ctext("button", "Edit"),
         "region": tr.ctext("button", "Vary (Region)"),
         "zoom15": tr.ctext("button", "Zoom Out 1.5x"),
@@ -188,7 +188,7 @@ class OutpaintModal(discord.ui.Modal):
         )
 
 
-REDRAWS = ("subtle", "strong", "upscale")  # FLUX.1's image-to-image
+REDRAWS = ("subtle", "strong")  # FLUX.1's image-to-image
 
 
 def result_view(
@@ -198,15 +198,17 @@ def result_view(
     redraws: bool = True,
     outpaints: bool = False,
     regions: bool = False,
+    upscales: bool = False,
 ) -> discord.ui.View:
-    """The buttons a result gets: Edit where the model edits, Vary and Upscale where it redraws, Zoom
-    Out and Pan where FLUX.1 Fill is loaded, Vary (Region) where a segmenter is too (at most 13
-    buttons: three of Discord's rows of five)."""
+    """The buttons a result gets: Edit where the model edits, Vary where it redraws, Upscale where it
+    redraws or an upscaler model enlarges, Zoom Out and Pan where FLUX.1 Fill is loaded, Vary
+    (Region) where a segmenter is too (at most 13 buttons: three of Discord's rows of five)."""
     view = discord.ui.View(timeout=None)
     for action in ACTIONS:
         shown = (
             (action != "edit" or edits)
             and (action not in REDRAWS or redraws)
+            and (action != "upscale" or redraws or upscales)
             and (action not in OUTPAINTS or outpaints)
             and (action != "region" or regions)
         )

@@ -137,12 +137,26 @@ def check_attachment(attachment: discord.Attachment, max_mb: float) -> None:
 
 
 @app_commands.command(
-    name="upscale", description="Upscale one of your results 2x (a light redraw at double size)"
+    name="upscale", description="Upscale one of your results (the upscaler model, then a light redraw)"
 )
-@app_commands.describe(job_id="The job's number (see /history)", picture="Which of its pictures (default 1)")
-async def upscale(interaction: discord.Interaction[FluxBot], job_id: int, picture: int = 1) -> None:
+@app_commands.describe(
+    job_id="The job's number (see /history)",
+    picture="Which of its pictures (default 1)",
+    factor="How much larger (default: 4x where the size cap allows it with a model, else 2x)",
+    redraw="Redraw lightly at the new size (default yes on FLUX.1); no: the upscaler model alone",
+)
+@app_commands.choices(factor=[app_commands.Choice(name=f"{x}x", value=x) for x in (2, 4)])
+async def upscale(
+    interaction: discord.Interaction[FluxBot],
+    job_id: int,
+    picture: int = 1,
+    factor: int | None = None,
+    redraw: bool | None = None,
+) -> None:
     studio = _studio(interaction)
-    await submit(interaction, lambda who, on_stored: studio.upscale(who, job_id, on_stored, picture))
+    await submit(
+        interaction, lambda who, on_stored: studio.upscale(who, job_id, on_stored, picture, factor, redraw)
+    )
 
 
 _OPTIONS = {"loras.0.weight": "lora_weight", "loras.0.name": "lora"}

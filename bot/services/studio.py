@@ -37,6 +37,7 @@ from engine.outpaint import Direction, pan, zoom_out
 from engine.presets import Preset
 from engine.resolve import RequestResolver, Resolution, reference_count_problem
 from engine.spec import MAX_SEED, DrawSpec
+from engine.step_cache import NO_CACHE
 from fluxbot.settings import ImageSettings, LimitSettings
 
 if TYPE_CHECKING:
@@ -130,9 +131,11 @@ class Studio:
         images: ImageSettings | None = None,
         edits: bool = False,
         inpaints: bool = False,
+        upscales: bool = False,
     ) -> None:
         self.edits = edits  # engine.kontext is set: /edit and the Edit button work
         self.inpaints = inpaints  # engine.fill is set: /inpaint works
+        self.upscales = upscales  # engine.upscaler is set: Upscale enlarges with it first
         self.segmenter: Segmenter | None = None  # engine.segmenter: /inpaint where:"the sky"
         self.images = images or ImageSettings()
         self.pictures = Pictures(files, self.images, metrics)
@@ -252,6 +255,9 @@ class Studio:
         job is never queued, or answered as queued, before it is committed."""
         if not self.accepting:
             raise LimitReached("fluxbot is restarting; try again in a minute.")
+        # Copies (model_copy) are not validated: a spec is read back as it will be stored, so a spec
+        # the store could not read again fails here, before anything is stored.
+        spec = DrawSpec.model_validate_json(spec.model_dump_json())
         term = self.blocked_term(who.guild_id, spec.prompt, spec.enhanced_prompt or "")
         if term is not None:
             self.metrics.rejections.labels("policy").inc()
@@ -440,24 +446,78 @@ class Studio:
         return await self.admit(who, spec, kind, parent.id, on_stored)
 
     async def upscale(
-        self, who: Requester, job_id: int, on_stored: OnStored | None = None, picture: int = 1
+        self,
+        who: Requester,
+        job_id: int,
+        on_stored: OnStored | None = None,
+        picture: int = 1,
+        factor: int | None = None,
+        redraw: bool | None = None,
     ) -> Ticket:
-        """Upscale x2 (hi-res fix): the job's `picture` (1-based) resized 2x, then redrawn lightly at
-        that size with its seed; refused past the preset's megapixel cap."""
+        """Upscale (hi-res fix) as the presser's own job: the job's `picture` (1-based) enlarged by the
+        upscaler model where one is loaded (else resized with Lanczos) to `factor` x its size (default:
+        4x where the preset's cap allows and a model enlarges, else 2x), then redrawn lightly at that
+        size with its seed. `redraw` false (or the preset's `upscale_redraw`): the model's enlargement
+        alone, the only Upscale on FLUX.2/FLUX.3 hosts (they have no image-to-image)."""
         self._require_kind(who, JobKind.UPSCALE)
-        self._require_redraws(who)
+        if factor is not None and factor not in (2, 4):
+            raise UserError("factor must be 2 or 4")
         parent, preset = await self._stored(job_id, who)
-        image = await self._drawn(parent, who, picture)
-        width, height = 2 * image.width, 2 * image.height
-        if (problem := preset.size_problem(width, height)) is not None:
+        redraws = self.resolver_for(who.guild_id).family == "flux1"
+        if redraw is None:
+            redraw = preset.upscale_redraw and redraws
+        if redraw:
+            self._require_redraws(who)
+        elif not self.upscales:
             raise UserError(
-                "Upscale x2 would be {width}x{height}: {problem}.",
-                width=width,
-                height=height,
-                problem=problem,
+                "Upscale without a redraw enlarges with an upscaler model, and this bot has none "
+                "(an admin sets engine.upscaler)."
             )
-        spec = _redraw(parent.spec, image, preset.upscale_strength, parent.images[picture - 1].seed)
-        spec = spec.model_copy(update={"width": width, "height": height})
+        image = await self._drawn(parent, who, picture)
+
+        def problem(times: int) -> Message | None:
+            width, height = times * image.width, times * image.height
+            if redraw:
+                return preset.size_problem(width, height)
+            if width * height / 1e6 > preset.upscale_max_megapixels:
+                return Message(
+                    "{mp:.1f} MP is above this preset's upscale maximum of {hi} MP",
+                    mp=width * height / 1e6,
+                    hi=preset.upscale_max_megapixels,
+                )
+            return None
+
+        if factor is None:
+            factor = 4 if self.upscales and problem(4) is None else 2
+        if (refused := problem(factor)) is not None:
+            raise UserError(
+                "Upscale x{factor} would be {width}x{height}: {problem}.",
+                factor=factor,
+                width=factor * image.width,
+                height=factor * image.height,
+                problem=refused,
+            )
+        seed = parent.images[picture - 1].seed
+        spec = _redraw(parent.spec, image, preset.upscale_strength, seed)
+        size = {"width": factor * image.width, "height": factor * image.height}
+        if redraw:
+            spec = spec.model_copy(update={**size, "model_upscale": self.upscales, "upscaler": None})
+        else:
+            # The enlargement alone: no prompt is read, so nothing is enhanced and no LoRA loaded.
+            spec = spec.model_copy(
+                update={
+                    **size,
+                    "mode": "upscale",
+                    "strength": None,
+                    "loras": (),
+                    "mask": None,
+                    "model_upscale": True,
+                    "upscaler": None,
+                    "enhance": False,
+                    "enhanced_prompt": None,
+                    "cache": NO_CACHE,
+                }
+            )
         return await self.admit(who, spec, JobKind.UPSCALE, parent.id, on_stored)
 
     async def edit(
@@ -693,6 +753,9 @@ def _redraw(spec: DrawSpec, image: InputImage, strength: float, seed: int) -> Dr
             "mode": "img2img",
             "init_image": image.sha256,
             "references": (),  # an edit's other references are not part of redrawing its picture
+            "mask": None,  # nor an inpaint's mask
+            "model_upscale": False,  # nor an upscale's model (Upscale sets its own)
+            "upscaler": None,
             "strength": strength,
             "seed": seed,
             "batch_size": 1,

@@ -305,7 +305,7 @@ class JobStore:
                 session.add(Image(job_id=job_id, **image.__dict__))
             if images:
                 job = await session.get(Job, job_id)
-                if job is not None and job.spec.needs_enhancement:
+                if job is not None and (job.spec.needs_enhancement or job.spec.needs_upscaler_pin):
                     job.spec = spec_as_drawn(job.spec, images[0].recipe)
         return await self.get(job_id)
 
@@ -392,8 +392,15 @@ class JobStore:
 def spec_as_drawn(spec: DrawSpec, recipe: Mapping[str, Any]) -> DrawSpec:
     """A job's spec after its draw: an enhanced prompt, made once, is kept with it (reruns, rerolls
     and Vary draw it again without asking the enhancer); after a failed enhancement it is the prompt
-    as written that was drawn, and so is what a rerun draws."""
+    as written that was drawn, and so is what a rerun draws. An upscale keeps its upscaler's sha256."""
+    update: dict[str, Any] = {}
+    files = recipe.get("upscaler_files")
+    if spec.model_upscale and isinstance(files, dict) and len(files) == 1:
+        # The upscaler model the job was enlarged with: a rerun refuses another one.
+        update["upscaler"] = next(iter(files.values()))
     enhanced = recipe.get("enhanced_prompt")
     if isinstance(enhanced, str) and enhanced:
-        return spec.model_copy(update={"enhanced_prompt": enhanced})
-    return spec.model_copy(update={"enhance": False})
+        update["enhanced_prompt"] = enhanced
+    else:
+        update["enhance"] = False
+    return DrawSpec.model_validate_json(spec.model_copy(update=update).model_dump_json())
