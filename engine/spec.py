@@ -117,6 +117,16 @@ class DrawSpec(BaseModel):
         return self.enhance and self.enhanced_prompt is None
 
     @property
+    def extra_model(self) -> str | None:
+        """The extra transformer beside the resident model this job runs on (engine/extra_models.py):
+        FLUX.1 Kontext for edits, FLUX.1 Fill for inpaints; None: the resident model alone."""
+        if self.mode == "inpaint":
+            return "fill"
+        if self.mode == "edit" and self.family == "flux1":
+            return "kontext"
+        return None
+
+    @property
     def needs_upscaler_pin(self) -> bool:
         """Upscales with the engine's model before it is known which one: pinned once drawn."""
         return self.model_upscale and self.upscaler is None

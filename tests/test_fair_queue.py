@@ -75,3 +75,32 @@ def test_a_server_that_was_busy_earlier_is_not_starved_when_it_comes_back() -> N
     queue.push(1, 999, group=1)  # server 1 is back: it joins where the line is, not 100 jobs behind
 
     assert queue.order().index(999) <= 1
+
+
+def test_jobs_on_the_same_extra_model_run_together_when_fairness_allows() -> None:
+    # Five members, one job each, in line in this order; Kontext (K) is on the GPU after the last job,
+    # so Fill (F) jobs would swap it out.
+    fill = {11, 33}
+    fair = queue_of((1, 11), (2, 22), (3, 33), (4, 44), (5, 55))
+    kontext_on_gpu = fill.__contains__
+
+    order = [fair.pop(avoid=kontext_on_gpu) for _ in range(5)]
+
+    assert [job for _, job in order if job] == [22, 44, 55, 11, 33], "the Kontext jobs first, then Fill"
+
+
+def test_a_member_passed_over_is_not_passed_over_again_by_the_same_member() -> None:
+    # Member 2's Kontext jobs go first once; member 1's Fill job is next in line after that, even
+    # though it still swaps: 2's pass is now a whole job above 1's.
+    fair = queue_of((1, 11), (2, 21), (2, 22), (2, 23))
+    avoid_fill = {11}.__contains__
+
+    assert [fair.pop(avoid=avoid_fill) for _ in range(4)] == [(2, 21), (1, 11), (2, 22), (2, 23)]
+
+
+def test_avoidance_never_crosses_a_gap_of_a_whole_job() -> None:
+    fair = queue_of((1, 11), (1, 12), (2, 21))
+    assert fair.pop() == (1, 11)  # member 1 served once: a whole job ahead of member 2
+
+    # Member 2 is next; its job swaps, but member 1 is a whole job ahead: no skip.
+    assert fair.pop(avoid={21}.__contains__) == (2, 21)

@@ -343,3 +343,43 @@ def test_extra_models_off_loads_neither_and_says_so(
     assert off.kontext is None and off.fill is None and off.extra_policy == "off"
     with pytest.raises(RequestError, match="inpainting needs FLUX.1 Fill"):
         off.generate(request, init_image=picture.png, references=[mask.png])
+
+
+async def test_the_dispatcher_runs_jobs_on_the_same_extra_model_together_when_swapping(
+    make_settings: Callable[..., EngineSettings], data_dir: Path, tmp_path: Path
+) -> None:
+    from bot.services.studio import Requester
+    from bot.store.models import JobStatus
+    from tests.bot_support import RecordingEvents, make_app
+    from tests.bot_support import make_settings as app_settings
+
+    settings = app_settings(
+        tmp_path, lambda **kw: make_settings(fill="tiny", kontext="tiny", extra_models="swap", **kw)
+    )
+    app = await make_app(settings, RecordingEvents(), data_dir)
+    await app.start()
+    try:
+        engine = app.engine
+        assert engine is not None and engine.swap is not None
+        picture, mask = (
+            await app.studio.image_prompt(_png(_photo())),
+            await app.studio.image_prompt(_png(_mask())),
+        )
+        members = [Requester(user_id=100 + i, user_name=f"m{i}") for i in range(4)]
+        app.queue.pause()
+        # In line: Kontext, Fill, Kontext, Fill, one member each.
+        kontext_first = await app.studio.edit(members[0], "make it night", [picture])
+        fill_first = await app.studio.inpaint(members[1], "a red door", picture, mask)
+        kontext_second = await app.studio.edit(members[2], "make it dusk", [picture])
+        fill_second = await app.studio.inpaint(members[3], "a blue door", picture, mask)
+        app.queue.resume()
+        await app.queue.wait_idle(60)
+
+        tickets = (kontext_first, fill_first, kontext_second, fill_second)
+        jobs = [job for t in tickets if (job := await app.jobs.get(t.job_id)) is not None]
+        assert len(jobs) == 4 and all(job.status == JobStatus.DONE for job in jobs)
+        started = sorted(jobs, key=lambda job: job.started_at or job.created_at)
+        assert [job.spec.extra_model for job in started] == ["kontext", "kontext", "fill", "fill"]
+        assert engine.swap.swaps == 2, "one move onto the device per model, not one per job"
+    finally:
+        await app.close()

@@ -52,6 +52,7 @@ class Waiting:
     family: str
     guild_id: int | None = None  # where it was asked (None: a DM); admin views show their guild's
     weight: float = 1.0  # the asker's fair-share weight (their roles' rule when it was stored)
+    extra: str | None = None  # the extra transformer it runs on (Kontext, Fill), if any
 
     @property
     def cost(self) -> float:
@@ -110,6 +111,7 @@ class JobDispatcher:
         self.paused = False  # by an admin; AdminService keeps it across restarts
         self.running: dict[int, Running] = {}
         self._waiting: dict[int, Waiting] = {}  # every job in `fair`
+        self._extra_last: str | None = None  # the extra transformer the last job that used one ran on
         self._recording: dict[int, Waiting | None] = {}  # outcome being saved
         self._handing_out: tuple[int, Waiting] | None = None
         self._cancel_on_start: dict[int, str] = {}
@@ -217,7 +219,15 @@ class JobDispatcher:
 
     def _describe(self, job: Job) -> Waiting:
         steps, pixels = job_cost(job.spec)
-        return Waiting(job.user_id, steps, pixels, job.spec.family, job.guild_id, job.weight or 1.0)
+        return Waiting(
+            job.user_id,
+            steps,
+            pixels,
+            job.spec.family,
+            job.guild_id,
+            job.weight or 1.0,
+            job.spec.extra_model,
+        )
 
     def _estimate(self, waiting: Waiting) -> float:
         return self.clock.estimate(waiting.steps, waiting.pixels)
@@ -352,16 +362,25 @@ class JobDispatcher:
     async def _launch_ready(self) -> None:
         while not (self.paused or self._draining or not self.faults.ok("images")):
             free = self.executor.free_families()
-            popped = self.fair.pop(functools.partial(self._fits, free)) if free else None
+            avoid = self._would_swap if self.executor.swaps_extra_models() else None
+            popped = self.fair.pop(functools.partial(self._fits, free), avoid) if free else None
             if popped is None:
                 return
             job_id = popped[1]
             waiting = self._waiting.pop(job_id)
+            if waiting.extra is not None:
+                self._extra_last = waiting.extra
             if not await self._launch(job_id, waiting):
                 return
 
     def _fits(self, families: set[str], job_id: int) -> bool:
         return self._waiting[job_id].family in families
+
+    def _would_swap(self, job_id: int) -> bool:
+        """The job needs the other extra transformer than the one the last such job ran on (which is
+        on the GPU when the engine swaps them): the fair order may run its neighbours first."""
+        extra = self._waiting[job_id].extra
+        return extra is not None and self._extra_last is not None and extra != self._extra_last
 
     async def _launch(self, job_id: int, waiting: Waiting) -> bool:
         """Mark it running, then hand it over. False: stop launching for now (it is back in line)."""

@@ -163,6 +163,11 @@ class Executor(Protocol):
         """Engines taking jobs (for ETAs)."""
         ...
 
+    def swaps_extra_models(self) -> bool:
+        """The engine keeps one extra transformer (Kontext, Fill) on the GPU at a time
+        (engine.extra_models = "swap"): the dispatcher runs jobs on the same one together."""
+        ...
+
     async def launch(self, job: Job) -> str | None:
         """Hand the job (already `running` in the store) to an engine; returns the engine's name."""
         ...

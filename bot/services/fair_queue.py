@@ -74,11 +74,16 @@ class FairQueue:
         """Back to the head of the line (its engine stopped under it): it goes next, and was charged."""
         self._front.appendleft((group, user_id, job_id, cost))
 
-    def pop(self, runnable: Callable[[int], bool] | None = None) -> tuple[int, int] | None:
+    def pop(
+        self, runnable: Callable[[int], bool] | None = None, avoid: Callable[[int], bool] | None = None
+    ) -> tuple[int, int] | None:
         """The next (user, job): the lowest pass among servers, then among that server's members.
 
         With `runnable`, only jobs that pass it (scale-out: a job whose model family no free worker
-        serves waits without blocking the others)."""
+        serves waits without blocking the others). With `avoid` (a job that would make the engine
+        swap its extra transformer), a member whose pass lies less than that job's cost above the
+        next member's may go first with a job that is not avoided: each member can be passed over by
+        each other at most once in a row, and jobs that need the same model run together."""
         for index, (_, user_id, job_id, _) in enumerate(self._front):
             if runnable is None or runnable(job_id):
                 del self._front[index]
@@ -91,19 +96,27 @@ class FairQueue:
             return None
         _, _, key, group = min(candidates, key=lambda c: (c[0], c[1]))
         lanes = [(lane.pass_, lane.since, user, lane) for user, lane in group.users.items()]
-        for _, _, user_id, lane in sorted(lanes, key=lambda c: (c[0], c[1])):
-            first = self._first(lane, runnable)
-            if first is None:
-                continue
-            job_id, cost = first
-            lane.jobs.remove(first)
-            self._clock, group.clock = group.pass_, lane.pass_
-            lane.pass_ += cost / lane.weight
-            group.pass_ += cost / group.weight
-            if not lane.jobs:
-                del group.users[user_id]
-            return user_id, job_id
-        return None
+        ready = [
+            (user_id, lane, first)
+            for _, _, user_id, lane in sorted(lanes, key=lambda c: (c[0], c[1]))
+            if (first := self._first(lane, runnable)) is not None
+        ]
+        if not ready:
+            return None
+        user_id, lane, first = ready[0]
+        if avoid is not None and avoid(first[0]):
+            within = lane.pass_ + first[1] / lane.weight
+            user_id, lane, first = next(
+                (r for r in ready if r[1].pass_ < within and not avoid(r[2][0])), ready[0]
+            )
+        job_id, cost = first
+        lane.jobs.remove(first)
+        self._clock, group.clock = group.pass_, lane.pass_
+        lane.pass_ += cost / lane.weight
+        group.pass_ += cost / group.weight
+        if not lane.jobs:
+            del group.users[user_id]
+        return user_id, job_id
 
     @staticmethod
     def _first(lane: _Lane, runnable: Callable[[int], bool] | None) -> tuple[int, float] | None:

@@ -104,6 +104,9 @@ class LocalExecutor:
     def engines(self) -> int:
         return 1
 
+    def swaps_extra_models(self) -> bool:
+        return self.engine.swap is not None
+
     async def launch(self, job: Job) -> str | None:
         try:
             loras = self.rules.lora_uses(job.spec)

@@ -162,6 +162,9 @@ class RedisExecutor:
     def engines(self) -> int:
         return len(self._live())
 
+    def swaps_extra_models(self) -> bool:
+        return False  # each worker holds its own; the bot does not know which is on whose GPU
+
     def interrupt(self) -> bool:
         return False  # jobs go on on their workers; the next start collects the results
 
