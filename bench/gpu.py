@@ -13,9 +13,16 @@ GGUF Q8_0 written on the fly), and the best combination with each step cache. Co
 s/step (s/image over the steps), peak VRAM, compile + warm-up seconds, ratio to the baseline,
 images per hour. The table is printed and written as JSON and Markdown (--out).
 
+A second table, the image tools (rows `upscaler` and `swap`): an upscaler model of
+RealESRGAN_x4plus's shape (random weights, written in its layout and read by spandrel) through the
+engine's tiled path against spandrel's own call on the whole picture, for a quarter-size input (one
+tile: the same call) and a full-size one (tiles of 512), and one swap of engine.extra_models = "swap"
+(a FLUX.1-transformer-sized extra moved out to CPU RAM and another moved in, as ExtraSwap does).
+
 Wheels it needs beyond torch, transformers, accelerate, safetensors and peft (carry them to a machine
-without a registry): diffusers (0.42), torchao, gguf, bitsandbytes, pydantic (with pydantic-core,
-annotated-types, typing-inspection), pydantic-settings, pillow, numpy, tqdm, sentencepiece, and
+without a registry): diffusers (0.42), torchao, gguf, bitsandbytes, spandrel (with torchvision and
+einops), pydantic (with pydantic-core, annotated-types, typing-inspection), pydantic-settings,
+pillow, numpy, tqdm, sentencepiece, and
 fluxbot itself (`pip install --no-deps fluxbot-*.whl`, or run from the repository). Optional:
 flash-attn 3 (`flash_attn_interface`) for the `_flash_3` backend, flash-attn for `flash`,
 sageattention for `sage`.
@@ -383,6 +390,102 @@ def presets_file(work: Path, args: argparse.Namespace) -> Path:
     return path
 
 
+# The image tools: the upscaler model and an extra transformer's swap
+
+
+@dataclass
+class ToolRow:
+    what: str
+    runs: list[float] = field(default_factory=list)
+    peak_gb: float | None = None
+    note: str = ""
+
+    @property
+    def seconds(self) -> float | None:
+        return statistics.median(self.runs) if self.runs else None
+
+
+def upscaler_rows(args: argparse.Namespace, measure: Measure, device: str, work: Path) -> list[ToolRow]:
+    """RealESRGAN_x4plus's shape (64 filters, 23 blocks; smoke: 8 and 1): the engine's tiles against
+    spandrel's call on the whole picture, for a picture of one tile and one of several."""
+    from PIL import Image
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    from engine.hashing import FileHasher
+    from engine.upscaler import Upscaler, _to_image, _to_tensor, realesrgan_layout
+
+    torch.manual_seed(SEED)
+    filters, blocks = (8, 1) if args.smoke else (64, 23)
+    network = ESRGAN(in_nc=3, out_nc=3, num_filters=filters, num_blocks=blocks, scale=4)
+    path = work / "RealESRGAN_x4plus-random.pth"
+    torch.save({"params_ema": realesrgan_layout(network.state_dict())}, path)
+    upscaler = Upscaler.load(path, device, FileHasher(None), tile=32 if args.smoke else 512)
+    rows = []
+    for side in (max(16, args.size // 4), args.size):
+        picture = Image.effect_noise((side, side), 64).convert("RGB")
+
+        def direct(picture: Image.Image = picture) -> None:
+            pixels = _to_tensor(picture).to(device, upscaler.dtype)
+            with torch.inference_mode():
+                _to_image(upscaler.descriptor(pixels))
+
+        def tiled(picture: Image.Image = picture) -> None:
+            upscaler.upscale(picture)
+
+        for name, once in (("spandrel call", direct), ("engine tiles", tiled)):
+            try:
+                times, peak = measure(once)
+            except torch.OutOfMemoryError as exc:
+                note = f"out of memory: {exc}"[:120]
+                rows.append(ToolRow(f"upscaler {side}->{4 * side}: {name}", note=note))
+                free_memory()
+                continue
+            note = f"{upscaler.description}, {upscaler.dtype}"
+            if name == "engine tiles" and side > upscaler.tile:
+                note += f", tiles of {upscaler.tile} px"
+            rows.append(ToolRow(f"upscaler {side}->{4 * side}: {name}", times, peak, note))
+    return rows
+
+
+def swap_row(measure: Measure, device: str, transformer_config: Path) -> ToolRow:
+    """engine.extra_models = "swap": one extra transformer (the benchmark model's shape) moved to CPU
+    RAM and the other onto the device, by ExtraSwap itself. The weights are left uninitialized (only
+    their bytes move)."""
+    from types import SimpleNamespace
+
+    from diffusers import FluxTransformer2DModel
+
+    from engine.extra_models import ExtraModel, ExtraSwap
+
+    config = FluxTransformer2DModel.load_config(str(transformer_config))
+    with torch.device("meta"):
+        made = [FluxTransformer2DModel.from_config(config) for _ in range(2)]
+    dtype = torch.bfloat16 if device != "cpu" else torch.float32
+    on_gpu = made[0].to_empty(device=device).to(dtype)
+    waiting = made[1].to_empty(device="cpu").to(dtype)
+    extras = [ExtraModel(SimpleNamespace(transformer=t), {}) for t in (on_gpu, waiting)]
+    swap = ExtraSwap(device)
+    swap.bring(extras[0])
+    turn = [1]
+
+    def once() -> None:
+        swap.bring(extras[turn[0] % 2])
+        turn[0] += 1
+
+    times, peak = measure(once)
+    size_gb = sum(p.numel() * p.element_size() for p in on_gpu.parameters()) / 1024**3
+    return ToolRow("swap: one extra out, the other in", times, peak, f"{size_gb:.2f} GB each, {dtype}")
+
+
+def tools_markdown(rows: list[ToolRow]) -> str:
+    lines = ["", "| image tool | s (median) | peak GB | note |", "| --- | --- | --- | --- |"]
+    for r in rows:
+        seconds = "" if r.seconds is None else f"{r.seconds:.3f}"
+        peak = "" if r.peak_gb is None else f"{r.peak_gb:.1f}"
+        lines.append(f"| {r.what} | {seconds} | {peak} | {r.note} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -476,14 +579,26 @@ def main() -> None:
                 rows.append(Row(setting.name, skipped=f"{exc.__class__.__name__}: {str(exc)[:160]}"))
                 print(f"{setting.name}: {rows[-1].skipped}", flush=True)
                 free_memory()
+        tools: list[ToolRow] = []
+        if wanted("upscaler"):
+            tools += upscaler_rows(args, measure, device.device, work)
+        if wanted("swap"):
+            tools.append(swap_row(measure, device.device, folder / "transformer"))
+            free_memory()
+        for tool in tools:
+            print(f"{tool.what}: {tool.seconds} s {tool.note}", flush=True)
     finish(rows, args.steps)
-    table = markdown(rows, header)
+    table = markdown(rows, header) + tools_markdown(tools)
     print("\n" + table)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "gpu-bench.md").write_text(table)
         (args.out / "gpu-bench.json").write_text(
-            json.dumps({"header": header, "rows": [asdict(r) for r in rows]}, indent=2, default=str)
+            json.dumps(
+                {"header": header, "rows": [asdict(r) for r in rows], "tools": [asdict(t) for t in tools]},
+                indent=2,
+                default=str,
+            )
         )
 
 

@@ -15,6 +15,7 @@ tile is one direct call: the same pixels as spandrel's own.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -175,20 +176,19 @@ class Upscaler:
 
 
 def _tiles(height: int, width: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
-    """(top, left, bottom, right) of each tile: `tile` pixels a side, neighbours sharing `overlap`."""
+    """(top, left, bottom, right) of each tile: as few as cover the picture with at most `tile` pixels
+    a side and at least `overlap` shared by neighbours, spread evenly (so no tile is a sliver that
+    costs a whole call)."""
 
-    def starts(length: int) -> list[int]:
+    def spans(length: int) -> list[tuple[int, int]]:
         if length <= tile:
-            return [0]
-        stride = tile - overlap
-        out = list(range(0, length - tile, stride))
-        return [*out, length - tile]
+            return [(0, length)]
+        count = math.ceil((length - overlap) / (tile - overlap))
+        size = math.ceil((length + (count - 1) * overlap) / count)
+        starts = [round(i * (length - size) / (count - 1)) for i in range(count)]
+        return [(start, start + size) for start in starts]
 
-    return [
-        (top, left, min(top + tile, height), min(left + tile, width))
-        for top in starts(height)
-        for left in starts(width)
-    ]
+    return [(top, left, bottom, right) for top, bottom in spans(height) for left, right in spans(width)]
 
 
 def _ramp(

@@ -15,6 +15,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
 
 from engine.png import read_recipe
 from tests.conftest import REPO
@@ -100,6 +101,25 @@ def test_doctor_from_an_empty_folder_passes_and_writes_nothing(installed: Path, 
     assert run.returncode == 0, run.stdout + run.stderr
     assert "[ok  ] presets" in run.stdout and "not built yet" in run.stdout
     assert list(empty_folder.iterdir()) == []
+
+
+def test_doctor_reads_an_upscaler_file_with_the_installed_spandrel(
+    installed: Path, empty_folder: Path
+) -> None:
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    from engine.upscaler import realesrgan_layout
+
+    folder = empty_folder / "data" / "models" / "ESRGAN"
+    folder.mkdir(parents=True)
+    network = ESRGAN(in_nc=3, out_nc=3, num_filters=8, num_blocks=1, scale=4)
+    torch.save({"params_ema": realesrgan_layout(network.state_dict())}, folder / "RealESRGAN_x4plus.pth")
+
+    env = clean_env(FLUXBOT_ENGINE__UPSCALER="realesrgan_x4plus")  # its name, in any case
+    run = _run(installed, "doctor", cwd=empty_folder, env=env)
+
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "RealESRGAN_x4plus.pth: ESRGAN x4 (8nf, 1nb), tiles of 512 px" in run.stdout
 
 
 def test_imagine_and_db_upgrade_from_an_empty_folder(installed: Path, empty_folder: Path) -> None:
