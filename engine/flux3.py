@@ -83,11 +83,14 @@ def _step_end_block() -> Any:
     return StepEnd()
 
 
-def load_flux3(location: Path, dtype: torch.dtype) -> tuple[Flux3Model, str]:
-    """The FLUX.3 pipeline of a diffusers (modular) folder, and its variant (klein, klein-base)."""
+def load_flux3(location: Path, plan: QuantPlan) -> tuple[Flux3Model, str]:
+    """The FLUX.3 pipeline of a diffusers (modular) folder, and its variant (klein, klein-base); nf4
+    tiers are quantized while loading, the torchao ones after (quantize_flux3)."""
     from diffusers import Flux3AutoBlocks, Flux3DistilledAutoBlocks
     from diffusers.modular_pipelines.flux3.encoders import Flux3TextEncoderStep
     from transformers import AutoTokenizer
+
+    from engine.quant import text_encoder_quant_config, transformer_quant_config
 
     name = flux3_class(location)
     if name is None:
@@ -105,12 +108,25 @@ def load_flux3(location: Path, dtype: torch.dtype) -> tuple[Flux3Model, str]:
     # cancelled job does on purpose: the engine logs what actually failed.
     logging.getLogger("diffusers.modular_pipelines.modular_pipeline").setLevel(logging.CRITICAL)
     try:
+        dtype = plan.dtype
         pipe = blocks.init_pipeline(str(location))
-        pipe.load_components(dtype=dtype)
+        if plan.transformer == "nf4":
+            nf4 = transformer_quant_config("nf4", dtype)
+            # FLUX.3's linears have no biases: with every one packed in uint8, diffusers would take
+            # uint8 for the model's dtype and cast the latents to it. The small embedders and the
+            # output projection stay in `dtype` (what nf4 FLUX checkpoints keep unquantized too).
+            nf4.llm_int8_skip_modules = list(NF4_KEPT)
+            pipe.load_components(dtype=dtype, quantization_config={"transformer": nf4})
+        else:
+            pipe.load_components(dtype=dtype)
         # The text encoder is the text step's component, loaded by that step's own spec; its
         # processor's tokenizer and chat template are all the step uses (see the module's docstring).
         encoder = Flux3TextEncoderStep().init_pipeline(str(location))
-        encoder.load_components(names=["text_encoder"], dtype=dtype)
+        if plan.text_encoder == "nf4":
+            nf4 = text_encoder_quant_config("nf4", dtype)
+            encoder.load_components(names=["text_encoder"], dtype=dtype, quantization_config=nf4)
+        else:
+            encoder.load_components(names=["text_encoder"], dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(location), subfolder="tokenizer")
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"cannot load {location}: {str(exc).splitlines()[0][:300]}") from exc
@@ -167,15 +183,17 @@ def set_guidance(pipe: Any, guidance: float | None) -> None:
 
 
 # What FLUX.3 can be held as: torchao's 8-bit tiers, applied to the loaded modules (what diffusers'
-# TorchAoConfig does after loading). bitsandbytes nf4 quantizes while loading, which the modular
-# loader is not given here, and modular pipelines offload through a ComponentsManager: both not yet.
-FLUX3_TRANSFORMER_TIERS = ("bf16", "int8", "fp8", "fp8dq")
-FLUX3_TEXT_ENCODER_TIERS = ("none", "int8", "fp8")
+# TorchAoConfig does after loading), and bitsandbytes nf4, given to the modular loader's
+# from_pretrained per component (bitsandbytes quantizes while loading). Modular pipelines offload
+# through a ComponentsManager, which sizes its moves from free CUDA memory: not yet.
+FLUX3_TRANSFORMER_TIERS = ("bf16", "int8", "fp8", "fp8dq", "nf4")
+NF4_KEPT = ("timestep_embedder", "target_timestep_embedder", "x_embedders", "context_embedder", "proj_out")
+FLUX3_TEXT_ENCODER_TIERS = ("none", "int8", "fp8", "nf4")
 
 
 def flux3_plan(plan: QuantPlan, settings: EngineSettings) -> QuantPlan:
-    """The plan for FLUX.3: `auto` maps a tier FLUX.3 lacks to the nearest it has (nf4 -> int8, CPU
-    offload -> none) and says so in the plan's reason; a tier the operator set that FLUX.3 lacks is
+    """The plan for FLUX.3: `auto` maps what FLUX.3 lacks to the nearest it has (CPU offload -> none:
+    nf4 on the device) and says so in the plan's reason; what the operator set that FLUX.3 lacks is
     refused, never silently dropped."""
     refused = []
     if settings.quant not in ("auto", *FLUX3_TRANSFORMER_TIERS):
@@ -186,17 +204,13 @@ def flux3_plan(plan: QuantPlan, settings: EngineSettings) -> QuantPlan:
         refused.append(f"cpu_offload = {settings.cpu_offload!r}")
     if refused:
         raise QuantizationError(
-            f"FLUX.3 does not take {', '.join(refused)} yet: its tiers are bf16, int8, fp8 and fp8dq "
-            "(text encoder none, int8, fp8), without CPU offload"
+            f"FLUX.3 does not take {', '.join(refused)} yet: its tiers are bf16, int8, fp8, fp8dq and "
+            "nf4 (text encoder none, int8, fp8, nf4), without CPU offload"
         )
-    transformer = plan.transformer if plan.transformer in FLUX3_TRANSFORMER_TIERS else "int8"
-    text_encoder = plan.text_encoder if plan.text_encoder in FLUX3_TEXT_ENCODER_TIERS else "int8"
-    if (transformer, text_encoder, plan.cpu_offload) == (plan.transformer, plan.text_encoder, "none"):
+    if plan.cpu_offload == "none":
         return plan
-    reason = f"{plan.reason}; FLUX.3 has no nf4 or offload here: int8 instead, on the device"
-    return replace(
-        plan, transformer=transformer, text_encoder=text_encoder, cpu_offload="none", reason=reason
-    )
+    reason = f"{plan.reason}; FLUX.3 has no CPU offload here: all of it on the device"
+    return replace(plan, cpu_offload="none", reason=reason)
 
 
 def plan_for(plan: QuantPlan, settings: EngineSettings, source: ModelSource) -> QuantPlan:
@@ -207,15 +221,17 @@ def plan_for(plan: QuantPlan, settings: EngineSettings, source: ModelSource) -> 
 
 
 def quantize_flux3(model: Flux3Model, plan: QuantPlan) -> None:
-    """The plan's torchao tiers applied to the loaded transformer and text encoder."""
-    from torchao.quantization import quantize_
-
+    """The plan's torchao tiers applied to the loaded transformer and text encoder (nf4 was
+    quantized while loading)."""
     from engine.quant import text_encoder_quant_config, transformer_quant_config
 
-    if (config := transformer_quant_config(plan.transformer, plan.dtype)) is not None:
-        quantize_(model.transformer, config.quant_type)
-    if (config := text_encoder_quant_config(plan.text_encoder, plan.dtype)) is not None:
-        quantize_(model.text_encoder, config.quant_type)
+    torchao = {"int8", "fp8", "fp8dq"}
+    if plan.transformer in torchao or plan.text_encoder in torchao:
+        from torchao.quantization import quantize_
+    if plan.transformer in torchao:
+        quantize_(model.transformer, transformer_quant_config(plan.transformer, plan.dtype).quant_type)
+    if plan.text_encoder in torchao:
+        quantize_(model.text_encoder, text_encoder_quant_config(plan.text_encoder, plan.dtype).quant_type)
 
 
 class Flux3Upsampler:

@@ -94,7 +94,7 @@ def _load_diffusers(source: ModelSource, plan: QuantPlan) -> LoadedModel:
 
 def _load_flux3(source: ModelSource, plan: QuantPlan) -> LoadedModel:
     """FLUX.3 klein (a modular pipeline folder), held as the plan says (flux3.flux3_plan)."""
-    pipe, variant = load_flux3(Path(source.location), plan.dtype)
+    pipe, variant = load_flux3(Path(source.location), plan)
     quantize_flux3(pipe, plan)
     model_id = Path(source.location).name if source.kind == "tiny" else source.location
     return LoadedModel(pipe, "flux3", variant, model_id)

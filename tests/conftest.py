@@ -174,6 +174,20 @@ def engine(make_settings: Callable[..., EngineSettings], data_dir: Path, tiny_di
     return FluxEngine.load(make_settings(), data_dir)
 
 
+@pytest.fixture
+def bitsandbytes_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lift only diffusers' "No GPU found" check (and its default of placing the model on cuda:0);
+    everything else is the product's own nf4 path."""
+    from diffusers.quantizers.bitsandbytes.bnb_quantizer import BnB4BitDiffusersQuantizer
+
+    monkeypatch.setattr(BnB4BitDiffusersQuantizer, "validate_environment", lambda self, *a, **k: None)
+    monkeypatch.setattr(BnB4BitDiffusersQuantizer, "update_device_map", lambda self, dm: dm or {"": "cpu"})
+    # On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks 4-bit weights for its CPU kernel, which
+    # needs layers at least one quantization block (64) wide: the tiny model's are 16-32 (real FLUX
+    # layers are 3072+). Its reference path, which every other CPU takes, draws them.
+    monkeypatch.setattr("bitsandbytes.nn.modules.has_avx512bf16", lambda: False)
+
+
 def pixels(image: Image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
 

@@ -161,13 +161,40 @@ def test_flux3_int8_tier_loads_quantized_and_refuses_what_it_lacks(
     assert np.abs(pixels(result.images[0]) - pixels(flux3.generate(request).images[0])).mean() < 20
     with pytest.raises(QuantizationError, match="FLUX.3 does not take cpu_offload = 'model'"):
         FluxEngine.load(make_settings(model="tiny-flux3", cpu_offload="model"), data_dir)
-    # auto on a 10 GB card would pick nf4 with offload: FLUX.3 gets int8 on the device, and says why.
-    small = DeviceInfo("cuda:0", "a 10 GB card", 10.0, 10.0, (8, 9))
+    # auto on a 6 GB card would pick nf4 with CPU offload: FLUX.3 gets nf4 on the device, and says why.
+    small = DeviceInfo("cuda:0", "a 6 GB card", 6.0, 6.0, (8, 9))
     plan = flux3_plan(plan_quant(EngineSettings(), small, False), EngineSettings())
-    assert (plan.transformer, plan.text_encoder, plan.cpu_offload) == ("int8", "int8", "none")
-    assert "FLUX.3 has no nf4" in plan.reason
-    with pytest.raises(QuantizationError, match="FLUX.3 does not take quant = 'nf4'"):
-        flux3_plan(plan, EngineSettings(quant="nf4"))
+    assert (plan.transformer, plan.text_encoder, plan.cpu_offload) == ("nf4", "nf4", "none")
+    assert "FLUX.3 has no CPU offload" in plan.reason
+    with pytest.raises(QuantizationError, match="FLUX.3 does not take quant = 'gguf'"):
+        flux3_plan(plan, EngineSettings(quant="gguf"))
+
+
+@pytest.mark.usefixtures("bitsandbytes_on_cpu")
+def test_flux3_nf4_tier_quantizes_while_loading_and_draws_with_a_lora(
+    make_settings: Callable[..., EngineSettings], data_dir: Path, flux3: FluxEngine, tmp_path: Path
+) -> None:
+    import bitsandbytes as bnb
+
+    from engine.api import LoraChoice
+    from engine.quant import QuantPlan
+
+    lora_dir, whitelist = _flux3_whitelist(data_dir, tmp_path)
+    plan = QuantPlan("nf4", "nf4", torch.float32, "none", False, "off", "nf4 on CPU (test)")
+    nf4 = FluxEngine.load(
+        make_settings(model="tiny-flux3", loras_file=whitelist, lora_dir=lora_dir), data_dir, plan=plan
+    )
+    request = GenerationRequest(prompt="a cat", seed=9)
+
+    plain = nf4.generate(request)
+    styled = nf4.generate(request.model_copy(update={"loras": (LoraChoice(name="f3"),)}))
+
+    to_q = nf4.pipe.transformer.single_transformer_blocks[0].attn.to_q
+    assert isinstance(getattr(to_q, "base_layer", to_q), bnb.nn.Linear4bit)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in nf4.pipe.text_encoder.modules())
+    assert (plain.recipes[0].quant, plain.recipes[0].text_encoder_quant) == ("nf4", "nf4")
+    assert not np.array_equal(pixels(plain.images[0]), pixels(styled.images[0])), "the LoRA draws"
+    assert np.abs(pixels(plain.images[0]) - pixels(flux3.generate(request).images[0])).mean() < 30
 
 
 def _flux3_lora(folder: Path, out: Path, seed: int) -> Path:
@@ -186,6 +213,20 @@ def _flux3_lora(folder: Path, out: Path, seed: int) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({f"transformer.{k}": v for k, v in get_peft_model_state_dict(transformer).items()}, out)
     return out
+
+
+def _flux3_whitelist(data_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A LoRA folder with one random FLUX.3 LoRA ("f3") and the whitelist naming it."""
+    from engine.tiny import ensure_tiny_model
+    from tests.lora_support import sha, whitelist_toml
+
+    folder = ensure_tiny_model(data_dir / "models" / "tiny-flux3", "flux3")
+    lora = _flux3_lora(folder, tmp_path / "Lora" / "f3.safetensors", 2)
+    whitelist = tmp_path / "loras.toml"
+    whitelist.write_text(
+        whitelist_toml({"f3": {"file": "f3.safetensors", "sha256": sha(lora), "families": ["flux3"]}})
+    )
+    return tmp_path / "Lora", whitelist
 
 
 def test_a_lora_on_flux3_changes_the_picture_and_switching_it_off_restores_it(

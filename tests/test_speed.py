@@ -337,20 +337,6 @@ def test_full_compile_draws_what_eager_draws_and_a_new_size_does_not_recompile(
 # The nf4 tier on a CPU (bitsandbytes runs 4-bit layers there; diffusers' quantizer asks for a GPU)
 
 
-@pytest.fixture
-def bitsandbytes_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Lift only diffusers' "No GPU found" check (and its default of placing the model on cuda:0);
-    everything else is the product's own nf4 path."""
-    from diffusers.quantizers.bitsandbytes.bnb_quantizer import BnB4BitDiffusersQuantizer
-
-    monkeypatch.setattr(BnB4BitDiffusersQuantizer, "validate_environment", lambda self, *a, **k: None)
-    monkeypatch.setattr(BnB4BitDiffusersQuantizer, "update_device_map", lambda self, dm: dm or {"": "cpu"})
-    # On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks 4-bit weights for its CPU kernel, which
-    # needs layers at least one quantization block (64) wide: the tiny model's are 16-32 (real FLUX
-    # layers are 3072+). Its reference path, which every other CPU takes, draws them.
-    monkeypatch.setattr("bitsandbytes.nn.modules.has_avx512bf16", lambda: False)
-
-
 @pytest.mark.usefixtures("bitsandbytes_on_cpu")
 def test_the_nf4_tier_loads_switches_loras_and_draws_on_cpu(
     make_settings: Callable[..., EngineSettings],
