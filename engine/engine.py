@@ -274,9 +274,6 @@ class FluxEngine:
                 for spec in specs
                 for result in self.draw([spec], loras, on_step, cancel, init_image, preview, references)
             ]
-        specs, enhance_notes = self._enhanced(specs)
-        if cancel is not None and cancel.is_set():  # cancelled while the enhancer answered
-            raise GenerationCancelled(0, first.steps)
         uses = list(loras) if loras is not None else self.resolver.catalog.lora_uses(first)
         source = None
         if first.init_image is not None:
@@ -296,6 +293,11 @@ class FluxEngine:
             for image in [source, *more]:
                 if image is not None and (problem := reference_problem(*image.size)) is not None:
                     raise RequestError(problem)
+        # An edit's enhancer (FLUX.3's upsampler) reads the references too, in the job's order.
+        edited = [source, *more] if first.mode == "edit" and source is not None else []
+        specs, enhance_notes = self._enhanced(specs, edited)
+        if cancel is not None and cancel.is_set():  # cancelled while the enhancer answered
+            raise GenerationCancelled(0, first.steps)
         with self._lock:
             started = time.perf_counter()
             if first.model_upscale:
@@ -681,7 +683,9 @@ class FluxEngine:
             upscaler,
         )
 
-    def _enhanced(self, specs: Sequence[DrawSpec]) -> tuple[list[DrawSpec], list[str | None]]:
+    def _enhanced(
+        self, specs: Sequence[DrawSpec], images: Sequence[Image.Image] = ()
+    ) -> tuple[list[DrawSpec], list[str | None]]:
         """Each spec that asks for an enhancement and has none yet, with its enhanced prompt. A failed
         enhancement does not fail the job: the spec draws its prompt as written (enhance off, so a
         rerun of it draws the same), and the note says why. Runs before the engine's lock: an
@@ -697,7 +701,7 @@ class FluxEngine:
                 if self.enhancer is None:
                     raise EnhancerError("this engine has no prompt enhancer (engine.prompt_enhancer)")
                 started = time.perf_counter()
-                expanded = self.enhancer.enhance(spec.prompt)
+                expanded = self.enhancer.enhance(spec.prompt, images)
                 log.info("prompt enhanced by %s in %.1f s", self.enhancer.name, time.perf_counter() - started)
             except EnhancerError as exc:
                 log.warning("drawing the prompt as written: %s (%r)", exc, exc.__cause__)

@@ -9,8 +9,11 @@ prompt as written and the recipe says why (Recipe.enhance_note)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from PIL import Image
 
 from engine.errors import EngineError
 from engine.settings import EngineSettings
@@ -38,7 +41,10 @@ class PromptEnhancer(Protocol):
         """What doctor and the logs say (endpoint and model, or the family's upsampler)."""
         ...
 
-    def enhance(self, prompt: str) -> str: ...
+    def enhance(self, prompt: str, images: Sequence[Image.Image] = ()) -> str:
+        """The expansion of `prompt`; `images`: an edit's reference images, in order (an enhancer
+        that reads none refuses them with EnhancerError)."""
+        ...
 
 
 @dataclass
@@ -54,8 +60,11 @@ class EndpointEnhancer:
     def name(self) -> str:
         return f"{self.model} at {self.base_url}"
 
-    def enhance(self, prompt: str) -> str:
+    def enhance(self, prompt: str, images: Sequence[Image.Image] = ()) -> str:
         from openai import OpenAI
+
+        if images:  # the resolver lets edits ask only an enhancer that reads pictures (FLUX.3's own)
+            raise EnhancerError("the prompt enhancer expands text-to-image prompts, not edits")
 
         # One try, bounded: a job waits on this, and a failure only means drawing the prompt as written.
         client = OpenAI(base_url=self.base_url, api_key=self.api_key, timeout=self.timeout_s, max_retries=0)

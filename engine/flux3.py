@@ -9,20 +9,21 @@ What differs from the FLUX.1/FLUX.2 pipelines, and how the engine keeps its one 
 - the text-encoder step is taken out: the engine encodes prompts itself with diffusers' own
   `Flux3TextEncoderStep._get_qwen3_vl_prompt_embeds` (so its embedding cache works), and hands the
   pipeline `prompt_embeds`;
-- the `tokenizer` component is a Qwen3-VL processor in the real checkpoint, whose video part needs
-  torchvision; the text step uses only its chat template and its tokenizer, so a plain tokenizer is
-  wrapped to offer exactly that.
+- the `tokenizer` component is a Qwen3-VL processor in the real checkpoint; the text step uses only
+  its chat template and its tokenizer, so a plain tokenizer is wrapped to offer exactly that (the
+  upsampler, which reads an edit's pictures, loads its whole processor).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from engine.errors import ModelLoadError, QuantizationError
 from engine.quant import QuantPlan
@@ -234,17 +235,25 @@ def quantize_flux3(model: Flux3Model, plan: QuantPlan) -> None:
         quantize_(model.text_encoder, text_encoder_quant_config(plan.text_encoder, plan.dtype).quant_type)
 
 
+def has_processor(folder: Path) -> bool:
+    """The folder holds an image processor's config beside its tokenizer (transformers 5 writes
+    processor_config.json, older releases and hub checkpoints preprocessor_config.json)."""
+    return any((folder / name).is_file() for name in ("processor_config.json", "preprocessor_config.json"))
+
+
 class Flux3Upsampler:
     """FLUX.3's own prompt upsampler (black-forest-labs/flux-3-image-klein-pup, a Qwen3.5 fine-tune)
-    as the engine's enhancer: diffusers' `upsample_prompt`, with BFL's system prompt and greedy
-    decoding, what the pipeline's upsampler step runs. Text-to-image prompts only: the processor is the
-    tokenizer's chat template (no image processor, which needs torchvision)."""
+    as the engine's enhancer: diffusers' `upsample_prompt`, with BFL's system prompts and greedy
+    decoding, what the pipeline's upsampler step runs. Text-to-image prompts, and edit instructions
+    with their reference images (prepared as diffusers prepares them) where the folder has the
+    Qwen3-VL processor; a folder with only a tokenizer expands text-to-image prompts."""
 
-    def __init__(self, model: Any, tokenizer: Any, location: str, max_new_tokens: int = 512) -> None:
+    def __init__(self, model: Any, processor: Any, location: str, max_new_tokens: int = 512) -> None:
         self.model = model
-        self.processor = QwenChatProcessor(tokenizer)
+        self.processor = processor
         self.location = location
         self.max_new_tokens = max_new_tokens
+        self.sees_images = getattr(processor, "image_processor", None) is not None
 
     @property
     def name(self) -> str:
@@ -252,26 +261,32 @@ class Flux3Upsampler:
 
     @classmethod
     def load(cls, location: Path, device: str, dtype: torch.dtype) -> Flux3Upsampler:
-        from transformers import AutoTokenizer, Qwen3_5ForConditionalGeneration
+        from transformers import AutoProcessor, AutoTokenizer, Qwen3_5ForConditionalGeneration
 
         try:
             model = Qwen3_5ForConditionalGeneration.from_pretrained(str(location), dtype=dtype).to(device)
-            tokenizer = AutoTokenizer.from_pretrained(str(location))
+            if has_processor(location):
+                processor: Any = AutoProcessor.from_pretrained(str(location))
+            else:
+                processor = QwenChatProcessor(AutoTokenizer.from_pretrained(str(location)))
         except (OSError, ValueError) as exc:
             raise ModelLoadError(
                 f"engine.prompt_upsampler: cannot load {location}: {str(exc).splitlines()[0][:200]}"
             ) from exc
-        return cls(model.eval(), tokenizer, location.name)
+        return cls(model.eval(), processor, location.name)
 
-    def enhance(self, prompt: str) -> str:
-        from diffusers.modular_pipelines.flux3.prompt_upsampler import upsample_prompt
+    def enhance(self, prompt: str, images: Sequence[Image.Image] = ()) -> str:
+        from diffusers.modular_pipelines.flux3.prompt_upsampler import prepare_references, upsample_prompt
 
         from engine.enhancer import EnhancerError, tidy
 
+        if images and not self.sees_images:
+            raise EnhancerError("this prompt upsampler has no image processor, so it cannot read an edit")
         try:
+            references = prepare_references(list(images)) if images else None
             with torch.inference_mode():
                 caption = upsample_prompt(
-                    self.model, self.processor, prompt, max_new_tokens=self.max_new_tokens
+                    self.model, self.processor, prompt, images=references, max_new_tokens=self.max_new_tokens
                 )
         except (RuntimeError, ValueError) as exc:  # an empty caption is a RuntimeError in diffusers
             raise EnhancerError("the prompt upsampler failed: {problem}", problem=type(exc).__name__) from exc

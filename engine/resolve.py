@@ -47,8 +47,10 @@ class RequestResolver:
     family: str = "flux1"
     max_loras_per_job: int = 3
     max_batch_size: int = 4
-    # Whether the engine can enhance prompts (an endpoint is set, or the family has its own upsampler).
+    # Whether the engine can enhance prompts (an endpoint is set, or the family has its own upsampler),
+    # and edit instructions (FLUX.3's upsampler reads the reference images; an endpoint does not).
     can_enhance: bool = False
+    can_enhance_edits: bool = False
     # The loaded model's variant (klein, klein-base, dev...): presets made for other variants are
     # refused. None where it is not known here (a bot whose engines are workers): any.
     variant: str | None = None
@@ -71,6 +73,7 @@ class RequestResolver:
             settings.max_batch_size,
             can_enhance=settings.prompt_enhancer is not None
             or (settings.prompt_upsampler is not None and family == "flux3"),
+            can_enhance_edits=settings.prompt_upsampler is not None and family == "flux3",
             variant=variant,
         )
 
@@ -185,9 +188,12 @@ class RequestResolver:
         return Resolution(spec, tuple(warnings), self.nsfw(spec))
 
     def _enhance(self, preset: Preset, asked: bool | None, mode: Mode) -> bool:
-        if mode == "edit":
+        if mode == "edit" and not self.can_enhance_edits:
             if asked:
-                raise RequestError("edits follow the instruction as written: no prompt enhancement")
+                raise RequestError(
+                    "edits follow the instruction as written here: only FLUX.3's own prompt upsampler "
+                    "(engine.prompt_upsampler) expands an edit"
+                )
             return False
         if asked and not self.can_enhance:
             raise RequestError("prompt enhancement is not set up here (an admin sets engine.prompt_enhancer)")

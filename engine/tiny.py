@@ -326,10 +326,26 @@ PARTS_CHAT_TEMPLATE = (
 )
 
 
+# The upsampler's processor template: image parts become Qwen's vision placeholder, which the
+# processor widens to the image's patch tokens (edits: the references come before the text).
+VISION_PARTS_CHAT_TEMPLATE = PARTS_CHAT_TEMPLATE.replace(
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>",
+    "{% elif p['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>",
+)
+
+
 def build_tiny_prompt_upsampler() -> tuple[Any, Any]:
     """FLUX.3's prompt upsampler in miniature: a random Qwen3.5 (hybrid linear/full attention, as
-    flux-3-image-klein-pup is) and its tokenizer, for the offline tests of the family's own enhancer."""
-    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+    flux-3-image-klein-pup is, with a vision tower) and its Qwen3-VL processor (tokenizer, image and
+    video processors), for the offline tests of the family's own enhancer, edits included."""
+    from transformers import (
+        Qwen2VLImageProcessor,
+        Qwen3_5Config,
+        Qwen3_5ForConditionalGeneration,
+        Qwen3VLProcessor,
+    )
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
     tokenizer = qwen_word_tokenizer()
     tokenizer.chat_template = PARTS_CHAT_TEMPLATE
@@ -379,15 +395,29 @@ def build_tiny_prompt_upsampler() -> tuple[Any, Any]:
     ).eval()
     model.generation_config.eos_token_id = ids("<|im_end|>")
     model.generation_config.pad_token_id = 0
-    return model, tokenizer
+    # Small pictures: the vision tower sees at most 64x64 (16 patches of 16, merged 2x2).
+    pixels = {"shortest_edge": 32 * 32, "longest_edge": 64 * 64}
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(
+            patch_size=16, merge_size=2, temporal_patch_size=2, size=pixels
+        ),
+        tokenizer=tokenizer,
+        video_processor=Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2),
+        chat_template=VISION_PARTS_CHAT_TEMPLATE,
+    )
+    return model, processor
 
 
 def ensure_tiny_upsampler(directory: Path) -> Path:
-    """The tiny prompt upsampler's folder (model and tokenizer), built and saved there on first use."""
-    if (directory / "config.json").is_file():
+    """The tiny prompt upsampler's folder (model and processor), built and saved there on first use
+    (again where an older build saved no image processor)."""
+    from engine.flux3 import has_processor
+
+    if (directory / "config.json").is_file() and has_processor(directory):
         return directory
-    model, tokenizer = build_tiny_prompt_upsampler()
-    return save_atomically(directory, model.save_pretrained, tokenizer.save_pretrained)
+    model, processor = build_tiny_prompt_upsampler()
+    shutil.rmtree(directory, ignore_errors=True)
+    return save_atomically(directory, model.save_pretrained, processor.save_pretrained)
 
 
 TINY_BUILDERS = {

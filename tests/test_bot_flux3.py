@@ -90,3 +90,35 @@ async def test_flux3_through_discord_draws_reruns_enhances_and_edits(
     edit_recipe = read_recipe(png_of(fake, edit))
     assert (edit_recipe.kind, edit_recipe.family, len(edit_recipe.reference_sha256s)) == ("edit", "flux3", 1)
     assert "edit of job" in edit["content"]
+
+
+async def test_an_edit_enhanced_by_flux3s_upsampler_through_discord(
+    fake: FakeDiscord, tmp_path: Path, make_settings: Callable[..., EngineSettings], data_dir: Path
+) -> None:
+    def engine(**kw: object) -> EngineSettings:
+        return make_settings(model="tiny-flux3", prompt_upsampler="tiny", **kw)
+
+    async with running_bot(fake, make_bot_settings(tmp_path, engine, fake), data_dir) as harness:
+        alice = harness.fake.member(ALICE, "alice")
+        first = await finished_message(
+            fake, await fake.slash("imagine", [opt("prompt", "a red fox"), opt("seed", 7, 4)], alice)
+        )
+        edit = await finished_message(
+            fake,
+            await fake.slash(
+                "edit",
+                [
+                    opt("instruction", "the fox at night"),
+                    opt("job_id", job_id_of(first), 4),
+                    opt("enhance", True, 5),
+                ],
+                alice,
+            ),
+        )
+        recipe = read_recipe(png_of(fake, edit))
+        assert recipe.mode == "edit" and recipe.enhanced_prompt and recipe.enhance_note is None
+        assert "||" in edit["content"], "the expansion is shown, as a spoiler"
+        rerun = await finished_message(
+            fake, await fake.slash("rerun", [opt("job_id", job_id_of(edit), 4)], alice)
+        )
+        assert np.array_equal(_pixels(fake, edit), _pixels(fake, rerun))

@@ -140,7 +140,7 @@ def test_enhancement_must_be_set_up_and_is_off_for_edits(engine: FluxEngine, enh
     with pytest.raises(RequestError, match="prompt enhancement is not set up here"):
         engine.resolve(GenerationRequest(prompt="a cat", enhance=True))
     assert engine.resolve(GenerationRequest(prompt="a cat")).enhance is False
-    with pytest.raises(RequestError, match="no prompt enhancement"):
+    with pytest.raises(RequestError, match="only FLUX.3.s own prompt upsampler .* expands an edit"):
         enhancing.resolve(
             GenerationRequest(prompt="make it red", mode="edit", init_image="0" * 64, enhance=True)
         )

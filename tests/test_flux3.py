@@ -15,6 +15,7 @@ import torch
 from engine.api import GenerationRequest, StepProgress
 from engine.engine import FluxEngine
 from engine.errors import GenerationCancelled, QuantizationError, RequestError
+from engine.flux3 import Flux3Upsampler
 from engine.input_image import InputImage, normalize_input_image
 from engine.preview import PreviewEvery
 from engine.settings import EngineSettings
@@ -317,3 +318,34 @@ def test_flux3_enhances_with_its_own_upsampler_and_reruns_the_stored_caption(
     assert "upsampler" in run_doctor(settings, data_dir).render()
     with pytest.raises(Exception, match="prompt_upsampler is FLUX.3's"):
         FluxEngine.load(make_settings(model="tiny-flux2", prompt_upsampler="tiny"), data_dir)
+
+
+def test_flux3_upsampler_expands_an_edit_from_its_references(
+    make_settings: Callable[..., EngineSettings], data_dir: Path, flux3: FluxEngine
+) -> None:
+    from PIL import Image
+
+    engine = FluxEngine.load(make_settings(model="tiny-flux3", prompt_upsampler="tiny"), data_dir)
+    assert isinstance(engine.enhancer, Flux3Upsampler) and engine.enhancer.sees_images
+
+    def stored(color: tuple[int, int, int]) -> InputImage:
+        data = io.BytesIO()
+        Image.new("RGB", (64, 64), color).save(data, "PNG")
+        return normalize_input_image(data.getvalue(), max_bytes=10**7, max_pixels=10**7)
+
+    red, blue = stored((200, 20, 20)), stored((20, 20, 200))
+    request = GenerationRequest(
+        prompt="make it night", mode="edit", size="64x64", seed=3, init_image=red.sha256, enhance=True
+    )
+
+    with_red = engine.generate(request, init_image=red.png)
+    with_blue = engine.generate(request.model_copy(update={"init_image": blue.sha256}), init_image=blue.png)
+
+    recipe = with_red.recipes[0]
+    assert recipe.enhanced_prompt and recipe.enhance_note is None and recipe.mode == "edit"
+    assert with_blue.recipes[0].enhanced_prompt != recipe.enhanced_prompt, "it read the picture"
+    rerun = engine.draw([recipe.spec()], init_image=red.png)[0]
+    assert np.array_equal(pixels(rerun.images[0]), pixels(with_red.images[0]))
+    # Other hosts keep edits as written: the endpoint does not read pictures.
+    with pytest.raises(RequestError, match="only FLUX.3's own prompt upsampler"):
+        flux3.resolve(request)

@@ -209,6 +209,7 @@ async def history(
     image2="FLUX.2/FLUX.3: another reference image",
     image3="FLUX.2/FLUX.3: another reference image",
     jobs="FLUX.2/FLUX.3: more reference jobs after those, e.g. 12 15:2 (job:picture)",
+    enhance="FLUX.3 with its upsampler: expand the instruction from the pictures first (shown too)",
 )
 async def edit(
     interaction: discord.Interaction[FluxBot],
@@ -219,6 +220,7 @@ async def edit(
     image2: discord.Attachment | None = None,
     image3: discord.Attachment | None = None,
     jobs: str | None = None,
+    enhance: bool | None = None,
 ) -> None:
     studio = _studio(interaction)
     # The references in the order the options are listed: job_id, image, image2, image3, jobs.
@@ -245,7 +247,7 @@ async def edit(
             await studio.image_prompt(await item.read()) if isinstance(item, discord.Attachment) else item
             for item in order
         ]
-        return await studio.edit(who, instruction, references, on_stored)
+        return await studio.edit(who, instruction, references, on_stored, enhance)
 
     await submit(interaction, create)
 

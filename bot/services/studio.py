@@ -526,11 +526,13 @@ class Studio:
         instruction: str,
         references: Sequence[JobPicture | InputImage],
         on_stored: OnStored | None = None,
+        enhance: bool | None = None,
     ) -> Ticket:
         """An instruction edit ("make it night") as the asker's own job: FLUX.1 Kontext edits one
         picture; FLUX.2 klein reads up to four references in the resident model, in the order
         given. Each reference is a job's picture (which `who` must be able to see: one they may not
-        is "not found") or an uploaded image."""
+        is "not found") or an uploaded image. `enhance`: FLUX.3's upsampler expands the instruction
+        from the references first (None: the preset's default)."""
         if not self.edits:
             raise UserError(EDITS_OFF)
         self._require_kind(who, JobKind.EDIT)
@@ -558,6 +560,7 @@ class Studio:
             mode="edit",
             init_image=images[0].sha256,
             references=tuple(image.sha256 for image in images[1:]),
+            enhance=enhance,
         )
         parent_id = parent.id if parent is not None else None
         return await self.admit(who, resolution.spec, JobKind.EDIT, parent_id, on_stored, resolution.warnings)
