@@ -16,7 +16,7 @@ from PIL import Image
 
 from engine.api import GenerationRequest, GenerationResult, Recipe, StepProgress, Timings
 from engine.embed_cache import PromptEmbedCache
-from engine.enhancer import EnhancerError, PromptEnhancer, endpoint_enhancer
+from engine.enhancer import EndpointEnhancer, EnhancerError, PromptEnhancer, endpoint_enhancer
 from engine.errors import ConfigError, GenerationCancelled, OutOfMemory, RequestError
 from engine.extra_models import FILL, KONTEXT, ExtraModel, ExtraSwap, extra_policy, load_extra
 from engine.families import Embeds, FamilyAdapter, adapter_for, concat_embeds, repeat_embeds
@@ -259,12 +259,14 @@ class FluxEngine:
         init_image: bytes | None = None,
         preview: PreviewEvery | None = None,
         references: Sequence[bytes] = (),
+        enhance_notes: Sequence[str | None] = (),
     ) -> list[GenerationResult]:
         """Specs (one, or several that batch together) -> images, seeds and recipes, in one pipeline
         call. Only the engine's own hard limits are checked: presets were the resolver's business.
         `loras`: the files of the specs' LoRAs (default: the engine's whitelist file); `init_image`:
         the stored PNG whose sha256 the spec names, and `references` those of its further reference
-        images, in its order; with `preview`, `on_step` gets a JPEG of the picture forming that often.
+        images, in its order; with `preview`, `on_step` gets a JPEG of the picture forming that often;
+        `enhance_notes`: what `enhance_ahead` said of each spec, when it enhanced them.
         Raises GenerationCancelled, OutOfMemory, RequestError."""
         first = self._check(specs)
         if self.info.family == "flux3" and len(specs) > 1:
@@ -295,7 +297,8 @@ class FluxEngine:
                     raise RequestError(problem)
         # An edit's enhancer (FLUX.3's upsampler) reads the references too, in the job's order.
         edited = [source, *more] if first.mode == "edit" and source is not None else []
-        specs, enhance_notes = self._enhanced(specs, edited)
+        specs, notes = self._enhanced(specs, edited)
+        enhance_notes = list(enhance_notes) or notes
         if cancel is not None and cancel.is_set():  # cancelled while the enhancer answered
             raise GenerationCancelled(0, first.steps)
         with self._lock:
@@ -682,6 +685,20 @@ class FluxEngine:
             enhance_note,
             upscaler,
         )
+
+    @property
+    def enhances_ahead(self) -> bool:
+        """The enhancer is an endpoint elsewhere (not a model on this device): a job can be enhanced
+        ahead of its turn, in another thread, while the engine draws the job before it."""
+        return isinstance(self.enhancer, EndpointEnhancer)
+
+    def enhance_ahead(self, spec: DrawSpec) -> tuple[DrawSpec, str | None]:
+        """`spec` with its enhancement made (or, when the enhancer failed, drawn as written, and why).
+        Blocking, and safe beside a running draw: it takes no lock and touches no model."""
+        if not self.enhances_ahead or spec.mode == "edit":
+            return spec, None
+        (enhanced,), (note,) = self._enhanced([spec])
+        return enhanced, note
 
     def _enhanced(
         self, specs: Sequence[DrawSpec], images: Sequence[Image.Image] = ()

@@ -289,3 +289,47 @@ def test_a_hostile_enhancement_fits_discords_limit_with_its_spoiler_closed() -> 
     assert len(text) <= render.MESSAGE_LIMIT
     assert text.endswith("||") and text.count("||") == 2
     assert "Flagged by the safety filter" in text, "the safety note is never cut for the enhancement"
+
+
+async def test_the_engine_draws_the_next_job_while_an_endpoint_enhances(
+    tmp_path: Path, make_settings: Callable[..., EngineSettings], data_dir: Path, chat: ChatServer
+) -> None:
+    from bot.services.studio import Requester
+    from tests.bot_support import RecordingEvents, make_app, until
+    from tests.bot_support import make_settings as app_settings
+
+    chat.behaviour, chat.slow_s = "slow", 2.0
+    settings = app_settings(
+        tmp_path, lambda **kw: make_settings(prompt_enhancer=chat.url, prompt_enhancer_model="tiny-llm", **kw)
+    )
+    app = await make_app(settings, RecordingEvents(), data_dir)
+    await app.start()
+    try:
+        slow = await app.studio.imagine(
+            Requester(user_id=ALICE, user_name="alice"),
+            GenerationRequest(prompt="a lighthouse", enhance=True),
+        )
+        plain = await app.studio.imagine(
+            Requester(user_id=BOB, user_name="bob"), GenerationRequest(prompt="a red barn", seed=3)
+        )
+        await app.queue.wait_idle(60)
+        # Cancelled while its endpoint answers: it never draws.
+        cancelled = await app.studio.imagine(
+            Requester(user_id=BOB, user_name="bob"), GenerationRequest(prompt="a boat", enhance=True)
+        )
+        await until(lambda: len(chat.requests) == 2)
+        assert await app.queue.cancel(cancelled.job_id, "bob")
+        await app.queue.wait_idle(60)
+        gone = await app.jobs.get(cancelled.job_id)
+        assert gone is not None and gone.status == JobStatus.CANCELLED and not gone.images
+
+        enhanced, drawn = await app.jobs.get(slow.job_id), await app.jobs.get(plain.job_id)
+        assert enhanced is not None and drawn is not None
+        assert enhanced.status == drawn.status == JobStatus.DONE
+        assert enhanced.spec.enhanced_prompt == expansion_of("a lighthouse")
+        assert enhanced.images[0].recipe["enhance_note"] is None
+        assert drawn.finished_at is not None and enhanced.finished_at is not None
+        assert drawn.finished_at < enhanced.finished_at, "Bob's job did not wait for Alice's enhancer"
+    finally:
+        chat.slow_s = 3.0
+        await app.close()

@@ -30,7 +30,7 @@ from bot.store.models import Job
 from engine.api import StepProgress
 from engine.engine import FluxEngine
 from engine.errors import EngineError, GenerationCancelled, RequestError
-from engine.spec import PreviewEvery
+from engine.spec import DrawSpec, PreviewEvery
 from engine.whitelist import LoraUse
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,10 @@ class _Handed:
     cancel: threading.Event = field(default_factory=threading.Event)
     interrupted: bool = False  # stopped by a shutdown, not by a person
     began: bool = False
+    # Enhanced ahead of its turn (an endpoint's enhancer): the spec with its expansion, and the note
+    # of a failed enhancement, for the recipe.
+    spec: DrawSpec | None = None
+    enhance_note: str | None = None
 
 
 def lower_own_priority() -> None:
@@ -114,8 +118,18 @@ class LocalExecutor:
             raise CannotRun(f"It can't run: {exc}.") from exc
         handed = _Handed(job, loras)
         self._handed.append(handed)
-        self._handoff.put(handed)
+        if job.spec.needs_enhancement and self.engine.enhances_ahead:
+            # The endpoint's seconds pass in another thread: the engine draws the job beside this
+            # one meanwhile, and takes this one when its expansion is back.
+            self._tasks.spawn(self._enhance_then_hand(handed), f"fluxbot-enhance-{job.id}")
+        else:
+            self._handoff.put(handed)
         return None  # in-process: no worker name
+
+    async def _enhance_then_hand(self, handed: _Handed) -> None:
+        # A stop cancels this: the job stays running in the store and runs again after the restart.
+        handed.spec, handed.enhance_note = await asyncio.to_thread(self.engine.enhance_ahead, handed.job.spec)
+        self._handoff.put(handed)
 
     async def cancel(self, job_id: int) -> None:
         for handed in self._handed:
@@ -165,7 +179,7 @@ class LocalExecutor:
         if handed.cancel.is_set():  # cancelled or stopped while it waited beside the last one
             return Outcome.interrupted() if handed.interrupted else Outcome.cancelled()
         try:
-            spec = job.spec
+            spec = handed.spec or job.spec
             inputs: list[bytes] = []
             if spec.inputs:
                 if self.files is None:
@@ -179,6 +193,7 @@ class LocalExecutor:
                 init_image=inputs[0] if inputs else None,
                 preview=self.preview,
                 references=inputs[1:],
+                enhance_notes=[handed.enhance_note] if handed.spec is not None else [],
             )
         except GenerationCancelled:
             return Outcome.interrupted() if handed.interrupted else Outcome.cancelled()
