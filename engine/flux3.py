@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -143,9 +142,37 @@ class Flux3Model:
         self.pipe = pipe
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
+        self._offload_hooks: list[Any] = []
 
     def __call__(self, **kwargs: Any) -> Any:
-        return self.pipe(**kwargs)
+        try:
+            return self.pipe(**kwargs)
+        finally:
+            self.maybe_free_model_hooks()
+
+    @property
+    def _models(self) -> list[Any]:
+        """What runs, in the order it runs: the text encoder, the transformer, the VAE."""
+        return [self.text_encoder, self.pipe.transformer, self.pipe.vae]
+
+    def enable_model_cpu_offload(self, device: str) -> None:
+        """Each model on `device` only while it runs, as DiffusionPipeline's model offload does it
+        (accelerate's hooks, chained: the next model's forward sends the last one back to the CPU).
+        The modular pipeline's own offload goes through a ComponentsManager, which sizes its moves
+        from free CUDA memory and so could not run (or be tested) anywhere else."""
+        from accelerate import cpu_offload_with_hook
+
+        hook = None
+        for model in self._models:
+            model.to("cpu")
+            _, hook = cpu_offload_with_hook(model, device, prev_module_hook=hook)
+            self._offload_hooks.append(hook)
+
+    def maybe_free_model_hooks(self) -> None:
+        """After a run every offloaded model is back on the CPU (the chain moves the last one only
+        when the first runs again)."""
+        for hook in self._offload_hooks:
+            hook.offload()
 
     def __getattr__(self, name: str) -> Any:  # transformer, vae, scheduler, LoRA methods, guider...
         return getattr(self.pipe, name)
@@ -165,12 +192,19 @@ def encode_prompt(pipe: Any, prompt: str, max_sequence_length: int) -> torch.Ten
         pipe.text_encoder,
         pipe.tokenizer,
         prompt,
-        pipe.text_encoder.device,
+        execution_device(pipe.text_encoder),
         max_sequence_length=max(max_sequence_length, PAD_MULTIPLE),
         pad_multiple=PAD_MULTIPLE,
         hidden_states_layers=HIDDEN_STATE_LAYERS,
     )
     return embeds
+
+
+def execution_device(model: Any) -> torch.device:
+    """Where `model` computes: its offload hook's device when offloaded (its weights wait on the CPU
+    between runs), else where its weights are."""
+    device = getattr(getattr(model, "_hf_hook", None), "execution_device", None)
+    return torch.device(device) if device is not None else model.device
 
 
 def set_guidance(pipe: Any, guidance: float | None) -> None:
@@ -185,33 +219,30 @@ def set_guidance(pipe: Any, guidance: float | None) -> None:
 
 # What FLUX.3 can be held as: torchao's 8-bit tiers, applied to the loaded modules (what diffusers'
 # TorchAoConfig does after loading), and bitsandbytes nf4, given to the modular loader's
-# from_pretrained per component (bitsandbytes quantizes while loading). Modular pipelines offload
-# through a ComponentsManager, which sizes its moves from free CUDA memory: not yet.
+# from_pretrained per component (bitsandbytes quantizes while loading); model CPU offload by
+# accelerate's hooks (Flux3Model.enable_model_cpu_offload). Sequential offload is not wired: it could
+# not be tested here (accelerate's layer offload runs on CUDA only, FLUX.1's too).
 FLUX3_TRANSFORMER_TIERS = ("bf16", "int8", "fp8", "fp8dq", "nf4")
 NF4_KEPT = ("timestep_embedder", "target_timestep_embedder", "x_embedders", "context_embedder", "proj_out")
 FLUX3_TEXT_ENCODER_TIERS = ("none", "int8", "fp8", "nf4")
 
 
 def flux3_plan(plan: QuantPlan, settings: EngineSettings) -> QuantPlan:
-    """The plan for FLUX.3: `auto` maps what FLUX.3 lacks to the nearest it has (CPU offload -> none:
-    nf4 on the device) and says so in the plan's reason; what the operator set that FLUX.3 lacks is
-    refused, never silently dropped."""
+    """The plan for FLUX.3: what the operator set that FLUX.3 lacks (a GGUF tier) is refused, never
+    silently dropped; `auto`'s plans it takes as they are."""
     refused = []
     if settings.quant not in ("auto", *FLUX3_TRANSFORMER_TIERS):
         refused.append(f"quant = {settings.quant!r}")
     if settings.text_encoder_quant not in ("auto", *FLUX3_TEXT_ENCODER_TIERS):
         refused.append(f"text_encoder_quant = {settings.text_encoder_quant!r}")
-    if settings.cpu_offload not in ("auto", "none"):
-        refused.append(f"cpu_offload = {settings.cpu_offload!r}")
+    if settings.cpu_offload == "sequential":
+        refused.append("cpu_offload = 'sequential'")
     if refused:
         raise QuantizationError(
             f"FLUX.3 does not take {', '.join(refused)} yet: its tiers are bf16, int8, fp8, fp8dq and "
-            "nf4 (text encoder none, int8, fp8, nf4), without CPU offload"
+            "nf4 (text encoder none, int8, fp8, nf4), with model CPU offload or none"
         )
-    if plan.cpu_offload == "none":
-        return plan
-    reason = f"{plan.reason}; FLUX.3 has no CPU offload here: all of it on the device"
-    return replace(plan, cpu_offload="none", reason=reason)
+    return plan
 
 
 def plan_for(plan: QuantPlan, settings: EngineSettings, source: ModelSource) -> QuantPlan:

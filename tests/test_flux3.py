@@ -160,15 +160,28 @@ def test_flux3_int8_tier_loads_quantized_and_refuses_what_it_lacks(
     assert type(weight).__module__.startswith("torchao"), type(weight)
     assert (result.recipes[0].quant, result.recipes[0].text_encoder_quant) == ("int8", "int8")
     assert np.abs(pixels(result.images[0]) - pixels(flux3.generate(request).images[0])).mean() < 20
-    with pytest.raises(QuantizationError, match="FLUX.3 does not take cpu_offload = 'model'"):
-        FluxEngine.load(make_settings(model="tiny-flux3", cpu_offload="model"), data_dir)
-    # auto on a 6 GB card would pick nf4 with CPU offload: FLUX.3 gets nf4 on the device, and says why.
+    # auto on a 6 GB card picks nf4 with model CPU offload, for FLUX.3 as for the others.
     small = DeviceInfo("cuda:0", "a 6 GB card", 6.0, 6.0, (8, 9))
     plan = flux3_plan(plan_quant(EngineSettings(), small, False), EngineSettings())
-    assert (plan.transformer, plan.text_encoder, plan.cpu_offload) == ("nf4", "nf4", "none")
-    assert "FLUX.3 has no CPU offload" in plan.reason
+    assert (plan.transformer, plan.text_encoder, plan.cpu_offload) == ("nf4", "nf4", "model")
     with pytest.raises(QuantizationError, match="FLUX.3 does not take quant = 'gguf'"):
         flux3_plan(plan, EngineSettings(quant="gguf"))
+
+
+def test_flux3_with_model_cpu_offload_draws_the_same_pixels(
+    make_settings: Callable[..., EngineSettings], data_dir: Path, flux3: FluxEngine
+) -> None:
+    offloaded = FluxEngine.load(make_settings(model="tiny-flux3", cpu_offload="model"), data_dir)
+    request = GenerationRequest(prompt="a cat", seed=9)
+
+    result = offloaded.generate(request)
+
+    assert offloaded.info.plan.cpu_offload == "model"
+    for model in (offloaded.pipe.text_encoder, offloaded.pipe.transformer, offloaded.pipe.vae):
+        assert any(hasattr(m, "_hf_hook") for m in model.modules()), "accelerate's hooks move it"
+    assert np.array_equal(pixels(result.images[0]), pixels(flux3.generate(request).images[0]))
+    with pytest.raises(QuantizationError, match="FLUX.3 does not take cpu_offload = 'sequential'"):
+        FluxEngine.load(make_settings(model="tiny-flux3", cpu_offload="sequential"), data_dir)
 
 
 @pytest.mark.usefixtures("bitsandbytes_on_cpu")
