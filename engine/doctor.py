@@ -12,7 +12,7 @@ import torch
 
 from engine.checkpoints import describe_layout, inspect_checkpoint
 from engine.errors import EngineError, LoraError
-from engine.flux3 import plan_for
+from engine.flux3 import auto_for, plan_for
 from engine.hashing import FileHasher
 from engine.info import last_warmup
 from engine.lora_layout import lora_layout
@@ -206,7 +206,8 @@ def _quant(
     report: DoctorReport, settings: EngineSettings, device: DeviceInfo, source: ModelSource | None
 ) -> None:
     try:
-        plan = plan_quant(settings, device, source is not None and source.is_gguf)
+        auto = auto_for(source, device) if source is not None else None
+        plan = plan_quant(settings, device, source is not None and source.is_gguf, auto)
         if source is not None:
             plan = plan_for(plan, settings, source)
     except EngineError as exc:

@@ -20,7 +20,7 @@ from engine.enhancer import EndpointEnhancer, EnhancerError, PromptEnhancer, end
 from engine.errors import ConfigError, GenerationCancelled, OutOfMemory, RequestError
 from engine.extra_models import FILL, KONTEXT, ExtraModel, ExtraSwap, extra_policy, load_extra
 from engine.families import Embeds, FamilyAdapter, adapter_for, concat_embeds, repeat_embeds
-from engine.flux3 import Flux3Upsampler, plan_for, set_guidance
+from engine.flux3 import Flux3Upsampler, auto_for, plan_for, set_guidance
 from engine.hashing import FileHasher
 from engine.info import (
     EngineInfo,
@@ -108,7 +108,9 @@ class FluxEngine:
         device = probe_device(settings.device)
         attention = choose_attention(settings.attention, device)  # refused before minutes of loading
         source = locate_model(settings, data_dir)
-        plan = plan_for(plan or plan_quant(settings, device, source.is_gguf), settings, source)
+        if plan is None:
+            plan = plan_quant(settings, device, source.is_gguf, auto_for(source, device))
+        plan = plan_for(plan, settings, source)
         hasher = FileHasher(data_dir / "hashes.json")
         started = time.perf_counter()
         loaded = load_pipeline(source, plan, settings, device)

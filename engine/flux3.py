@@ -17,6 +17,7 @@ What differs from the FLUX.1/FLUX.2 pipelines, and how the engine keeps its one 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import torch
 from PIL import Image
 
 from engine.errors import ModelLoadError, QuantizationError
-from engine.quant import QuantPlan
+from engine.quant import AutoTier, DeviceInfo, QuantPlan, sized_tier
 from engine.settings import EngineSettings
 from engine.sources import FLUX3_PIPELINES, ModelSource, folder_model
 
@@ -243,6 +244,28 @@ def flux3_plan(plan: QuantPlan, settings: EngineSettings) -> QuantPlan:
             "nf4 (text encoder none, int8, fp8, nf4), with model CPU offload or none"
         )
     return plan
+
+
+def weight_params(folder: Path) -> int:
+    """The parameters in a folder's safetensors files, from their headers (nothing is loaded)."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as opened:
+            for name in opened.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                total += math.prod(opened.get_slice(name).get_shape())
+    return total
+
+
+def auto_for(source: ModelSource, device: DeviceInfo) -> AutoTier | None:
+    """`auto` for a FLUX.3 folder, sized by its transformer's and text encoder's own parameter
+    counts (klein comes in several sizes, beside a Qwen3-VL encoder of its own size); None for
+    other models, which keep the hand-picked table."""
+    if source.kind not in ("tiny", "diffusers") or flux3_class(Path(source.location)) is None:
+        return None
+    folder = Path(source.location)
+    return sized_tier(device, weight_params(folder / "transformer"), weight_params(folder / "text_encoder"))
 
 
 def plan_for(plan: QuantPlan, settings: EngineSettings, source: ModelSource) -> QuantPlan:

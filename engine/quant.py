@@ -77,7 +77,40 @@ def _fp8_capable(info: DeviceInfo) -> bool:
     return info.compute_capability is not None and info.compute_capability >= (8, 9)
 
 
-def auto_tier(info: DeviceInfo) -> tuple[str, str, Offload, bool, str]:
+AutoTier = tuple[str, str, Offload, bool, str]  # transformer, text encoder, offload, VAE tiling, why
+HEADROOM_GB = 3.0  # what the weights must leave free: activations at ~1 MP, the VAE, CUDA's own
+
+
+def sized_tier(info: DeviceInfo, transformer_params: int, encoder_params: int) -> AutoTier:
+    """`auto` from the model's own sizes: the best tier whose weights fit the free VRAM with
+    HEADROOM_GB to spare; the text encoder (run once per prompt) is quantized before the
+    transformer; nf4 with model CPU offload when nothing else fits."""
+    if not info.is_cuda:
+        return auto_tier(info)
+    free = info.free_gb or 0.0
+    eight = ("fp8dq", "fp8") if _fp8_capable(info) else ("int8", "int8")
+
+    def gb(params: int, bits: float) -> float:
+        return params * bits / 8 / 1024**3
+
+    transformer, encoder = transformer_params, encoder_params
+    options: list[tuple[str, str, bool, float]] = [
+        ("bf16", "none", False, gb(transformer, 16) + gb(encoder, 16)),
+        ("bf16", eight[1], False, gb(transformer, 16) + gb(encoder, 8)),
+        (eight[0], eight[1], False, gb(transformer, 8) + gb(encoder, 8)),
+        (eight[0], "nf4", True, gb(transformer, 8) + gb(encoder, 4.5)),
+        ("nf4", "nf4", True, gb(transformer, 4.5) + gb(encoder, 4.5)),  # nf4: 4 bits + block scales
+    ]
+    for tier, te, tiling, need in options:
+        if need + HEADROOM_GB <= free:
+            why = f"{free:.1f} GB free: the weights need {need:.1f} GB as {tier} / text encoder {te}"
+            return tier, te, "none", tiling, why
+    largest = max(gb(transformer, 4.5), gb(encoder, 4.5))
+    why = f"{free:.1f} GB free: nf4 with model CPU offload (the largest model needs {largest:.1f} GB)"
+    return "nf4", "nf4", "model", True, why
+
+
+def auto_tier(info: DeviceInfo) -> AutoTier:
     """The tier people pick by hand for this much free VRAM.
 
     Returns (transformer quant, text encoder quant, offload, VAE tiling, why).
@@ -116,8 +149,12 @@ def auto_tier(info: DeviceInfo) -> tuple[str, str, Offload, bool, str]:
     )
 
 
-def plan_quant(settings: EngineSettings, info: DeviceInfo, model_is_gguf: bool) -> QuantPlan:
-    tier, te, offload, tiling, reason = auto_tier(info)
+def plan_quant(
+    settings: EngineSettings, info: DeviceInfo, model_is_gguf: bool, auto: AutoTier | None = None
+) -> QuantPlan:
+    """The plan: the operator's settings, `auto` where they say auto (default: the hand-picked
+    tier for this much free VRAM, `auto_tier`)."""
+    tier, te, offload, tiling, reason = auto or auto_tier(info)
     transformer: str = settings.quant
     if model_is_gguf:
         if transformer not in ("auto", "gguf"):

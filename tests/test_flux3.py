@@ -362,3 +362,35 @@ def test_flux3_upsampler_expands_an_edit_from_its_references(
     # Other hosts keep edits as written: the endpoint does not read pictures.
     with pytest.raises(RequestError, match="only FLUX.3's own prompt upsampler"):
         flux3.resolve(request)
+
+
+def test_flux3_auto_is_sized_by_its_own_transformer_and_text_encoder(data_dir: Path) -> None:
+    from engine.flux3 import auto_for, weight_params
+    from engine.quant import DeviceInfo, sized_tier
+    from engine.sources import ModelSource
+    from engine.tiny import ensure_tiny_model
+
+    def card(free_gb: float) -> DeviceInfo:
+        return DeviceInfo("cuda:0", f"a {free_gb:g} GB card", free_gb, free_gb, (9, 0))
+
+    billion = 10**9
+    # A 4B transformer beside a 4B encoder, then a 9B one beside an 8B encoder (Hopper: fp8 capable).
+    small = [sized_tier(card(free), 4 * billion, 4 * billion)[:3] for free in (24, 16, 10, 6)]
+    assert small == [
+        ("bf16", "none", "none"),
+        ("bf16", "fp8", "none"),  # the encoder runs once per prompt: it is quantized first
+        ("fp8dq", "nf4", "none"),
+        ("nf4", "nf4", "model"),
+    ]
+    assert sized_tier(card(24), 9 * billion, 8 * billion)[:2] == ("fp8dq", "fp8")
+    assert sized_tier(DeviceInfo("cuda:0", "an Ampere card", 24.0, 24.0, (8, 6)), 9 * billion, 8 * billion)[
+        :2
+    ] == ("int8", "int8")
+
+    folder = ensure_tiny_model(data_dir / "models" / "tiny-flux3", "flux3")
+    assert weight_params(folder / "transformer") > 0 and weight_params(folder / "text_encoder") > 0
+    sized = auto_for(ModelSource(kind="tiny", location=str(folder)), card(8))
+    assert sized is not None and sized[0] == "bf16" and "the weights need 0.0 GB" in sized[4]
+    assert (
+        auto_for(ModelSource(kind="tiny", location=str(data_dir / "models" / "tiny-flux1")), card(8)) is None
+    )
