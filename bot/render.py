@@ -72,22 +72,16 @@ def queued(tr: Language, prompt: str, ticket: Ticket) -> str:
 def progress(tr: Language, job: Job, step: int, total: int, eta_s: float) -> str:
     filled = round(BAR_CELLS * step / max(total, 1))
     bar = "█" * filled + "░" * (BAR_CELLS - filled)
-    if job.spec.mode == "upscale":  # the upscaler model's tiles: it runs no denoising steps
-        status = tr.tr(
-            "{step}/{total} tiles · ~{eta} left · job {job}",
-            step=step,
-            total=total,
-            eta=tr.duration(eta_s),
-            job=job.id,
-        )
-    else:
-        status = tr.tr(
-            "{step}/{total} steps · ~{eta} left · job {job}",
-            step=step,
-            total=total,
-            eta=tr.duration(eta_s),
-            job=job.id,
-        )
+    # An upscale without a redraw counts the upscaler model's tiles: it runs no denoising steps.
+    unit = tr.tr("tiles") if job.spec.mode == "upscale" else tr.tr("steps")
+    status = tr.tr(
+        "{step}/{total} {unit} · ~{eta} left · job {job}",
+        step=step,
+        total=total,
+        unit=unit,
+        eta=tr.duration(eta_s),
+        job=job.id,
+    )
     return f"**{short(job.spec.prompt)}**\n🎨 `{bar}` {status}"
 
 
