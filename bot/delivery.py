@@ -159,7 +159,16 @@ class DiscordDelivery:
 
         tr = self._language(job)
         view = (
-            result_view(tr, job.id, self.edits, self.redraws, self.outpaints, self.regions, self.upscales)
+            result_view(
+                tr,
+                job.id,
+                self.edits,
+                self.redraws,
+                self.outpaints,
+                self.regions,
+                self.upscales,
+                seeded=job.spec.mode != "upscale",
+            )
             if job.status == JobStatus.DONE
             else None
         )

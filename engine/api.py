@@ -99,7 +99,7 @@ class Recipe(BaseModel):
     mask_sha256: str | None = None  # inpaints: the mask's stored PNG
     # Upscales with a model (engine/upscaler.py): its file -> sha256, and what spandrel found in it.
     upscaler_files: dict[str, str] | None = None
-    upscaler: str | None = None  # "ESRGAN x4 (64nf, 23nb)"
+    upscaler: str | None = None  # "ESRGAN x4 (64nf, 23nb), tiles of 512 px, bfloat16"
     # The step cache the job ran with (engine/step_cache.py) and how many of its denoising steps ran
     # the full transformer (None: recipes from before step caching, all of them).
     cache: str = "none"

@@ -206,7 +206,7 @@ def _quant(
     report: DoctorReport, settings: EngineSettings, device: DeviceInfo, source: ModelSource | None
 ) -> None:
     try:
-        auto = auto_for(source, device) if source is not None else None
+        auto = auto_for(source, device, settings) if source is not None else None
         plan = plan_quant(settings, device, source is not None and source.is_gguf, auto)
         if source is not None:
             plan = plan_for(plan, settings, source)

@@ -46,7 +46,7 @@ from engine.quant import QuantPlan, plan_quant, probe_device
 from engine.resolve import RequestResolver, reference_count_problem
 from engine.settings import EngineSettings
 from engine.sources import locate_model
-from engine.spec import DrawSpec, PreviewEvery
+from engine.spec import MAX_PIXELS, DrawSpec, PreviewEvery
 from engine.speed import (
     apply_attention,
     cached_run,
@@ -63,7 +63,6 @@ log = logging.getLogger(__name__)
 
 StepCallback = Callable[[StepProgress], None]
 GRID = 16  # FLUX latents are 8x smaller than the picture, then packed in 2x2 patches
-MAX_PIXELS = 4096 * 4096  # beyond any preset: a spec from anywhere is refused past it, not drawn
 
 
 class FluxEngine:
@@ -109,7 +108,7 @@ class FluxEngine:
         attention = choose_attention(settings.attention, device)  # refused before minutes of loading
         source = locate_model(settings, data_dir)
         if plan is None:
-            plan = plan_quant(settings, device, source.is_gguf, auto_for(source, device))
+            plan = plan_quant(settings, device, source.is_gguf, auto_for(source, device, settings))
         plan = plan_for(plan, settings, source)
         hasher = FileHasher(data_dir / "hashes.json")
         started = time.perf_counter()
@@ -300,7 +299,9 @@ class FluxEngine:
         # An edit's enhancer (FLUX.3's upsampler) reads the references too, in the job's order.
         edited = [source, *more] if first.mode == "edit" and source is not None else []
         specs, notes = self._enhanced(specs, edited)
-        enhance_notes = list(enhance_notes) or notes
+        # A note from enhance_ahead (made before this call) stands; else the one made here.
+        given = list(enhance_notes) + [None] * (len(notes) - len(enhance_notes))
+        enhance_notes = [ahead if ahead is not None else own for ahead, own in zip(given, notes, strict=True)]
         if cancel is not None and cancel.is_set():  # cancelled while the enhancer answered
             raise GenerationCancelled(0, first.steps)
         with self._lock:
@@ -675,7 +676,7 @@ class FluxEngine:
         files = extra.files if extra is not None else None
         upscaler = None
         if r.model_upscale and self.upscaler is not None:
-            upscaler = (self.upscaler.files, self.upscaler.description)
+            upscaler = (self.upscaler.files, self.upscaler.run_description)
         return make_recipe(
             self.info,
             self._versions,

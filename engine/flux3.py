@@ -258,14 +258,20 @@ def weight_params(folder: Path) -> int:
     return total
 
 
-def auto_for(source: ModelSource, device: DeviceInfo) -> AutoTier | None:
+def auto_for(source: ModelSource, device: DeviceInfo, settings: EngineSettings) -> AutoTier | None:
     """`auto` for a FLUX.3 folder, sized by its transformer's and text encoder's own parameter
-    counts (klein comes in several sizes, beside a Qwen3-VL encoder of its own size); None for
-    other models, which keep the hand-picked table."""
+    counts (klein comes in several sizes, beside a Qwen3-VL encoder of its own size), with room
+    for its prompt upsampler, which stays on the device in bf16; None for other models, which keep
+    the hand-picked table."""
     if source.kind not in ("tiny", "diffusers") or flux3_class(Path(source.location)) is None:
         return None
     folder = Path(source.location)
-    return sized_tier(device, weight_params(folder / "transformer"), weight_params(folder / "text_encoder"))
+    reserved_gb = 0.0
+    if settings.prompt_upsampler not in (None, "tiny") and Path(settings.prompt_upsampler).is_dir():
+        reserved_gb = weight_params(Path(settings.prompt_upsampler)) * 2 / 1024**3
+    return sized_tier(
+        device, weight_params(folder / "transformer"), weight_params(folder / "text_encoder"), reserved_gb
+    )
 
 
 def plan_for(plan: QuantPlan, settings: EngineSettings, source: ModelSource) -> QuantPlan:

@@ -65,7 +65,7 @@ class Preset(BaseModel):
     # Upscale with engine.upscaler: false makes it the model's enlargement alone (no redraw), which
     # may be larger than megapixels_range allows (it runs no diffusion) up to this many MP.
     upscale_redraw: bool = True
-    upscale_max_megapixels: float = Field(16.78, gt=0.0, le=16.78)  # 4096x4096, the engine's limit
+    upscale_max_megapixels: float = Field(16.78, gt=0.0, le=16.78)  # 4096x4096: the engine's limit
     # Made for sexual content: the bot serves it only in age-restricted channels and DMs.
     nsfw: bool = False
     # Step caching (engine/step_cache.py): "none", "fbcache:0.08", "taylorseer:4", "magcache".

@@ -81,13 +81,16 @@ AutoTier = tuple[str, str, Offload, bool, str]  # transformer, text encoder, off
 HEADROOM_GB = 3.0  # what the weights must leave free: activations at ~1 MP, the VAE, CUDA's own
 
 
-def sized_tier(info: DeviceInfo, transformer_params: int, encoder_params: int) -> AutoTier:
+def sized_tier(
+    info: DeviceInfo, transformer_params: int, encoder_params: int, reserved_gb: float = 0.0
+) -> AutoTier:
     """`auto` from the model's own sizes: the best tier whose weights fit the free VRAM with
     HEADROOM_GB to spare; the text encoder (run once per prompt) is quantized before the
-    transformer; nf4 with model CPU offload when nothing else fits."""
+    transformer; nf4 with model CPU offload when nothing else fits. `reserved_gb`: what else will
+    sit on the device beside them (a prompt upsampler)."""
     if not info.is_cuda:
         return auto_tier(info)
-    free = info.free_gb or 0.0
+    free = (info.free_gb or 0.0) - reserved_gb
     eight = ("fp8dq", "fp8") if _fp8_capable(info) else ("int8", "int8")
 
     def gb(params: int, bits: float) -> float:

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.step_cache import NO_CACHE, StepCacheField
 
+MAX_PIXELS = 4096 * 4096  # beyond any preset: a spec from anywhere is refused past it, not drawn
+MAX_SIDE = 8192  # a spec's width and height at most
 MAX_SEED = 2**32 - 1  # A1111/Forge seeds are 32-bit; keeping to that makes recipes portable.
 SHA256 = r"^[0-9a-f]{64}$"
 Family = Literal["flux1", "flux2", "flux3"]
@@ -47,8 +49,8 @@ class DrawSpec(BaseModel):
     preset: str = Field(min_length=1, max_length=64)
     prompt: str = Field(min_length=1, max_length=2000)  # as typed (cleaned); what people are shown
     final_prompt: str = Field(min_length=1, max_length=4000)  # what the model reads: trigger words first
-    width: int = Field(ge=16, le=8192)
-    height: int = Field(ge=16, le=8192)
+    width: int = Field(ge=16, le=MAX_SIDE)
+    height: int = Field(ge=16, le=MAX_SIDE)
     steps: int = Field(ge=1, le=200)
     guidance: float | None = Field(None, ge=0.0, le=30.0)  # FLUX.1 dev's distilled guidance
     true_cfg: float = Field(1.0, ge=1.0, le=10.0)
@@ -93,10 +95,15 @@ class DrawSpec(BaseModel):
         ):
             raise ValueError("an inpaint spec has an input image and a mask, and only it has a mask")
         if self.mode == "upscale" and (
-            self.init_image is None or self.strength is not None or not self.model_upscale or self.loras
+            self.init_image is None
+            or self.strength is not None
+            or not self.model_upscale
+            or self.loras
+            or self.batch_size != 1
         ):
             raise ValueError(
-                "an upscale spec needs an input image and the upscaler, and takes no strength or LoRAs"
+                "an upscale spec needs an input image and the upscaler, and takes no strength, no LoRAs "
+                "and one image"
             )
         if self.model_upscale and self.mode not in ("img2img", "upscale"):
             raise ValueError("only img2img and upscale specs enlarge their input with the upscaler")

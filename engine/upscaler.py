@@ -138,6 +138,11 @@ class Upscaler:
         return f"{self.architecture} x{self.scale}" + (f" ({tags})" if tags else "")
 
     @property
+    def run_description(self) -> str:
+        """What the recipe says: the model, and the tile size and precision its pixels depend on."""
+        return f"{self.description}, tiles of {self.tile} px, {str(self.dtype).removeprefix('torch.')}"
+
+    @property
     def files(self) -> dict[str, str]:
         return {self.file.name: self.sha256}
 
@@ -152,7 +157,10 @@ class Upscaler:
 
         pixels = _to_tensor(picture).to(self.descriptor.device, self.dtype)
         height, width = pixels.shape[-2:]
-        whole = self.descriptor.tiling in (ModelTiling.INTERNAL, ModelTiling.DISCOURAGED)
+        # Models that tile themselves run whole; spandrel's "discouraged" (SwinIR, SCUNet: window
+        # attention sees a little less context at a tile's edge) are tiled all the same, so memory
+        # stays bounded by the tile, with the overlaps blended.
+        whole = self.descriptor.tiling == ModelTiling.INTERNAL
         tiles = [(0, 0, height, width)] if whole else _tiles(height, width, self.tile, self.overlap)
         if len(tiles) == 1:
             out = self.descriptor(pixels)

@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from bot.services.errors import UserError
+from bot.services.studio import Requester
 from bot.store.models import JobKind
 from engine.api import GenerationRequest, StepProgress
 from engine.engine import FluxEngine
@@ -236,7 +238,7 @@ def test_upscale_without_redraw_is_the_models_enlargement(upscaling_engine: Flux
     assert np.array_equal(pixels(image), pixels(again.images[0]))
     assert [(s.step, s.total) for s in steps] == [(1, 1)], "one tile, reported as the job's progress"
     recipe = result.recipes[0]
-    assert recipe.mode == "upscale" and recipe.upscaler == "ESRGAN x4 (8nf, 1nb)"
+    assert recipe.mode == "upscale" and recipe.upscaler == "ESRGAN x4 (8nf, 1nb), tiles of 512 px, float32"
     assert recipe.upscaler_files == engine.upscaler.files
     # Factor 2 with a x4 model: the model's enlargement, resized down.
     (half,) = engine.draw([_upscale_spec(engine, source, 2, False)], init_image=source.png)
@@ -293,6 +295,7 @@ def test_upscale_specs_are_checked() -> None:
     for wrong in (
         {"mode": "upscale"},  # no model
         {"mode": "upscale", "model_upscale": True, "strength": 0.3},
+        {"mode": "upscale", "model_upscale": True, "batch_size": 4},  # one image: no seeds to vary
         {"mode": "edit", "model_upscale": True},
         {"mode": "img2img", "strength": 0.3, "upscaler": "b" * 64},
     ):
@@ -331,11 +334,18 @@ async def test_upscale_button_and_command_with_and_without_redraw(upscale_bot: H
 
     redrawn = read_recipe(png_of(fake, pressed))
     assert (redrawn.width, redrawn.kind, redrawn.mode, redrawn.seed) == (256, "upscale", "img2img", 8)
-    assert redrawn.upscaler == "ESRGAN x4 (8nf, 1nb)" and redrawn.parent_job == job_id
+    assert (redrawn.upscaler or "").startswith("ESRGAN x4 (8nf, 1nb)") and redrawn.parent_job == job_id
     enlarged = read_recipe(png_of(fake, alone))
     assert (enlarged.width, enlarged.mode) == (128, "upscale")
     assert Image.open(io.BytesIO(png_of(fake, alone))).size == (128, 128)
     assert f"upscale of job {job_id} (upscaler model, no redraw)" in alone["content"]
+    # Its seed changes nothing: no Reroll or more seeds under it, and a reroll is refused in a line.
+    labels = [c["label"] for row in alone["components"] for c in row["components"]]
+    assert "Reroll" not in labels and "4 more seeds" not in labels and "Upscale" in labels
+    alice_here = Requester(user_id=ALICE, user_name="alice")
+    for press in (upscale_bot.app.studio.variations, upscale_bot.app.studio.reroll):
+        with pytest.raises(UserError, match="is an upscale without a redraw: its seed changes nothing"):
+            await press(alice_here, job_id_of(alone))
 
     big = await finished_message(
         fake, await fake.slash("imagine", [opt("prompt", "a harbour"), opt("size", "1024x1024")], alice)

@@ -189,6 +189,7 @@ class OutpaintModal(discord.ui.Modal):
 
 
 REDRAWS = ("subtle", "strong")  # FLUX.1's image-to-image
+SEEDED = ("reroll", "vary")  # new seeds: not under an upscale without a redraw, which reads none
 
 
 def result_view(
@@ -199,6 +200,7 @@ def result_view(
     outpaints: bool = False,
     regions: bool = False,
     upscales: bool = False,
+    seeded: bool = True,
 ) -> discord.ui.View:
     """The buttons a result gets: Edit where the model edits, Vary where it redraws, Upscale where it
     redraws or an upscaler model enlarges, Zoom Out and Pan where FLUX.1 Fill is loaded, Vary
@@ -209,6 +211,7 @@ def result_view(
             (action != "edit" or edits)
             and (action not in REDRAWS or redraws)
             and (action != "upscale" or redraws or upscales)
+            and (action not in SEEDED or seeded)
             and (action not in OUTPAINTS or outpaints)
             and (action != "region" or regions)
         )

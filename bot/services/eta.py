@@ -27,13 +27,16 @@ class StepClock:
         self.overhead_s += self._alpha * (other_s - self.overhead_s)
 
     def record_timings(self, timings: dict[str, Any], pixels: int) -> None:
-        if "denoise_s" in timings and pixels:
+        if "denoise_s" in timings and pixels and timings.get("steps", 1):  # upscales run no steps
             denoise = float(timings["denoise_s"])
             self.record(int(timings.get("steps", 1)), pixels, denoise, float(timings["total_s"]) - denoise)
 
 
 def job_cost(spec: DrawSpec) -> tuple[int, int]:
-    """(steps, pixels) of a job, for ETAs: every image of a batch is steps on the engine."""
+    """(steps, pixels) of a job, for ETAs: every image of a batch is steps on the engine. An upscale
+    without a redraw runs no steps: its upscaler pass counts as one at its size."""
+    if spec.mode == "upscale":
+        return 1, spec.pixels
     return spec.steps * spec.batch_size, spec.pixels
 
 

@@ -41,6 +41,7 @@ class FairQueue:
         self._groups: dict[int | None, _Group] = {}
         self._front: deque[tuple[int | None, int, int, float]] = deque()  # put back: (group, user, job, cost)
         self._ticks = 0
+        self._passed_over: set[int] = set()  # jobs another went before once (avoid): never again
         self._clock = 0.0  # the pass of the server served last: where a server that starts waiting joins
 
     def push(
@@ -82,8 +83,8 @@ class FairQueue:
         With `runnable`, only jobs that pass it (scale-out: a job whose model family no free worker
         serves waits without blocking the others). With `avoid` (a job that would make the engine
         swap its extra transformer), a member whose pass lies less than that job's cost above the
-        next member's may go first with a job that is not avoided: each member can be passed over by
-        each other at most once in a row, and jobs that need the same model run together."""
+        next member's may go first with a job that is not avoided: a job is passed over once at most
+        (it goes next after that), and jobs that need the same model run together."""
         for index, (_, user_id, job_id, _) in enumerate(self._front):
             if runnable is None or runnable(job_id):
                 del self._front[index]
@@ -104,12 +105,15 @@ class FairQueue:
         if not ready:
             return None
         user_id, lane, first = ready[0]
-        if avoid is not None and avoid(first[0]):
+        if avoid is not None and first[0] not in self._passed_over and avoid(first[0]):
             within = lane.pass_ + first[1] / lane.weight
             user_id, lane, first = next(
                 (r for r in ready if r[1].pass_ < within and not avoid(r[2][0])), ready[0]
             )
+            if first is not ready[0][2]:
+                self._passed_over.add(ready[0][2][0])  # it goes next, whatever it needs
         job_id, cost = first
+        self._passed_over.discard(job_id)
         lane.jobs.remove(first)
         self._clock, group.clock = group.pass_, lane.pass_
         lane.pass_ += cost / lane.weight
@@ -123,6 +127,7 @@ class FairQueue:
         return next((j for j in lane.jobs if runnable is None or runnable(j[0])), None)
 
     def remove(self, job_id: int) -> bool:
+        self._passed_over.discard(job_id)
         for index, (_, _, queued, _) in enumerate(self._front):
             if queued == job_id:
                 del self._front[index]

@@ -118,7 +118,7 @@ class LocalExecutor:
             raise CannotRun(f"It can't run: {exc}.") from exc
         handed = _Handed(job, loras)
         self._handed.append(handed)
-        if job.spec.needs_enhancement and self.engine.enhances_ahead:
+        if job.spec.needs_enhancement and job.spec.mode != "edit" and self.engine.enhances_ahead:
             # The endpoint's seconds pass in another thread: the engine draws the job beside this
             # one meanwhile, and takes this one when its expansion is back.
             self._tasks.spawn(self._enhance_then_hand(handed), f"fluxbot-enhance-{job.id}")
@@ -127,9 +127,17 @@ class LocalExecutor:
         return None  # in-process: no worker name
 
     async def _enhance_then_hand(self, handed: _Handed) -> None:
-        # A stop cancels this: the job stays running in the store and runs again after the restart.
-        handed.spec, handed.enhance_note = await asyncio.to_thread(self.engine.enhance_ahead, handed.job.spec)
-        self._handoff.put(handed)
+        # Whatever happens the job goes on to the engine: after a failure here the engine enhances
+        # it itself, and says what failed. (A stop cancels this: the job stays running in the store
+        # and runs again after the restart; the thread it would go to is gone.)
+        try:
+            handed.spec, handed.enhance_note = await asyncio.to_thread(
+                self.engine.enhance_ahead, handed.job.spec
+            )
+        except Exception:
+            log.exception("job %d: enhancing ahead failed; the engine tries when it draws", handed.job.id)
+        finally:
+            self._handoff.put(handed)
 
     async def cancel(self, job_id: int) -> None:
         for handed in self._handed:
@@ -195,17 +203,17 @@ class LocalExecutor:
                 references=inputs[1:],
                 enhance_notes=[handed.enhance_note] if handed.spec is not None else [],
             )
+            images = [
+                EngineImage(index, image, recipe)
+                for index, (image, recipe) in enumerate(zip(result.images, result.recipes, strict=True))
+            ]
         except GenerationCancelled:
             return Outcome.interrupted() if handed.interrupted else Outcome.cancelled()
         except EngineError as exc:
             return Outcome.failed(str(exc))
-        except Exception:
+        except Exception:  # the engine thread outlives any one job
             log.exception("job %d: the engine failed", job.id)
             return Outcome.failed(INTERNAL_ERROR)
-        images = [
-            EngineImage(index, image, recipe)
-            for index, (image, recipe) in enumerate(zip(result.images, result.recipes, strict=True))
-        ]
         return Outcome.done(images, result.timings.model_dump())
 
     def _to_loop(self, callback: Any, *args: Any) -> None:

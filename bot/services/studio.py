@@ -36,7 +36,7 @@ from engine.messages import Message
 from engine.outpaint import Direction, pan, zoom_out
 from engine.presets import Preset
 from engine.resolve import RequestResolver, Resolution, reference_count_problem
-from engine.spec import MAX_SEED, DrawSpec
+from engine.spec import MAX_PIXELS, MAX_SEED, MAX_SIDE, DrawSpec
 from engine.step_cache import NO_CACHE
 from fluxbot.settings import ImageSettings, LimitSettings
 
@@ -384,6 +384,7 @@ class Studio:
         """Same spec, new seed, as a new job of whoever asked."""
         self._require_kind(who, JobKind.REROLL)
         parent, _ = await self._stored(job_id, who)
+        _require_seeded(parent)
         spec = parent.spec.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
         return await self.admit(who, spec, JobKind.REROLL, parent.id, on_stored)
 
@@ -395,6 +396,8 @@ class Studio:
             raise UserError("seed must be between 0 and {most}", most=MAX_SEED)
         self._require_kind(who, JobKind.RERUN)
         parent, _ = await self._stored(job_id, who)
+        if seed is not None:
+            _require_seeded(parent)
         spec = parent.spec if seed is None else parent.spec.model_copy(update={"seed": seed})
         return await self.admit(who, spec, JobKind.RERUN, parent.id, on_stored)
 
@@ -402,6 +405,7 @@ class Studio:
         """A batch of images from the seeds right after the original's."""
         self._require_kind(who, JobKind.VARIATION)
         parent, _ = await self._stored(job_id, who)
+        _require_seeded(parent)
         spec = parent.spec
         batch = min(VARIATIONS, self.resolver.max_batch_size)
         variation = spec.model_copy(update={"seed": (spec.seed + 1) % (MAX_SEED + 1), "batch_size": batch})
@@ -441,6 +445,14 @@ class Studio:
         self._require_redraws(who)
         parent, preset = await self._stored(job_id, who)
         image = await self._drawn(parent, who)
+        if (problem := preset.size_problem(image.width, image.height)) is not None:
+            # An upscale without a redraw may be larger than the preset draws.
+            raise UserError(
+                "Vary would redraw {width}x{height}: {problem}.",
+                width=image.width,
+                height=image.height,
+                problem=problem,
+            )
         strength = preset.vary_strong_strength if strong else preset.vary_subtle_strength
         spec = _redraw(parent.spec, image, strength, secrets.randbelow(MAX_SEED + 1))
         return await self.admit(who, spec, kind, parent.id, on_stored)
@@ -477,9 +489,11 @@ class Studio:
 
         def problem(times: int) -> Message | None:
             width, height = times * image.width, times * image.height
+            if max(width, height) > MAX_SIDE:
+                return Message("a side longer than {most} px", most=MAX_SIDE)
             if redraw:
                 return preset.size_problem(width, height)
-            if width * height / 1e6 > preset.upscale_max_megapixels:
+            if width * height > min(preset.upscale_max_megapixels * 1e6, MAX_PIXELS):
                 return Message(
                     "{mp:.1f} MP is above this preset's upscale maximum of {hi} MP",
                     mp=width * height / 1e6,
@@ -747,6 +761,16 @@ class Studio:
         if job is None or not may_see(job, who):
             raise NotFound(_not_found(job_id))
         return job
+
+
+def _require_seeded(job: Job) -> None:
+    """Rerolls, more seeds and reruns with another seed need a job whose pixels follow its seed: an
+    upscale without a redraw is the upscaler model's alone."""
+    if job.spec.mode == "upscale":
+        raise UserError(
+            "Job {job} is an upscale without a redraw: its seed changes nothing (use /rerun as it is).",
+            job=job.id,
+        )
 
 
 def _redraw(spec: DrawSpec, image: InputImage, strength: float, seed: int) -> DrawSpec:

@@ -401,6 +401,6 @@ def spec_as_drawn(spec: DrawSpec, recipe: Mapping[str, Any]) -> DrawSpec:
     enhanced = recipe.get("enhanced_prompt")
     if isinstance(enhanced, str) and enhanced:
         update["enhanced_prompt"] = enhanced
-    else:
+    elif spec.enhanced_prompt is None:
         update["enhance"] = False
     return DrawSpec.model_validate_json(spec.model_copy(update=update).model_dump_json())
