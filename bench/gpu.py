@@ -412,13 +412,12 @@ def upscaler_rows(args: argparse.Namespace, measure: Measure, device: str, work:
     from spandrel.architectures.ESRGAN import ESRGAN
 
     from engine.hashing import FileHasher
-    from engine.upscaler import Upscaler, _to_image, _to_tensor, realesrgan_layout
+    from engine.upscaler import Upscaler, _to_image, _to_tensor, save_realesrgan
 
     torch.manual_seed(SEED)
     filters, blocks = (8, 1) if args.smoke else (64, 23)
     network = ESRGAN(in_nc=3, out_nc=3, num_filters=filters, num_blocks=blocks, scale=4)
-    path = work / "RealESRGAN_x4plus-random.pth"
-    torch.save({"params_ema": realesrgan_layout(network.state_dict())}, path)
+    path = save_realesrgan(network, work / "RealESRGAN_x4plus-random.pth")
     upscaler = Upscaler.load(path, device, FileHasher(None), tile=32 if args.smoke else 512)
     rows = []
     for side in (max(16, args.size // 4), args.size):

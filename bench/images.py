@@ -230,14 +230,12 @@ def write_upscaler(folder: Path) -> Path:
     """A RealESRGAN_x4plus_anime_6B-shaped file (random weights) where Forge keeps upscalers."""
     from spandrel.architectures.ESRGAN import ESRGAN
 
-    from engine.upscaler import realesrgan_layout
+    from engine.upscaler import save_realesrgan
 
     torch.manual_seed(0)
     network = ESRGAN(in_nc=3, out_nc=3, num_filters=64, num_blocks=6, scale=4)
     (folder / "ESRGAN").mkdir(parents=True, exist_ok=True)
-    path = folder / "ESRGAN" / "RealESRGAN_x4plus_anime_6B.pth"
-    torch.save({"params_ema": realesrgan_layout(network.state_dict())}, path)
-    return path
+    return save_realesrgan(network, folder / "ESRGAN" / "RealESRGAN_x4plus_anime_6B.pth")
 
 
 def upscale_jobs(engine: FluxEngine, repeats: int) -> None:

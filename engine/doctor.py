@@ -107,11 +107,10 @@ def _upscaler(
     if where == "tiny":
         report.add("ok", "upscaler", "the tiny random Real-ESRGAN-shaped x4 (offline tests)")
         return
-    from engine.upscaler import Upscaler, find_upscaler
+    from engine.upscaler import Upscaler, locate_upscaler
 
-    models_dirs = [d for d in (source.models_dir if source else None, data_dir / "models") if d is not None]
     try:
-        file = find_upscaler(where, models_dirs)
+        file = locate_upscaler(where, source.models_dir if source else None, data_dir)
         upscaler = Upscaler.load(file, "cpu", FileHasher(None))
     except EngineError as exc:
         report.add("fail", "upscaler", str(exc))

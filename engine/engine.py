@@ -299,9 +299,8 @@ class FluxEngine:
         # An edit's enhancer (FLUX.3's upsampler) reads the references too, in the job's order.
         edited = [source, *more] if first.mode == "edit" and source is not None else []
         specs, notes = self._enhanced(specs, edited)
-        # A note from enhance_ahead (made before this call) stands; else the one made here.
-        given = list(enhance_notes) + [None] * (len(notes) - len(enhance_notes))
-        enhance_notes = [ahead if ahead is not None else own for ahead, own in zip(given, notes, strict=True)]
+        if enhance_notes:  # one per spec, from enhance_ahead: such a note wins over one made here
+            notes = [ahead or own for ahead, own in zip(enhance_notes, notes, strict=True)]
         if cancel is not None and cancel.is_set():  # cancelled while the enhancer answered
             raise GenerationCancelled(0, first.steps)
         with self._lock:
@@ -330,7 +329,7 @@ class FluxEngine:
             computed_steps=run.computed_steps,
         )
         results, offset = [], 0
-        for r, note in zip(specs, enhance_notes, strict=True):
+        for r, note in zip(specs, notes, strict=True):
             n = len(r.seeds)
             results.append(
                 GenerationResult(

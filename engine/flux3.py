@@ -263,9 +263,9 @@ def auto_for(source: ModelSource, device: DeviceInfo, settings: EngineSettings) 
     counts (klein comes in several sizes, beside a Qwen3-VL encoder of its own size), with room
     for its prompt upsampler, which stays on the device in bf16; None for other models, which keep
     the hand-picked table."""
-    if source.kind not in ("tiny", "diffusers") or flux3_class(Path(source.location)) is None:
+    folder = _flux3_folder(source)
+    if folder is None:
         return None
-    folder = Path(source.location)
     reserved_gb = 0.0
     if settings.prompt_upsampler not in (None, "tiny") and Path(settings.prompt_upsampler).is_dir():
         reserved_gb = weight_params(Path(settings.prompt_upsampler)) * 2 / 1024**3
@@ -276,9 +276,14 @@ def auto_for(source: ModelSource, device: DeviceInfo, settings: EngineSettings) 
 
 def plan_for(plan: QuantPlan, settings: EngineSettings, source: ModelSource) -> QuantPlan:
     """`plan` as the located model can be held: flux3_plan for a FLUX.3 folder, else unchanged."""
+    return flux3_plan(plan, settings) if _flux3_folder(source) is not None else plan
+
+
+def _flux3_folder(source: ModelSource) -> Path | None:
+    """The located model's folder when it is a FLUX.3 (modular) one."""
     if source.kind in ("tiny", "diffusers") and flux3_class(Path(source.location)) is not None:
-        return flux3_plan(plan, settings)
-    return plan
+        return Path(source.location)
+    return None
 
 
 def quantize_flux3(model: Flux3Model, plan: QuantPlan) -> None:

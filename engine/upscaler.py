@@ -87,11 +87,9 @@ class Upscaler:
     overlap: int = OVERLAP
 
     @classmethod
-    def load(
-        cls, file: Path, device: str, hasher: FileHasher, half: bool = True, tile: int = TILE
-    ) -> Upscaler:
+    def load(cls, file: Path, device: str, hasher: FileHasher, tile: int = TILE) -> Upscaler:
         """spandrel's detection on the file's tensors; refused unless it is an RGB super-resolution
-        model. `half`: bf16/fp16 on a GPU where the architecture supports it."""
+        model. On a GPU it runs in bf16 (else fp16) where the architecture supports it."""
         from spandrel import ImageModelDescriptor, ModelLoader, UnsupportedModelError
 
         try:
@@ -113,7 +111,7 @@ class Upscaler:
         if descriptor.input_channels != 3 or descriptor.output_channels != 3:
             raise ModelLoadError(f"engine.upscaler: {file.name} does not take and give RGB pictures")
         dtype = torch.float32
-        if half and device.startswith("cuda"):
+        if device.startswith("cuda"):
             if descriptor.supports_bfloat16:
                 dtype = torch.bfloat16
             elif descriptor.supports_half:
@@ -174,7 +172,7 @@ class Upscaler:
             if cancel is not None and cancel.is_set():
                 raise GenerationCancelled(done - 1, len(tiles))
             out = self.descriptor(pixels[..., top:bottom, left:right]).float()
-            ramp = _ramp(bottom - top, right - left, top, left, bottom, right, height, width, self.overlap)
+            ramp = _ramp(top, left, bottom, right, height, width, self.overlap)
             ramp = ramp.to(out.device).repeat_interleave(s, -2).repeat_interleave(s, -1)
             total[..., top * s : bottom * s, left * s : right * s] += out * ramp
             weight[..., top * s : bottom * s, left * s : right * s] += ramp
@@ -200,7 +198,7 @@ def _tiles(height: int, width: int, tile: int, overlap: int) -> list[tuple[int, 
 
 
 def _ramp(
-    h: int, w: int, top: int, left: int, bottom: int, right: int, height: int, width: int, overlap: int
+    top: int, left: int, bottom: int, right: int, height: int, width: int, overlap: int
 ) -> torch.Tensor:
     """A tile's blend weights: rising linearly over `overlap` pixels on each side that meets another
     tile (a side on the picture's edge keeps full weight), never zero."""
@@ -215,8 +213,8 @@ def _ramp(
             weights[n - k :] = torch.minimum(weights[n - k :], ramp[:k].flip(0))
         return weights
 
-    rows = axis(h, top > 0, bottom < height)
-    cols = axis(w, left > 0, right < width)
+    rows = axis(bottom - top, top > 0, bottom < height)
+    cols = axis(right - left, left > 0, right < width)
     return (rows[:, None] * cols[None, :])[None, None]
 
 
@@ -244,14 +242,20 @@ def ensure_tiny_upscaler(directory: Path) -> Path:
         return file
     torch.manual_seed(TINY_UPSCALER_SEED)
     network = ESRGAN(in_nc=3, out_nc=3, num_filters=8, num_blocks=1, scale=4)
-    state = realesrgan_layout(network.state_dict())
 
     def write(folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        torch.save({"params_ema": state}, folder / TINY_UPSCALER_FILE)
+        save_realesrgan(network, folder / TINY_UPSCALER_FILE)
 
     save_atomically(directory, write)
     return file
+
+
+def save_realesrgan(network: torch.nn.Module, path: Path) -> Path:
+    """spandrel's ESRGAN network written as Real-ESRGAN's releases are (RealESRGAN_x4plus.pth):
+    basicsr's key names under "params_ema". The tiny upscaler, the tests and the benchmarks."""
+    torch.save({"params_ema": realesrgan_layout(network.state_dict())}, path)
+    return path
 
 
 def realesrgan_layout(old: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -15,7 +15,6 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-import torch
 
 from engine.png import read_recipe
 from tests.conftest import REPO
@@ -108,12 +107,12 @@ def test_doctor_reads_an_upscaler_file_with_the_installed_spandrel(
 ) -> None:
     from spandrel.architectures.ESRGAN import ESRGAN
 
-    from engine.upscaler import realesrgan_layout
+    from engine.upscaler import save_realesrgan
 
     folder = empty_folder / "data" / "models" / "ESRGAN"
     folder.mkdir(parents=True)
     network = ESRGAN(in_nc=3, out_nc=3, num_filters=8, num_blocks=1, scale=4)
-    torch.save({"params_ema": realesrgan_layout(network.state_dict())}, folder / "RealESRGAN_x4plus.pth")
+    save_realesrgan(network, folder / "RealESRGAN_x4plus.pth")
 
     env = clean_env(FLUXBOT_ENGINE__UPSCALER="realesrgan_x4plus")  # its name, in any case
     run = _run(installed, "doctor", cwd=empty_folder, env=env)

@@ -29,7 +29,7 @@ from engine.input_image import InputImage, normalize_input_image
 from engine.png import read_recipe
 from engine.settings import EngineSettings
 from engine.spec import DrawSpec
-from engine.upscaler import Upscaler, _to_image, _to_tensor, find_upscaler, realesrgan_layout
+from engine.upscaler import Upscaler, _to_image, _to_tensor, find_upscaler, save_realesrgan
 from tests.conftest import pixels
 from tests.discord_support import (
     ALICE,
@@ -65,8 +65,7 @@ def _direct(network: torch.nn.Module, picture: Image.Image) -> Image.Image:
 
 def _write_realesrgan(network: torch.nn.Module, path: Path) -> Path:
     """RealESRGAN_x4plus.pth: basicsr's RRDBNet key names under "params_ema"."""
-    torch.save({"params_ema": realesrgan_layout(network.state_dict())}, path)
-    return path
+    return save_realesrgan(network, path)
 
 
 def _write_ultrasharp(network: torch.nn.Module, path: Path) -> Path:
