@@ -514,8 +514,9 @@ class Studio:
         seed = parent.images[picture - 1].seed
         spec = _redraw(parent.spec, image, preset.upscale_strength, seed)
         size = {"width": factor * image.width, "height": factor * image.height}
+        # _redraw cleared the parent's mask and upscaler: this upscale pins its own once drawn.
         if redraw:
-            spec = spec.model_copy(update={**size, "model_upscale": self.upscales, "upscaler": None})
+            spec = spec.model_copy(update={**size, "model_upscale": self.upscales})
         else:
             # The enlargement alone: no prompt is read, so nothing is enhanced and no LoRA loaded.
             spec = spec.model_copy(
@@ -524,9 +525,7 @@ class Studio:
                     "mode": "upscale",
                     "strength": None,
                     "loras": (),
-                    "mask": None,
                     "model_upscale": True,
-                    "upscaler": None,
                     "enhance": False,
                     "enhanced_prompt": None,
                     "cache": NO_CACHE,
